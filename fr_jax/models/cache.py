@@ -1,0 +1,76 @@
+"""The decoding KV cache: a pytree that `lax.scan` can carry.
+
+Every row owns its write offset (`end`) and its next token position (`next_pos`), and every
+slot records the position of the token it holds (`pos`, -1 when empty or padding). Masks
+are derived from those positions, so rows may start at different offsets (left padding),
+advance by different amounts (a lazily stepped expert catching up), and Gemma-2's sliding
+window is measured in tokens, not slots.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from fr_jax.models.config import ModelConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+    """k, v: [layers, batch, slots, kv_heads, head_dim]; pos: [batch, slots] int32 (-1 empty);
+    end: [batch] int32 next free slot; next_pos: [batch] int32 position of the next token."""
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    end: jax.Array
+    next_pos: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.pos.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos.shape[0]
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache of `max_len` slots per row, in `dtype` (default: the activation dtype)."""
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        pos=jnp.full((batch_size, max_len), -1, jnp.int32),
+        end=jnp.zeros((batch_size,), jnp.int32),
+        next_pos=jnp.zeros((batch_size,), jnp.int32),
+    )
+
+
+def write_slots(buf, new, start):
+    """Writes new [B, T, ...] into buf [B, S, ...] at per-row slot offsets start [B]."""
+    def one(row_buf, row_new, row_start):
+        idx = (row_start,) + (0,) * (row_buf.ndim - 1)
+        return jax.lax.dynamic_update_slice(row_buf, row_new, idx)
+    return jax.vmap(one)(buf, new, start)
+
+
+def chunk_positions(cache: KVCache, mask):
+    """Token positions [B, T] for a chunk appended to `cache`; mask [B, T] marks real tokens
+    (False = padding, position -1). Positions continue from each row's `next_pos`."""
+    mask = mask.astype(jnp.int32)
+    pos = cache.next_pos[:, None] + jnp.cumsum(mask, axis=1) - 1
+    return jnp.where(mask > 0, pos, -1)
+
+
+def advance(cache: KVCache, positions) -> KVCache:
+    """Records a chunk's positions [B, T] in the slot table and moves the row offsets on.
+    (The per-layer keys and values are written by the attention layers themselves.)"""
+    t = positions.shape[1]
+    return cache.replace(
+        pos=write_slots(cache.pos, positions, cache.end),
+        end=cache.end + t,
+        next_pos=jnp.maximum(cache.next_pos, jnp.max(positions, axis=1) + 1),
+    )

@@ -1,0 +1,109 @@
+"""The decoder-only transformer shared by Llama-3 and Gemma-2 (switches live in ModelConfig).
+
+Layers are stacked with `nn.scan`: every per-layer parameter has a leading `layers` axis,
+the whole stack compiles as one layer body (fast compiles at 8B scale), and the per-layer KV
+cache is scanned alongside its parameters.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fr_jax.models.config import ModelConfig
+from fr_jax.models.layers import MLP, Attention, RMSNorm, dense_init
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block; Gemma-2 adds post-attention and post-MLP norms ("sandwich")."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, per_layer, ctx):
+        """x [B,T,E]; per_layer = (sliding flag, (k, v) cache or None); ctx is broadcast."""
+        cfg = self.cfg
+        sliding, kv = per_layer
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, cfg.dtype,
+                                    cfg.param_dtype, name=name)
+        h, new_kv = Attention(cfg, name="attn")(
+            norm("pre_attn_norm")(x), ctx["positions"], sliding, kv=kv,
+            slot_start=ctx.get("slot_start"), k_pos=ctx.get("k_pos"),
+            segment_ids=ctx.get("segment_ids"))
+        if cfg.sandwich_norms:
+            h = norm("post_attn_norm")(h)
+        x = x + h
+        h = MLP(cfg, name="mlp")(norm("pre_mlp_norm")(x))
+        if cfg.sandwich_norms:
+            h = norm("post_mlp_norm")(h)
+        x = x + h
+        # Per-layer residual stream, collected only when the caller asks for
+        # mutable=["intermediates"] (prefill-activation probes of the baselines).
+        self.sow("intermediates", "residual", x)
+        return x, new_kv
+
+
+class TransformerOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32 (after Gemma-2's final soft-cap)
+    hidden: jax.Array  # [B, T, E] final hidden state after the final norm
+
+
+class Transformer(nn.Module):
+    """tokens [B,T], positions [B,T] -> TransformerOutput, plus the updated per-layer KV.
+
+    `kv` is a pair of stacked caches ([L,B,S,K,D] each) or None for a cache-free forward;
+    with a cache, `slot_start` [B] is where the chunk is written and `k_pos` [B,S] the slot
+    positions after writing it.
+    """
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype,
+                              embedding_init=dense_init("vocab", "embed"))
+        self.layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg)
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, cfg.dtype,
+                                  cfg.param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = self.param("lm_head", dense_init("embed", "vocab"),
+                                      (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
+
+    def __call__(self, tokens, positions, kv=None, slot_start=None, k_pos=None,
+                 segment_ids=None):
+        cfg = self.cfg
+        x = self.embed(tokens)
+        if cfg.embed_scale is not None:
+            # Gemma-2 rounds the normaliser to the activation dtype before multiplying.
+            x = x * jnp.asarray(cfg.embed_scale, dtype=cfg.dtype)
+        sliding = jnp.asarray(np.array([t == "sliding_attention" for t in cfg.layer_types]))
+        ctx = {"positions": positions}
+        if kv is not None:
+            ctx.update(slot_start=slot_start, k_pos=k_pos)
+        if segment_ids is not None:
+            ctx["segment_ids"] = segment_ids
+        x, new_kv = self.layers(x, (sliding, kv), ctx)
+        hidden = self.final_norm(x)
+        return TransformerOutput(self.logits(hidden), hidden), new_kv
+
+    def logits(self, hidden):
+        """hidden [..., E] -> float32 logits [..., V] (with the final soft-cap, if any)."""
+        cfg = self.cfg
+        w = self.embed.embedding.T if cfg.tie_word_embeddings else self.lm_head
+        logits = jnp.einsum("...e,ev->...v", hidden.astype(cfg.dtype), w.astype(cfg.dtype),
+                            preferred_element_type=jnp.float32)
+        if cfg.final_logit_softcap is not None:
+            logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        return logits
