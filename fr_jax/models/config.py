@@ -227,7 +227,10 @@ class ModelConfig:
         if self.model_type == "llama":
             out.update(hidden_act=act, mlp_bias=self.mlp_bias)
         else:
-            out.update(hidden_activation=act, query_pre_attn_scalar=self.query_pre_attn_scalar,
+            qpas = self.query_pre_attn_scalar
+            out.update(hidden_activation=act,
+                       # transformers 5 validates this field as an int.
+                       query_pre_attn_scalar=int(qpas) if float(qpas).is_integer() else qpas,
                        attn_logit_softcapping=self.attn_logit_softcap,
                        final_logit_softcapping=self.final_logit_softcap,
                        sliding_window=self.sliding_window, layer_types=list(self.layer_types))

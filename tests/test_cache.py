@@ -1,0 +1,111 @@
+"""Cached decoding (prefill + steps) equals a full forward pass, for left-padded batches."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from fr_jax.models import CacheOverflowError, Model, ModelConfig
+from fr_jax.models.config import RopeConfig
+
+TOL = 1e-5
+
+
+def tiny(model_type):
+    common = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_layers=3,
+                  num_heads=4, num_kv_heads=2, head_dim=12)
+    if model_type == "llama":
+        return ModelConfig("llama", **common, rope=RopeConfig(
+            theta=10000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+            high_freq_factor=4.0, original_max_position_embeddings=8))
+    return ModelConfig("gemma2", **common, tie_word_embeddings=True, norm_plus_one=True,
+                       sandwich_norms=True, scale_embeddings=True, query_pre_attn_scalar=20.0,
+                       attn_logit_softcap=5.0, final_logit_softcap=3.0, sliding_window=4,
+                       layer_types=("sliding_attention", "full_attention", "sliding_attention"))
+
+
+def _scaled_params(model, seed=0):
+    # Larger-than-init weights so attention is far from uniform and mistakes show.
+    params = model.init(jax.random.key(seed))
+    return jax.tree.map(lambda x: x * 5.0 if x.ndim > 1 else x, params)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_prefill_and_steps_match_forward(model_type):
+    model = Model(tiny(model_type))
+    params = _scaled_params(model)
+    rng = np.random.default_rng(1)
+    lengths = [5, 9, 2]
+    n_steps = 7
+    width = max(lengths)
+    seqs = [rng.integers(3, 97, n + n_steps) for n in lengths]
+
+    # Left-padded prompt batch.
+    tokens = np.zeros((3, width), np.int32)
+    mask = np.zeros((3, width), bool)
+    for b, n in enumerate(lengths):
+        tokens[b, width - n:] = seqs[b][:n]
+        mask[b, width - n:] = True
+    cache = model.init_cache(3, width + n_steps)
+    out, cache = jax.jit(model.prefill)(params, jnp.asarray(tokens), cache, jnp.asarray(mask))
+    cached = [[np.asarray(out.logits[b, -1])] for b in range(3)]
+    step = jax.jit(model.step)
+    for s in range(n_steps - 1):
+        tok = jnp.asarray([seqs[b][lengths[b] + s] for b in range(3)], jnp.int32)
+        out, cache = step(params, tok, cache)
+        for b in range(3):
+            cached[b].append(np.asarray(out.logits[b]))
+    np.testing.assert_array_equal(np.asarray(cache.next_pos), np.array(lengths) + n_steps - 1)
+
+    for b, n in enumerate(lengths):
+        full = model.forward(params, jnp.asarray(seqs[b][None, : n + n_steps - 1]))
+        ref = np.asarray(full.logits[0, n - 1:])
+        diff = np.abs(np.stack(cached[b]) - ref).max()
+        assert diff <= TOL, (b, diff)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_chunked_prefill_matches_single_prefill(model_type):
+    """Appending a prompt in chunks (multi-turn, lazy-expert catch-up) == one prefill."""
+    model = Model(tiny(model_type))
+    params = _scaled_params(model, seed=2)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(3, 97, (2, 13)), jnp.int32)
+    one, _ = model.prefill(params, tokens, model.init_cache(2, 16))
+    cache = model.init_cache(2, 16)
+    parts = []
+    for lo, hi in ((0, 5), (5, 6), (6, 13)):
+        out, cache = model.extend(params, tokens[:, lo:hi], cache)
+        parts.append(out.logits)
+    np.testing.assert_allclose(np.concatenate(parts, 1), one.logits, atol=TOL, rtol=0)
+
+
+def test_cache_is_a_scan_carry():
+    model = Model(tiny("gemma2"))
+    params = _scaled_params(model)
+    prompt = jnp.asarray([[5, 6, 7, 8]], jnp.int32)
+    out, cache = model.prefill(params, prompt, model.init_cache(1, 12))
+
+    def body(carry, _):
+        tok, cache = carry
+        out, cache = model.step(params, tok, cache)
+        nxt = jnp.argmax(out.logits, -1).astype(jnp.int32)
+        return (nxt, cache), nxt
+
+    first = jnp.argmax(out.logits[:, -1], -1).astype(jnp.int32)
+    (_, cache), toks = jax.jit(lambda c: jax.lax.scan(body, c, None, length=6))((first, cache))
+    seq = jnp.concatenate([prompt, first[:, None], toks.T[:, :-1]], axis=1)
+    ref = jnp.argmax(model.forward(params, seq).logits[:, 3:], -1)
+    np.testing.assert_array_equal(np.asarray(ref),
+                                  np.asarray(jnp.concatenate([first[:, None], toks.T], 1)))
+    assert int(cache.end[0]) == 10
+
+
+def test_prompt_longer_than_cache_is_a_clear_error():
+    model = Model(tiny("llama"))
+    params = model.init(jax.random.key(0))
+    with pytest.raises(CacheOverflowError, match="max_len"):
+        model.prefill(params, jnp.zeros((1, 20), jnp.int32), model.init_cache(1, 16))
+    _, cache = model.prefill(params, jnp.zeros((1, 16), jnp.int32), model.init_cache(1, 16))
+    with pytest.raises(CacheOverflowError, match="16 of 16"):
+        model.step(params, jnp.zeros((1,), jnp.int32), cache)
