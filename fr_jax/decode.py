@@ -22,7 +22,7 @@ from fr_jax.models import CacheOverflowError, KVCache, Model
 
 
 class DecodeState(NamedTuple):
-    """The scan carry. token/done/pos: [B]; cache: the model's KVCache."""
+    """The scan carry. token, done: [B]; cache: the model's KVCache."""
 
     token: jax.Array  # last emitted token, input of the next step
     done: jax.Array  # row has emitted an EOS id
@@ -67,7 +67,7 @@ class Decoder:
             nxt = jnp.argmax(out.logits, axis=-1).astype(jnp.int32)
             nxt = jnp.where(state.done, pad_id, nxt)
             done = state.done | jnp.isin(nxt, eos_ids)
-            return DecodeState(nxt, done, cache), (nxt, state.done)
+            return DecodeState(nxt, done, cache), nxt
 
         return jax.lax.scan(body, state, None, length=self.chunk)
 
@@ -95,9 +95,9 @@ class Decoder:
         first.block_until_ready()
         t1 = time.perf_counter()
 
-        pieces, alive, steps = [np.asarray(first)[:, None]], [], 0
+        pieces, _alive, steps = [np.asarray(first)[:, None]], [], 0
         while steps + 1 < max_new_tokens and not bool(np.all(np.asarray(state.done))):
-            state, (toks, was_done) = self._chunk(params, state, eos, pad_id)
+            state, toks = self._chunk(params, state, eos, pad_id)
             pieces.append(np.asarray(toks).T)
             steps += self.chunk
         t2 = time.perf_counter()

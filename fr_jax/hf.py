@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import struct
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from fr_jax.models.config import ConfigError, ModelConfig
+from fr_jax.models.config import ModelConfig
 from fr_jax.models.model import Model
 
 log = logging.getLogger(__name__)
@@ -87,42 +87,30 @@ def _entries(cfg: ModelConfig) -> List[_Entry]:
 
 
 def _to_flax(kind: str, x: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
-    """HF tensor -> fr_jax layout of `shape` (one layer's slice for layered params)."""
-    if kind == "same":
-        return x.reshape(shape)
-    if kind in ("linear", "qkv"):  # [out, in] -> [in, out...]
+    """HF tensor -> fr_jax layout of `shape` (one layer's slice for layered params).
+
+    Linear weights are [out, in] in HF; transposing gives [in, out], and the reshape splits
+    heads out of q/k/v's output ([E, N, D]) or o's input ([H, D, E]).
+    """
+    if kind in ("linear", "qkv", "o"):
         return x.T.reshape(shape)
-    if kind == "o":  # [E, H*D] -> [H, D, E]
-        return x.T.reshape(shape)
-    if kind == "qkv_bias":
-        return x.reshape(shape)
-    raise AssertionError(kind)
+    return x.reshape(shape)  # "same", "qkv_bias"
 
 
 def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
-    if kind in ("same", "qkv_bias"):
-        return x.reshape(-1) if kind == "qkv_bias" else x
     if kind == "linear":
         return np.ascontiguousarray(x.T)
     if kind == "qkv":  # [E, N, D] -> [N*D, E]
         return np.ascontiguousarray(x.reshape(x.shape[0], -1).T)
     if kind == "o":  # [H, D, E] -> [E, H*D]
         return np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)
-    raise AssertionError(kind)
+    if kind == "qkv_bias":  # [N, D] -> [N*D]
+        return x.reshape(-1)
+    return x
 
 
 def _hf_shape(kind: str, flax_shape: Tuple[int, ...]) -> Tuple[int, ...]:
-    if kind == "same":
-        return flax_shape
-    if kind == "qkv_bias":
-        return (int(np.prod(flax_shape)),)
-    if kind == "linear":
-        return (flax_shape[1], flax_shape[0])
-    if kind == "qkv":
-        return (int(np.prod(flax_shape[1:])), flax_shape[0])
-    if kind == "o":
-        return (flax_shape[-1], int(np.prod(flax_shape[:-1])))
-    raise AssertionError(kind)
+    return _to_hf(kind, np.empty(flax_shape, np.int8)).shape
 
 
 # ---------------------------------------------------------------------------- reading

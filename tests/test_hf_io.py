@@ -83,6 +83,12 @@ def _save_torch(tmp_path, **kw):
     build(llama_config(), std=0.1).save_pretrained(str(tmp_path), safe_serialization=True, **kw)
 
 
+def _edit_config(folder, **changes):
+    raw = json.loads((folder / "config.json").read_text())
+    raw.update(changes)
+    (folder / "config.json").write_text(json.dumps(raw))
+
+
 def test_missing_folder_and_missing_config(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_hf(str(tmp_path / "nope"))
@@ -94,9 +100,7 @@ def test_missing_folder_and_missing_config(tmp_path):
 
 def test_unknown_model_type(tmp_path):
     _save_torch(tmp_path)
-    raw = json.loads((tmp_path / "config.json").read_text())
-    raw["model_type"] = "mistral"
-    (tmp_path / "config.json").write_text(json.dumps(raw))
+    _edit_config(tmp_path, model_type="mistral")
     with pytest.raises(ConfigError, match="unsupported model_type 'mistral'.*llama, gemma2"):
         load_config(str(tmp_path))
 
@@ -112,9 +116,7 @@ def test_truncated_shard_names_file_and_tensor(tmp_path):
 
 def test_shape_mismatch_names_tensor(tmp_path):
     _save_torch(tmp_path)
-    raw = json.loads((tmp_path / "config.json").read_text())
-    raw["intermediate_size"] = 96
-    (tmp_path / "config.json").write_text(json.dumps(raw))
+    _edit_config(tmp_path, intermediate_size=96)
     with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.gate_proj.weight'.*\(128, 64\)"
                                               r".*\(96, 64\)"):
         load_hf(str(tmp_path))
@@ -122,12 +124,40 @@ def test_shape_mismatch_names_tensor(tmp_path):
 
 def test_missing_tensor_and_pickle_only_folder(tmp_path):
     _save_torch(tmp_path)
-    raw = json.loads((tmp_path / "config.json").read_text())
-    raw["num_hidden_layers"] = 3
-    (tmp_path / "config.json").write_text(json.dumps(raw))
+    _edit_config(tmp_path, num_hidden_layers=3)
     with pytest.raises(CheckpointError, match="no tensor 'model.layers.2"):
         load_hf(str(tmp_path))
     os.remove(tmp_path / "model.safetensors")
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="pytorch_model.bin.*safe_serialization"):
         load_hf(str(tmp_path))
+
+
+def test_load_onto_a_mesh_places_each_shard(tmp_path):
+    """With shardings, params are assembled shard by shard on an 8-device (CPU) mesh."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    assert jax.device_count() == 8, "tests/conftest.py should simulate 8 CPU devices"
+    _save_torch(tmp_path)
+    cfg = load_config(str(tmp_path))
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "tensor"))
+    shapes = Model(cfg).param_shapes()
+
+    def spec(x):  # shard the first axis over fsdp and the last over tensor where they divide
+        axes = [None] * x.ndim
+        if x.ndim >= 2 and x.shape[0] % 4 == 0:
+            axes[0] = "fsdp"
+        if x.ndim >= 2 and x.shape[-1] % 2 == 0:
+            axes[-1] = "tensor"
+        return NamedSharding(mesh, P(*axes))
+
+    shardings = jax.tree.map(spec, shapes)
+    _, placed = load_hf(str(tmp_path), shardings=shardings)
+    _, plain = load_hf(str(tmp_path))
+    emb = placed["embed"]["embedding"]
+    assert emb.sharding == shardings["embed"]["embedding"]
+    assert emb.addressable_shards[0].data.shape == (emb.shape[0] // 4, emb.shape[1] // 2)
+    jax.tree.map(np.testing.assert_array_equal, placed, plain)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)))
+    np.testing.assert_allclose(Model(cfg).forward(placed, tokens).logits,
+                               Model(cfg).forward(plain, tokens).logits, atol=1e-5)

@@ -13,7 +13,6 @@ only holds the static config.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import flax.linen as nn
 import jax

@@ -7,7 +7,7 @@ cache is scanned alongside its parameters.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
