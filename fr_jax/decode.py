@@ -95,7 +95,7 @@ class Decoder:
         first.block_until_ready()
         t1 = time.perf_counter()
 
-        pieces, _alive, steps = [np.asarray(first)[:, None]], [], 0
+        pieces, steps = [np.asarray(first)[:, None]], 0
         while steps + 1 < max_new_tokens and not bool(np.all(np.asarray(state.done))):
             state, toks = self._chunk(params, state, eos, pad_id)
             pieces.append(np.asarray(toks).T)
@@ -113,6 +113,19 @@ class Decoder:
 
 
 # ---------------------------------------------------------------------------- CLI
+def encode_prompt(tokenizer, text: str, chat: bool) -> List[int]:
+    """Token ids of a prompt; with `chat`, a single user turn in the tokenizer's chat
+    template followed by the assistant header (the template supplies BOS)."""
+    if not chat:
+        return list(tokenizer(text)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise SystemExit("decode.chat=True but this tokenizer has no chat template; use an "
+                         "instruct checkpoint's tokenizer or set --config.decode.chat=False")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
 def run(config) -> DecodeResult:
     """Decodes `config.decode.prompts` with the model at `config.model.path` and prints them."""
     from fr_jax.hf import load_hf, load_tokenizer
@@ -126,13 +139,7 @@ def run(config) -> DecodeResult:
         raise SystemExit(f"tokenizer in {path} has {len(tok)} tokens but the model's vocab is "
                          f"{cfg.vocab_size}: the tokenizer belongs to another model")
     prompts = list(config.decode.prompts)
-    ids: List[List[int]] = []
-    for p in prompts:
-        if config.decode.chat:
-            ids.append(list(tok.apply_chat_template([{"role": "user", "content": p}],
-                                                    add_generation_prompt=True, tokenize=True)))
-        else:
-            ids.append(tok(p)["input_ids"])
+    ids = [encode_prompt(tok, p, config.decode.chat) for p in prompts]
     eos = set(cfg.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
     pad = tok.pad_token_id if tok.pad_token_id is not None else (cfg.pad_token_id or 0)
 

@@ -65,6 +65,9 @@ def test_cli_runs_on_the_embedded_default(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "tiny-random-llama" / "model.safetensors").exists()
     assert res.tokens.shape[0] == 2 and res.lengths.max() <= 5
     assert "[1] output:" in out and "tokens:" in out
+    # The chat path renders the tokenizer's template around the prompt.
+    res = main(["--config.decode.max_new_tokens=2", "--config.decode.chat=True", "--prompt=hi"])
+    assert res.prompt_lengths[0] > 3
 
 
 @pytest.mark.parametrize("arg,message", [

@@ -25,6 +25,12 @@ _CORPUS = [
     "Experts: math, code, instructions. The router is small; the experts are large.",
 ]
 
+# A plain-text chat format over the tokenizer's own special tokens.
+_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}")
+
 
 def default_home() -> str:
     """Where generated default artefacts live ($FR_JAX_HOME, else ~/.cache/fr_jax)."""
@@ -43,8 +49,10 @@ def build_tokenizer(vocab_size: int = 320):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
                                    pad_token=PAD)
+    fast.chat_template = _CHAT_TEMPLATE
+    return fast
 
 
 def tiny_config(tokenizer) -> ModelConfig:
