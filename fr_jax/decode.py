@@ -12,31 +12,51 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fr_jax.models import CacheOverflowError, KVCache, Model
+from fr_jax.experts import Experts
+from fr_jax.fusion import Mode, ModeError, fuse
+from fr_jax.models import CacheOverflowError, Model
+from fr_jax.router import Router
+from fr_jax.sampling import Sampling, sample
+
+
+class Record(NamedTuple):
+    """What one decode step emits, per row: token [B], chosen expert [B], weights [B, n]."""
+
+    token: jax.Array
+    chosen: jax.Array
+    route_probs: jax.Array
 
 
 class DecodeState(NamedTuple):
-    """The scan carry. token, done: [B]; cache: the model's KVCache."""
+    """The scan carry. token, done: [B]; key: RNG; caches of whatever models the mode runs."""
 
     token: jax.Array  # last emitted token, input of the next step
     done: jax.Array  # row has emitted an EOS id
-    cache: KVCache
+    key: jax.Array
+    caches: Tuple
 
 
 @dataclasses.dataclass
 class DecodeResult:
     tokens: np.ndarray  # [B, n] generated ids (pad after a row's EOS)
     lengths: np.ndarray  # [B] generated tokens per row, EOS included
+    chosen: np.ndarray  # [B, n] expert that produced each token (-1 router, -2 padding)
+    route_probs: np.ndarray  # [B, n, n_experts] routing weights (0 where no router ran)
     prompt_lengths: np.ndarray  # [B]
-    steps: int  # scan steps actually run
-    seconds_prefill: float
+    steps: int  # decode steps actually run (after prefill)
+    seconds_prefill: float  # includes compilation on the first call
     seconds_decode: float
+
+    def row(self, b: int):
+        """(token ids, chosen experts) of row b, without the padding after EOS."""
+        n = int(self.lengths[b])
+        return self.tokens[b, :n].tolist(), self.chosen[b, :n].tolist()
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
@@ -52,64 +72,228 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
     return tokens, mask
 
 
-class Decoder:
-    """Greedy decoding of one model; the compiled prefill and chunk are reused across calls."""
+class _ChunkedDecoder:
+    """The host side shared by every decoder: pad, size the cache, prefill, then run the
+    jitted scan `chunk` steps at a time until every row is done or the budget is spent.
 
-    def __init__(self, model: Model, chunk: int = 16):
-        self.model = model
+    Subclasses provide `_logits(params, tokens [B,T], mask, caches)` -> (scores [B, V] to
+    sample from, chosen [B], route_probs [B, n], caches) and `_init_caches(b, len)`.
+    """
+
+    n_experts: int = 1
+
+    def __init__(self, sampling: Sampling = Sampling(), chunk: int = 16, mesh=None):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.sampling = sampling
         self.chunk = chunk
-        self._prefill = jax.jit(model.prefill)
-        self._chunk = jax.jit(self._run_chunk, donate_argnums=(1,))
+        self.mesh = mesh
+        self._jitted = {}
 
-    def _run_chunk(self, params, state: DecodeState, eos_ids, pad_id):
+    # ---- pure pieces (traced)
+    def _emit(self, params, tokens, mask, state: DecodeState, eos_ids, pad_id):
+        scores, chosen, probs, caches = self._logits(params, tokens, mask, state.caches)
+        key, sub = jax.random.split(state.key)
+        nxt = sample(scores, sub, self.sampling)
+        nxt = jnp.where(state.done, pad_id, nxt)
+        chosen = jnp.where(state.done, PADDING, chosen)
+        done = state.done | jnp.isin(nxt, eos_ids)
+        return DecodeState(nxt, done, key, caches), Record(nxt, chosen, probs)
+
+    def _prefill(self, params, tokens, mask, key, caches, eos_ids, pad_id):
+        b = tokens.shape[0]
+        state = DecodeState(jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), key, caches)
+        return self._emit(params, tokens, mask, state, eos_ids, pad_id)
+
+    def _chunk(self, params, state, eos_ids, pad_id):
         def body(state, _):
-            out, cache = self.model.step(params, state.token, state.cache)
-            nxt = jnp.argmax(out.logits, axis=-1).astype(jnp.int32)
-            nxt = jnp.where(state.done, pad_id, nxt)
-            done = state.done | jnp.isin(nxt, eos_ids)
-            return DecodeState(nxt, done, cache), nxt
-
+            return self._emit(params, state.token[:, None], None, state, eos_ids, pad_id)
         return jax.lax.scan(body, state, None, length=self.chunk)
 
+    # ---- compiled entry points (with shardings on a mesh)
+    def _compiled(self, params, batch: int, cache_len: int):
+        key = (batch, cache_len)
+        if key in self._jitted:
+            return self._jitted[key]
+        caches = jax.eval_shape(lambda: self._init_caches(batch, cache_len))
+        if self.mesh is None:
+            fns = (jax.jit(self._prefill, donate_argnums=(4,)),
+                   jax.jit(self._chunk, donate_argnums=(1,)))
+        else:
+            from fr_jax import sharding as sh
+            p_sh = jax.tree.map(lambda x: x.sharding, params)
+            c_sh = self._cache_shardings(caches)
+            rows = sh.batch_sharding(self.mesh, (batch,))
+            rep = sh.replicated(self.mesh)
+            state_sh = DecodeState(rows, rows, rep, c_sh)
+            rec_sh = Record(rows, rows, sh.batch_sharding(self.mesh, (batch, self.n_experts)))
+            chunk_rec = Record(*(sh.NamedSharding(self.mesh, sh.P(None, *r.spec))
+                                 for r in rec_sh))
+            tok_sh = sh.batch_sharding(self.mesh, (batch, 1))
+            fns = (jax.jit(self._prefill, donate_argnums=(4,),
+                           in_shardings=(p_sh, tok_sh, tok_sh, rep, c_sh, rep, rep),
+                           out_shardings=(state_sh, rec_sh)),
+                   jax.jit(self._chunk, donate_argnums=(1,),
+                           in_shardings=(p_sh, state_sh, rep, rep),
+                           out_shardings=(state_sh, chunk_rec)))
+        self._jitted[key] = fns
+        return fns
+
+    def _place_caches(self, caches):
+        if self.mesh is None:
+            return caches
+        return jax.device_put(caches, self._cache_shardings(caches))
+
     def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 eos_ids: Sequence[int], pad_id: int = 0,
+                 eos_ids: Sequence[int], pad_id: int = 0, seed: int = 0,
                  cache_len: Optional[int] = None) -> DecodeResult:
+        """Decodes a batch of token-id prompts (ragged; left-padded here)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         tokens, mask = left_pad(prompts, pad_id)
         b, t = tokens.shape
-        # The cache must hold the prompt and every generated token (rounded up to a chunk).
-        steps_cap = -(-max(max_new_tokens - 1, 0) // self.chunk) * self.chunk
+        # Every generated token but the last is fed back, in whole chunks.
+        steps_cap = -(-(max_new_tokens - 1) // self.chunk) * self.chunk
         need = t + steps_cap
         cache_len = cache_len or need
         if need > cache_len:
             raise CacheOverflowError(
                 f"prompt of {t} tokens + {max_new_tokens} new tokens (rounded to chunks of "
                 f"{self.chunk}) need {need} cache slots but the cache has {cache_len}; "
-                f"raise cache_len or shorten the prompt")
-        eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+                f"raise cache_len, lower max_new_tokens, or truncate the prompt")
+        eos = jnp.asarray(sorted(set(eos_ids)) or [-1], jnp.int32)
+        pad = jnp.asarray(pad_id, jnp.int32)
+        prefill, chunk = self._compiled(params, b, cache_len)
 
         t0 = time.perf_counter()
-        out, cache = self._prefill(params, jnp.asarray(tokens), self.model.init_cache(b, cache_len),
-                                   jnp.asarray(mask))
-        first = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
-        state = DecodeState(first, jnp.isin(first, eos), cache)
-        first.block_until_ready()
+        caches = self._place_caches(self._init_caches(b, cache_len))
+        state, first = prefill(params, jnp.asarray(tokens), jnp.asarray(mask),
+                               jax.random.key(seed), caches, eos, pad)
+        records = [jax.tree.map(lambda x: np.asarray(x)[:, None], first)]
         t1 = time.perf_counter()
-
-        pieces, steps = [np.asarray(first)[:, None]], 0
+        steps = 0
         while steps + 1 < max_new_tokens and not bool(np.all(np.asarray(state.done))):
-            state, toks = self._chunk(params, state, eos, pad_id)
-            pieces.append(np.asarray(toks).T)
+            state, recs = chunk(params, state, eos, pad)
+            records.append(jax.tree.map(lambda x: np.swapaxes(np.asarray(x), 0, 1), recs))
             steps += self.chunk
         t2 = time.perf_counter()
 
-        gen = np.concatenate(pieces, axis=1)[:, :max_new_tokens]
+        gen, chosen, probs = (np.concatenate(parts, axis=1)[:, :max_new_tokens]
+                              for parts in zip(*records))
         lengths = np.full((b,), gen.shape[1])
+        eos_np = np.asarray(eos)
         for row in range(b):
-            hits = np.flatnonzero(np.isin(gen[row], np.asarray(eos)))
+            hits = np.flatnonzero(np.isin(gen[row], eos_np))
             if hits.size:
                 lengths[row] = hits[0] + 1
                 gen[row, hits[0] + 1:] = pad_id
-        return DecodeResult(gen, lengths, mask.sum(1), steps, t1 - t0, t2 - t1)
+                chosen[row, hits[0] + 1:] = PADDING
+        return DecodeResult(gen, lengths, chosen, probs, mask.sum(1), steps, t1 - t0, t2 - t1)
+
+
+PADDING = -2  # "chosen expert" after a row's EOS
+
+
+class Decoder(_ChunkedDecoder):
+    """One plain model (no router, no fusion): the reference single-model decode."""
+
+    def __init__(self, model: Model, sampling: Sampling = Sampling(), chunk: int = 16,
+                 mesh=None):
+        super().__init__(sampling, chunk, mesh)
+        self.model = model
+
+    def _init_caches(self, batch, cache_len):
+        return (self.model.init_cache(batch, cache_len),)
+
+    def _cache_shardings(self, caches):
+        from fr_jax import sharding as sh
+        return (sh.cache_shardings(caches[0], self.mesh),)
+
+    def _logits(self, params, tokens, mask, caches):
+        out, cache = self.model.extend(params, tokens, caches[0], mask, last_only=True)
+        b = tokens.shape[0]
+        return (out.logits[:, 0], jnp.zeros((b,), jnp.int32), jnp.zeros((b, 1), jnp.float32),
+                (cache,))
+
+
+class FusedDecoder(_ChunkedDecoder):
+    """FusionRoute decoding: router + experts, fused per token by `mode` (see fusion.py).
+
+    params = {"router": router params, "experts": experts params}; only the models the
+    mode needs are run (`expert:i` runs expert i alone, `router_only` the router alone).
+    """
+
+    def __init__(self, mode: Mode, router: Optional[Router], experts: Optional[Experts],
+                 vocab: Optional[int] = None, sampling: Sampling = Sampling(), chunk: int = 16,
+                 mesh=None):
+        super().__init__(sampling, chunk, mesh)
+        if mode.uses_router and router is None:
+            raise ModeError(f"mode {mode.name!r} needs a router")
+        if mode.uses_experts and experts is None:
+            raise ModeError(f"mode {mode.name!r} needs experts")
+        if router is not None and experts is not None and router.n_experts != experts.n:
+            raise ModeError(f"the router's routing head has {router.n_experts} outputs but "
+                            f"{experts.n} experts were given")
+        if mode.kind == "expert" and mode.expert >= experts.n:
+            raise ModeError(f"mode {mode.name!r}: there are only {experts.n} experts")
+        self.mode = mode
+        self.n_experts = router.n_experts if router is not None else experts.n
+        sizes = ([router.cfg.vocab_size] if router is not None else []) + (
+            [c.vocab_size for c in experts.cfgs] if experts is not None else [])
+        self.vocab = vocab or min(sizes)
+        if min(sizes) < self.vocab:
+            raise ValueError(f"a model has {min(sizes)} logits but the tokenizer has "
+                             f"{self.vocab} tokens")
+        self.router = router if mode.uses_router else None
+        self.experts = experts if mode.uses_experts else None
+        self._full_experts = experts
+        if mode.kind == "expert":
+            self.experts = Experts([experts.cfgs[mode.expert]], vocab=self.vocab,
+                                   stacked=experts.stacked)
+
+    def prepare(self, params):
+        """Keeps only the params the mode runs (expert:i: that expert's slice)."""
+        out = {}
+        if self.router is not None:
+            out["router"] = params["router"]
+        if self.experts is not None:
+            e = params["experts"]
+            if self.mode.kind == "expert":
+                _, e = self._full_experts.subset(e, self.mode.expert)
+            out["experts"] = e
+        return out
+
+    def generate(self, params, *args, **kwargs) -> DecodeResult:
+        return super().generate(self.prepare(params), *args, **kwargs)
+
+    def _init_caches(self, batch, cache_len):
+        rc = self.router.init_cache(batch, cache_len) if self.router is not None else None
+        ec = self.experts.init_cache(batch, cache_len) if self.experts is not None else None
+        return (rc, ec)
+
+    def _cache_shardings(self, caches):
+        from fr_jax import sharding as sh
+        rc, ec = caches
+        if ec is not None:
+            ec = (sh.cache_shardings(ec, self.mesh, leading=("expert",)) if self.experts.stacked
+                  else tuple(sh.cache_shardings(c, self.mesh) for c in ec))
+        return (sh.cache_shardings(rc, self.mesh) if rc is not None else None, ec)
+
+    def _logits(self, params, tokens, mask, caches):
+        rc, ec = caches
+        r_logits = route = e_logits = None
+        if self.router is not None:
+            r_out, rc = self.router.extend(params["router"], tokens, rc, mask, last_only=True)
+            r_logits, route = r_out.logits[:, 0, :self.vocab], r_out.route_logits[:, 0]
+        if self.experts is not None:
+            e_logits, ec = self.experts.extend(params["experts"], tokens, ec, mask,
+                                               last_only=True)
+            e_logits = e_logits[:, :, 0]
+        fused = fuse(self.mode, r_logits, route, e_logits)
+        probs = fused.route_probs
+        if probs is None:
+            probs = jnp.zeros((tokens.shape[0], self.n_experts), jnp.float32)
+        return fused.logprobs, fused.chosen, probs, (rc, ec)
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -226,12 +226,20 @@ def _resolve(reader: _ShardReader, name: str) -> Optional[str]:
 
 def load_hf(path: str, dtype: str = "float32", param_dtype: Optional[str] = None,
             shardings=None) -> Tuple[ModelConfig, dict]:
-    """Reads a local HF folder into (ModelConfig, params).
+    """Reads a local HF folder into (ModelConfig, params on device).
 
     dtype: activation dtype; param_dtype: dtype the params are stored in (default: dtype).
     shardings: optional params-shaped pytree of `jax.sharding.Sharding`; each param is then
-    assembled shard by shard on its devices (`jax.make_array_from_callback`).
+    assembled shard by shard on its devices (`jax.make_array_from_callback`), never whole
+    on one device.
     """
+    cfg, params = read_hf(path, dtype, param_dtype)
+    return cfg, place(params, shardings)
+
+
+def read_hf(path: str, dtype: str = "float32",
+            param_dtype: Optional[str] = None) -> Tuple[ModelConfig, dict]:
+    """Like `load_hf` but leaves the params as host numpy arrays (for stacking, placing)."""
     cfg = load_config(path, dtype=dtype, param_dtype=param_dtype)
     reader = _ShardReader(_weight_map(path))
     shapes = Model(cfg).param_shapes()
@@ -265,10 +273,11 @@ def load_hf(path: str, dtype: str = "float32", param_dtype: Optional[str] = None
     if unused:
         log.warning("%s: %d tensors not used by fr_jax's %s model, e.g. %s", path, len(unused),
                     cfg.model_type, unused[:3])
-    return cfg, _place(params, shardings)
+    return cfg, params
 
 
-def _place(params, shardings):
+def place(params, shardings=None):
+    """Host arrays -> device arrays; with shardings, each device receives only its shard."""
     if shardings is None:
         return jax.tree.map(jnp.asarray, params)
 

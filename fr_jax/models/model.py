@@ -77,12 +77,14 @@ class Model:
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> cache_lib.KVCache:
         return cache_lib.init_cache(self.cfg, batch_size, max_len, dtype)
 
-    def extend(self, params, tokens, cache: cache_lib.KVCache, mask=None):
+    def extend(self, params, tokens, cache: cache_lib.KVCache, mask=None,
+               last_only: bool = False):
         """Appends a chunk tokens [B,T] (mask [B,T]: real tokens, False = padding) to every
         row of the cache and returns (TransformerOutput over the chunk, new cache).
 
         Rows continue from their own offsets, so this is prefill on an empty cache, a
         multi-turn continuation, or a catch-up on tokens a model has not yet seen.
+        With `last_only`, the output covers the chunk's last token only ([B, 1, ...]).
         """
         t = tokens.shape[1]
         check_capacity(cache, t)
@@ -92,16 +94,17 @@ class Model:
         new_cache = cache_lib.advance(cache, positions)
         out, (k, v) = self.module.apply(
             {"params": params}, tokens, positions, kv=(cache.k, cache.v),
-            slot_start=cache.end, k_pos=new_cache.pos)
+            slot_start=cache.end, k_pos=new_cache.pos, last_only=last_only)
         return out, new_cache.replace(k=k, v=v)
 
-    def prefill(self, params, tokens, cache: cache_lib.KVCache, mask=None):
+    def prefill(self, params, tokens, cache: cache_lib.KVCache, mask=None,
+                last_only: bool = False):
         """Left-padded prompts tokens [B,T] with mask [B,T] (1 = real) into `cache`.
 
         Returns (TransformerOutput [B,T,...], cache). The next-token logits of each row are
         `out.logits[:, -1]` (left padding puts every row's last real token at T-1).
         """
-        return self.extend(params, tokens, cache, mask)
+        return self.extend(params, tokens, cache, mask, last_only)
 
     def step(self, params, token, cache: cache_lib.KVCache):
         """One token per row, token [B] -> (TransformerOutput with T squeezed: logits [B,V],

@@ -57,7 +57,7 @@ class Transformer(nn.Module):
 
     `kv` is a pair of stacked caches ([L,B,S,K,D] each) or None for a cache-free forward;
     with a cache, `slot_start` [B] is where the chunk is written and `k_pos` [B,S] the slot
-    positions after writing it.
+    positions after writing it. `last_only` returns logits and hidden of the last token only.
     """
 
     cfg: ModelConfig
@@ -82,7 +82,7 @@ class Transformer(nn.Module):
                                       (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
 
     def __call__(self, tokens, positions, kv=None, slot_start=None, k_pos=None,
-                 segment_ids=None):
+                 segment_ids=None, last_only: bool = False):
         cfg = self.cfg
         x = self.embed(tokens)
         if cfg.embed_scale is not None:
@@ -95,6 +95,9 @@ class Transformer(nn.Module):
         if segment_ids is not None:
             ctx["segment_ids"] = segment_ids
         x, new_kv = self.layers(x, (sliding, kv), ctx)
+        if last_only:
+            # Prefill only needs the next-token logits: never build [B, T, V] for a long prompt.
+            x = x[:, -1:]
         hidden = self.final_norm(x)
         return TransformerOutput(self.logits(hidden), hidden), new_kv
 

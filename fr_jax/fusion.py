@@ -1,0 +1,112 @@
+"""Per-step fusion of router and expert logits, one pure function per decode mode.
+
+A decode mode is data (`Mode`), parsed from its name:
+
+| name          | next-token distribution                                  | chosen expert   |
+| ------------- | -------------------------------------------------------- | --------------- |
+| `fusionroute` | softmax(router logits + logits of expert k), k = argmax w | k               |
+| `expert_only` | softmax(logits of expert k), k = argmax w                 | k               |
+| `router_only` | softmax(router logits)                                    | -1 (the router) |
+| `expert:i`    | softmax(logits of expert i)                               | i               |
+| `mixture`     | sum_i w_i softmax(logits of expert i)                     | argmax w        |
+
+Adding raw logits or log-probabilities gives the same distribution after the softmax, so
+fusion adds log-softmaxed terms (numerically tame at any logit scale) and renormalises.
+Gemma-2's final soft-cap has already been applied inside each model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+ROUTER = -1  # "chosen expert" recorded for tokens the router produced alone
+MODES = ("fusionroute", "expert_only", "router_only", "expert:<i>", "mixture")
+
+
+class ModeError(ValueError):
+    """Unknown decode mode, or one that does not fit the models given."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    kind: str  # fusionroute | expert_only | router_only | expert | mixture
+    expert: Optional[int] = None  # for kind == "expert"
+
+    @classmethod
+    def parse(cls, name: str, n_experts: Optional[int] = None) -> "Mode":
+        name = name.strip()
+        if name.startswith("expert:"):
+            try:
+                i = int(name.split(":", 1)[1])
+            except ValueError:
+                raise ModeError(f"bad mode {name!r}: expected expert:<index>, e.g. expert:0") from None
+            if i < 0 or (n_experts is not None and i >= n_experts):
+                raise ModeError(f"mode {name!r}: expert index out of range "
+                                f"(there are {n_experts} experts, indices 0..{(n_experts or 1) - 1})")
+            return cls("expert", i)
+        if name not in ("fusionroute", "expert_only", "router_only", "mixture"):
+            raise ModeError(f"unknown decode mode {name!r}; choose one of {', '.join(MODES)}")
+        return cls(name)
+
+    @property
+    def name(self) -> str:
+        return f"expert:{self.expert}" if self.kind == "expert" else self.kind
+
+    @property
+    def uses_router(self) -> bool:
+        return self.kind != "expert"
+
+    @property
+    def uses_experts(self) -> bool:
+        return self.kind != "router_only"
+
+    @property
+    def needs_all_experts(self) -> bool:
+        return self.kind in ("fusionroute", "expert_only", "mixture")
+
+
+@dataclasses.dataclass
+class Fused:
+    logprobs: jax.Array  # [B, V] normalised next-token log-probabilities
+    chosen: jax.Array  # [B] int32 expert index (ROUTER for the router alone)
+    route_probs: Optional[jax.Array]  # [B, n] routing weights, None without a router
+
+
+def route_probs(route_logits):
+    """Routing weights w = softmax(W h) [B, n] (float32)."""
+    return jax.nn.softmax(route_logits.astype(jnp.float32), axis=-1)
+
+
+def fuse(mode: Mode, router_logits=None, route_logits=None, expert_logits=None) -> Fused:
+    """router_logits [B, V], route_logits [B, n], expert_logits [n', B, V] -> Fused.
+
+    For `expert:i` the caller passes only expert i's logits (n' = 1), so that the other
+    experts are never run; otherwise n' = n.
+    """
+    lsm = lambda x: jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+    if mode.kind == "router_only":
+        b = router_logits.shape[0]
+        return Fused(lsm(router_logits), jnp.full((b,), ROUTER, jnp.int32),
+                     route_probs(route_logits))
+    if mode.kind == "expert":
+        b = expert_logits.shape[1]
+        return Fused(lsm(expert_logits[0]), jnp.full((b,), mode.expert, jnp.int32), None)
+
+    w = route_probs(route_logits)
+    k = jnp.argmax(w, axis=-1).astype(jnp.int32)
+    if mode.kind == "mixture":
+        mix = jax.nn.logsumexp(jnp.log(w).T[:, :, None] + lsm(expert_logits), axis=0)
+        return Fused(mix, k, w)
+    selected = select_expert(expert_logits, k)
+    if mode.kind == "expert_only":
+        return Fused(lsm(selected), k, w)
+    return Fused(lsm(lsm(router_logits) + lsm(selected)), k, w)  # fusionroute
+
+
+def select_expert(expert_logits, k):
+    """expert_logits [n, B, V], k [B] -> the row-wise selected expert's logits [B, V]."""
+    return jnp.take_along_axis(expert_logits, k[None, :, None], axis=0)[0]

@@ -1,0 +1,122 @@
+"""Meshes and the one table that maps logical axis names to mesh axes.
+
+Params carry logical axis names (`Model.logical_axes()`); caches and batches get theirs
+here. `RULES` maps each name to mesh axes; a change of parallelism is a change of mesh shape
+in the config, never of model code. A dimension whose size the mesh axes do not divide is
+replicated instead (tiny test models, odd head counts), so the same code runs on 1 device
+and on any mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical name -> mesh axis, tuple of mesh axes, or None (replicated).
+RULES: Tuple[Tuple[str, Union[None, str, Tuple[str, ...]]], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("expert", "expert"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("cache_slots", None),
+)
+
+KV_CACHE_AXES = {
+    "k": ("layers", "batch", "cache_slots", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "cache_slots", "kv_heads", "head_dim"),
+    "pos": ("batch", "cache_slots"),
+    "end": ("batch",),
+    "next_pos": ("batch",),
+}
+
+
+def make_mesh(shape: Optional[Dict[str, int]] = None, devices=None) -> Mesh:
+    """A mesh over MESH_AXES; `shape` gives each axis' size, one of them may be -1 (the rest).
+
+    Missing axes have size 1. The product must equal the number of devices.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = dict(shape or {})
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {shape} does not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
+                         f"devices but {len(devices)} are available; set one axis to -1")
+    if devices == list(jax.devices()):
+        return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+    return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+
+
+def _mesh_axes(name, rules):
+    for logical, mesh_axes in rules:
+        if logical == name:
+            return mesh_axes
+    raise KeyError(f"logical axis {name!r} has no entry in the sharding rules")
+
+
+def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
+             rules=RULES) -> P:
+    """PartitionSpec for an array of `shape` whose dims carry `logical` names.
+
+    Mesh axes of size 1, axes already used by an earlier dim, and axes that do not divide
+    the dim are dropped (that part of the dim is replicated).
+    """
+    used = set()
+    out = []
+    for name, size in zip(logical, shape):
+        axes = _mesh_axes(name, rules) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        keep = []
+        for a in axes:
+            n = mesh.shape[a]
+            if n == 1 or a in used or size % (n * int(np.prod([mesh.shape[k] for k in keep]))):
+                continue
+            keep.append(a)
+        used.update(keep)
+        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    return P(*out)
+
+
+def shardings_for(logical_tree, shape_tree, mesh: Mesh, rules=RULES):
+    """Params-shaped NamedShardings from logical PartitionSpecs and shapes."""
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, spec_for(tuple(spec), x.shape, mesh, rules)),
+        logical_tree, shape_tree, is_leaf=lambda x: isinstance(x, P))
+
+
+def cache_shardings(cache, mesh: Mesh, leading: Tuple[str, ...] = (), rules=RULES):
+    """Shardings of a KVCache (or an expert-stacked one with leading=("expert",))."""
+    axes = {k: leading + v for k, v in KV_CACHE_AXES.items()}
+    return cache.__class__(**{k: NamedSharding(mesh, spec_for(axes[k], getattr(cache, k).shape,
+                                                              mesh, rules))
+                              for k in axes})
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int], rules=RULES) -> NamedSharding:
+    """[batch, ...] arrays: batch over data/fsdp, the rest replicated."""
+    return NamedSharding(mesh, spec_for(("batch",) + (None,) * (len(shape) - 1), shape, mesh,
+                                        rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
