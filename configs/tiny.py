@@ -1,6 +1,6 @@
-"""The embedded default: a tiny random Llama-3-architecture model, no checkpoints needed.
+"""The embedded default: a tiny random router and two tiny random experts (no checkpoints).
 
-    python -m fr_jax.decode --config=configs/tiny.py --config.decode.max_new_tokens=8
+    python -m fr_jax.decode --config=configs/tiny.py --mode=expert_only
 """
 
 from fr_jax.config import base_config
@@ -8,6 +8,7 @@ from fr_jax.config import base_config
 
 def get_config():
     c = base_config()
-    c.model.path = ""  # embedded tiny checkpoint under $FR_JAX_HOME (default ~/.cache/fr_jax)
+    c.router.path = ""  # "" + no experts = the embedded tiny world under $FR_JAX_HOME
+    c.experts.paths = ()
     c.decode.max_new_tokens = 24
     return c

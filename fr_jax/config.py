@@ -15,18 +15,42 @@ REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
+    # Router and experts: local HF folders. Both empty = the embedded tiny default world
+    # (written on first use under $FR_JAX_HOME, no download).
+    c.router = ml_collections.ConfigDict()
+    c.router.path = ""  # a router saved by fr_jax, or a base checkpoint (fresh head)
+    c.router.seed = 0  # seed of a fresh routing head (base checkpoint only)
+    c.experts = ml_collections.ConfigDict()
+    c.experts.paths = ()  # one folder per expert, in the router's order
+    c.experts.names = ()  # display names; default: folder names
+    c.experts.stacked = "auto"  # auto | yes | no (stack same-shape experts on an expert axis)
+
     c.model = ml_collections.ConfigDict()
-    # Local HF folder; "" means the embedded tiny default (written on first use, no download).
-    c.model.path = ""
     c.model.dtype = "float32"  # activations (and params unless param_dtype is set)
     c.model.param_dtype = ""  # "" = same as dtype
 
+    c.mesh = ml_collections.ConfigDict()  # sizes of the mesh axes; one may be -1 (the rest)
+    c.mesh.data = 1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = -1
+    c.mesh.expert = 1
+
     c.decode = ml_collections.ConfigDict()
+    c.decode.mode = "fusionroute"  # fusionroute | expert_only | router_only | expert:<i> | mixture
     c.decode.prompts = ("What is 12 plus 30?", "def add(a, b):")
-    c.decode.chat = False  # apply the tokenizer's chat template to each prompt
-    c.decode.max_new_tokens = 24
+    c.decode.prompts_file = ""  # JSONL with a "prompt" field per line (overrides prompts)
+    c.decode.chat = True  # apply the tokenizer's chat template to each prompt
+    c.decode.max_new_tokens = 32
     c.decode.chunk = 8  # scan steps per jitted call; the host checks for EOS in between
-    c.decode.cache_len = 0  # 0 = just enough for prompt + max_new_tokens
+    c.decode.cache_len = 0  # 0 = just enough for the longest prompt + max_new_tokens
+    c.decode.truncate_prompt = False  # True: keep the last tokens of a prompt that is too long
+    c.decode.eos_ids = ()  # () = the checkpoints' eos ids and the tokenizer's eos token
+    c.decode.temperature = 0.0  # 0 = greedy (the paper's protocol)
+    c.decode.top_k = 0
+    c.decode.top_p = 1.0
+    c.decode.seed = 0
+    c.decode.output = ""  # JSONL path: one record per prompt (text, ids, per-token expert)
+    c.decode.trace_html = ""  # HTML path: the coloured per-token routing trace
     return c
 
 

@@ -310,35 +310,174 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> List[int]:
     return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
+def read_prompts(path: str) -> List[str]:
+    """Prompts from a JSONL file with a string "prompt" field on every line."""
+    import json
+    import os
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"prompts file {path!r} not found (expected JSONL, one "
+                         '{"prompt": "..."} object per line)')
+    prompts = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise SystemExit(f'{path}:{n}: expected an object with a string "prompt" field')
+            prompts.append(rec["prompt"])
+    if not prompts:
+        raise SystemExit(f"prompts file {path!r} has no prompts")
+    return prompts
+
+
+def check_tokenizers(named: Sequence[Tuple[str, object]]):
+    """All (path, tokenizer) pairs must be one tokenizer: FusionRoute adds logits per id."""
+    ref_path, ref = named[0]
+    ref_vocab = ref.get_vocab()
+    for path, tok in named[1:]:
+        vocab = tok.get_vocab()
+        if vocab != ref_vocab:
+            diff = sum(1 for k, v in vocab.items() if ref_vocab.get(k) != v)
+            raise SystemExit(
+                f"tokenizer mismatch: {path} ({len(vocab)} tokens) differs from {ref_path} "
+                f"({len(ref_vocab)} tokens) in {diff + abs(len(ref_vocab) - len(vocab))} "
+                "entries; the router and every expert must share one tokenizer (same family)")
+
+
+def load_world(config, mode: Mode, mesh):
+    """Loads what `mode` needs onto `mesh`: (router | None, experts | None, params,
+    tokenizer, expert names, model configs)."""
+    import os
+
+    from fr_jax import sharding as sh
+    from fr_jax.experts import load_experts
+    from fr_jax.hf import load_config, load_tokenizer
+    from fr_jax.router import load_router
+    from fr_jax.toy.tiny import ensure_tiny_world
+
+    router_path, expert_paths = config.router.path, list(config.experts.paths)
+    if not router_path and not expert_paths:
+        world = ensure_tiny_world()
+        router_path, expert_paths = world["router"], world["experts"]
+    if mode.uses_router and not router_path:
+        raise SystemExit(f"mode {mode.name!r} needs a router: set --config.router.path")
+    if mode.uses_experts and not expert_paths:
+        raise SystemExit(f"mode {mode.name!r} needs experts: set --config.experts.paths")
+    if mode.kind == "expert" and mode.expert >= len(expert_paths):
+        raise SystemExit(f"mode {mode.name!r}: only {len(expert_paths)} experts are configured")
+    for p in ([router_path] if router_path else []) + expert_paths:
+        load_config(p)  # a missing/odd folder fails here, before anything heavy is read
+
+    used = ([router_path] if mode.uses_router else []) + (expert_paths if mode.uses_experts else [])
+    toks = [(p, load_tokenizer(p)) for p in used]
+    check_tokenizers(toks)
+    tokenizer = toks[0][1]
+    dtype, pdtype = config.model.dtype, config.model.param_dtype or None
+    stacked = {"auto": None, "yes": True, "no": False}[config.experts.stacked]
+    router = experts = None
+    params = {}
+    if mode.uses_router:
+        n = len(expert_paths) if expert_paths else None
+        from fr_jax.router import Router
+        cfg = load_config(router_path, dtype, pdtype)
+        n_head = n
+        if os.path.isfile(os.path.join(router_path, "router.json")):
+            import json
+            with open(os.path.join(router_path, "router.json")) as f:
+                n_head = json.load(f)["n_experts"]
+        shard = sh.param_shardings(Router(cfg, n_head or 1), mesh)
+        router, params["router"] = load_router(router_path, n_experts=n, seed=config.router.seed,
+                                               dtype=dtype, param_dtype=pdtype, shardings=shard)
+    if mode.uses_experts:
+        experts, params["experts"] = load_experts(
+            expert_paths, dtype, pdtype, vocab=len(tokenizer), stacked=stacked,
+            shardings_fn=lambda e: sh.param_shardings(e, mesh))
+    names = list(config.experts.names) or [os.path.basename(os.path.normpath(p))
+                                           for p in expert_paths]
+    cfgs = ([router.cfg] if router else []) + (list(experts.cfgs) if experts else [])
+    too_small = [c for c in cfgs if c.vocab_size < len(tokenizer)]
+    if too_small:
+        raise SystemExit(f"the tokenizer has {len(tokenizer)} tokens but a model has only "
+                         f"{too_small[0].vocab_size} logits: the tokenizer is from another model")
+    return router, experts, params, tokenizer, names, cfgs
+
+
 def run(config) -> DecodeResult:
-    """Decodes `config.decode.prompts` with the model at `config.model.path` and prints them."""
-    from fr_jax.hf import load_hf, load_tokenizer
-    from fr_jax.toy.tiny import ensure_tiny_checkpoint
+    """Decodes the configured prompts with the configured mode; prints the coloured trace,
+    writes JSONL / HTML if asked. Returns the DecodeResult."""
+    import json
+    import sys as _sys
 
-    path = config.model.path or ensure_tiny_checkpoint()
-    cfg, params = load_hf(path, dtype=config.model.dtype,
-                          param_dtype=config.model.param_dtype or None)
-    tok = load_tokenizer(path)
-    if len(tok) > cfg.vocab_size:
-        raise SystemExit(f"tokenizer in {path} has {len(tok)} tokens but the model's vocab is "
-                         f"{cfg.vocab_size}: the tokenizer belongs to another model")
-    prompts = list(config.decode.prompts)
-    ids = [encode_prompt(tok, p, config.decode.chat) for p in prompts]
-    eos = set(cfg.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (cfg.pad_token_id or 0)
+    from fr_jax import sharding as sh
+    from fr_jax import trace
 
-    print(f"model: {path} ({cfg.model_type}, {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
-          f"{config.model.dtype}) on {jax.devices()[0].platform}")
-    res = Decoder(Model(cfg), chunk=config.decode.chunk).generate(
-        params, ids, config.decode.max_new_tokens, sorted(eos), pad,
-        cache_len=config.decode.cache_len or None)
-    for row, p in enumerate(prompts):
-        new = res.tokens[row, :int(res.lengths[row])].tolist()
-        print(f"\n[{row}] prompt: {p!r}")
-        print(f"[{row}] output: {tok.decode(new, skip_special_tokens=True)!r}")
-        print(f"[{row}] tokens: " + " ".join(f"{t}:{tok.convert_ids_to_tokens(t)!s}" for t in new))
-    print(f"\nprefill {res.seconds_prefill * 1e3:.0f} ms (includes compile); decode {res.steps} "
-          f"steps in {res.seconds_decode * 1e3:.0f} ms, {int(res.lengths.sum())} tokens generated")
+    d = config.decode
+    mode = Mode.parse(d.mode, len(config.experts.paths) or None)
+    mesh = sh.mesh_from_config(config.mesh)
+    router, experts, params, tok, names, cfgs = load_world(config, mode, mesh)
+    prompts = read_prompts(d.prompts_file) if d.prompts_file else list(d.prompts)
+    ids = [encode_prompt(tok, p, d.chat) for p in prompts]
+
+    steps_cap = -(-(d.max_new_tokens - 1) // d.chunk) * d.chunk
+    if d.cache_len:
+        room = d.cache_len - steps_cap
+        too_long = [i for i, x in enumerate(ids) if len(x) > room]
+        if too_long and not d.truncate_prompt:
+            raise SystemExit(
+                f"prompt {too_long[0]} has {len(ids[too_long[0]])} tokens but the cache "
+                f"({d.cache_len} slots) leaves room for {room} after {d.max_new_tokens} new "
+                "tokens; raise decode.cache_len, lower decode.max_new_tokens, or set "
+                "decode.truncate_prompt=True to keep each prompt's last tokens")
+        if room < 1:
+            raise SystemExit(f"decode.cache_len={d.cache_len} cannot hold {d.max_new_tokens} "
+                             "new tokens")
+        ids = [x[-room:] for x in ids]
+    eos = set(d.eos_ids) or set().union(*(c.eos_token_ids for c in cfgs))
+    if not d.eos_ids and tok.eos_token_id is not None:
+        eos.add(tok.eos_token_id)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (cfgs[0].pad_token_id or 0)
+
+    decoder = FusedDecoder(mode, router, experts, vocab=len(tok),
+                           sampling=Sampling(d.temperature, d.top_k, d.top_p), chunk=d.chunk,
+                           mesh=mesh)
+    print(f"mode {mode.name}: router {config.router.path or '(embedded)'}; experts "
+          f"{', '.join(names)}; mesh {dict(mesh.shape)} on {jax.devices()[0].platform}")
+    res = decoder.generate(params, ids, d.max_new_tokens, sorted(eos), pad, seed=d.seed,
+                           cache_len=d.cache_len or None)
+
+    colour = _sys.stdout.isatty()
+    records, html_rows, chosen_rows = [], [], []
+    for row, prompt in enumerate(prompts):
+        new, chosen = res.row(row)
+        pieces = [tok.decode([t]) for t in new]
+        chosen_rows.append(chosen)
+        print(f"\n[{row}] {prompt}")
+        print(trace.render_terminal(pieces, chosen, names) if colour
+              else trace.render_text(pieces, chosen, names))
+        records.append({"prompt": prompt, "mode": mode.name,
+                        "text": tok.decode(new, skip_special_tokens=True), "token_ids": new,
+                        "experts": chosen, "expert_names": names})
+        html_rows.append({"prompt": prompt, "pieces": pieces, "chosen": chosen,
+                          "probs": res.route_probs[row, :len(new)].round(3).tolist()
+                          if mode.uses_router else None})
+    if colour:
+        print("\n" + trace.legend_terminal(names))
+    n_tok = int(res.lengths.sum())
+    print(trace.summary(chosen_rows, names, n_tok, res.seconds_decode + res.seconds_prefill))
+    if d.output:
+        with open(d.output, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {len(records)} records to {d.output}")
+    if d.trace_html:
+        with open(d.trace_html, "w") as f:
+            f.write(trace.render_html(html_rows, names, mode=mode.name))
+        print(f"wrote routing trace to {d.trace_html}")
     return res
 
 
@@ -346,23 +485,36 @@ def main(argv=None):
     from absl import flags
 
     from fr_jax.config import default_config_file, parse_flags
+    from fr_jax.hf import CheckpointError
+    from fr_jax.models import ConfigError
+
+    shortcuts = {  # flag -> config field it sets
+        "mode": "mode", "prompts_file": "prompts_file", "output": "output",
+        "trace_html": "trace_html"}
 
     def extra(fv):
         flags.DEFINE_multi_string("prompt", None, "prompt text, repeat for a batch "
                                   "(overrides config.decode.prompts)", flag_values=fv)
+        flags.DEFINE_string("mode", None, "decode mode (sets config.decode.mode)", flag_values=fv)
+        flags.DEFINE_string("prompts_file", None, "JSONL prompts (sets config.decode.prompts_file)",
+                            flag_values=fv)
+        flags.DEFINE_string("output", None, "JSONL output (sets config.decode.output)",
+                            flag_values=fv)
+        flags.DEFINE_string("trace_html", None, "HTML routing trace (sets config.decode.trace_html)",
+                            flag_values=fv)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     fv = parse_flags(["fr_jax.decode"] + argv, default_config_file("tiny.py"), extra)
     config = fv.config
-    if fv.prompt:
-        with config.unlocked():
+    with config.unlocked():
+        if fv.prompt:
             config.decode.prompts = tuple(fv.prompt)
-    from fr_jax.hf import CheckpointError
-    from fr_jax.models import ConfigError
-
+        for flag, field in shortcuts.items():
+            if fv[flag].value is not None:
+                setattr(config.decode, field, fv[flag].value)
     try:
         return run(config)
-    except (CheckpointError, ConfigError, CacheOverflowError) as e:
+    except (CheckpointError, ConfigError, CacheOverflowError, ModeError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

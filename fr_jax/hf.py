@@ -175,6 +175,8 @@ def _weight_map(path: str) -> Dict[str, str]:
                 raise CheckpointError(f"shard {full} listed in {index} is missing")
         return {k: os.path.join(path, v) for k, v in wm.items()}
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    # Other safetensors files may sit beside the model (e.g. a router's routing head).
+    files = [f for f in files if f.startswith("model")] or files
     if not files:
         bins = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
         hint = (" (found PyTorch pickles " + ", ".join(bins) +

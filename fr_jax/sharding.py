@@ -62,9 +62,12 @@ def make_mesh(shape: Optional[Dict[str, int]] = None, devices=None) -> Mesh:
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
                          f"devices but {len(devices)} are available; set one axis to -1")
+    # Auto axes: shardings of params, caches and batches are given at the jit boundary and
+    # XLA's partitioner propagates them through the model code, which stays mesh-agnostic.
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if devices == list(jax.devices()):
-        return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
-    return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+        return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=auto)
+    return Mesh(np.array(devices).reshape(sizes), MESH_AXES, axis_types=auto)
 
 
 def _mesh_axes(name, rules):
@@ -120,3 +123,14 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int], rules=RULES) -> NamedShardi
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def param_shardings(models, mesh: Mesh, rules=RULES):
+    """Shardings for the params of a `Model`, `Router` or `Experts` (anything with
+    `logical_axes()` and `param_shapes()`)."""
+    return shardings_for(models.logical_axes(), models.param_shapes(), mesh, rules)
+
+
+def mesh_from_config(mesh_cfg) -> Mesh:
+    """`config.mesh` (data/fsdp/tensor/expert sizes, one may be -1) -> Mesh."""
+    return make_mesh({a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES})

@@ -1,9 +1,10 @@
-"""A tiny random Llama-3-architecture checkpoint with a real (locally trained) tokenizer.
+"""A tiny random FusionRoute world: a router and two experts with a real tokenizer.
 
-It is written as an ordinary HF folder (config.json + safetensors + tokenizer.json) so the
-default run goes through exactly the same import, tokenizer and decode code as a real
-checkpoint. The weights are random: the output is gibberish by design, the point is the
-plumbing. (The trained multi-domain demo world replaces it as the default later.)
+Everything is written as ordinary HF folders (config.json + safetensors + tokenizer.json,
+plus the router's routing head) so the default run goes through exactly the same import,
+tokenizer and decode code as real checkpoints. The weights are random: the text is
+gibberish by design, the point is the plumbing. (The trained multi-domain demo world
+replaces it as the default later.)
 """
 
 from __future__ import annotations
@@ -64,6 +65,37 @@ def tiny_config(tokenizer) -> ModelConfig:
         tie_word_embeddings=True, max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id, eos_token_ids=(tokenizer.eos_token_id,),
         pad_token_id=tokenizer.pad_token_id)
+
+
+def ensure_tiny_world(path: str | None = None, n_experts: int = 2, seed: int = 0) -> dict:
+    """Writes (once) a tiny router and `n_experts` experts sharing one tokenizer.
+
+    Returns {"router": folder, "experts": [folders]}.
+    """
+    from fr_jax.router import Router, save_router
+
+    path = path or os.path.join(default_home(), f"tiny-random-world-{n_experts}")
+    world = {"router": os.path.join(path, "router"),
+             "experts": [os.path.join(path, f"expert{i}") for i in range(n_experts)]}
+    if os.path.isfile(os.path.join(path, "DONE")):
+        return world
+    tokenizer = build_tokenizer()
+    expert_cfg = tiny_config(tokenizer).replace(num_layers=3, layer_types=(), hidden_size=96,
+                                                intermediate_size=192)
+    keys = jax.random.split(jax.random.key(seed), n_experts + 1)
+    for i, folder in enumerate(world["experts"]):
+        params = Model(expert_cfg).init(keys[i + 1])
+        # Larger weights than the init scale give each expert a distinct, peaked distribution.
+        params = jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params)
+        save_hf(folder, expert_cfg, params, tokenizer=tokenizer)
+    router = Router(tiny_config(tokenizer), n_experts)
+    r_params = router.init(keys[0])
+    r_params["head"]["kernel"] = r_params["head"]["kernel"] * 200.0  # routing that switches
+    save_router(world["router"], router, r_params, tokenizer=tokenizer,
+                expert_names=[f"expert{i}" for i in range(n_experts)])
+    with open(os.path.join(path, "DONE"), "w") as f:
+        f.write("complete\n")
+    return world
 
 
 def ensure_tiny_checkpoint(path: str | None = None, seed: int = 0) -> str:

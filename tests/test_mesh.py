@@ -1,0 +1,63 @@
+"""Sharded decode on a simulated 8-device CPU mesh equals single-device decode."""
+
+import numpy as np
+
+import jax
+
+from fr_jax import sharding as sh
+from fr_jax.decode import FusedDecoder
+from fr_jax.experts import load_experts
+from fr_jax.fusion import Mode
+from fr_jax.hf import save_hf
+from fr_jax.router import load_router, save_router
+from test_fused import PROMPTS, build_world
+
+
+def _write(tmp_path):
+    router, r_params, experts, e_list = build_world("llama", n_experts=4)
+    save_router(str(tmp_path / "router"), router, r_params)
+    paths = []
+    for i, p in enumerate(e_list):
+        paths.append(str(tmp_path / f"e{i}"))
+        save_hf(paths[-1], experts.cfgs[0], p)
+    return str(tmp_path / "router"), paths
+
+
+def _decode(router_path, paths, mesh):
+    router, r_params = load_router(
+        router_path, shardings=None if mesh is None else
+        sh.param_shardings(load_router(router_path)[0], mesh))
+    experts, e_params = load_experts(
+        paths, shardings_fn=None if mesh is None else (lambda e: sh.param_shardings(e, mesh)))
+    params = {"router": r_params, "experts": e_params}
+    dec = FusedDecoder(Mode.parse("fusionroute"), router, experts, chunk=4, mesh=mesh)
+    # Batch of 4 so the data axis (2) divides it.
+    return dec.generate(params, PROMPTS + [[7, 8]], 9, eos_ids=[]), params
+
+
+def test_mesh_decode_equals_single_device(tmp_path):
+    assert jax.device_count() == 8
+    router_path, paths = _write(tmp_path)
+    single, _ = _decode(router_path, paths, None)
+    mesh = sh.make_mesh({"data": 2, "tensor": 2, "expert": -1})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 2, "expert": 2}
+    sharded, params = _decode(router_path, paths, mesh)
+    np.testing.assert_array_equal(single.tokens, sharded.tokens)
+    np.testing.assert_array_equal(single.chosen, sharded.chosen)
+    np.testing.assert_allclose(single.route_probs, sharded.route_probs, atol=1e-5)
+
+    # The params really are split: stacked experts over `expert`, heads over `tensor`.
+    q = params["experts"]["layers"]["attn"]["q_proj"]["kernel"]  # [expert, layers, E, H, D]
+    assert q.sharding.spec == sh.P("expert", None, None, "tensor", None)
+    assert q.addressable_shards[0].data.shape == (q.shape[0] // 2, q.shape[1], q.shape[2], q.shape[3] // 2,
+                                                  q.shape[4])
+    # A dim the mesh does not divide is replicated: vocab 97 over tensor=2.
+    emb = params["router"]["backbone"]["embed"]["embedding"]  # [vocab, embed]
+    assert emb.shape[0] == 97 and emb.sharding.spec == sh.P(None, None)
+
+
+def test_rules_drop_axes_that_do_not_divide():
+    mesh = sh.make_mesh({"data": 2, "tensor": 4})
+    assert sh.spec_for(("batch", "vocab"), (6, 128), mesh) == sh.P("data", "tensor")
+    assert sh.spec_for(("batch", "vocab"), (3, 130), mesh) == sh.P(None, None)
+    assert sh.spec_for(("heads", "kv_heads"), (8, 8), mesh) == sh.P("tensor", None)
