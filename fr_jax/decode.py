@@ -364,14 +364,14 @@ def load_world(config, mode: Mode, mesh):
     if not router_path and not expert_paths:
         world = ensure_tiny_world()
         router_path, expert_paths = world["router"], world["experts"]
+    for p in ([router_path] if router_path else []) + expert_paths:
+        load_config(p)  # a missing/odd folder fails here, before anything heavy is read
     if mode.uses_router and not router_path:
         raise SystemExit(f"mode {mode.name!r} needs a router: set --config.router.path")
     if mode.uses_experts and not expert_paths:
         raise SystemExit(f"mode {mode.name!r} needs experts: set --config.experts.paths")
     if mode.kind == "expert" and mode.expert >= len(expert_paths):
         raise SystemExit(f"mode {mode.name!r}: only {len(expert_paths)} experts are configured")
-    for p in ([router_path] if router_path else []) + expert_paths:
-        load_config(p)  # a missing/odd folder fails here, before anything heavy is read
 
     used = ([router_path] if mode.uses_router else []) + (expert_paths if mode.uses_experts else [])
     toks = [(p, load_tokenizer(p)) for p in used]

@@ -58,23 +58,12 @@ def test_prompt_longer_than_cache_is_a_clear_error():
         Decoder(model).generate(params, [[1] * 6], max_new_tokens=10, eos_ids=[], cache_len=8)
 
 
-def test_cli_runs_on_the_embedded_default(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("FR_JAX_HOME", str(tmp_path))
-    res = main(["--config.decode.max_new_tokens=5", "--prompt=hello there", "--prompt=def f(x):"])
-    out = capsys.readouterr().out
-    assert (tmp_path / "tiny-random-llama" / "model.safetensors").exists()
-    assert res.tokens.shape[0] == 2 and res.lengths.max() <= 5
-    assert "[1] output:" in out and "tokens:" in out
-    # The chat path renders the tokenizer's template around the prompt.
-    res = main(["--config.decode.max_new_tokens=2", "--config.decode.chat=True", "--prompt=hi"])
-    assert res.prompt_lengths[0] > 3
-
-
 @pytest.mark.parametrize("arg,message", [
     ("--config.decode.bogus=4", "(?s)unknown config field.*decode.bogus.*known fields: decode"),
     ("--config.decode.max_new_tokens=abc", "max_new_tokens=abc.*int"),
     ("--config=no/such/config.py", "no/such/config.py"),
-    ("--config.model.path=/no/such/ckpt", "error: checkpoint folder '/no/such/ckpt' does not exist"),
+    ("--config.experts.paths=('/no/such/ckpt',)",
+     "error: checkpoint folder '/no/such/ckpt' does not exist"),
 ])
 def test_cli_bad_input_is_one_clear_message(arg, message):
     with pytest.raises(SystemExit, match=message):

@@ -96,17 +96,3 @@ def ensure_tiny_world(path: str | None = None, n_experts: int = 2, seed: int = 0
     with open(os.path.join(path, "DONE"), "w") as f:
         f.write("complete\n")
     return world
-
-
-def ensure_tiny_checkpoint(path: str | None = None, seed: int = 0) -> str:
-    """Writes the tiny random checkpoint to `path` (once) and returns the folder."""
-    path = path or os.path.join(default_home(), "tiny-random-llama")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    tokenizer = build_tokenizer()
-    cfg = tiny_config(tokenizer)
-    params = Model(cfg).init(jax.random.key(seed))
-    tmp = path + ".partial"
-    save_hf(tmp, cfg, params, tokenizer=tokenizer)
-    os.replace(tmp, path)  # a crash half-way never leaves a folder that looks complete
-    return path
