@@ -169,3 +169,24 @@ def test_decoder_refuses_modes_it_cannot_run():
         FusedDecoder(Mode.parse("fusionroute"), None, experts)
     with pytest.raises(ModeError, match="3 outputs but 2 experts"):
         FusedDecoder(Mode.parse("fusionroute"), router, Experts(experts.cfgs[:2]))
+
+
+def test_padded_vocab_tables_are_sliced_to_the_tokenizer():
+    """A router whose embedding table is padded (101 rows) next to 97-row experts: logits are
+    cut to the tokenizer's 97 ids, and the padding can never be emitted."""
+    cfg = tiny("llama")
+    router = Router(cfg.replace(vocab_size=101, num_layers=2, layer_types=()), N_EXPERTS)
+    r_params = router.init(jax.random.key(0))
+    # Make the padded ids the router's favourites: unsliced, fusion would pick them.
+    r_params["backbone"]["lm_head"] = r_params["backbone"]["lm_head"].at[:, 97:].set(50.0)
+    experts = Experts([cfg] * N_EXPERTS)
+    params = {"router": r_params,
+              "experts": experts.combine([experts.models[0].init(jax.random.key(i))
+                                          for i in range(1, N_EXPERTS + 1)])}
+    for vocab in (None, 97):
+        dec = FusedDecoder(Mode.parse("fusionroute"), router, experts, vocab=vocab)
+        assert dec.vocab == 97
+        res = dec.generate(params, PROMPTS, 6, eos_ids=[])
+        assert res.tokens.max() < 97
+    with pytest.raises(ValueError, match="97 logits but the tokenizer has 101"):
+        FusedDecoder(Mode.parse("fusionroute"), router, experts, vocab=101)
