@@ -18,11 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fr_jax.experts import Experts
+from fr_jax import sharding as sh
+from fr_jax import trace
+from fr_jax.experts import Experts, load_experts
 from fr_jax.fusion import Mode, ModeError, fuse
 from fr_jax.models import CacheOverflowError, Model
-from fr_jax.router import Router
+from fr_jax.router import Router, load_router
 from fr_jax.sampling import Sampling, sample
+
+
+PADDING = -2  # "chosen expert" after a row's EOS
 
 
 class Record(NamedTuple):
@@ -120,7 +125,6 @@ class _ChunkedDecoder:
             fns = (jax.jit(self._prefill, donate_argnums=(4,)),
                    jax.jit(self._chunk, donate_argnums=(1,)))
         else:
-            from fr_jax import sharding as sh
             p_sh = jax.tree.map(lambda x: x.sharding, params)
             c_sh = self._cache_shardings(caches)
             rows = sh.batch_sharding(self.mesh, (batch,))
@@ -184,14 +188,9 @@ class _ChunkedDecoder:
         eos_np = np.asarray(eos)
         for row in range(b):
             hits = np.flatnonzero(np.isin(gen[row], eos_np))
-            if hits.size:
+            if hits.size:  # the scan already padded what follows
                 lengths[row] = hits[0] + 1
-                gen[row, hits[0] + 1:] = pad_id
-                chosen[row, hits[0] + 1:] = PADDING
         return DecodeResult(gen, lengths, chosen, probs, mask.sum(1), steps, t1 - t0, t2 - t1)
-
-
-PADDING = -2  # "chosen expert" after a row's EOS
 
 
 class Decoder(_ChunkedDecoder):
@@ -206,7 +205,6 @@ class Decoder(_ChunkedDecoder):
         return (self.model.init_cache(batch, cache_len),)
 
     def _cache_shardings(self, caches):
-        from fr_jax import sharding as sh
         return (sh.cache_shardings(caches[0], self.mesh),)
 
     def _logits(self, params, tokens, mask, caches):
@@ -272,7 +270,6 @@ class FusedDecoder(_ChunkedDecoder):
         return (rc, ec)
 
     def _cache_shardings(self, caches):
-        from fr_jax import sharding as sh
         rc, ec = caches
         if ec is not None:
             ec = (sh.cache_shardings(ec, self.mesh, leading=("expert",)) if self.experts.stacked
@@ -354,10 +351,7 @@ def load_world(config, mode: Mode, mesh):
     tokenizer, expert names, model configs)."""
     import os
 
-    from fr_jax import sharding as sh
-    from fr_jax.experts import load_experts
     from fr_jax.hf import load_config, load_tokenizer
-    from fr_jax.router import load_router
     from fr_jax.toy.tiny import ensure_tiny_world
 
     router_path, expert_paths = config.router.path, list(config.experts.paths)
@@ -382,17 +376,9 @@ def load_world(config, mode: Mode, mesh):
     router = experts = None
     params = {}
     if mode.uses_router:
-        n = len(expert_paths) if expert_paths else None
-        from fr_jax.router import Router
-        cfg = load_config(router_path, dtype, pdtype)
-        n_head = n
-        if os.path.isfile(os.path.join(router_path, "router.json")):
-            import json
-            with open(os.path.join(router_path, "router.json")) as f:
-                n_head = json.load(f)["n_experts"]
-        shard = sh.param_shardings(Router(cfg, n_head or 1), mesh)
-        router, params["router"] = load_router(router_path, n_experts=n, seed=config.router.seed,
-                                               dtype=dtype, param_dtype=pdtype, shardings=shard)
+        router, params["router"] = load_router(
+            router_path, n_experts=len(expert_paths) or None, seed=config.router.seed,
+            dtype=dtype, param_dtype=pdtype, shardings_fn=lambda r: sh.param_shardings(r, mesh))
     if mode.uses_experts:
         experts, params["experts"] = load_experts(
             expert_paths, dtype, pdtype, vocab=len(tokenizer), stacked=stacked,
@@ -413,8 +399,6 @@ def run(config) -> DecodeResult:
     import json
     import sys as _sys
 
-    from fr_jax import sharding as sh
-    from fr_jax import trace
 
     d = config.decode
     mode = Mode.parse(d.mode, len(config.experts.paths) or None)

@@ -109,12 +109,13 @@ def save_router(path: str, router: Router, params, tokenizer=None,
 
 
 def load_router(path: str, n_experts: Optional[int] = None, seed: int = 0,
-                dtype: str = "float32", param_dtype: Optional[str] = None, shardings=None):
+                dtype: str = "float32", param_dtype: Optional[str] = None, shardings_fn=None):
     """(Router, params) from `path`.
 
     A folder with a routing head (written by `save_router`) is restored as it is; a plain
     HF base checkpoint gets a fresh head for `n_experts` experts, seeded by `seed`.
-    `shardings`: optional params-shaped pytree of shardings (see `fr_jax.sharding`).
+    shardings_fn(router) -> params-shaped shardings (see `fr_jax.sharding.param_shardings`);
+    each param is then placed shard by shard.
     """
     head_file = os.path.join(path, HEAD_FILE)
     has_head = os.path.isfile(head_file)
@@ -141,5 +142,5 @@ def load_router(path: str, n_experts: Optional[int] = None, seed: int = 0,
     else:
         head = jax.device_get(router.init_head(jax.random.key(seed)))
     params = {"backbone": backbone, "head": head}
-    return router, place(params, shardings)
+    return router, place(params, shardings_fn(router) if shardings_fn else None)
 

@@ -24,11 +24,9 @@ def _write(tmp_path):
 
 
 def _decode(router_path, paths, mesh):
-    router, r_params = load_router(
-        router_path, shardings=None if mesh is None else
-        sh.param_shardings(load_router(router_path)[0], mesh))
-    experts, e_params = load_experts(
-        paths, shardings_fn=None if mesh is None else (lambda e: sh.param_shardings(e, mesh)))
+    shardings_fn = None if mesh is None else (lambda m: sh.param_shardings(m, mesh))
+    router, r_params = load_router(router_path, shardings_fn=shardings_fn)
+    experts, e_params = load_experts(paths, shardings_fn=shardings_fn)
     params = {"router": r_params, "experts": e_params}
     dec = FusedDecoder(Mode.parse("fusionroute"), router, experts, chunk=4, mesh=mesh)
     # Batch of 4 so the data axis (2) divides it.
