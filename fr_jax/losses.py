@@ -1,0 +1,135 @@
+"""Training losses of the two FusionRoute stages (see method.md), as pure functions.
+
+Notation (per training sequence, t over positions): y_t the target token, m_t the response
+mask (1 where y_t is trained), w_t = softmax(W h_t) the routing weights [n], q_t the router's
+LM distribution, p_i,t expert i's distribution. Shapes: B=batch, T=positions, V=vocab,
+n=experts. All reductions are in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class ExpertSignals(NamedTuple):
+    """What stage 1 needs from the frozen experts at every position.
+
+    target_logprob: [n, B, T] log p_i,t(y_t); top1: [n, B, T] argmax_v p_i,t(v).
+    Computed in the step from the experts' logits, or precomputed and cached to disk.
+    """
+
+    target_logprob: jax.Array
+    top1: jax.Array
+
+
+def expert_signals(expert_logits, targets) -> ExpertSignals:
+    """expert_logits [n, B, T, V], targets [B, T] -> ExpertSignals (no gradient)."""
+    expert_logits = jax.lax.stop_gradient(expert_logits)
+    lp = jax.nn.log_softmax(expert_logits.astype(jnp.float32), axis=-1)
+    target = jnp.take_along_axis(lp, targets[None, :, :, None], axis=-1)[..., 0]
+    return ExpertSignals(target, jnp.argmax(expert_logits, axis=-1).astype(jnp.int32))
+
+
+def informative_mask(top1, loss_mask):
+    """I = {t : the experts' top-1 tokens are not all equal} within the response.
+
+    top1 [n, B, T], loss_mask [B, T] -> bool [B, T].
+    """
+    disagree = jnp.any(top1 != top1[:1], axis=0)
+    return disagree & (loss_mask > 0)
+
+
+def _masked_mean(x, mask):
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def token_logprob(logits, targets):
+    """log softmax(logits)(targets): [B, T, V], [B, T] -> [B, T] float32."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
+
+
+def routing_loss(route_logits, signals: ExpertSignals, informative, kind: str = "mixture"):
+    """Routing loss on informative positions.
+
+    mixture:     -mean_{t in I} log sum_i w_t,i p_i,t(y_t)
+    best_expert: cross-entropy of w_t against argmax_i p_i,t(y_t)
+    route_logits [B, T, n].
+    """
+    log_w = jax.nn.log_softmax(route_logits.astype(jnp.float32), axis=-1)  # [B, T, n]
+    if kind == "mixture":
+        per_t = -jax.nn.logsumexp(log_w + jnp.moveaxis(signals.target_logprob, 0, -1), axis=-1)
+    elif kind == "best_expert":
+        best = jnp.argmax(signals.target_logprob, axis=0)  # [B, T]
+        per_t = -jnp.take_along_axis(log_w, best[..., None], axis=-1)[..., 0]
+    else:
+        raise ValueError(f"unknown routing_loss {kind!r}; use 'mixture' or 'best_expert'")
+    return _masked_mean(per_t, informative)
+
+
+def sft_loss(lm_logits, route_logits, targets, loss_mask, signals: ExpertSignals,
+             lm_weight: float = 1.0, routing: str = "mixture"):
+    """L_SFT = L_route + lm_weight * L_lm, and the stage-1 metrics.
+
+    lm_logits [B, T, V], route_logits [B, T, n], targets / loss_mask [B, T].
+    Returns (loss, metrics dict of scalars + "route_share" [n]).
+    """
+    informative = informative_mask(signals.top1, loss_mask)
+    l_lm = -_masked_mean(token_logprob(lm_logits, targets), loss_mask)
+    l_route = routing_loss(route_logits, signals, informative, routing)
+    loss = l_route + lm_weight * l_lm
+    w = jax.nn.softmax(route_logits.astype(jnp.float32), axis=-1)
+    best = jnp.argmax(signals.target_logprob, axis=0)
+    chosen = jnp.argmax(w, axis=-1)
+    resp = loss_mask > 0
+    n_resp = jnp.maximum(jnp.sum(resp), 1)
+    metrics: Dict[str, jax.Array] = {
+        "loss": loss,
+        "lm_loss": l_lm,
+        "route_loss": l_route,
+        "informative_frac": jnp.sum(informative) / n_resp,
+        "route_acc": _masked_mean((chosen == best).astype(jnp.float32), informative),
+        # Share of response tokens each expert would be selected for.
+        "route_share": jnp.sum(jax.nn.one_hot(chosen, w.shape[-1]) * resp[..., None],
+                               axis=(0, 1)) / n_resp,
+    }
+    return loss, metrics
+
+
+def fused_logprob(router_logits, expert_logits, selected, targets):
+    """Per-token log-prob of the fused policy: log_softmax(lsm(q) + lsm(p_k))(y_t).
+
+    router_logits [B, T, V]; expert_logits [n, B, T, V] (frozen); selected [B, T] expert
+    index k_t (from the frozen routing head) -> [B, T].
+    """
+    e = jax.lax.stop_gradient(expert_logits)
+    e_k = jnp.take_along_axis(e, selected[None, :, :, None], axis=0)[0]
+    lsm = lambda x: jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+    return token_logprob(lsm(router_logits) + lsm(e_k), targets)
+
+
+def sequence_logprob(token_lp, loss_mask):
+    """Sum over response tokens: [B, T] -> [B]."""
+    return jnp.sum(token_lp * loss_mask.astype(jnp.float32), axis=-1)
+
+
+def cdpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1):
+    """Complementary DPO on sequence log-probs of the fused policy [B] each.
+
+    L = -log sigmoid(beta [(pi_c - ref_c) - (pi_r - ref_r)]), averaged over pairs.
+    """
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    margin = chosen_reward - rejected_reward
+    loss = -jnp.mean(jax.nn.log_sigmoid(margin))
+    return loss, {
+        "loss": loss,
+        "reward_chosen": jnp.mean(chosen_reward),
+        "reward_rejected": jnp.mean(rejected_reward),
+        "reward_margin": jnp.mean(margin),
+        "pref_acc": jnp.mean((margin > 0).astype(jnp.float32)),
+    }
