@@ -20,6 +20,7 @@ import numpy as np
 
 from fr_jax import sharding as sh
 from fr_jax import trace
+from fr_jax.data import encode_prompt
 from fr_jax.experts import Experts, load_experts
 from fr_jax.fusion import Mode, ModeError, fuse
 from fr_jax.models import CacheOverflowError, Model
@@ -294,19 +295,6 @@ class FusedDecoder(_ChunkedDecoder):
 
 
 # ---------------------------------------------------------------------------- CLI
-def encode_prompt(tokenizer, text: str, chat: bool) -> List[int]:
-    """Token ids of a prompt; with `chat`, a single user turn in the tokenizer's chat
-    template followed by the assistant header (the template supplies BOS)."""
-    if not chat:
-        return list(tokenizer(text)["input_ids"])
-    if not getattr(tokenizer, "chat_template", None):
-        raise SystemExit("decode.chat=True but this tokenizer has no chat template; use an "
-                         "instruct checkpoint's tokenizer or set --config.decode.chat=False")
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                             add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-
-
 def read_prompts(path: str) -> List[str]:
     """Prompts from a JSONL file with a string "prompt" field on every line."""
     import json

@@ -1,0 +1,264 @@
+"""Training data: local records -> token ids -> fixed-shape, resumable batches.
+
+Records (JSONL, Parquet, or a folder saved with `datasets.Dataset.save_to_disk`):
+  SFT:        {"prompt": str, "response": str}  or  {"messages": [{"role", "content"}, ...]}
+              (the last message must be the assistant's; the rest is the prompt)
+  preference: {"prompt": str, "chosen": str, "rejected": str}
+The prompt is wrapped in the tokenizer's chat template (unless `chat=False`); the response
+is followed by the tokenizer's EOS id. Only response tokens (and the EOS) are trained.
+
+Bad records (missing fields, empty response, longer than the sequence length) are counted
+in a `DataReport` and skipped, never a crash mid-epoch.
+
+`Batcher` shuffles deterministically by (seed, epoch), packs (SFT) or pads examples into
+[batch, seq_len] arrays so the step compiles once, and has a position (epoch, index) that a
+checkpoint saves: a restart continues from the same example, and within an epoch no
+example is seen twice or skipped.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Unreadable data (names the file and the expected format)."""
+
+
+# ---------------------------------------------------------------------------- records
+def load_records(path: str, split: Optional[str] = None):
+    """A `datasets.Dataset` from a local JSONL / JSON / Parquet file or a saved folder."""
+    import datasets
+
+    if not path:
+        raise DataError("no data path configured (set --config.data.train_path)")
+    if os.path.isdir(path):
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as e:  # datasets raises several types for a non-dataset folder
+            raise DataError(f"{path!r} is not a folder saved with Dataset.save_to_disk: {e}") \
+                from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split or "train"]
+        return ds
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path!r} not found (expected .jsonl, .json or .parquet, "
+                        "or a folder saved with datasets)")
+    if path.endswith((".jsonl", ".json")):
+        kind = "json"
+    elif path.endswith(".parquet"):
+        kind = "parquet"
+    else:
+        raise DataError(f"{path!r}: unknown data format; use .jsonl, .json or .parquet")
+    try:
+        return datasets.load_dataset(kind, data_files=path, split="train")
+    except Exception as e:
+        raise DataError(f"cannot read {path!r} as {kind}: {e}") from None
+
+
+def encode_prompt(tokenizer, prompt, chat: bool) -> List[int]:
+    """Token ids of a prompt (a string, or a list of chat messages); with `chat`, rendered
+    by the tokenizer's chat template followed by the assistant header."""
+    if not chat:
+        if not isinstance(prompt, str):
+            prompt = "\n".join(m["content"] for m in prompt)
+        return list(tokenizer(prompt)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("chat formatting is on but this tokenizer has no chat template; use an "
+                        "instruct checkpoint's tokenizer or turn chat formatting off")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def _response_ids(tokenizer, text: str) -> List[int]:
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+@dataclasses.dataclass
+class DataReport:
+    """How many records were kept, and why the others were skipped."""
+
+    kept: int = 0
+    skipped: Dict[str, int] = dataclasses.field(default_factory=collections.Counter)
+
+    def __str__(self):
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"{self.kept} examples kept; skipped {sum(self.skipped.values())} ({why})"
+
+
+@dataclasses.dataclass
+class SFTExample:
+    ids: np.ndarray  # [n] prompt + response token ids
+    response: np.ndarray  # [n] 1 where ids[j] is a response token (trained as a target)
+
+
+@dataclasses.dataclass
+class PrefExample:
+    prompt: np.ndarray
+    chosen: np.ndarray  # response ids (EOS included)
+    rejected: np.ndarray
+
+
+def _prompt_and_response(rec):
+    if "messages" in rec and rec["messages"]:
+        msgs = rec["messages"]
+        if msgs[-1].get("role") != "assistant":
+            return None, None, "last_message_not_assistant"
+        return msgs[:-1], msgs[-1].get("content"), None
+    if "prompt" not in rec or rec.get("prompt") is None:
+        return None, None, "missing_prompt"
+    resp = rec.get("response", rec.get("completion"))
+    if resp is None:
+        return None, None, "missing_response"
+    return rec["prompt"], resp, None
+
+
+def tokenize_sft(records, tokenizer, seq_len: int, chat: bool = True):
+    """SFT records -> ([SFTExample], DataReport). A sequence must fit seq_len + 1 tokens
+    (inputs and shifted targets are seq_len each)."""
+    report, out = DataReport(), []
+    for rec in records:
+        prompt, resp, err = _prompt_and_response(rec)
+        if err is None and (not isinstance(resp, str) or not resp.strip()):
+            err = "empty_response"
+        if err:
+            report.skipped[err] += 1
+            continue
+        p, r = encode_prompt(tokenizer, prompt, chat), _response_ids(tokenizer, resp)
+        if len(p) + len(r) > seq_len + 1:
+            report.skipped["too_long"] += 1
+            continue
+        out.append(SFTExample(np.asarray(p + r, np.int32),
+                              np.asarray([0] * len(p) + [1] * len(r), np.int32)))
+        report.kept += 1
+    return out, report
+
+
+def tokenize_pref(records, tokenizer, seq_len: int, chat: bool = True):
+    """Preference records -> ([PrefExample], DataReport)."""
+    report, out = DataReport(), []
+    for rec in records:
+        missing = [k for k in ("prompt", "chosen", "rejected") if rec.get(k) is None]
+        if missing:
+            report.skipped["missing_" + missing[0]] += 1
+            continue
+        if not str(rec["chosen"]).strip() or not str(rec["rejected"]).strip():
+            report.skipped["empty_response"] += 1
+            continue
+        p = encode_prompt(tokenizer, rec["prompt"], chat)
+        c, r = _response_ids(tokenizer, rec["chosen"]), _response_ids(tokenizer, rec["rejected"])
+        if len(p) + max(len(c), len(r)) > seq_len + 1:
+            report.skipped["too_long"] += 1
+            continue
+        out.append(PrefExample(*(np.asarray(x, np.int32) for x in (p, c, r))))
+        report.kept += 1
+    return out, report
+
+
+# ---------------------------------------------------------------------------- batches
+def _empty_rows(batch: int, seq_len: int) -> Dict[str, np.ndarray]:
+    return {"tokens": np.zeros((batch, seq_len), np.int32),
+            "targets": np.zeros((batch, seq_len), np.int32),
+            "loss_mask": np.zeros((batch, seq_len), np.float32),
+            "positions": np.full((batch, seq_len), -1, np.int32),
+            "segment_ids": np.zeros((batch, seq_len), np.int32)}
+
+
+def _place(rows, b, start, ids, response, segment):
+    """Writes one sequence (inputs ids[:-1], targets ids[1:]) into row b at `start`."""
+    n = len(ids) - 1
+    sl = slice(start, start + n)
+    rows["tokens"][b, sl] = ids[:-1]
+    rows["targets"][b, sl] = ids[1:]
+    rows["loss_mask"][b, sl] = response[1:]
+    rows["positions"][b, sl] = np.arange(n)
+    rows["segment_ids"][b, sl] = segment
+    return start + n
+
+
+class Batcher:
+    """Deterministic, resumable batches of fixed shape.
+
+    kind "sft": rows of `seq_len` packed with whole examples (`pack`) or one example per row;
+    kind "pref": one pair per row, {"chosen": rows, "rejected": rows}.
+    """
+
+    def __init__(self, examples: Sequence, batch_size: int, seq_len: int, seed: int,
+                 kind: str = "sft", pack: bool = True):
+        if not examples:
+            raise DataError("no usable training examples (see the data report)")
+        self.examples, self.batch_size, self.seq_len = list(examples), batch_size, seq_len
+        self.seed, self.kind, self.pack = seed, kind, pack and kind == "sft"
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+
+    # -- position, saved with checkpoints
+    def state(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: Dict[str, int]):
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._permutation(self.epoch)
+
+    def _take(self):
+        """The next example of this epoch, or None at the epoch's end."""
+        if self.index >= len(self._order):
+            return None
+        ex = self.examples[self._order[self.index]]
+        self.index += 1
+        return ex
+
+    def _peek_len(self):
+        if self.index >= len(self._order):
+            return None
+        return len(self.examples[self._order[self.index]].ids) - 1
+
+    def next(self) -> Dict:
+        """The next batch; a batch never spans two epochs (the tail is padding)."""
+        if self.index >= len(self._order):
+            self.epoch += 1
+            self.index = 0
+            self._order = self._permutation(self.epoch)
+        if self.kind == "pref":
+            return self._next_pref()
+        rows = _empty_rows(self.batch_size, self.seq_len)
+        for b in range(self.batch_size):
+            start, segment = 0, 1
+            while True:
+                n = self._peek_len()
+                if n is None or start + n > self.seq_len or (segment > 1 and not self.pack):
+                    break
+                ex = self._take()
+                start = _place(rows, b, start, ex.ids, ex.response, segment)
+                segment += 1
+        return rows
+
+    def _next_pref(self) -> Dict:
+        chosen, rejected = (_empty_rows(self.batch_size, self.seq_len) for _ in range(2))
+        for b in range(self.batch_size):
+            ex = self._take()
+            if ex is None:
+                break
+            for rows, resp in ((chosen, ex.chosen), (rejected, ex.rejected)):
+                ids = np.concatenate([ex.prompt, resp])
+                mask = np.concatenate([np.zeros_like(ex.prompt), np.ones_like(resp)])
+                _place(rows, b, 0, ids, mask, 1)
+        return {"chosen": chosen, "rejected": rejected}
+
+    def steps_per_epoch(self) -> int:
+        """Batches in one epoch (exact for unpacked data, an estimate when packing)."""
+        if not self.pack:
+            return -(-len(self.examples) // self.batch_size)
+        tokens = sum(len(e.ids) - 1 for e in self.examples)
+        return max(1, -(-tokens // (self.batch_size * self.seq_len)))
