@@ -51,6 +51,46 @@ def base_config() -> ml_collections.ConfigDict:
     c.decode.seed = 0
     c.decode.output = ""  # JSONL path: one record per prompt (text, ids, per-token expert)
     c.decode.trace_html = ""  # HTML path: the coloured per-token routing trace
+
+    c.data = ml_collections.ConfigDict()
+    c.data.sft_path = ""  # SFT records: JSONL / Parquet / saved datasets folder
+    c.data.pref_path = ""  # preference records (prompt / chosen / rejected) for CDPO
+    c.data.eval_fraction = 0.05  # held out from each file for the eval loss (by seed)
+    c.data.seq_len = 256
+    c.data.pack = True  # pack several SFT examples per row (segment ids keep them apart)
+    c.data.chat = True  # wrap prompts in the tokenizer's chat template
+    c.data.seed = 0  # shuffling
+
+    c.train = ml_collections.ConfigDict()
+    c.train.workdir = "runs/default"  # checkpoints, TensorBoard logs, exported router
+    c.train.stages = ("sft", "cdpo")
+    c.train.batch_size = 8  # global batch (rows) per micro-step
+    c.train.grad_accum = 1  # micro-steps per optimizer update
+    c.train.seed = 0  # routing-head init and the step RNG
+    c.train.resume = True  # continue from the latest checkpoint of each stage
+    c.train.log_every = 10
+    c.train.eval_every = 100  # 0 = never
+    c.train.eval_batches = 4
+    c.train.sample_every = 0  # decode a few eval prompts to TensorBoard text; 0 = never
+    c.train.ckpt_every = 100
+    c.train.keep = 3  # checkpoints kept per stage
+    c.train.clip = 1.0  # global gradient norm
+    c.train.weight_decay = 0.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.sft = ml_collections.ConfigDict()
+    c.train.sft.steps = 1000
+    c.train.sft.lr = 1e-5
+    c.train.sft.warmup = 50
+    c.train.sft.final_lr_frac = 0.1  # cosine decays to lr * this
+    c.train.sft.lm_weight = 1.0  # lambda_lm in L_SFT = L_route + lambda_lm * L_lm
+    c.train.sft.routing_loss = "mixture"  # mixture | best_expert
+    c.train.cdpo = ml_collections.ConfigDict()
+    c.train.cdpo.steps = 300
+    c.train.cdpo.lr = 1e-6
+    c.train.cdpo.warmup = 20
+    c.train.cdpo.final_lr_frac = 0.1
+    c.train.cdpo.beta = 0.1
     return c
 
 

@@ -104,14 +104,46 @@ class Experts:
         logits, cache = self.extend(params, token[:, None], cache)
         return logits[:, :, 0], cache
 
-    def forward(self, params, tokens, positions=None):
-        """Cache-free logits [n, B, T, vocab] (training signals, references)."""
+    def forward(self, params, tokens, positions=None, segment_ids=None):
+        """Cache-free logits [n, B, T, vocab] (references, small models).
+
+        Training uses `map` instead, which never holds all experts' logits at once.
+        """
+        return self.map(params, lambda m, p: m.forward(p, tokens, positions, segment_ids)
+                        .logits[..., :self.vocab], sequential=False)
+
+    def map(self, params, fn, sequential: bool = True):
+        """Stacks fn(model, one expert's params) over the experts -> [n, ...].
+
+        `sequential` runs stacked experts one after the other (`lax.map`): only one expert's
+        activations are alive at a time, which is what training at real vocab sizes needs.
+        """
         if self.stacked:
             model = self.models[0]
-            out = jax.vmap(lambda p: model.forward(p, tokens, positions))(params)
-            return out.logits[..., :self.vocab]
-        return jnp.stack([m.forward(p, tokens, positions).logits[..., :self.vocab]
-                          for m, p in zip(self.models, params)])
+            if sequential:
+                return jax.lax.map(lambda p: fn(model, p), params)
+            return jax.vmap(lambda p: fn(model, p))(params)
+        return jax.tree.map(lambda *xs: jnp.stack(xs),
+                            *[fn(m, p) for m, p in zip(self.models, params)])
+
+    def selected_logits(self, params, tokens, positions, segment_ids, selected):
+        """Per token, the logits of expert selected[b, t]: [B, T, vocab], computed one expert
+        at a time (never [n, B, T, V])."""
+        b, t = tokens.shape
+        init = jnp.zeros((b, t, self.vocab), jnp.float32)
+
+        def add(acc, i, p, model):
+            logits = model.forward(p, tokens, positions, segment_ids).logits[..., :self.vocab]
+            return jnp.where((selected == i)[..., None], logits, acc)
+
+        if self.stacked:
+            model = self.models[0]
+            acc, _ = jax.lax.scan(lambda acc, ip: (add(acc, ip[0], ip[1], model), None), init,
+                                  (jnp.arange(self.n), params))
+            return acc
+        for i, (m, p) in enumerate(zip(self.models, params)):
+            init = add(init, i, p, m)
+        return init
 
 
 def load_experts(paths: Sequence[str], dtype: str = "float32", param_dtype: Optional[str] = None,

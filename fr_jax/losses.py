@@ -100,16 +100,20 @@ def sft_loss(lm_logits, route_logits, targets, loss_mask, signals: ExpertSignals
     return loss, metrics
 
 
-def fused_logprob(router_logits, expert_logits, selected, targets):
+def select_per_token(expert_logits, selected):
+    """expert_logits [n, B, T, V], selected [B, T] -> the selected expert's logits [B, T, V]."""
+    return jnp.take_along_axis(expert_logits, selected[None, :, :, None], axis=0)[0]
+
+
+def fused_logprob(router_logits, selected_logits, targets):
     """Per-token log-prob of the fused policy: log_softmax(lsm(q) + lsm(p_k))(y_t).
 
-    router_logits [B, T, V]; expert_logits [n, B, T, V] (frozen); selected [B, T] expert
-    index k_t (from the frozen routing head) -> [B, T].
+    router_logits [B, T, V]; selected_logits [B, T, V] of the expert k_t chosen by the
+    frozen routing head (held fixed: no gradient flows into it) -> [B, T].
     """
-    e = jax.lax.stop_gradient(expert_logits)
-    e_k = jnp.take_along_axis(e, selected[None, :, :, None], axis=0)[0]
     lsm = lambda x: jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
-    return token_logprob(lsm(router_logits) + lsm(e_k), targets)
+    bias = jax.lax.stop_gradient(lsm(selected_logits))
+    return token_logprob(lsm(router_logits) + bias, targets)
 
 
 def sequence_logprob(token_lp, loss_mask):

@@ -88,7 +88,8 @@ def test_cdpo_loss_matches_numpy_and_flips_with_a_swap():
     args = [jnp.asarray(x) for x in (expert, sel, targets, mask)]
 
     def seq(router_logits, e, s, y, m):
-        return losses.sequence_logprob(losses.fused_logprob(router_logits, e, s, y), m)
+        sel_logits = losses.select_per_token(e, s)
+        return losses.sequence_logprob(losses.fused_logprob(router_logits, sel_logits, y), m)
 
     pc, pr, rc, rr = (seq(jnp.asarray(x), *args) for x in (lm_c, lm_r, ref_c, ref_r))
     # NumPy fused log-prob: log_softmax(lsm(q) + lsm(p_k)) at y, summed over the response.
@@ -112,8 +113,9 @@ def test_cdpo_gives_no_gradient_to_the_experts():
     lm_c, lm_r = (jnp.asarray(RNG.normal(size=(B, T, V))) for _ in range(2))
 
     def loss_fn(lm_c, expert):
-        pc = losses.sequence_logprob(losses.fused_logprob(lm_c, expert, sel, targets), mask)
-        pr = losses.sequence_logprob(losses.fused_logprob(lm_r, expert, sel, targets), mask)
+        e_k = losses.select_per_token(expert, sel)
+        pc = losses.sequence_logprob(losses.fused_logprob(lm_c, e_k, targets), mask)
+        pr = losses.sequence_logprob(losses.fused_logprob(lm_r, e_k, targets), mask)
         return losses.cdpo_loss(pc, pr, jnp.zeros(B), jnp.zeros(B))[0]
 
     g_router, g_expert = jax.grad(loss_fn, argnums=(0, 1))(lm_c, jnp.asarray(expert))

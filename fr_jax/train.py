@@ -1,0 +1,433 @@
+"""Training the router: stage 1 SFT on informative tokens, stage 2 CDPO (method.md).
+
+    python -m fr_jax.train --config=configs/tiny.py
+    python -m fr_jax.train --config=configs/gemma2.py --config.train.sft.lr=1e-5
+
+Each stage is a jitted step with in/out shardings over the mesh (params and optimizer state
+sharded alike by the logical-axis rules; batches over data/fsdp), checkpointed with Orbax
+(params, optimizer state, step, data position, RNG; atomic; the last K kept) and resumed
+from the latest good checkpoint, even onto another mesh. The experts are frozen inputs of
+the step: never differentiated, never in the optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Callable, Dict
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fr_jax import losses
+from fr_jax import sharding as sh
+from fr_jax.data import Batcher, load_records, tokenize_pref, tokenize_sft
+from fr_jax.experts import Experts
+from fr_jax.router import Router
+
+log = logging.getLogger("fr_jax.train")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates done (micro-steps // grad_accum)
+    micro: jax.Array  # int32 scalar: micro-steps done
+    params: dict  # router params
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key data (checkpoint-friendly)
+
+
+# ---------------------------------------------------------------------------- optimizer
+def make_optimizer(stage_cfg, train_cfg, params, frozen_head: bool = False):
+    """AdamW with warmup + cosine decay, global-norm clipping and gradient accumulation.
+
+    Weight decay skips 1-D params (norm scales, biases). With `frozen_head` the routing head
+    gets no updates and no optimizer state (CDPO trains the LM part only).
+    """
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=stage_cfg.lr, warmup_steps=max(stage_cfg.warmup, 1),
+        decay_steps=max(stage_cfg.steps, stage_cfg.warmup + 1),
+        end_value=stage_cfg.lr * stage_cfg.final_lr_frac)
+    decay_mask = jax.tree.map(lambda x: x.ndim > 1, params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(train_cfg.clip),
+        optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2,
+                    weight_decay=train_cfg.weight_decay, mask=decay_mask))
+    if train_cfg.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=train_cfg.grad_accum)
+    if frozen_head:
+        labels = {"backbone": jax.tree.map(lambda _: "train", params["backbone"]),
+                  "head": jax.tree.map(lambda _: "frozen", params["head"])}
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
+
+
+# ---------------------------------------------------------------------------- losses in the step
+def _router_out(router: Router, params, side, vocab):
+    out = router.forward(params, side["tokens"], side["positions"], side["segment_ids"])
+    return out.logits[..., :vocab], out.route_logits
+
+
+def sft_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg):
+    """(params, frozen, batch) -> (loss, metrics): L_route + lm_weight * L_lm."""
+    def loss_fn(params, frozen, batch):
+        lm_logits, route_logits = _router_out(router, params, batch, vocab)
+        targets = batch["targets"]
+
+        def one_expert(model, p):  # reduce each expert to what the loss needs, one at a time
+            logits = model.forward(p, batch["tokens"], batch["positions"],
+                                   batch["segment_ids"]).logits[..., :vocab]
+            sig = losses.expert_signals(logits[None], targets)
+            return sig.target_logprob[0], sig.top1[0]
+
+        target_lp, top1 = experts.map(frozen["experts"], one_expert)
+        signals = losses.ExpertSignals(jax.lax.stop_gradient(target_lp), top1)
+        return losses.sft_loss(lm_logits, route_logits, targets, batch["loss_mask"], signals,
+                               stage_cfg.lm_weight, stage_cfg.routing_loss)
+    return loss_fn
+
+
+def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg):
+    """(params, frozen, batch) -> (loss, metrics) of complementary DPO on the fused policy.
+
+    The expert k_t of every token is chosen by the frozen stage-1 router (`frozen["ref"]`),
+    so the expert's log-probabilities are a fixed bias; the same router is the reference.
+    """
+    def seq_logprobs(params, frozen, side):
+        ref_logits, ref_route = _router_out(router, frozen["ref"], side, vocab)
+        selected = jnp.argmax(ref_route, axis=-1)
+        e_sel = experts.selected_logits(frozen["experts"], side["tokens"], side["positions"],
+                                        side["segment_ids"], selected)
+        pol_logits, _ = _router_out(router, params, side, vocab)
+        mask, y = side["loss_mask"], side["targets"]
+        pol = losses.sequence_logprob(losses.fused_logprob(pol_logits, e_sel, y), mask)
+        ref = losses.sequence_logprob(losses.fused_logprob(ref_logits, e_sel, y), mask)
+        return pol, jax.lax.stop_gradient(ref)
+
+    def loss_fn(params, frozen, batch):
+        pc, rc = seq_logprobs(params, frozen, batch["chosen"])
+        pr, rr = seq_logprobs(params, frozen, batch["rejected"])
+        # Padding rows (no response tokens) carry no preference.
+        valid = (batch["chosen"]["loss_mask"].sum(-1) > 0).astype(jnp.float32)
+        margin = stage_cfg.beta * ((pc - rc) - (pr - rr))
+        loss = -jnp.sum(jax.nn.log_sigmoid(margin) * valid) / jnp.maximum(valid.sum(), 1.0)
+        _, metrics = losses.cdpo_loss(pc, pr, rc, rr, stage_cfg.beta)
+        metrics["loss"] = loss
+        return loss, metrics
+    return loss_fn
+
+
+def make_train_step(loss_fn, tx, accum: int = 1):
+    """One micro-step: gradients of loss_fn w.r.t. the router params only; with accumulation
+    the optimizer applies the averaged update every `accum` micro-steps."""
+    def train_step(state: TrainState, frozen, batch):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, frozen, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        micro = state.micro + 1
+        return state.replace(params=params, opt_state=opt_state, micro=micro,
+                             step=micro // accum), metrics
+    return train_step
+
+
+# ---------------------------------------------------------------------------- sharded stage
+@dataclasses.dataclass
+class Stage:
+    """Everything one training stage needs: jitted steps, shardings, optimizer."""
+
+    name: str
+    router: Router
+    experts: Experts
+    mesh: object
+    tx: optax.GradientTransformation
+    schedule: Callable
+    loss_fn: Callable
+    state_shardings: TrainState
+    frozen_shardings: dict
+    accum: int
+
+    def batch_shardings(self, batch):
+        return jax.tree.map(lambda x: sh.batch_sharding(self.mesh, x.shape), batch)
+
+    def put_batch(self, batch):
+        """Global host batch -> sharded device arrays (each host fills only its shards)."""
+        def put(x):
+            return jax.make_array_from_callback(x.shape, sh.batch_sharding(self.mesh, x.shape),
+                                                lambda idx: x[idx])
+        return jax.tree.map(put, batch)
+
+    def jitted(self, batch_example):
+        b_sh = self.batch_shardings(batch_example)
+        step = make_train_step(self.loss_fn, self.tx, self.accum)
+        train = jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings, b_sh),
+                        out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        evaluate = jax.jit(lambda params, frozen, batch: self.loss_fn(params, frozen, batch)[1],
+                           in_shardings=(self.state_shardings.params, self.frozen_shardings,
+                                         b_sh))
+        return train, evaluate
+
+
+def build_stage(name, router, experts, mesh, stage_cfg, train_cfg, params, frozen, vocab):
+    fn = (sft_loss_fn if name == "sft" else cdpo_loss_fn)(router, experts, vocab, stage_cfg)
+    tx, schedule = make_optimizer(stage_cfg, train_cfg, params, frozen_head=name == "cdpo")
+    p_sh = sh.param_shardings(router, mesh)
+    opt_shapes = jax.eval_shape(tx.init, params)
+    opt_sh = _opt_shardings(tx, opt_shapes, p_sh, mesh)
+    rep = sh.replicated(mesh)
+    state_sh = TrainState(step=rep, micro=rep, params=p_sh, opt_state=opt_sh, rng=rep)
+    frozen_sh = {"experts": sh.param_shardings(experts, mesh)}
+    if "ref" in frozen:
+        frozen_sh["ref"] = p_sh
+    return Stage(name, router, experts, mesh, tx, schedule, fn, state_sh, frozen_sh,
+                 max(train_cfg.grad_accum, 1))
+
+
+def _opt_shardings(tx, opt_shapes, p_sh, mesh):
+    """Optimizer state sharded like the params it mirrors (Adam's mu and nu); the rest
+    (counters, accumulation step) replicated."""
+    rep = sh.replicated(mesh)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen params: no state at all
+    return optax.tree_map_params(tx, lambda v, s: v if masked(v) else s, opt_shapes, p_sh,
+                                 transform_non_params=lambda _: rep, is_leaf=masked)
+
+
+def init_state(stage: Stage, params, seed: int) -> TrainState:
+    params = jax.device_put(params, stage.state_shardings.params)
+    opt_state = jax.jit(stage.tx.init, out_shardings=stage.state_shardings.opt_state)(params)
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)),
+                         stage.state_shardings.rng)
+    zero = jax.device_put(jnp.zeros((), jnp.int32), stage.state_shardings.step)
+    return TrainState(step=zero, micro=zero, params=params, opt_state=opt_state, rng=rng)
+
+
+# ---------------------------------------------------------------------------- the loop
+def _split(examples, fraction: float, seed: int):
+    """Deterministic (train, eval) split of a list of examples."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = np.random.default_rng([seed, 12345]).permutation(len(examples))
+    n_eval = max(1, int(round(len(examples) * fraction)))
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def _scalars(metrics) -> Dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+
+
+class _Writer:
+    """tensorboardX on process 0 only; a no-op elsewhere."""
+
+    def __init__(self, logdir: str):
+        self.w = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+            self.w = SummaryWriter(logdir)
+
+    def scalars(self, prefix, values, step):
+        if self.w:
+            for k, v in values.items():
+                self.w.add_scalar(f"{prefix}/{k}", v, step)
+
+    def histogram(self, tag, values, step):
+        if self.w:
+            self.w.add_histogram(tag, np.asarray(values), step)
+
+    def text(self, tag, text, step):
+        if self.w:
+            self.w.add_text(tag, text, step)
+
+    def close(self):
+        if self.w:
+            self.w.close()
+
+
+def _tokens_in(batch) -> int:
+    sides = [batch["chosen"], batch["rejected"]] if "chosen" in batch else [batch]
+    return int(sum((s["segment_ids"] > 0).sum() for s in sides))
+
+
+def run_stage(name: str, config, router: Router, r_params, experts: Experts, e_params,
+              tokenizer, mesh, progress: bool = True):
+    """Trains one stage to its configured number of steps (resuming if a checkpoint exists)
+    and returns the router params."""
+    from tqdm.auto import tqdm
+
+    from fr_jax.checkpoint import Checkpointer, abstract_like
+
+    tc, dc = config.train, config.data
+    stage_cfg = tc[name]
+    vocab = len(tokenizer)
+    workdir = os.path.join(tc.workdir, name)
+    if name == "sft":
+        examples, report = tokenize_sft(load_records(dc.sft_path), tokenizer, dc.seq_len, dc.chat)
+        kind = "sft"
+    else:
+        examples, report = tokenize_pref(load_records(dc.pref_path), tokenizer, dc.seq_len,
+                                         dc.chat)
+        kind = "pref"
+    train_ex, eval_ex = _split(examples, dc.eval_fraction, dc.seed)
+    _print(f"[{name}] data: {report}; {len(train_ex)} train / {len(eval_ex)} eval")
+    batcher = Batcher(train_ex, tc.batch_size, dc.seq_len, dc.seed, kind, dc.pack)
+
+    frozen = {"experts": e_params}
+    if name == "cdpo":
+        frozen["ref"] = jax.tree.map(jnp.copy, r_params)  # the stage-1 router, frozen
+    stage = build_stage(name, router, experts, mesh, stage_cfg, tc, r_params, frozen, vocab)
+    state = init_state(stage, r_params, tc.seed)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep)
+    if tc.resume:
+        restored = ckpt.restore_latest(abstract_like(state, stage.state_shardings))
+        if restored is not None:
+            state, meta, at = restored
+            batcher.restore(meta["data"])
+            _print(f"[{name}] resumed from step {at} (epoch {batcher.epoch}, "
+                   f"example {batcher.index})")
+    frozen = jax.device_put(frozen, stage.frozen_shardings)
+    first = batcher.next()
+    train_step, eval_step = stage.jitted(first)
+    writer = _Writer(os.path.join(tc.workdir, "tensorboard", name))
+    writer.text("config", "<pre>" + config.to_json_best_effort(indent=2) + "</pre>", 0)
+
+    total = stage_cfg.steps * stage.accum  # micro-steps
+    micro = int(state.micro)
+    bar = tqdm(total=total, initial=micro, desc=name, disable=not progress or
+               jax.process_index() != 0, dynamic_ncols=True)
+    batch, t_last, tokens_since = first, time.perf_counter(), 0
+    history = []
+    while micro < total:
+        state, metrics = train_step(state, frozen, stage.put_batch(batch))
+        micro += 1
+        tokens_since += _tokens_in(batch)
+        bar.update(1)
+        if micro % tc.log_every == 0 or micro == total:
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            values = _scalars(metrics)
+            values.update(lr=float(stage.schedule(micro // stage.accum)),
+                          tokens_per_s=tokens_since / (now - t_last),
+                          step_time=(now - t_last) / tc.log_every)
+            writer.scalars("train", values, micro)
+            if "route_share" in metrics:
+                writer.histogram("train/route_share", metrics["route_share"], micro)
+            history.append({"micro": micro, **values})
+            bar.set_postfix(loss=f"{values['loss']:.3f}")
+            t_last, tokens_since = now, 0
+        if tc.eval_every and eval_ex and (micro % tc.eval_every == 0 or micro == total):
+            ev = evaluate(stage, eval_step, state.params, frozen, eval_ex, tc, dc, kind)
+            writer.scalars("eval", ev, micro)
+            if history:
+                history[-1].update({f"eval_{k}": v for k, v in ev.items()})
+        if micro % tc.ckpt_every == 0 or micro == total:
+            ckpt.save(micro, state, {"data": batcher.state(), "stage": name, "micro": micro})
+        if micro < total:
+            batch = batcher.next()
+    bar.close()
+    writer.close()
+    ckpt.close()
+    with open(os.path.join(workdir, "history.json"), "w") as f:
+        json.dump(history, f, indent=1)
+    return state.params, history
+
+
+def evaluate(stage, eval_step, params, frozen, eval_ex, tc, dc, kind) -> Dict[str, float]:
+    """Mean metrics over the first `eval_batches` batches of the held-out split."""
+    batcher = Batcher(eval_ex, tc.batch_size, dc.seq_len, dc.seed, kind, dc.pack)
+    sums: Dict[str, float] = {}
+    n = 0
+    while n < tc.eval_batches and batcher.epoch == 0:
+        m = _scalars(jax.device_get(eval_step(params, frozen, stage.put_batch(batcher.next()))))
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n += 1
+        if batcher.index >= len(eval_ex):
+            break
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _print(msg):
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def maybe_initialize_distributed(mode: str = "auto"):
+    """`jax.distributed.initialize()` on multi-host launches (a no-op on one host)."""
+    multi = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or \
+        len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    if mode == "yes" or (mode == "auto" and multi):
+        jax.distributed.initialize()
+
+
+def run(config, progress: bool = True) -> str:
+    """Both stages as configured; returns the folder of the exported router."""
+    from fr_jax.decode import check_tokenizers
+    from fr_jax.experts import load_experts
+    from fr_jax.hf import load_tokenizer
+    from fr_jax.router import load_router, save_router
+    from fr_jax.toy.tiny import ensure_tiny_data, ensure_tiny_world
+
+    maybe_initialize_distributed(config.train.get("distributed", "auto"))
+    tc = config.train
+    router_path, expert_paths = config.router.path, list(config.experts.paths)
+    if not router_path and not expert_paths:  # the embedded default world and its toy data
+        world = ensure_tiny_world()
+        router_path, expert_paths = world["router"], world["experts"]
+        data = ensure_tiny_data(world)
+        with config.unlocked():
+            config.data.sft_path = config.data.sft_path or data["sft"]
+            config.data.pref_path = config.data.pref_path or data["pref"]
+    if not router_path or not expert_paths:
+        raise SystemExit("set both --config.router.path and --config.experts.paths")
+    mesh = sh.mesh_from_config(config.mesh)
+    tokenizer = load_tokenizer(router_path)
+    check_tokenizers([(p, load_tokenizer(p)) for p in [router_path] + expert_paths])
+    dtype, pdtype = config.model.dtype, config.model.param_dtype or None
+    router, r_params = load_router(router_path, n_experts=len(expert_paths), seed=tc.seed,
+                                   dtype=dtype, param_dtype=pdtype,
+                                   shardings_fn=lambda r: sh.param_shardings(r, mesh))
+    experts, e_params = load_experts(expert_paths, dtype, pdtype, vocab=len(tokenizer),
+                                     shardings_fn=lambda e: sh.param_shardings(e, mesh))
+    os.makedirs(tc.workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(tc.workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    names = list(config.experts.names) or [os.path.basename(os.path.normpath(p))
+                                           for p in expert_paths]
+    out = None
+    for name in tc.stages:
+        if name not in ("sft", "cdpo"):
+            raise SystemExit(f"unknown training stage {name!r}; stages are 'sft' and 'cdpo'")
+        r_params, _ = run_stage(name, config, router, r_params, experts, e_params, tokenizer,
+                                mesh, progress)
+        out = os.path.join(tc.workdir, name, "router")
+        if jax.process_index() == 0:
+            save_router(out, router, r_params, tokenizer=tokenizer, expert_names=names)
+            _print(f"[{name}] exported router to {out}")
+    return out
+
+
+def main(argv=None):
+    from fr_jax.config import default_config_file, parse_flags
+    from fr_jax.data import DataError
+    from fr_jax.hf import CheckpointError
+    from fr_jax.models import ConfigError
+
+    logging.basicConfig(level=logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv = parse_flags(["fr_jax.train"] + argv, default_config_file("tiny.py"))
+    try:
+        return run(fv.config)
+    except (CheckpointError, ConfigError, DataError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
