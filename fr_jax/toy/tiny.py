@@ -146,8 +146,10 @@ def ensure_tiny_data(world: dict, n_per_domain: int = 48, seed: int = 0) -> dict
         return paths
     tok = load_tokenizer(world["router"])
     vocab = tok.get_vocab()
+    # Whole words with their leading space ("Ġword"): text made of them re-tokenizes to the
+    # very same ids, so the expert that wrote a response is right on it token by token.
     allowed = sorted(i for t, i in vocab.items()
-                     if t.lstrip("\u0120").isalpha() and t.lstrip("\u0120").islower())
+                     if t.startswith("\u0120") and t[1:].isalpha() and t[1:].islower())
     rng = np.random.default_rng(seed)
     markers = "ABCDEFGH"
     n_exp = len(world["experts"])
