@@ -201,7 +201,10 @@ def _opt_shardings(tx, opt_shapes, p_sh, mesh):
 
 
 def init_state(stage: Stage, params, seed: int) -> TrainState:
-    params = jax.device_put(params, stage.state_shardings.params)
+    """A fresh state holding its own copy of `params` (the step donates the state; the
+    caller's arrays stay valid)."""
+    params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                     out_shardings=stage.state_shardings.params)(params)
     opt_state = jax.jit(stage.tx.init, out_shardings=stage.state_shardings.opt_state)(params)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)),
                          stage.state_shardings.rng)

@@ -1,0 +1,244 @@
+"""Training: sharded step == single-device step, checkpoints (resume, other mesh, corrupt
+fallback), kill-and-resume of the CLI, and the tiny config end to end."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import jax
+
+from fr_jax import sharding as sh
+from fr_jax.checkpoint import Checkpointer, abstract_like
+from fr_jax.config import base_config
+from fr_jax.data import Batcher, SFTExample
+from fr_jax.train import build_stage, init_state
+from test_fused import build_world
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sft_setup(mesh, n_experts=2):
+    router, r_params, experts, e_list = build_world("llama", n_experts=n_experts)
+    cfg = base_config()
+    cfg.train.batch_size = 4
+    cfg.train.sft.lr = 1e-3
+    rng = np.random.default_rng(0)
+    examples = [SFTExample(rng.integers(3, 97, n).astype(np.int32),
+                           np.r_[np.zeros(4), np.ones(n - 4)].astype(np.int32))
+                for n in rng.integers(8, 20, 16)]
+    batch = Batcher(examples, 4, 32, seed=0).next()
+    e_params = experts.combine(e_list)
+    stage = build_stage("sft", router, experts, mesh, cfg.train.sft, cfg.train, r_params,
+                        {"experts": e_params}, vocab=97)
+    state = init_state(stage, r_params, seed=0)
+    frozen = jax.device_put({"experts": e_params}, stage.frozen_shardings)
+    return stage, state, frozen, batch
+
+
+def test_sharded_step_equals_single_device_step():
+    results = []
+    for shape in ({}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        mesh = sh.make_mesh(shape, devices=jax.devices()[:1] if not shape else None)
+        stage, state, frozen, batch = _sft_setup(mesh)
+        train, _ = stage.jitted(batch)
+        for _ in range(2):
+            state, metrics = train(state, frozen, stage.put_batch(batch))
+        results.append((float(metrics["loss"]), jax.device_get(state.params), state))
+    (loss1, p1, _), (loss8, p8, state8) = results
+    np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), p1, p8)
+    q = state8.params["backbone"]["layers"]["attn"]["q_proj"]["kernel"]  # [L, E, H, D]
+    assert q.sharding.spec == sh.P(None, "fsdp", "tensor", None)
+    mu = state8.opt_state[1][0].mu["backbone"]["layers"]["attn"]["q_proj"]["kernel"]
+    assert mu.sharding.spec == q.sharding.spec  # optimizer state sharded like the params
+
+
+def test_checkpoint_restores_onto_another_mesh_and_skips_a_corrupt_one(tmp_path, caplog):
+    mesh_a = sh.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    stage, state, frozen, batch = _sft_setup(mesh_a)
+    train, _ = stage.jitted(batch)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=3)
+    ckpt.save(1, state, {"data": {"epoch": 0, "index": 4}})
+    state2, _ = train(state, frozen, stage.put_batch(batch))
+    ckpt.save(2, state2, {"data": {"epoch": 0, "index": 8}})
+
+    mesh_b = sh.make_mesh({"tensor": 4, "fsdp": 2})
+    stage_b, fresh, _, _ = _sft_setup(mesh_b)
+    state_b, meta, step = ckpt.restore_latest(abstract_like(fresh, stage_b.state_shardings))
+    assert step == 2 and meta["data"]["index"] == 8
+    q = state_b.params["backbone"]["layers"]["attn"]["q_proj"]["kernel"]
+    assert q.sharding.mesh.shape == mesh_b.shape
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state2.params),
+                 jax.device_get(state_b.params))
+
+    # Damage every data file of step 2: restore falls back to step 1 with a warning.
+    for root, _, files in os.walk(tmp_path / "ckpt" / "2" / "state"):
+        for f in files:
+            if not f.endswith(".json") and "manifest" not in f and "zarray" not in f:
+                with open(os.path.join(root, f), "wb") as fh:
+                    fh.write(b"garbage")
+    ckpt2 = Checkpointer(str(tmp_path / "ckpt"), keep=3)
+    with caplog.at_level("WARNING"):
+        _, meta1, step1 = ckpt2.restore_latest(abstract_like(fresh, stage_b.state_shardings))
+    assert step1 == 1 and meta1["data"]["index"] == 4
+    assert "step 2" in caplog.text and "unreadable" in caplog.text
+
+
+# ------------------------------------------------------------------------------ learning
+def _token_toy(n_per_domain=24, n_new=10):
+    """Two random experts; domain d's prompts start with marker token d+1 and its responses
+    are expert d's own greedy continuation, so expert d is right at those positions."""
+    from fr_jax.data import PrefExample
+    from fr_jax.decode import Decoder
+
+    router, r_params, experts, e_list = build_world("llama", n_experts=2)
+    r_params["head"] = router.init_head(jax.random.key(7))  # an untrained, unsaturated head
+    rng = np.random.default_rng(0)
+    sft, pref = [], []
+    for d in range(2):
+        prompts = [[d + 1] + rng.integers(3, 97, 5).tolist() for _ in range(n_per_domain)]
+        own, other = (Decoder(experts.models[0], chunk=n_new).generate(
+            e_list[e], prompts, n_new, eos_ids=[]).tokens for e in (d, 1 - d))
+        for p, good, bad in zip(prompts, own, other):
+            ids = np.asarray(p + good.tolist(), np.int32)
+            sft.append(SFTExample(ids, np.r_[np.zeros(len(p)), np.ones(n_new)].astype(np.int32)))
+            pref.append(PrefExample(*(np.asarray(x, np.int32) for x in (p, good, bad))))
+    return router, r_params, experts, experts.combine(e_list), sft, pref
+
+
+def _train(stage_name, router, r_params, experts, e_params, examples, steps, lr, kind):
+    cfg = base_config()
+    cfg.train.batch_size = 8
+    stage_cfg = cfg.train[stage_name]
+    stage_cfg.lr, stage_cfg.warmup, stage_cfg.steps = lr, 2, steps
+    mesh = sh.make_mesh({}, devices=jax.devices()[:1])
+    frozen = {"experts": e_params}
+    if stage_name == "cdpo":
+        frozen["ref"] = r_params
+    stage = build_stage(stage_name, router, experts, mesh, stage_cfg, cfg.train, r_params,
+                        frozen, vocab=97)
+    state = init_state(stage, r_params, seed=0)
+    frozen = jax.device_put(frozen, stage.frozen_shardings)
+    batcher = Batcher(examples, 8, 24, seed=0, kind=kind, pack=False)
+    train, evaluate = stage.jitted(batcher.next())
+    full = Batcher(examples, len(examples), 24, seed=0, kind=kind, pack=False).next()
+    before = jax.device_get(evaluate(state.params, frozen, stage.put_batch(full)))
+    for _ in range(steps):
+        state, _ = train(state, frozen, stage.put_batch(batcher.next()))
+    after = jax.device_get(evaluate(state.params, frozen, stage.put_batch(full)))
+    return state.params, before, after
+
+
+def test_sft_learns_to_route_and_cdpo_prefers_chosen():
+    router, r_params, experts, e_params, sft, pref = _token_toy()
+    params, before, after = _train("sft", router, r_params, experts, e_params, sft, 80, 3e-3,
+                                   "sft")
+    assert after["lm_loss"] < 0.7 * before["lm_loss"]
+    # The mixture likelihood is bounded by the right expert's own p(y) (about e^-3 here).
+    assert after["route_loss"] < before["route_loss"] - 0.3
+    assert before["informative_frac"] > 0.5
+    assert before["route_acc"] < 0.6 and after["route_acc"] > 0.9  # chance is 0.5
+    _, b2, a2 = _train("cdpo", router, params, experts, e_params, pref, 30, 1e-3, "pref")
+    assert b2["pref_acc"] == 0.5 or abs(b2["reward_margin"]) < 1e-6  # policy == reference
+    assert a2["pref_acc"] > 0.9 and a2["reward_margin"] > 0
+
+
+# ------------------------------------------------------------------------------ CLI
+def _train_cmd(workdir, steps=24):
+    return [sys.executable, "-m", "fr_jax.train", "--config=configs/tiny.py",
+            f"--config.train.workdir={workdir}", "--config.train.stages=('sft',)",
+            f"--config.train.sft.steps={steps}", "--config.train.ckpt_every=4",
+            "--config.train.eval_every=0", "--config.train.log_every=4"]
+
+
+def _env(home):
+    env = dict(os.environ, FR_JAX_HOME=str(home), PYTHONPATH=REPO)
+    env["XLA_FLAGS"] = ""  # one CPU device, as a user would run it
+    return env
+
+
+def _final(workdir):
+    from safetensors.numpy import load_file
+    weights = load_file(os.path.join(workdir, "sft", "router", "model.safetensors"))
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "sft", "checkpoints"))
+                   if d.isdigit())
+    meta = json.load(open(os.path.join(workdir, "sft", "checkpoints", str(steps[-1]), "meta",
+                                       "metadata")))
+    return weights, meta, steps
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
+    home = tmp_path / "home"
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_train_cmd(straight), cwd=REPO, env=_env(home), check=True,
+                   capture_output=True, timeout=600)
+    proc = subprocess.Popen(_train_cmd(killed), cwd=REPO, env=_env(home),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = killed / "sft" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts / "8").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+    assert done and max(done) < 24, "the run was not interrupted before its end"
+    out = subprocess.run(_train_cmd(killed), cwd=REPO, env=_env(home), check=True,
+                         capture_output=True, text=True, timeout=600)
+    assert "resumed from step" in out.stdout
+    w_a, meta_a, _ = _final(straight)
+    w_b, meta_b, _ = _final(killed)
+    assert meta_a["data"] == meta_b["data"] and meta_a["micro"] == meta_b["micro"] == 24
+    for k in w_a:
+        np.testing.assert_array_equal(w_a[k], w_b[k], err_msg=k)
+
+
+def _event_tags(folder):
+    """Scalar/histogram/text tags in a TensorBoard event file (TFRecord of Event protos)."""
+    from tensorboardX.proto import event_pb2
+    tags = set()
+    for name in os.listdir(folder):
+        data = open(os.path.join(folder, name), "rb").read()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            tags.update(v.tag for v in ev.summary.value)
+            pos += 12 + n + 4
+    return tags
+
+
+def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_path, capsys):
+    from fr_jax.decode import main as decode_main
+    from fr_jax.train import main as train_main
+
+    os.environ["FR_JAX_HOME"] = str(tmp_path / "home")
+    try:
+        exported = train_main(["--config=" + os.path.join(REPO, "configs", "tiny.py"),
+                               f"--config.train.workdir={tmp_path / 'run'}"])
+        sft = json.load(open(tmp_path / "run" / "sft" / "history.json"))
+        cdpo = json.load(open(tmp_path / "run" / "cdpo" / "history.json"))
+        assert sft[-1]["lm_loss"] < 0.8 * sft[0]["lm_loss"]
+        assert sft[-1]["route_loss"] < sft[0]["route_loss"]
+        assert cdpo[-1]["reward_margin"] > cdpo[0]["reward_margin"]
+        tags = _event_tags(tmp_path / "run" / "tensorboard" / "sft")
+        assert {"train/loss", "train/lm_loss", "train/route_loss", "train/route_acc",
+                "train/informative_frac", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                "train/step_time", "train/route_share", "eval/loss"} <= tags
+        assert {"train/loss", "train/pref_acc", "train/reward_margin"} <= _event_tags(
+            tmp_path / "run" / "tensorboard" / "cdpo")
+        assert json.load(open(tmp_path / "run" / "config.json"))["train"]["sft"]["steps"] == 60
+
+        world = tmp_path / "home" / "tiny-random-world-2"
+        res = decode_main([f"--config.router.path={exported}",
+                           f"--config.experts.paths=('{world / 'expert0'}', '{world / 'expert1'}')",
+                           "--config.decode.chat=False", "--prompt=A: the quick brown fox",
+                           "--config.decode.max_new_tokens=5"])
+        assert res.lengths[0] > 0
+    finally:
+        del os.environ["FR_JAX_HOME"]
