@@ -85,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.sft.final_lr_frac = 0.1  # cosine decays to lr * this
     c.train.sft.lm_weight = 1.0  # lambda_lm in L_SFT = L_route + lambda_lm * L_lm
     c.train.sft.routing_loss = "mixture"  # mixture | best_expert
+    # online: experts run inside the step; precompute: their per-target log-prob and top-1
+    # token are computed once, cached to disk (signals_cache) and fed with the batches.
+    c.train.sft.expert_signals = "online"
+    c.train.sft.signals_cache = ""  # "" = <workdir>/sft/expert_signals.npz
     c.train.cdpo = ml_collections.ConfigDict()
     c.train.cdpo.steps = 300
     c.train.cdpo.lr = 1e-6

@@ -98,6 +98,9 @@ class DataReport:
 class SFTExample:
     ids: np.ndarray  # [n] prompt + response token ids
     response: np.ndarray  # [n] 1 where ids[j] is a response token (trained as a target)
+    # Optional precomputed expert signals for the n-1 targets ids[1:] (see train.py):
+    signal_logprob: Optional[np.ndarray] = None  # [n-1, experts] log p_i(target)
+    signal_top1: Optional[np.ndarray] = None  # [n-1, experts] each expert's top-1 token
 
 
 @dataclasses.dataclass
@@ -172,10 +175,14 @@ def _empty_rows(batch: int, seq_len: int) -> Dict[str, np.ndarray]:
             "segment_ids": np.zeros((batch, seq_len), np.int32)}
 
 
-def _place(rows, b, start, ids, response, segment):
-    """Writes one sequence (inputs ids[:-1], targets ids[1:]) into row b at `start`."""
+def _place(rows, b, start, ids, response, segment, ex=None):
+    """Writes one sequence (inputs ids[:-1], targets ids[1:]) into row b at `start`
+    (with its precomputed expert signals, when the rows carry them)."""
     n = len(ids) - 1
     sl = slice(start, start + n)
+    if "signal_logprob" in rows:
+        rows["signal_logprob"][b, sl] = ex.signal_logprob
+        rows["signal_top1"][b, sl] = ex.signal_top1
     rows["tokens"][b, sl] = ids[:-1]
     rows["targets"][b, sl] = ids[1:]
     rows["loss_mask"][b, sl] = response[1:]
@@ -233,6 +240,11 @@ class Batcher:
         if self.kind == "pref":
             return self._next_pref()
         rows = _empty_rows(self.batch_size, self.seq_len)
+        sig = self.examples[0].signal_logprob if self.kind == "sft" else None
+        if sig is not None:
+            n_exp = sig.shape[-1]
+            rows["signal_logprob"] = np.zeros((self.batch_size, self.seq_len, n_exp), np.float32)
+            rows["signal_top1"] = np.zeros((self.batch_size, self.seq_len, n_exp), np.int32)
         for b in range(self.batch_size):
             start, segment = 0, 1
             while True:
@@ -240,7 +252,7 @@ class Batcher:
                 if n is None or start + n > self.seq_len or (segment > 1 and not self.pack):
                     break
                 ex = self._take()
-                start = _place(rows, b, start, ex.ids, ex.response, segment)
+                start = _place(rows, b, start, ex.ids, ex.response, segment, ex)
                 segment += 1
         return rows
 

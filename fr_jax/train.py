@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import flax.struct
 import jax
@@ -75,19 +75,70 @@ def _router_out(router: Router, params, side, vocab):
     return out.logits[..., :vocab], out.route_logits
 
 
+def expert_signals_online(experts: Experts, e_params, batch, vocab: int):
+    """(target log-prob, top-1 token) of every expert at every position: [n, B, T] each,
+    computed one expert at a time so [n, B, T, V] logits never exist."""
+    def one_expert(model, p):
+        logits = model.forward(p, batch["tokens"], batch["positions"],
+                               batch["segment_ids"]).logits[..., :vocab]
+        sig = losses.expert_signals(logits[None], batch["targets"])
+        return sig.target_logprob[0], sig.top1[0]
+    return experts.map(e_params, one_expert)
+
+
+def precompute_signals(examples, experts: Experts, e_params, vocab: int, seq_len: int,
+                       batch_size: int, cache_file: Optional[str] = None, progress=True):
+    """Attaches the frozen experts' per-target signals to every SFT example, reading them
+    from `cache_file` (.npz) when it matches, else computing and writing it. Reused across
+    epochs and restarts: the experts then never run inside the training step."""
+    from tqdm.auto import tqdm
+
+    lengths = np.array([len(e.ids) - 1 for e in examples])
+    total = int(lengths.sum())
+    if cache_file and os.path.isfile(cache_file):
+        z = np.load(cache_file)
+        if z["lengths"].shape == lengths.shape and (z["lengths"] == lengths).all() and \
+                z["ids_sum"] == sum(int(e.ids.sum()) for e in examples):
+            offsets = np.r_[0, np.cumsum(lengths)]
+            for i, e in enumerate(examples):
+                e.signal_logprob = z["logprob"][offsets[i]:offsets[i + 1]]
+                e.signal_top1 = z["top1"][offsets[i]:offsets[i + 1]]
+            return examples
+        log.warning("%s does not match the current data; recomputing", cache_file)
+    fn = jax.jit(lambda p, b: expert_signals_online(experts, p, b, vocab))
+    it = range(0, len(examples), batch_size)
+    for lo in tqdm(it, desc="expert signals", disable=not progress):
+        chunk = examples[lo:lo + batch_size]
+        rows = Batcher(chunk + chunk[:batch_size - len(chunk)], batch_size, seq_len, 0,
+                       pack=False)
+        rows._order = np.arange(len(rows.examples))  # keep the order: row b = example b
+        lp, top1 = jax.device_get(fn(e_params, rows.next()))
+        for b, e in enumerate(chunk):
+            n = len(e.ids) - 1
+            e.signal_logprob = np.ascontiguousarray(lp[:, b, :n].T)
+            e.signal_top1 = np.ascontiguousarray(top1[:, b, :n].T)
+    if cache_file and jax.process_index() == 0:
+        os.makedirs(os.path.dirname(cache_file) or ".", exist_ok=True)
+        tmp = cache_file + ".partial.npz"
+        np.savez(tmp, lengths=lengths, ids_sum=sum(int(e.ids.sum()) for e in examples),
+                 logprob=np.concatenate([e.signal_logprob for e in examples]) if total else
+                 np.zeros((0, experts.n), np.float32),
+                 top1=np.concatenate([e.signal_top1 for e in examples]) if total else
+                 np.zeros((0, experts.n), np.int32))
+        os.replace(tmp, cache_file)
+    return examples
+
+
 def sft_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg):
     """(params, frozen, batch) -> (loss, metrics): L_route + lm_weight * L_lm."""
     def loss_fn(params, frozen, batch):
         lm_logits, route_logits = _router_out(router, params, batch, vocab)
         targets = batch["targets"]
-
-        def one_expert(model, p):  # reduce each expert to what the loss needs, one at a time
-            logits = model.forward(p, batch["tokens"], batch["positions"],
-                                   batch["segment_ids"]).logits[..., :vocab]
-            sig = losses.expert_signals(logits[None], targets)
-            return sig.target_logprob[0], sig.top1[0]
-
-        target_lp, top1 = experts.map(frozen["experts"], one_expert)
+        if "signal_logprob" in batch:  # precomputed: [B, T, n] -> [n, B, T]
+            target_lp = jnp.moveaxis(batch["signal_logprob"], -1, 0)
+            top1 = jnp.moveaxis(batch["signal_top1"], -1, 0)
+        else:
+            target_lp, top1 = expert_signals_online(experts, frozen["experts"], batch, vocab)
         signals = losses.ExpertSignals(jax.lax.stop_gradient(target_lp), top1)
         return losses.sft_loss(lm_logits, route_logits, targets, batch["loss_mask"], signals,
                                stage_cfg.lm_weight, stage_cfg.routing_loss)
@@ -277,6 +328,13 @@ def run_stage(name: str, config, router: Router, r_params, experts: Experts, e_p
         examples, report = tokenize_pref(load_records(dc.pref_path), tokenizer, dc.seq_len,
                                          dc.chat)
         kind = "pref"
+    if name == "sft" and stage_cfg.expert_signals == "precompute":
+        examples = precompute_signals(
+            examples, experts, e_params, vocab, dc.seq_len, tc.batch_size,
+            stage_cfg.signals_cache or os.path.join(workdir, "expert_signals.npz"), progress)
+    elif name == "sft" and stage_cfg.expert_signals != "online":
+        raise SystemExit(f"train.sft.expert_signals must be 'online' or 'precompute', got "
+                         f"{stage_cfg.expert_signals!r}")
     train_ex, eval_ex = _split(examples, dc.eval_fraction, dc.seed)
     _print(f"[{name}] data: {report}; {len(train_ex)} train / {len(eval_ex)} eval")
     batcher = Batcher(train_ex, tc.batch_size, dc.seq_len, dc.seed, kind, dc.pack)
@@ -300,6 +358,8 @@ def run_stage(name: str, config, router: Router, r_params, experts: Experts, e_p
     writer = _Writer(os.path.join(tc.workdir, "tensorboard", name))
     writer.text("config", "<pre>" + config.to_json_best_effort(indent=2) + "</pre>", 0)
 
+    sampler = _make_sampler(router, experts, frozen["experts"], tokenizer, eval_ex or train_ex,
+                            names=None) if tc.sample_every else None
     total = stage_cfg.steps * stage.accum  # micro-steps
     micro = int(state.micro)
     bar = tqdm(total=total, initial=micro, desc=name, disable=not progress or
@@ -329,6 +389,8 @@ def run_stage(name: str, config, router: Router, r_params, experts: Experts, e_p
             writer.scalars("eval", ev, micro)
             if history:
                 history[-1].update({f"eval_{k}": v for k, v in ev.items()})
+        if tc.sample_every and (micro % tc.sample_every == 0 or micro == total):
+            writer.text("samples", sampler(state.params), micro)
         if micro % tc.ckpt_every == 0 or micro == total:
             ckpt.save(micro, state, {"data": batcher.state(), "stage": name, "micro": micro})
         if micro < total:
@@ -339,6 +401,33 @@ def run_stage(name: str, config, router: Router, r_params, experts: Experts, e_p
     with open(os.path.join(workdir, "history.json"), "w") as f:
         json.dump(history, f, indent=1)
     return state.params, history
+
+
+def _make_sampler(router, experts, e_params, tokenizer, examples, names, n: int = 2,
+                  max_new_tokens: int = 32):
+    """params -> Markdown text: greedy FusionRoute answers to a few held-out prompts, each
+    token tagged with the expert that produced it (TensorBoard text)."""
+    from fr_jax.decode import FusedDecoder
+    from fr_jax.fusion import Mode
+    from fr_jax.trace import render_text
+
+    prompts = [(e.prompt if hasattr(e, "prompt") else e.ids[e.response == 0]).tolist()
+               for e in examples[:n]]
+    decoder = FusedDecoder(Mode.parse("fusionroute"), router, experts, vocab=len(tokenizer),
+                           chunk=8)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    labels = names or [f"expert{i}" for i in range(experts.n)]
+
+    def sample(params) -> str:
+        res = decoder.generate({"router": params, "experts": e_params}, prompts,
+                               max_new_tokens, eos, tokenizer.pad_token_id or 0)
+        lines = []
+        for row, p in enumerate(prompts):
+            toks, chosen = res.row(row)
+            pieces = [tokenizer.decode([t]) for t in toks]
+            lines.append(f"**{tokenizer.decode(p)}**\n\n`{render_text(pieces, chosen, labels)}`")
+        return "\n\n".join(lines)
+    return sample
 
 
 def evaluate(stage, eval_step, params, frozen, eval_ex, tc, dc, kind) -> Dict[str, float]:

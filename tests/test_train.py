@@ -220,7 +220,8 @@ def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_pat
     os.environ["FR_JAX_HOME"] = str(tmp_path / "home")
     try:
         exported = train_main(["--config=" + os.path.join(REPO, "configs", "tiny.py"),
-                               f"--config.train.workdir={tmp_path / 'run'}"])
+                               f"--config.train.workdir={tmp_path / 'run'}",
+                               "--config.train.sample_every=30"])
         sft = json.load(open(tmp_path / "run" / "sft" / "history.json"))
         cdpo = json.load(open(tmp_path / "run" / "cdpo" / "history.json"))
         assert sft[-1]["lm_loss"] < 0.8 * sft[0]["lm_loss"]
@@ -230,6 +231,8 @@ def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_pat
         assert {"train/loss", "train/lm_loss", "train/route_loss", "train/route_acc",
                 "train/informative_frac", "train/lr", "train/grad_norm", "train/tokens_per_s",
                 "train/step_time", "train/route_share", "eval/loss"} <= tags
+        assert any(t.startswith("samples") for t in tags)  # decoded samples as text
+        assert any(t.startswith("config") for t in tags)
         assert {"train/loss", "train/pref_acc", "train/reward_margin"} <= _event_tags(
             tmp_path / "run" / "tensorboard" / "cdpo")
         assert json.load(open(tmp_path / "run" / "config.json"))["train"]["sft"]["steps"] == 60
@@ -242,3 +245,31 @@ def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_pat
         assert res.lengths[0] > 0
     finally:
         del os.environ["FR_JAX_HOME"]
+
+
+def test_precomputed_signals_give_the_online_loss_and_are_cached(tmp_path):
+    from fr_jax.train import precompute_signals
+
+    router, r_params, experts, e_params, sft, _ = _token_toy(n_per_domain=6)
+    cfg = base_config()
+    mesh = sh.make_mesh({}, devices=jax.devices()[:1])
+    stage = build_stage("sft", router, experts, mesh, cfg.train.sft, cfg.train, r_params,
+                        {"experts": e_params}, vocab=97)
+    frozen = jax.device_put({"experts": e_params}, stage.frozen_shardings)
+    online = Batcher(sft, 4, 48, seed=1).next()
+    cache = str(tmp_path / "signals.npz")
+    pre = precompute_signals(sft, experts, e_params, 97, 48, batch_size=5, cache_file=cache,
+                             progress=False)
+    with_signals = Batcher(pre, 4, 48, seed=1).next()
+    assert with_signals["signal_logprob"].shape == (4, 48, 2)
+    _, evaluate = stage.jitted(online)
+    _, evaluate_pre = stage.jitted(with_signals)
+    a = jax.device_get(evaluate(r_params, frozen, stage.put_batch(online)))
+    b = jax.device_get(evaluate_pre(r_params, frozen, stage.put_batch(with_signals)))
+    for k in ("loss", "route_loss", "informative_frac", "route_acc"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
+    # A second run reads the cache instead of running the experts.
+    fresh = [SFTExample(e.ids, e.response) for e in sft]
+    again = precompute_signals(fresh, None, None, 97, 48, batch_size=5, cache_file=cache,
+                               progress=False)
+    np.testing.assert_array_equal(again[3].signal_top1, pre[3].signal_top1)
