@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 import jax
 
@@ -273,3 +274,14 @@ def test_precomputed_signals_give_the_online_loss_and_are_cached(tmp_path):
     again = precompute_signals(fresh, None, None, 97, 48, batch_size=5, cache_file=cache,
                                progress=False)
     np.testing.assert_array_equal(again[3].signal_top1, pre[3].signal_top1)
+
+
+@pytest.mark.parametrize("name", ["llama3", "gemma2"])
+def test_real_family_configs_parse_and_name_missing_checkpoints(name):
+    from fr_jax.train import main as train_main
+    with pytest.raises(SystemExit, match="(checkpoint|tokenizer) folder '/ckpt/.*' does not exist"):
+        train_main([f"--config={os.path.join(REPO, 'configs', name + '.py')}",
+                    "--config.train.sft.lr=2e-5"])
+    with pytest.raises(SystemExit, match="unknown config field.*train.sft.bogus"):
+        train_main([f"--config={os.path.join(REPO, 'configs', name + '.py')}",
+                    "--config.train.sft.bogus=1"])
