@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_accum = 1  # micro-steps per optimizer update
     c.train.seed = 0  # routing-head init and the step RNG
     c.train.resume = True  # continue from the latest checkpoint of each stage
+    c.train.distributed = "auto"  # auto | yes | no: jax.distributed.initialize() multi-host
     c.train.log_every = 10
     c.train.eval_every = 100  # 0 = never
     c.train.eval_batches = 4

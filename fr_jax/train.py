@@ -379,8 +379,10 @@ def run_stage(name: str, config, router: Router, r_params, experts: Experts, e_p
                           tokens_per_s=tokens_since / (now - t_last),
                           step_time=(now - t_last) / tc.log_every)
             writer.scalars("train", values, micro)
-            if "route_share" in metrics:
+            if "route_share" in metrics:  # per-expert share of the tokens routed to it
                 writer.histogram("train/route_share", metrics["route_share"], micro)
+                values.update({f"route_share_{i}": float(v)
+                               for i, v in enumerate(metrics["route_share"])})
             history.append({"micro": micro, **values})
             bar.set_postfix(loss=f"{values['loss']:.3f}")
             t_last, tokens_since = now, 0
@@ -466,7 +468,7 @@ def run(config, progress: bool = True) -> str:
     from fr_jax.router import load_router, save_router
     from fr_jax.toy.tiny import ensure_tiny_data, ensure_tiny_world
 
-    maybe_initialize_distributed(config.train.get("distributed", "auto"))
+    maybe_initialize_distributed(config.train.distributed)
     tc = config.train
     router_path, expert_paths = config.router.path, list(config.experts.paths)
     if not router_path and not expert_paths:  # the embedded default world and its toy data
