@@ -364,7 +364,7 @@ def run_stage(name: str, config, router: Router, r_params, experts: Experts, e_p
     micro = int(state.micro)
     bar = tqdm(total=total, initial=micro, desc=name, disable=not progress or
                jax.process_index() != 0, dynamic_ncols=True)
-    batch, t_last, tokens_since = first, time.perf_counter(), 0
+    batch, t_last, tokens_since, micro_last = first, time.perf_counter(), 0, micro
     history = []
     while micro < total:
         state, metrics = train_step(state, frozen, stage.put_batch(batch))
@@ -377,15 +377,15 @@ def run_stage(name: str, config, router: Router, r_params, experts: Experts, e_p
             values = _scalars(metrics)
             values.update(lr=float(stage.schedule(micro // stage.accum)),
                           tokens_per_s=tokens_since / (now - t_last),
-                          step_time=(now - t_last) / tc.log_every)
-            writer.scalars("train", values, micro)
+                          step_time=(now - t_last) / (micro - micro_last))
             if "route_share" in metrics:  # per-expert share of the tokens routed to it
                 writer.histogram("train/route_share", metrics["route_share"], micro)
                 values.update({f"route_share_{i}": float(v)
                                for i, v in enumerate(metrics["route_share"])})
+            writer.scalars("train", values, micro)
             history.append({"micro": micro, **values})
             bar.set_postfix(loss=f"{values['loss']:.3f}")
-            t_last, tokens_since = now, 0
+            t_last, tokens_since, micro_last = now, 0, micro
         if tc.eval_every and eval_ex and (micro % tc.eval_every == 0 or micro == total):
             ev = evaluate(stage, eval_step, state.params, frozen, eval_ex, tc, dc, kind)
             writer.scalars("eval", ev, micro)
