@@ -99,6 +99,34 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def real_family_config(workdir: str) -> ml_collections.ConfigDict:
+    """Shared defaults of the real-family configs (configs/llama3.py, configs/gemma2.py):
+    bf16 activations over fp32 master weights, one host of 8 chips (FSDP 4 x tensor 2),
+    2k-token packed sequences, precomputed expert signals, the stage schedules."""
+    c = base_config()
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.expert = 1, 4, 2, 1  # on a pod: raise data
+    c.data.sft_path = "/data/fusionroute/sft_mixed.jsonl"
+    c.data.pref_path = "/data/fusionroute/pref.jsonl"
+    c.data.seq_len = 2048
+    c.data.chat = True
+    c.train.workdir = workdir
+    c.train.batch_size = 32
+    c.train.grad_accum = 4
+    c.train.eval_every = 200
+    c.train.sample_every = 500
+    c.train.ckpt_every = 500
+    c.train.sft.steps = 3000
+    c.train.sft.lr = 1e-5
+    c.train.sft.warmup = 100
+    c.train.sft.expert_signals = "precompute"  # the experts run once, not every epoch
+    c.train.cdpo.steps = 500
+    c.train.cdpo.lr = 5e-7
+    c.train.cdpo.beta = 0.1
+    return c
+
+
 def default_config_file(name: str = "tiny.py") -> str:
     return os.path.join(REPO_CONFIGS, name)
 
