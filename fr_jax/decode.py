@@ -121,13 +121,13 @@ class _ChunkedDecoder:
         key = (batch, cache_len)
         if key in self._jitted:
             return self._jitted[key]
-        caches = jax.eval_shape(lambda: self._init_caches(batch, cache_len))
         if self.mesh is None:
             fns = (jax.jit(self._prefill, donate_argnums=(4,)),
                    jax.jit(self._chunk, donate_argnums=(1,)))
         else:
             p_sh = jax.tree.map(lambda x: x.sharding, params)
-            c_sh = self._cache_shardings(caches)
+            c_sh = self._cache_shardings(
+                jax.eval_shape(lambda: self._init_caches(batch, cache_len)))
             rows = sh.batch_sharding(self.mesh, (batch,))
             rep = sh.replicated(self.mesh)
             state_sh = DecodeState(rows, rows, rep, c_sh)
@@ -247,8 +247,7 @@ class FusedDecoder(_ChunkedDecoder):
         self.experts = experts if mode.uses_experts else None
         self._full_experts = experts
         if mode.kind == "expert":
-            self.experts = Experts([experts.cfgs[mode.expert]], vocab=self.vocab,
-                                   stacked=experts.stacked)
+            self.experts, _ = experts.subset(mode.expert)
 
     def prepare(self, params):
         """Keeps only the params the mode runs (expert:i: that expert's slice)."""
@@ -258,7 +257,7 @@ class FusedDecoder(_ChunkedDecoder):
         if self.experts is not None:
             e = params["experts"]
             if self.mode.kind == "expert":
-                _, e = self._full_experts.subset(e, self.mode.expert)
+                _, e = self._full_experts.subset(self.mode.expert, e)
             out["experts"] = e
         return out
 
@@ -286,7 +285,7 @@ class FusedDecoder(_ChunkedDecoder):
         if self.experts is not None:
             e_logits, ec = self.experts.extend(params["experts"], tokens, ec, mask,
                                                last_only=True)
-            e_logits = e_logits[:, :, 0]
+            e_logits = e_logits[:, :, 0, :self.vocab]  # experts may pad more than the router
         fused = fuse(self.mode, r_logits, route, e_logits)
         probs = fused.route_probs
         if probs is None:

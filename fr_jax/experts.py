@@ -57,9 +57,12 @@ class Experts:
             return jax.tree.map(lambda *xs: jnp.stack(xs), *params_list)
         return tuple(params_list)
 
-    def subset(self, params, index: int) -> Tuple["Experts", object]:
-        """A one-expert group for expert `index` and its params (run nothing else)."""
+    def subset(self, index: int, params=None):
+        """A one-expert group for expert `index` (run nothing else), and, when `params` are
+        given, that expert's params in the group's layout (else None)."""
         sub = Experts([self.cfgs[index]], vocab=self.vocab, stacked=self.stacked)
+        if params is None:
+            return sub, None
         if self.stacked:
             return sub, jax.tree.map(lambda x: x[index:index + 1], params)
         return sub, (params[index],)

@@ -211,10 +211,9 @@ class Stage:
 
     def put_batch(self, batch):
         """Global host batch -> sharded device arrays (each host fills only its shards)."""
-        def put(x):
-            return jax.make_array_from_callback(x.shape, sh.batch_sharding(self.mesh, x.shape),
-                                                lambda idx: x[idx])
-        return jax.tree.map(put, batch)
+        def put(x, sharding):
+            return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        return jax.tree.map(put, batch, self.batch_shardings(batch))
 
     def jitted(self, batch_example):
         b_sh = self.batch_shardings(batch_example)
