@@ -96,6 +96,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.cdpo.warmup = 20
     c.train.cdpo.final_lr_frac = 0.1
     c.train.cdpo.beta = 0.1
+    # Stage lm (train.stages=('lm',)): one plain model fine-tuned on data.sft_path, no
+    # routing -- the direct fine-tuning baseline. Exported to <workdir>/lm/model.
+    c.train.lm = ml_collections.ConfigDict()
+    c.train.lm.init = ""  # HF folder of the model to fine-tune
+    c.train.lm.steps = 1000
+    c.train.lm.lr = 1e-5
+    c.train.lm.warmup = 50
+    c.train.lm.final_lr_frac = 0.1
     return c
 
 

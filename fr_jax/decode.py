@@ -22,7 +22,7 @@ from fr_jax import sharding as sh
 from fr_jax import trace
 from fr_jax.data import encode_prompt
 from fr_jax.experts import Experts, load_experts
-from fr_jax.fusion import Mode, ModeError, fuse
+from fr_jax.fusion import Mode, ModeError, fuse, select_expert, sequence_route
 from fr_jax.models import CacheOverflowError, Model
 from fr_jax.router import Router, load_router
 from fr_jax.sampling import Sampling, sample
@@ -243,7 +243,8 @@ class FusedDecoder(_ChunkedDecoder):
         if min(sizes) < self.vocab:
             raise ValueError(f"a model has {min(sizes)} logits but the tokenizer has "
                              f"{self.vocab} tokens")
-        self.router = router if mode.uses_router else None
+        self.router = router if mode.routes_per_token else None
+        self._seq_router = router if mode.kind == "sequence" else None
         self.experts = experts if mode.uses_experts else None
         self._full_experts = experts
         if mode.kind == "expert":
@@ -252,7 +253,7 @@ class FusedDecoder(_ChunkedDecoder):
     def prepare(self, params):
         """Keeps only the params the mode runs (expert:i: that expert's slice)."""
         out = {}
-        if self.router is not None:
+        if self.router is not None or self._seq_router is not None:
             out["router"] = params["router"]
         if self.experts is not None:
             e = params["experts"]
@@ -267,17 +268,32 @@ class FusedDecoder(_ChunkedDecoder):
     def _init_caches(self, batch, cache_len):
         rc = self.router.init_cache(batch, cache_len) if self.router is not None else None
         ec = self.experts.init_cache(batch, cache_len) if self.experts is not None else None
-        return (rc, ec)
+        seq = None
+        if self._seq_router is not None:  # the per-prompt choice and its averaged weights
+            seq = (jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, self.n_experts), jnp.float32))
+        return (rc, ec, seq)
 
     def _cache_shardings(self, caches):
-        rc, ec = caches
+        rc, ec, seq = caches
         if ec is not None:
             ec = (sh.cache_shardings(ec, self.mesh, leading=("expert",)) if self.experts.stacked
                   else tuple(sh.cache_shardings(c, self.mesh) for c in ec))
-        return (sh.cache_shardings(rc, self.mesh) if rc is not None else None, ec)
+        if seq is not None:
+            seq = tuple(sh.batch_sharding(self.mesh, x.shape) for x in seq)
+        return (sh.cache_shardings(rc, self.mesh) if rc is not None else None, ec, seq)
+
+    def _sequence_choice(self, params, tokens, mask, seq):
+        """At prefill: the router reads the prompt once (no cache) and fixes each row's expert;
+        afterwards the stored choice is reused."""
+        if mask is None:
+            return seq
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+        out = self._seq_router.forward(params["router"], tokens, positions,
+                                       mask.astype(jnp.int32))
+        return sequence_route(out.route_logits, mask)
 
     def _logits(self, params, tokens, mask, caches):
-        rc, ec = caches
+        rc, ec, seq = caches
         r_logits = route = e_logits = None
         if self.router is not None:
             r_out, rc = self.router.extend(params["router"], tokens, rc, mask, last_only=True)
@@ -286,11 +302,15 @@ class FusedDecoder(_ChunkedDecoder):
             e_logits, ec = self.experts.extend(params["experts"], tokens, ec, mask,
                                                last_only=True)
             e_logits = e_logits[:, :, 0, :self.vocab]  # experts may pad more than the router
+        if self.mode.kind == "sequence":
+            seq = self._sequence_choice(params, tokens, mask, seq)
+            logprobs = jax.nn.log_softmax(select_expert(e_logits, seq[0]).astype(jnp.float32), -1)
+            return logprobs, seq[0], seq[1], (rc, ec, seq)
         fused = fuse(self.mode, r_logits, route, e_logits)
         probs = fused.route_probs
         if probs is None:
             probs = jnp.zeros((tokens.shape[0], self.n_experts), jnp.float32)
-        return fused.logprobs, fused.chosen, probs, (rc, ec)
+        return fused.logprobs, fused.chosen, probs, (rc, ec, seq)
 
 
 # ---------------------------------------------------------------------------- CLI

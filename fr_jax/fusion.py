@@ -9,6 +9,10 @@ A decode mode is data (`Mode`), parsed from its name:
 | `router_only` | softmax(router logits)                                    | -1 (the router) |
 | `expert:i`    | softmax(logits of expert i)                               | i               |
 | `mixture`     | sum_i w_i softmax(logits of expert i)                     | argmax w        |
+| `sequence`    | softmax(logits of expert s), s fixed per prompt           | s               |
+
+`sequence` is sequence-level routing: s = argmax of the routing weights averaged over the
+prompt's tokens (the router runs once, on the prompt), then expert s decodes the whole answer.
 
 Adding raw logits or log-probabilities gives the same distribution after the softmax, so
 fusion adds log-softmaxed terms (numerically tame at any logit scale) and renormalises.
@@ -24,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 ROUTER = -1  # "chosen expert" recorded for tokens the router produced alone
-MODES = ("fusionroute", "expert_only", "router_only", "expert:<i>", "mixture")
+MODES = ("fusionroute", "expert_only", "router_only", "expert:<i>", "mixture", "sequence")
 
 
 class ModeError(ValueError):
@@ -33,7 +37,7 @@ class ModeError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
-    kind: str  # fusionroute | expert_only | router_only | expert | mixture
+    kind: str  # fusionroute | expert_only | router_only | expert | mixture | sequence
     expert: Optional[int] = None  # for kind == "expert"
 
     @classmethod
@@ -48,7 +52,7 @@ class Mode:
                 raise ModeError(f"mode {name!r}: expert index out of range "
                                 f"(there are {n_experts} experts, indices 0..{(n_experts or 1) - 1})")
             return cls("expert", i)
-        if name not in ("fusionroute", "expert_only", "router_only", "mixture"):
+        if name not in ("fusionroute", "expert_only", "router_only", "mixture", "sequence"):
             raise ModeError(f"unknown decode mode {name!r}; choose one of {', '.join(MODES)}")
         return cls(name)
 
@@ -66,7 +70,13 @@ class Mode:
 
     @property
     def needs_all_experts(self) -> bool:
-        return self.kind in ("fusionroute", "expert_only", "mixture")
+        return self.kind in ("fusionroute", "expert_only", "mixture", "sequence")
+
+    @property
+    def routes_per_token(self) -> bool:
+        """The router runs at every step (not: expert:i; sequence, where it reads the prompt
+        once)."""
+        return self.kind in ("fusionroute", "expert_only", "router_only", "mixture")
 
 
 @dataclasses.dataclass
@@ -105,6 +115,15 @@ def fuse(mode: Mode, router_logits=None, route_logits=None, expert_logits=None) 
     if mode.kind == "expert_only":
         return Fused(lsm(selected), k, w)
     return Fused(lsm(lsm(router_logits) + lsm(selected)), k, w)  # fusionroute
+
+
+def sequence_route(route_logits, mask):
+    """Sequence-level routing: route_logits [B, T, n] over a prompt, mask [B, T] (real
+    tokens) -> (per-prompt expert s [B] int32, averaged routing weights [B, n])."""
+    w = route_probs(route_logits)
+    m = mask.astype(jnp.float32)[..., None]
+    avg = jnp.sum(w * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    return jnp.argmax(avg, axis=-1).astype(jnp.int32), avg
 
 
 def select_expert(expert_logits, k):

@@ -1,4 +1,5 @@
-"""Training the router: stage 1 SFT on informative tokens, stage 2 CDPO (method.md).
+"""Training the router: stage 1 SFT on informative tokens, stage 2 CDPO (method.md); and
+stage `lm`: one ordinary model fine-tuned on the SFT data (experts, the fine-tuned baseline).
 
     python -m fr_jax.train --config=configs/tiny.py
     python -m fr_jax.train --config=configs/gemma2.py --config.train.sft.lr=1e-5
@@ -175,6 +176,23 @@ def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg):
     return loss_fn
 
 
+def lm_loss_fn(model, vocab: int):
+    """(params, frozen, batch) -> (loss, metrics): next-token cross-entropy of one plain
+    model on the response tokens (stage `lm`; `frozen` is empty)."""
+    def loss_fn(params, frozen, batch):
+        del frozen
+        logits = model.forward(params, batch["tokens"], batch["positions"],
+                               batch["segment_ids"]).logits[..., :vocab]
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        y, mask = batch["targets"], batch["loss_mask"]
+        nll = -jnp.take_along_axis(lp, y[..., None], axis=-1)[..., 0]
+        n = jnp.maximum(mask.sum(), 1.0)
+        loss = jnp.sum(nll * mask) / n
+        acc = jnp.sum((jnp.argmax(lp, -1) == y) * mask) / n
+        return loss, {"loss": loss, "lm_loss": loss, "token_accuracy": acc}
+    return loss_fn
+
+
 def make_train_step(loss_fn, tx, accum: int = 1):
     """One micro-step: gradients of loss_fn w.r.t. the router params only; with accumulation
     the optimizer applies the averaged update every `accum` micro-steps."""
@@ -196,7 +214,7 @@ class Stage:
     """Everything one training stage needs: jitted steps, shardings, optimizer."""
 
     name: str
-    router: Router
+    trainee: object  # the Router (sft, cdpo) or the Model (lm) being trained
     experts: Experts
     mesh: object
     tx: optax.GradientTransformation
@@ -226,18 +244,22 @@ class Stage:
         return train, evaluate
 
 
-def build_stage(name, router, experts, mesh, stage_cfg, train_cfg, params, frozen, vocab):
-    fn = (sft_loss_fn if name == "sft" else cdpo_loss_fn)(router, experts, vocab, stage_cfg)
+def build_stage(name, trainee, experts, mesh, stage_cfg, train_cfg, params, frozen, vocab):
+    """`trainee` is the Router for stages sft / cdpo, a plain Model for stage lm."""
+    if name == "lm":
+        fn = lm_loss_fn(trainee, vocab)
+    else:
+        fn = (sft_loss_fn if name == "sft" else cdpo_loss_fn)(trainee, experts, vocab, stage_cfg)
     tx, schedule = make_optimizer(stage_cfg, train_cfg, params, frozen_head=name == "cdpo")
-    p_sh = sh.param_shardings(router, mesh)
+    p_sh = sh.param_shardings(trainee, mesh)
     opt_shapes = jax.eval_shape(tx.init, params)
     opt_sh = _opt_shardings(tx, opt_shapes, p_sh, mesh)
     rep = sh.replicated(mesh)
     state_sh = TrainState(step=rep, micro=rep, params=p_sh, opt_state=opt_sh, rng=rep)
-    frozen_sh = {"experts": sh.param_shardings(experts, mesh)}
+    frozen_sh = {"experts": sh.param_shardings(experts, mesh)} if "experts" in frozen else {}
     if "ref" in frozen:
         frozen_sh["ref"] = p_sh
-    return Stage(name, router, experts, mesh, tx, schedule, fn, state_sh, frozen_sh,
+    return Stage(name, trainee, experts, mesh, tx, schedule, fn, state_sh, frozen_sh,
                  max(train_cfg.grad_accum, 1))
 
 
@@ -308,10 +330,11 @@ def _tokens_in(batch) -> int:
     return int(sum((s["segment_ids"] > 0).sum() for s in sides))
 
 
-def run_stage(name: str, config, router: Router, r_params, experts: Experts, e_params,
+def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_params,
               tokenizer, mesh, progress: bool = True):
     """Trains one stage to its configured number of steps (resuming if a checkpoint exists)
-    and returns the router params."""
+    and returns (params, history). `trainee` is the Router (sft, cdpo) or, for stage `lm`,
+    the plain Model trained on the SFT data (no experts)."""
     from tqdm.auto import tqdm
 
     from fr_jax.checkpoint import Checkpointer, abstract_like
@@ -320,7 +343,7 @@ def run_stage(name: str, config, router: Router, r_params, experts: Experts, e_p
     stage_cfg = tc[name]
     vocab = len(tokenizer)
     workdir = os.path.join(tc.workdir, name)
-    if name == "sft":
+    if name in ("sft", "lm"):
         examples, report = tokenize_sft(load_records(dc.sft_path), tokenizer, dc.seq_len, dc.chat)
         kind = "sft"
     else:
@@ -338,11 +361,11 @@ def run_stage(name: str, config, router: Router, r_params, experts: Experts, e_p
     _print(f"[{name}] data: {report}; {len(train_ex)} train / {len(eval_ex)} eval")
     batcher = Batcher(train_ex, tc.batch_size, dc.seq_len, dc.seed, kind, dc.pack)
 
-    frozen = {"experts": e_params}
+    frozen = {"experts": e_params} if name != "lm" else {}
     if name == "cdpo":
-        frozen["ref"] = jax.tree.map(jnp.copy, r_params)  # the stage-1 router, frozen
-    stage = build_stage(name, router, experts, mesh, stage_cfg, tc, r_params, frozen, vocab)
-    state = init_state(stage, r_params, tc.seed)
+        frozen["ref"] = jax.tree.map(jnp.copy, params)  # the stage-1 router, frozen
+    stage = build_stage(name, trainee, experts, mesh, stage_cfg, tc, params, frozen, vocab)
+    state = init_state(stage, params, tc.seed)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep)
     if tc.resume:
         restored = ckpt.restore_latest(abstract_like(state, stage.state_shardings))
@@ -357,8 +380,8 @@ def run_stage(name: str, config, router: Router, r_params, experts: Experts, e_p
     writer = _Writer(os.path.join(tc.workdir, "tensorboard", name))
     writer.text("config", "<pre>" + config.to_json_best_effort(indent=2) + "</pre>", 0)
 
-    sampler = _make_sampler(router, experts, frozen["experts"], tokenizer, eval_ex or train_ex,
-                            names=None) if tc.sample_every else None
+    sampler = _make_sampler(trainee, experts, frozen["experts"], tokenizer, eval_ex or train_ex,
+                            names=None) if tc.sample_every and name != "lm" else None
     total = stage_cfg.steps * stage.accum  # micro-steps
     micro = int(state.micro)
     bar = tqdm(total=total, initial=micro, desc=name, disable=not progress or
@@ -390,7 +413,7 @@ def run_stage(name: str, config, router: Router, r_params, experts: Experts, e_p
             writer.scalars("eval", ev, micro)
             if history:
                 history[-1].update({f"eval_{k}": v for k, v in ev.items()})
-        if tc.sample_every and (micro % tc.sample_every == 0 or micro == total):
+        if sampler is not None and (micro % tc.sample_every == 0 or micro == total):
             writer.text("samples", sampler(state.params), micro)
         if micro % tc.ckpt_every == 0 or micro == total:
             ckpt.save(micro, state, {"data": batcher.state(), "stage": name, "micro": micro})
@@ -459,6 +482,30 @@ def maybe_initialize_distributed(mode: str = "auto"):
         jax.distributed.initialize()
 
 
+def run_lm(config, progress: bool = True) -> str:
+    """Stage `lm`: fine-tunes one ordinary model (no routing) from `train.lm.init` on the SFT
+    data -- the direct fine-tuning baseline, and how the demo world trains its experts.
+    Returns the folder of the exported HF checkpoint (<workdir>/lm/model)."""
+    from fr_jax.hf import load_config, load_hf, load_tokenizer, save_hf
+    from fr_jax.models import Model
+
+    init = config.train.lm.init
+    if not init:
+        raise SystemExit("stage lm fine-tunes an existing model: set --config.train.lm.init "
+                         "to its HF folder")
+    mesh = sh.mesh_from_config(config.mesh)
+    dtype, pdtype = config.model.dtype, config.model.param_dtype or None
+    model = Model(load_config(init, dtype, pdtype))
+    tokenizer = load_tokenizer(init)
+    _, params = load_hf(init, dtype, pdtype, shardings=sh.param_shardings(model, mesh))
+    params, _ = run_stage("lm", config, model, params, None, None, tokenizer, mesh, progress)
+    out = os.path.join(config.train.workdir, "lm", "model")
+    if jax.process_index() == 0:
+        save_hf(out, model.cfg, jax.device_get(params), tokenizer=tokenizer)
+        _print(f"[lm] exported model to {out}")
+    return out
+
+
 def run(config, progress: bool = True) -> str:
     """Both stages as configured; returns the folder of the exported router."""
     from fr_jax.decode import check_tokenizers
@@ -469,6 +516,11 @@ def run(config, progress: bool = True) -> str:
 
     maybe_initialize_distributed(config.train.distributed)
     tc = config.train
+    if "lm" in tc.stages:
+        if tuple(tc.stages) != ("lm",):
+            raise SystemExit("stage lm trains one plain model and runs on its own "
+                             f"(train.stages=('lm',)), got {tuple(tc.stages)}")
+        return run_lm(config, progress)
     router_path, expert_paths = config.router.path, list(config.experts.paths)
     if not router_path and not expert_paths:  # the embedded default world and its toy data
         world = ensure_tiny_world()
@@ -497,7 +549,8 @@ def run(config, progress: bool = True) -> str:
     out = None
     for name in tc.stages:
         if name not in ("sft", "cdpo"):
-            raise SystemExit(f"unknown training stage {name!r}; stages are 'sft' and 'cdpo'")
+            raise SystemExit(f"unknown training stage {name!r}; stages are 'sft', 'cdpo' "
+                             "(the router) or 'lm' (one plain model, alone)")
         r_params, _ = run_stage(name, config, router, r_params, experts, e_params, tokenizer,
                                 mesh, progress)
         out = os.path.join(tc.workdir, name, "router")

@@ -1,0 +1,77 @@
+"""The embedded demo world, end to end: `python -m fr_jax.demo` (this file is its default).
+
+    python -m fr_jax.demo                                  # the full run (README's table)
+    python -m fr_jax.demo --config=configs/demo.py:quick   # the reduced run the tests use
+    python -m fr_jax.demo --config.workdir=/tmp/demo --config.seed=1
+
+Pipeline (fr_jax/toy/demo.py): world data -> a shared base model -> three domain experts
+(written as HF folders, loaded back) -> router SFT -> CDPO on sampled preference pairs ->
+the fine-tuned baseline (same budget as the router) -> every decode mode on held-out prompts.
+"""
+
+import ml_collections
+
+
+def _model(hidden, layers, ff, heads, kv_heads):
+    m = ml_collections.ConfigDict()
+    m.hidden_size, m.num_layers, m.intermediate_size = hidden, layers, ff
+    m.num_heads, m.num_kv_heads = heads, kv_heads
+    return m
+
+
+def _stage(steps, lr, warmup, batch):
+    s = ml_collections.ConfigDict()
+    s.steps, s.lr, s.warmup, s.batch_size = steps, lr, warmup, batch
+    return s
+
+
+def get_config(arg: str = ""):
+    quick = arg == "quick"
+    if arg not in ("", "full", "quick"):
+        raise ValueError(f"configs/demo.py takes '' (full) or 'quick', got {arg!r}")
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/demo-quick" if quick else "runs/demo"
+    c.seed = 0
+    c.progress = True
+    c.bundle = ""  # a folder: also write the trained router + experts there (the package's)
+
+    c.world = ml_collections.ConfigDict()
+    c.world.n_train = 3000  # distinct training tasks per domain
+    c.world.n_test = 64 if quick else 200  # held-out prompts per domain
+    c.world.seq_len = 64  # packed training rows
+
+    # Experts: Llama-3 architecture, one shared base fine-tuned per domain. Router: smaller.
+    c.expert_model = _model(96, 3, 256, 4, 2) if not quick else _model(64, 2, 192, 4, 2)
+    c.router_model = _model(64, 2, 128, 4, 2) if not quick else _model(48, 2, 96, 4, 2)
+
+    # Base ("pretraining"): the general task `say` (repeat a string) -- the format and
+    # copying, no domain skill. Experts: from the base, on their own domain (`own` share of
+    # their data, the rest the other skill domains).
+    c.base = _stage(150 if quick else 300, 3e-3, 30, 32)
+    c.base.mix = ml_collections.ConfigDict({"say": 1.0})
+    c.router_base = _stage(150 if quick else 300, 3e-3, 30, 32)  # the router's, same data
+    c.experts = _stage(150 if quick else 300, 3e-3, 20, 32)
+    c.experts.own = 1.0
+    # Domains differ in difficulty: two-digit addition takes twice the steps to learn.
+    c.experts.steps_by_domain = ml_collections.ConfigDict({"math": 600 if not quick else 300})
+    # Router stage 1 (SFT) on the mixed-domain data (the skill domains and `mixed`).
+    c.sft = _stage(400 if quick else 800, 3e-3, 20, 32)
+    c.sft.mix = ml_collections.ConfigDict({"math": 1.0, "code": 1.0, "instr": 1.0, "mixed": 1.0})
+    c.sft.lm_weight = 1.0
+    c.sft.routing_loss = "mixture"
+    # Router stage 2 (CDPO): pairs from sampled FusionRoute answers of training prompts,
+    # a correct one (or the reference answer) against an incorrect one.
+    c.cdpo = _stage(60 if quick else 120, 5e-4, 5, 16)
+    c.cdpo.beta = 0.1
+    c.cdpo.prompts = 600 if quick else 1200  # training prompts sampled for pairs
+    c.cdpo.samples = 4  # sampled answers per prompt (plus the greedy one)
+    c.cdpo.temperature = 1.0
+    # The fine-tuned baseline: the experts' base, fine-tuned on the router's SFT data with
+    # the router's SFT budget (steps x batch).
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.modes = ("expert:0", "expert:1", "expert:2", "router_only", "expert_only",
+                    "sequence", "mixture", "finetuned", "fusionroute")
+    c.eval.max_new_tokens = 16
+    c.eval.batch_size = 256
+    return c

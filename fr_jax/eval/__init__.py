@@ -1,0 +1,1 @@
+"""Evaluation: run decode modes over prompt sets, score the answers, report tables."""

@@ -1,0 +1,377 @@
+"""The demo pipeline: a multi-domain world where FusionRoute's claim can be checked on a CPU.
+
+    python -m fr_jax.demo [--config=configs/demo.py[:quick]] [--config.<field>=...]
+
+Steps, each reusing the product's own code paths and each skipped when its output exists
+(an interrupted run resumes; training stages also resume from their Orbax checkpoints):
+  1. world: tokenizer, train / held-out tasks (fr_jax.toy.world), JSONL files;
+  2. bases: a Llama-3-architecture model and a smaller one for the router, "pretrained" on
+     the general task (stage `lm`);
+  3. experts: the base fine-tuned on each domain (stage `lm`), written as HF folders;
+  4. router stage 1 (SFT) and stage 2 (CDPO, pairs built by sampling FusionRoute answers
+     and scoring them) through fr_jax.train;
+  5. the fine-tuned baseline: the base fine-tuned on the router's SFT data, same budget;
+  6. every decode mode on every domain's held-out prompts -> results.{json,md,png} and
+     TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Dict, List
+
+import jax
+import numpy as np
+
+from fr_jax.toy import world as W
+
+EXPERT_NAMES = W.DOMAINS
+
+
+def _log(cfg, msg):
+    if cfg.progress:
+        print(msg, flush=True)
+
+
+def _done(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "DONE"))
+
+
+def _mark_done(path: str):
+    with open(os.path.join(path, "DONE"), "w") as f:
+        f.write("complete\n")
+
+
+# ---------------------------------------------------------------------------- models
+def model_config(m, tokenizer):
+    from fr_jax.models import ModelConfig, RopeConfig
+
+    return ModelConfig(
+        model_type="llama", vocab_size=len(tokenizer), hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads, head_dim=m.hidden_size // m.num_heads,
+        rope=RopeConfig(theta=10000.0), tie_word_embeddings=True, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_ids=(tokenizer.eos_token_id,),
+        pad_token_id=tokenizer.pad_token_id)
+
+
+def _train_config(cfg, workdir: str, stage: str, st, sft_path="", pref_path=""):
+    """A fr_jax.train config for one stage of the pipeline."""
+    from fr_jax.config import base_config
+
+    c = base_config()
+    c.mesh.data, c.mesh.tensor = -1, 1  # tiny models: data parallel over whatever is there
+    c.data.sft_path, c.data.pref_path = sft_path, pref_path
+    c.data.seq_len = cfg.world.seq_len
+    c.data.chat = True
+    c.data.eval_fraction = 0.02
+    c.data.seed = cfg.seed
+    c.train.workdir = workdir
+    c.train.stages = (stage,)
+    c.train.batch_size = st.batch_size
+    c.train.seed = cfg.seed
+    c.train.log_every = 10
+    c.train.eval_every = max(st.steps // 2, 1)
+    c.train.eval_batches = 2
+    c.train.ckpt_every = max(st.steps // 2, 1)
+    c.train.keep = 1
+    c.train.weight_decay = 0.0
+    s = c.train[stage]
+    s.steps, s.lr, s.warmup = st.steps, st.lr, st.warmup
+    s.final_lr_frac = 0.1
+    return c
+
+
+# ---------------------------------------------------------------------------- steps
+def _expert_stage(cfg, domain: str):
+    st = cfg.experts.copy_and_resolve_references()
+    with st.unlocked():
+        st.steps = cfg.experts.steps_by_domain.get(domain, cfg.experts.steps)
+    return st
+
+
+def make_data(cfg, root: str) -> Dict[str, str]:
+    """World tasks -> JSONL files under root/data; returns their paths."""
+    d = os.path.join(root, "data")
+    paths = {"base": "base.jsonl", "sft": "router_sft.jsonl", "test": "test.jsonl",
+             **{f"expert_{x}": f"expert_{x}.jsonl" for x in W.DOMAINS}}
+    paths = {k: os.path.join(d, v) for k, v in paths.items()}
+    paths["train_pool"] = os.path.join(d, "train_pool.jsonl")
+    if _done(d):
+        return paths
+    data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, cfg.seed)
+    n_rows = lambda st: st.steps * st.batch_size * 2  # ~2 examples per packed row
+    W.write_jsonl(paths["test"], [t.record() for d_ in W.EVAL_DOMAINS for t in data.test[d_]])
+    W.write_jsonl(paths["train_pool"], [t.record() for d_ in W.EVAL_DOMAINS
+                                        for t in data.train[d_]])
+    W.write_jsonl(paths["base"], [t.record() for t in W.mixture(
+        data.train, dict(cfg.base.mix), n_rows(cfg.base), cfg.seed + 10)])
+    for i, x in enumerate(W.DOMAINS):
+        others = (1.0 - cfg.experts.own) / (len(W.DOMAINS) - 1)
+        weights = {y: (cfg.experts.own if y == x else others) for y in W.DOMAINS}
+        weights = {y: w for y, w in weights.items() if w > 0}
+        W.write_jsonl(paths[f"expert_{x}"], [t.record() for t in W.mixture(
+            data.train, weights, n_rows(_expert_stage(cfg, x)), cfg.seed + 20 + i)])
+    W.write_jsonl(paths["sft"], [t.record() for t in W.mixture(
+        data.train, dict(cfg.sft.mix), n_rows(cfg.sft), cfg.seed + 30)])
+    _mark_done(d)
+    return paths
+
+
+def read_tasks(path: str) -> List[W.Task]:
+    with open(path) as f:
+        return [W.Task(r["domain"], r["prompt"], r["response"]) for r in map(json.loads, f)]
+
+
+def train_lm(cfg, root: str, name: str, init: str, data_path: str, st) -> str:
+    """Stage `lm` from the HF folder `init` on `data_path`; returns the exported folder."""
+    from fr_jax.train import run_lm
+
+    out = os.path.join(root, name)
+    if _done(out):
+        return out
+    c = _train_config(cfg, os.path.join(root, "train", name), "lm", st, sft_path=data_path)
+    c.train.lm.init = init
+    exported = run_lm(c, progress=cfg.progress)
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    shutil.copytree(exported, out)
+    _mark_done(out)
+    return out
+
+
+def init_models(cfg, root: str, tokenizer) -> Dict[str, str]:
+    """Seeded random inits of the experts' base and of the (smaller) router's base, as HF
+    folders."""
+    from fr_jax.hf import save_hf
+    from fr_jax.models import Model
+
+    paths = {"base": os.path.join(root, "init", "base"),
+             "router": os.path.join(root, "init", "router")}
+    if _done(os.path.join(root, "init")):
+        return paths
+    k_base, k_router = jax.random.split(jax.random.key(cfg.seed))
+    base_cfg = model_config(cfg.expert_model, tokenizer)
+    save_hf(paths["base"], base_cfg, jax.device_get(Model(base_cfg).init(k_base)),
+            tokenizer=tokenizer)
+    router_cfg = model_config(cfg.router_model, tokenizer)
+    save_hf(paths["router"], router_cfg, jax.device_get(Model(router_cfg).init(k_router)),
+            tokenizer=tokenizer)
+    _mark_done(os.path.join(root, "init"))
+    return paths
+
+
+def train_router_stage(cfg, root: str, stage: str, router_path: str, experts: List[str],
+                       sft_path: str = "", pref_path: str = "") -> str:
+    """Router stage `sft` or `cdpo` through fr_jax.train.run; returns the exported router."""
+    from fr_jax.train import run
+
+    st = cfg.sft if stage == "sft" else cfg.cdpo
+    workdir = os.path.join(root, "train", "router")
+    out = os.path.join(workdir, stage, "router")
+    if _done(out):
+        return out
+    c = _train_config(cfg, workdir, stage, st, sft_path=sft_path, pref_path=pref_path)
+    c.router.path = router_path
+    c.experts.paths = tuple(experts)
+    c.experts.names = EXPERT_NAMES
+    if stage == "sft":
+        c.train.sft.lm_weight = cfg.sft.lm_weight
+        c.train.sft.routing_loss = cfg.sft.routing_loss
+        c.train.sft.expert_signals = "precompute"
+    else:
+        c.train.cdpo.beta = cfg.cdpo.beta
+    run(c, progress=cfg.progress)
+    _mark_done(out)
+    return out
+
+
+def load_lineup(router_path: str, expert_paths: List[str], extra: Dict[str, str]):
+    """Router, experts and stand-alone models from their folders (fr_jax's own loaders)."""
+    from fr_jax.eval.modes import Lineup
+    from fr_jax.experts import load_experts
+    from fr_jax.hf import load_hf, load_tokenizer
+    from fr_jax.models import Model
+    from fr_jax.router import load_router
+
+    tokenizer = load_tokenizer(router_path)
+    router, r_params = load_router(router_path, n_experts=len(expert_paths))
+    experts, e_params = load_experts(expert_paths, vocab=len(tokenizer))
+    models = {}
+    for name, path in extra.items():
+        mcfg, params = load_hf(path)
+        models[name] = (Model(mcfg), params)
+    return Lineup(router, experts, {"router": r_params, "experts": e_params}, tokenizer,
+                  list(EXPERT_NAMES), models)
+
+
+def preference_pairs(cfg, root: str, sft_router: str, experts: List[str],
+                     pool: List[W.Task]) -> str:
+    """CDPO pairs from FusionRoute's own answers: for sampled training prompts, the greedy
+    answer and `samples` sampled ones are scored; a prompt with an incorrect answer gives
+    the pair (a correct sampled answer, else the reference answer; the incorrect answer the
+    policy produced most often)."""
+    from collections import Counter
+
+    from fr_jax.eval.modes import generate
+    from fr_jax.sampling import Sampling
+
+    path = os.path.join(root, "data", "pref.jsonl")
+    if os.path.isfile(path):
+        return path
+    lineup = load_lineup(sft_router, experts, {})
+    rng = np.random.default_rng(cfg.seed + 40)
+    tasks = [pool[i] for i in rng.permutation(len(pool))[:cfg.cdpo.prompts]]
+    prompts = [t.prompt for t in tasks]
+    answers = [generate(lineup, "fusionroute", prompts, cfg.eval.max_new_tokens,
+                        cfg.eval.batch_size).texts]
+    for k in range(cfg.cdpo.samples):
+        answers.append(generate(lineup, "fusionroute", prompts, cfg.eval.max_new_tokens,
+                                cfg.eval.batch_size, sampling=Sampling(cfg.cdpo.temperature),
+                                seed=cfg.seed + 1000 * (k + 1)).texts)
+    rows = []
+    for i, t in enumerate(tasks):
+        outs = [a[i].strip() for a in answers]
+        wrong = Counter(o for o in outs if o and not W.score(t.answer, o))
+        if not wrong:
+            continue
+        right = [o for o in outs if W.score(t.answer, o)]
+        rows.append({"prompt": t.prompt, "chosen": right[0] if right else t.answer,
+                     "rejected": wrong.most_common(1)[0][0], "domain": t.domain})
+    W.write_jsonl(path, rows)
+    _log(cfg, f"[pairs] {len(rows)} preference pairs from {len(tasks)} prompts "
+              f"({1 + cfg.cdpo.samples} FusionRoute answers each)")
+    return path
+
+
+def evaluate(cfg, lineup, tests: List[W.Task], outdir: str) -> dict:
+    """Every configured mode on every domain's held-out prompts -> the results dict."""
+    from tqdm.auto import tqdm
+
+    from fr_jax.eval.modes import generate, token_shares
+
+    prompts = [t.prompt for t in tests]
+    domains = list(W.EVAL_DOMAINS)
+    by_domain = {d: [i for i, t in enumerate(tests) if t.domain == d] for d in domains}
+    results = {"domains": domains, "modes": list(cfg.eval.modes),
+               "expert_names": list(lineup.expert_names), "n_test": cfg.world.n_test,
+               "accuracy": {}, "average": {}, "shares": {}, "seconds": {}, "examples": {}}
+    bar = tqdm(total=len(prompts) * len(cfg.eval.modes), desc="eval", disable=not cfg.progress)
+    n = len(lineup.expert_names)
+    for mode in cfg.eval.modes:
+        gen = generate(lineup, mode, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                       progress=bar)
+        ok = np.array([W.score(t.answer, o) for t, o in zip(tests, gen.texts)])
+        acc = {d: float(ok[idx].mean()) for d, idx in by_domain.items()}
+        results["accuracy"][mode] = acc
+        results["average"][mode] = float(np.mean(list(acc.values())))
+        results["seconds"][mode] = round(gen.seconds, 2)
+        if mode not in lineup.models:
+            results["shares"][mode] = {
+                d: dict(zip(list(lineup.expert_names) + ["router"],
+                            token_shares([gen.chosen[i] for i in idx], n).round(4).tolist()))
+                for d, idx in by_domain.items()}
+        results["examples"][mode] = {d: [{"prompt": tests[i].prompt, "answer": tests[i].answer,
+                                          "output": gen.texts[i], "experts": gen.chosen[i]}
+                                         for i in idx[:3]] for d, idx in by_domain.items()}
+    bar.close()
+    return results
+
+
+def _tensorboard(results: dict, logdir: str):
+    from tensorboardX import SummaryWriter
+
+    from fr_jax.eval.report import markdown
+
+    w = SummaryWriter(logdir)
+    for mode, acc in results["accuracy"].items():
+        for d, v in acc.items():
+            w.add_scalar(f"eval/{d}/{mode}", v, 0)
+        w.add_scalar(f"eval/average/{mode}", results["average"][mode], 0)
+    w.add_text("results", markdown(results), 0)
+    w.close()
+
+
+def bundle(paths: Dict[str, str], results: dict, target: str):
+    """Copies the trained router and experts (the demo's product) and its table to `target`,
+    with a manifest of file hashes."""
+    import hashlib
+
+    if os.path.isdir(target):
+        shutil.rmtree(target)
+    os.makedirs(target)
+    for name, src in [("router", paths["router"])] + [(x, p) for x, p in
+                                                       zip(W.DOMAINS, paths["experts"])]:
+        shutil.copytree(src, os.path.join(target, name),
+                        ignore=shutil.ignore_patterns("DONE"))
+    with open(os.path.join(target, "results.json"), "w") as f:
+        json.dump({k: results[k] for k in ("domains", "modes", "expert_names", "n_test",
+                                           "accuracy", "average", "shares")}, f, indent=1,
+                  sort_keys=True)
+    manifest = {}
+    for dirpath, _, files in sorted(os.walk(target)):
+        for fn in sorted(files):
+            p = os.path.join(dirpath, fn)
+            with open(p, "rb") as f:
+                manifest[os.path.relpath(p, target)] = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(target, "MANIFEST.json"), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+
+
+def run(cfg) -> dict:
+    """The whole pipeline; returns the results dict (also written under cfg.workdir)."""
+    from fr_jax.eval import report
+
+    t0 = time.perf_counter()
+    root = os.path.abspath(cfg.workdir)
+    os.makedirs(root, exist_ok=True)
+    timings = {}
+
+    def mark(name, since):
+        timings[name] = round(time.perf_counter() - since, 1)
+        _log(cfg, f"[demo] {name} done in {timings[name]:.0f} s")
+        return time.perf_counter()
+
+    t = time.perf_counter()
+    tok_dir = os.path.join(root, "tokenizer")
+    tokenizer = W.build_tokenizer()
+    tokenizer.save_pretrained(tok_dir)
+    data = make_data(cfg, root)
+    inits = init_models(cfg, root, tokenizer)
+    t = mark("world", t)
+    base = train_lm(cfg, root, "base", inits["base"], data["base"], cfg.base)
+    router_base = train_lm(cfg, root, "router_base", inits["router"], data["base"],
+                           cfg.router_base)
+    t = mark("base models", t)
+    experts = [train_lm(cfg, root, f"experts/{x}", base, data[f"expert_{x}"],
+                        _expert_stage(cfg, x)) for x in W.DOMAINS]
+    t = mark("experts", t)
+    sft_router = train_router_stage(cfg, root, "sft", router_base, experts,
+                                    sft_path=data["sft"])
+    t = mark("router SFT", t)
+    pool = [x for x in read_tasks(data["train_pool"])]
+    pref = preference_pairs(cfg, root, sft_router, experts, pool)
+    t = mark("preference pairs", t)
+    router = train_router_stage(cfg, root, "cdpo", sft_router, experts, pref_path=pref)
+    t = mark("router CDPO", t)
+    finetuned = train_lm(cfg, root, "finetuned", base, data["sft"], cfg.sft)
+    t = mark("fine-tuned baseline", t)
+
+    lineup = load_lineup(router, experts, {"finetuned": finetuned})
+    results = evaluate(cfg, lineup, read_tasks(data["test"]), root)
+    t = mark("evaluation", t)
+    results["timings_s"] = dict(timings, total=round(time.perf_counter() - t0, 1))
+    results["seed"] = cfg.seed
+    paths = report.write(results, root)
+    _tensorboard(results, os.path.join(root, "tensorboard", "eval"))
+    if cfg.bundle:
+        bundle({"router": router, "experts": experts}, results, cfg.bundle)
+        _log(cfg, f"[demo] bundled the trained world in {cfg.bundle}")
+    _log(cfg, "\n" + report.markdown(results))
+    _log(cfg, f"[demo] total {results['timings_s']['total']:.0f} s; wrote "
+              f"{', '.join(paths.values())}; TensorBoard: tensorboard --logdir "
+              f"{os.path.join(root, 'tensorboard')}")
+    return results
