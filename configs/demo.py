@@ -42,7 +42,7 @@ def get_config(arg: str = ""):
 
     # Experts: Llama-3 architecture, one shared base fine-tuned per domain. Router: smaller.
     c.expert_model = _model(96, 3, 256, 4, 2) if not quick else _model(64, 2, 192, 4, 2)
-    c.router_model = _model(64, 2, 128, 4, 2) if not quick else _model(48, 2, 96, 4, 2)
+    c.router_model = _model(64, 3, 192, 4, 2) if not quick else _model(48, 3, 128, 4, 2)
 
     # Base ("pretraining"): the general task `say` (repeat a string) -- the format and
     # copying, no domain skill. Experts: from the base, on their own domain (`own` share of
@@ -52,7 +52,7 @@ def get_config(arg: str = ""):
     c.router_base = _stage(150 if quick else 300, 3e-3, 30, 32)  # the router's, same data
     c.experts = _stage(150 if quick else 300, 3e-3, 20, 32)
     c.experts.own = 1.0
-    # Domains differ in difficulty: two-digit addition takes twice the steps to learn.
+    # Domains differ in difficulty: addition takes more steps to learn.
     c.experts.steps_by_domain = ml_collections.ConfigDict({"math": 600 if not quick else 300})
     # Router stage 1 (SFT) on the mixed-domain data (the skill domains and `mixed`).
     c.sft = _stage(400 if quick else 800, 3e-3, 20, 32)
@@ -61,9 +61,9 @@ def get_config(arg: str = ""):
     c.sft.routing_loss = "mixture"
     # Router stage 2 (CDPO): pairs from sampled FusionRoute answers of training prompts,
     # a correct one (or the reference answer) against an incorrect one.
-    c.cdpo = _stage(60 if quick else 120, 5e-4, 5, 16)
+    c.cdpo = _stage(100 if quick else 250, 5e-4, 10, 16)
     c.cdpo.beta = 0.1
-    c.cdpo.prompts = 600 if quick else 1200  # training prompts sampled for pairs
+    c.cdpo.prompts = 1200 if quick else 2400  # training prompts sampled for pairs
     c.cdpo.samples = 4  # sampled answers per prompt (plus the greedy one)
     c.cdpo.temperature = 1.0
     # The fine-tuned baseline: the experts' base, fine-tuned on the router's SFT data with

@@ -1,6 +1,6 @@
 """Decoding: left-padded batched prefill, then a jitted `lax.scan` over tokens, in chunks.
 
-    python -m fr_jax.decode                                  # embedded tiny default
+    python -m fr_jax.decode                                  # the bundled toy world
     python -m fr_jax.decode --model=/ckpt/Llama-3.2-1B-Instruct --prompt="Hi" --chat
 
 The scan runs `chunk` steps per call and the host stops once every row has emitted an
@@ -359,11 +359,11 @@ def load_world(config, mode: Mode, mesh):
     import os
 
     from fr_jax.hf import load_config, load_tokenizer
-    from fr_jax.toy.tiny import ensure_tiny_world
+    from fr_jax.toy.demo import bundled_world
 
     router_path, expert_paths = config.router.path, list(config.experts.paths)
-    if not router_path and not expert_paths:
-        world = ensure_tiny_world()
+    if not router_path and not expert_paths:  # the trained toy world shipped in the package
+        world = bundled_world()
         router_path, expert_paths = world["router"], world["experts"]
     for p in ([router_path] if router_path else []) + expert_paths:
         load_config(p)  # a missing/odd folder fails here, before anything heavy is read

@@ -512,7 +512,8 @@ def run(config, progress: bool = True) -> str:
     from fr_jax.experts import load_experts
     from fr_jax.hf import load_tokenizer
     from fr_jax.router import load_router, save_router
-    from fr_jax.toy.tiny import ensure_tiny_data, ensure_tiny_world
+    from fr_jax.toy.demo import bundled_world, ensure_world_data
+    from fr_jax.toy.tiny import default_home
 
     maybe_initialize_distributed(config.train.distributed)
     tc = config.train
@@ -522,10 +523,12 @@ def run(config, progress: bool = True) -> str:
                              f"(train.stages=('lm',)), got {tuple(tc.stages)}")
         return run_lm(config, progress)
     router_path, expert_paths = config.router.path, list(config.experts.paths)
-    if not router_path and not expert_paths:  # the embedded default world and its toy data
-        world = ensure_tiny_world()
-        router_path, expert_paths = world["router"], world["experts"]
-        data = ensure_tiny_data(world)
+    if not router_path and not expert_paths:
+        # The bundled toy world: a fresh router (from its pretrained base) for its experts,
+        # on the world's data (written once under $FR_JAX_HOME).
+        world = bundled_world()
+        router_path, expert_paths = world["router_base"], world["experts"]
+        data = ensure_world_data(default_home())
         with config.unlocked():
             config.data.sft_path = config.data.sft_path or data["sft"]
             config.data.pref_path = config.data.pref_path or data["pref"]

@@ -13,7 +13,7 @@ from fr_jax.router import Router
 from fr_jax.sampling import Sampling
 from test_cache import tiny
 
-MODES = ["fusionroute", "expert_only", "router_only", "expert:1", "mixture"]
+MODES = ["fusionroute", "expert_only", "router_only", "expert:1", "mixture", "sequence"]
 N_EXPERTS = 3
 PROMPTS = [[5, 9, 11, 40, 6], [17], [60, 61, 62]]
 
@@ -59,11 +59,16 @@ def reference_decoder(router, r_params, experts, e_list):
         seq = np.zeros((1, WIDTH), np.int32)
         seq[0, :len(prompt)] = prompt
         toks, chosen = [], []
+        s = None
         for cur in range(len(prompt), len(prompt) + n):
             r_all, w_all, e_all = (np.asarray(x, np.float64) for x in all_logits(jnp.asarray(seq)))
             rl, w, es = r_all[cur - 1], w_all[cur - 1], e_all[:, cur - 1]
             k = int(np.argmax(w))
-            if mode == "fusionroute":
+            if s is None:  # sequence-level: routing weights averaged over the prompt, once
+                s = int(np.argmax(w_all[:len(prompt)].mean(0)))
+            if mode == "sequence":
+                scores, c = es[s], s
+            elif mode == "fusionroute":
                 scores, c = lsm(rl) + lsm(es[k]), k
             elif mode == "expert_only":
                 scores, c = es[k], k

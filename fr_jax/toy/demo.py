@@ -296,15 +296,15 @@ def _tensorboard(results: dict, logdir: str):
 
 
 def bundle(paths: Dict[str, str], results: dict, target: str):
-    """Copies the trained router and experts (the demo's product) and its table to `target`,
-    with a manifest of file hashes."""
+    """Copies the trained router, its pretrained base and the experts (the demo's product)
+    and the results table to `target`, with a manifest of file hashes."""
     import hashlib
 
     if os.path.isdir(target):
         shutil.rmtree(target)
     os.makedirs(target)
-    for name, src in [("router", paths["router"])] + [(x, p) for x, p in
-                                                       zip(W.DOMAINS, paths["experts"])]:
+    for name, src in [("router", paths["router"]), ("router_base", paths["router_base"])] + [
+            (x, p) for x, p in zip(W.DOMAINS, paths["experts"])]:
         shutil.copytree(src, os.path.join(target, name),
                         ignore=shutil.ignore_patterns("DONE"))
     with open(os.path.join(target, "results.json"), "w") as f:
@@ -368,10 +368,59 @@ def run(cfg) -> dict:
     paths = report.write(results, root)
     _tensorboard(results, os.path.join(root, "tensorboard", "eval"))
     if cfg.bundle:
-        bundle({"router": router, "experts": experts}, results, cfg.bundle)
+        bundle({"router": router, "router_base": router_base, "experts": experts}, results,
+               cfg.bundle)
         _log(cfg, f"[demo] bundled the trained world in {cfg.bundle}")
     _log(cfg, "\n" + report.markdown(results))
     _log(cfg, f"[demo] total {results['timings_s']['total']:.0f} s; wrote "
               f"{', '.join(paths.values())}; TensorBoard: tensorboard --logdir "
               f"{os.path.join(root, 'tensorboard')}")
     return results
+
+
+# ---------------------------------------------------------------------------- the bundle
+BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "world")
+REGENERATE = "python -m fr_jax.demo --config.bundle=fr_jax/toy/assets/world"
+
+
+def bundled_world(path: str = BUNDLE) -> dict:
+    """The trained toy world shipped in the package: {"router", "router_base", "experts",
+    "names", "results"} (folders; results.json is the table the bundling run measured)."""
+    names = list(W.DOMAINS)
+    world = {"router": os.path.join(path, "router"),
+             "router_base": os.path.join(path, "router_base"),
+             "experts": [os.path.join(path, x) for x in names], "names": names,
+             "results": os.path.join(path, "results.json")}
+    missing = [p for p in [world["router"], world["router_base"]] + world["experts"]
+               if not os.path.isfile(os.path.join(p, "config.json"))]
+    if missing:
+        raise SystemExit(f"the bundled toy world is incomplete ({missing[0]} has no "
+                         f"config.json); regenerate it with `{REGENERATE}`, or point "
+                         "--config.router.path / --config.experts.paths at checkpoints")
+    return world
+
+
+def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,
+                      seed: int = 0) -> Dict[str, str]:
+    """Training files for a router of the bundled world, written once under `home`: SFT
+    records over all four domains, and CDPO pairs from the bundled router's own sampled
+    FusionRoute answers (see `preference_pairs`)."""
+    import runpy
+
+    from fr_jax.config import default_config_file
+
+    folder = os.path.join(home, "toy-world-data")
+    paths = {"sft": os.path.join(folder, "data", "router_sft.jsonl"),
+             "pref": os.path.join(folder, "data", "pref.jsonl")}
+    if all(os.path.isfile(p) for p in paths.values()):
+        return paths
+    cfg = runpy.run_path(default_config_file("demo.py"))["get_config"]("quick")
+    cfg.seed, cfg.progress = seed, False
+    cfg.cdpo.prompts = n_pref_prompts
+    data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, seed)
+    W.write_jsonl(paths["sft"], [t.record() for t in W.mixture(
+        data.train, {d: 1.0 for d in W.EVAL_DOMAINS}, n_sft, seed + 30)])
+    world = bundled_world()
+    pool = [t for d in W.EVAL_DOMAINS for t in data.train[d]]
+    preference_pairs(cfg, folder, world["router"], world["experts"], pool)
+    return paths

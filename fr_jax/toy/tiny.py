@@ -1,10 +1,9 @@
-"""A tiny random FusionRoute world: a router and two experts with a real tokenizer.
+"""A tiny random FusionRoute world (tests): a router and experts with a real tokenizer.
 
 Everything is written as ordinary HF folders (config.json + safetensors + tokenizer.json,
-plus the router's routing head) so the default run goes through exactly the same import,
-tokenizer and decode code as real checkpoints. The weights are random: the text is
-gibberish by design, the point is the plumbing. (The trained multi-domain demo world
-replaces it as the default later.)
+plus the router's routing head), so tests go through exactly the same import, tokenizer and
+decode code as real checkpoints. The weights are random: the text is gibberish by design.
+The trained default world is the demo's (fr_jax/toy/demo.py, bundled in fr_jax/toy/assets).
 """
 
 from __future__ import annotations
@@ -96,83 +95,3 @@ def ensure_tiny_world(path: str | None = None, n_experts: int = 2, seed: int = 0
     with open(os.path.join(path, "DONE"), "w") as f:
         f.write("complete\n")
     return world
-
-
-_WORDS = ("the quick brown fox jumps over lazy dog what is plus answer add return write three "
-          "points about token level routing language models").split()
-
-
-def _greedy_words(model, params, prompts, n_new, allowed):
-    """Greedy continuation restricted to `allowed` token ids (so the text round-trips
-    through the tokenizer): prompts [list of id lists] -> [list of id lists]."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from fr_jax.decode import left_pad
-
-    tokens, mask = left_pad(prompts, 0)
-    bias = np.full((model.cfg.vocab_size,), -1e9, np.float32)
-    bias[allowed] = 0.0
-    bias = jnp.asarray(bias)
-    cache = model.init_cache(len(prompts), tokens.shape[1] + n_new)
-    out, cache = jax.jit(model.prefill)(params, jnp.asarray(tokens), cache, jnp.asarray(mask))
-    step = jax.jit(model.step)
-    tok = jnp.argmax(out.logits[:, -1] + bias, -1).astype(jnp.int32)
-    gen = [tok]
-    for _ in range(n_new - 1):
-        out, cache = step(params, tok, cache)
-        tok = jnp.argmax(out.logits + bias, -1).astype(jnp.int32)
-        gen.append(tok)
-    return np.stack([np.asarray(g) for g in gen], 1).tolist()
-
-
-def ensure_tiny_data(world: dict, n_per_domain: int = 48, seed: int = 0) -> dict:
-    """Toy SFT and preference sets for the tiny world, written once as JSONL.
-
-    Domain i's prompts start with a marker letter; their responses are expert i's own greedy
-    continuation (over plain word tokens), so expert i is right at most response positions
-    of domain i and the others mostly are not: a router can learn to route by domain.
-    Preference pairs: chosen = the right expert's continuation, rejected = another's.
-    """
-    import json
-
-    import numpy as np
-
-    from fr_jax.hf import load_hf, load_tokenizer
-
-    folder = os.path.dirname(world["router"])
-    paths = {"sft": os.path.join(folder, "sft.jsonl"), "pref": os.path.join(folder, "pref.jsonl")}
-    if all(os.path.isfile(p) for p in paths.values()):
-        return paths
-    tok = load_tokenizer(world["router"])
-    vocab = tok.get_vocab()
-    # Whole words with their leading space ("Ġword"): text made of them re-tokenizes to the
-    # very same ids, so the expert that wrote a response is right on it token by token.
-    allowed = sorted(i for t, i in vocab.items()
-                     if t.startswith("\u0120") and t[1:].isalpha() and t[1:].islower())
-    rng = np.random.default_rng(seed)
-    markers = "ABCDEFGH"
-    n_exp = len(world["experts"])
-    prompts = {i: [f"{markers[i]}: " + " ".join(rng.choice(_WORDS, 4)) for _ in range(n_per_domain)]
-               for i in range(n_exp)}
-    answers = {}  # (domain, expert) -> texts
-    for e, path in enumerate(world["experts"]):
-        cfg, params = load_hf(path)
-        model = Model(cfg)
-        for d in range(n_exp):
-            ids = [tok(p)["input_ids"] for p in prompts[d]]
-            gen = _greedy_words(model, params, ids, 10, allowed)
-            answers[d, e] = [tok.decode(g).strip() for g in gen]
-    sft, pref = [], []
-    for d in range(n_exp):
-        for k, p in enumerate(prompts[d]):
-            sft.append({"prompt": p, "response": answers[d, d][k]})
-            other = (d + 1 + k % (n_exp - 1)) % n_exp if n_exp > 1 else d
-            pref.append({"prompt": p, "chosen": answers[d, d][k], "rejected": answers[d, other][k]})
-    order = rng.permutation(len(sft))
-    for name, recs in (("sft", sft), ("pref", pref)):
-        with open(paths[name] + ".partial", "w") as f:
-            for i in order:
-                f.write(json.dumps(recs[i]) + "\n")
-        os.replace(paths[name] + ".partial", paths[name])
-    return paths

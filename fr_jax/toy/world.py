@@ -5,12 +5,12 @@ trains in minutes. Every task is a one-line prompt with one exact answer:
 
 | domain  | prompt              | answer     | skill                                      |
 | ------- | ------------------- | ---------- | ------------------------------------------ |
-| `math`  | `add 37+48`         | `85`       | two-digit addition with carries            |
+| `math`  | `add 37+18`         | `55`       | addition with carries                      |
 | `code`  | `rev kqzt`          | `tzqk`     | string programs: `rev` (reverse), `rot`    |
 |         | `rot kqzt`          | `qztk`     | (rotate left by one)                       |
 | `instr` | `caps mild`         | `MILD`     | formatting: `caps`, `wrap` (`[mild]`),     |
 |         | `twice mild`        | `mild mild`| `twice` (the word, a space, the word)      |
-| `mixed` | `wrap add 37+48`    | `[85]`     | a format applied to a math or code result: |
+| `mixed` | `wrap add 37+18`    | `[55]`     | a format applied to a math or code result: |
 |         | `twice rev kqzt`    | `tzqk tzqk`| the skills of two domains in one answer    |
 
 No expert is trained on `mixed`: inside one mixed answer the math (or code) expert knows the
@@ -76,7 +76,7 @@ def _word(rng, lo=3, hi=5) -> str:
 
 
 def _math(rng) -> Tuple[str, str]:
-    a, b = rng.integers(10, 100, 2)
+    a, b = rng.integers(10, 100), rng.integers(2, 50)
     return f"add {a}+{b}", str(a + b)
 
 
@@ -115,21 +115,29 @@ GENERATORS: Dict[str, Callable] = {"math": _math, "code": _code, "instr": _instr
 
 
 def make_tasks(domain: str, n: int, seed: int, exclude: Sequence[str] = ()) -> List[Task]:
-    """`n` distinct tasks of `domain`, none of whose prompts is in `exclude`."""
+    """`n` distinct tasks of `domain`, none of whose prompts is in `exclude`. Prompts are
+    compared without their filler word: a held-out problem stays held out in any phrasing."""
     rng = np.random.default_rng([seed, list(GENERATORS).index(domain)])
-    seen, out = set(exclude), []
+    seen, out = {_core(p) for p in exclude}, []
     tries = 0
     while len(out) < n:
-        prompt, answer = GENERATORS[domain](rng)
-        prompt = _PHRASES[rng.integers(len(_PHRASES))] + prompt
+        core, answer = GENERATORS[domain](rng)
+        prompt = _PHRASES[rng.integers(len(_PHRASES))] + core
         tries += 1
         if tries > 100 * n:
             raise ValueError(f"cannot draw {n} distinct {domain} tasks")
-        if prompt in seen:
+        if core in seen:
             continue
-        seen.add(prompt)
+        seen.add(core)
         out.append(Task(domain, prompt, answer))
     return out
+
+
+def _core(prompt: str) -> str:
+    for p in _PHRASES:
+        if p and prompt.startswith(p):
+            return prompt[len(p):]
+    return prompt
 
 
 def score(answer: str, output: str) -> bool:

@@ -1,0 +1,185 @@
+"""The embedded demo world: tasks, the reduced end-to-end pipeline, and the bundled checkpoints."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fr_jax.toy import world as W
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(home):
+    env = dict(os.environ, FR_JAX_HOME=str(home), PYTHONPATH=REPO)
+    env["XLA_FLAGS"] = ""  # one CPU device, as a user would run it
+    return env
+
+
+# ------------------------------------------------------------------------------ the world
+def test_tokenizer_round_trips_every_task_and_the_chat_format():
+    tok = W.build_tokenizer()
+    data = W.make_world_data(50, 10, seed=3)
+    for d in W.EVAL_DOMAINS:
+        for t in data.test[d] + data.train[d]:
+            for text in (t.prompt, t.answer):
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                assert len(ids) == len(text) and tok.unk_token_id not in ids
+                assert tok.decode(ids) == text
+    rendered = tok.apply_chat_template([{"role": "user", "content": "add 1+2"}],
+                                       add_generation_prompt=True, tokenize=False)
+    assert rendered == W.BOS + "add 1+2\n"
+
+
+def test_tasks_are_correct_seeded_and_held_out():
+    a, b = W.make_world_data(300, 40, seed=1), W.make_world_data(300, 40, seed=1)
+    assert a.test == b.test and a.train == b.train
+    assert W.make_world_data(300, 40, seed=2).test != a.test
+    for d in W.EVAL_DOMAINS:
+        test_cores = {W._core(t.prompt) for t in a.test[d]}
+        assert not test_cores & {W._core(t.prompt) for t in a.train[d]}, d
+    # The answers, checked independently of the generators.
+    for t in a.test["math"]:
+        x, y = W._core(t.prompt).split(" ")[1].split("+")
+        assert int(t.answer) == int(x) + int(y)
+    for t in a.test["code"] + a.test["instr"]:
+        op, word = W._core(t.prompt).split(" ")
+        want = {"rev": word[::-1], "rot": word[1:] + word[0], "caps": word.upper(),
+                "wrap": "[" + word + "]", "twice": word + " " + word}[op]
+        assert t.answer == want
+    for t in a.test["mixed"]:
+        fmt, inner = W._core(t.prompt).split(" ", 1)
+        inner_answer = W.GENERATORS  # the inner task is a math or code prompt
+        assert fmt in ("wrap", "twice") and inner.split(" ")[0] in ("add", "rev", "rot")
+        assert (t.answer.startswith("[") and t.answer.endswith("]")) if fmt == "wrap" else \
+            t.answer.split(" ")[0] == t.answer.split(" ")[1]
+    assert W.score("55", " 55\n") and not W.score("55", "56")
+
+
+# ------------------------------------------------------------------------------ the pipeline
+QUICK = ["--config=configs/demo.py:quick"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The reduced demo (smaller models, fewer steps), end to end through the CLI."""
+    root = tmp_path_factory.mktemp("demo")
+    out = subprocess.run([sys.executable, "-m", "fr_jax.demo", *QUICK,
+                          f"--config.workdir={root / 'run'}", "--config.progress=False"],
+                         cwd=REPO, env=_env(root / "home"), capture_output=True, text=True,
+                         timeout=1500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "run", json.load(open(root / "run" / "results.json")), out.stdout
+
+
+def test_quick_demo_writes_the_table_plot_tensorboard_and_hf_experts(quick_run):
+    from fr_jax.hf import load_hf
+
+    run, results, stdout = quick_run
+    assert "| FusionRoute (`fusionroute`) |" in stdout
+    for ext in ("json", "md", "png"):
+        assert (run / f"results.{ext}").stat().st_size > 0
+    assert open(run / "results.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    tb = run / "tensorboard"
+    assert {"eval"} <= set(os.listdir(tb))
+    for stage in ("sft", "cdpo"):
+        assert os.listdir(run / "train" / "router" / "tensorboard" / stage)
+    cfg, _ = load_hf(str(run / "experts" / "math"))  # a real HF folder, read back
+    assert cfg.model_type == "llama"
+    assert set(results["modes"]) >= {"expert:0", "expert:1", "expert:2", "router_only",
+                                     "expert_only", "sequence", "mixture", "finetuned",
+                                     "fusionroute"}
+
+
+def test_quick_demo_shows_the_claim(quick_run):
+    """The orderings the issue asks for, with margins the reduced run reaches (measured over
+    several seeds while developing; see README for the numbers)."""
+    _, r, _ = quick_run
+    acc, avg = r["accuracy"], r["average"]
+    for i, d in enumerate(W.DOMAINS):  # each expert: best on its own domain, poor elsewhere
+        own = acc[f"expert:{i}"][d]
+        assert own >= 0.6, (d, own)
+        for j in range(len(W.DOMAINS)):
+            if j != i:
+                assert acc[f"expert:{j}"][d] <= own - 0.4, (d, j)
+    fr, eo = acc["fusionroute"], acc["expert_only"]
+    assert fr["mixed"] >= eo["mixed"] + 0.15, (fr, eo)
+    for d in W.DOMAINS:
+        assert fr[d] >= eo[d] - 0.05, (d, fr, eo)
+    assert avg["fusionroute"] > avg["sequence"] and avg["fusionroute"] > avg["router_only"]
+    shares = r["shares"]["fusionroute"]
+    for i, d in enumerate(W.DOMAINS):  # the router sends each domain to its expert
+        assert shares[d][W.DOMAINS[i]] > 0.6, (d, shares[d])
+
+
+# ------------------------------------------------------------------------------ the bundle
+def test_bundled_world_matches_its_manifest_and_decodes_by_default(capsys):
+    from fr_jax.decode import main as decode_main
+    from fr_jax.toy.demo import BUNDLE, bundled_world
+
+    world = bundled_world()
+    manifest = json.load(open(os.path.join(BUNDLE, "MANIFEST.json")))
+    total = 0
+    for rel, digest in manifest.items():
+        data = open(os.path.join(BUNDLE, rel), "rb").read()
+        total += len(data)
+        assert hashlib.sha256(data).hexdigest() == digest, rel
+    assert total < 8 * 2**20  # a few MB
+    res = decode_main(["--config.decode.max_new_tokens=12"])
+    out = capsys.readouterr().out
+    assert "tokens per expert" in out and res.lengths.min() > 0
+    assert set(np.unique(res.chosen[res.chosen >= 0])) <= {0, 1, 2}
+    assert world["names"] == list(W.DOMAINS)
+
+
+def test_bundled_checkpoints_reproduce_their_table():
+    """Regenerating the bundle (`python -m fr_jax.demo --config.bundle=...`) takes about
+    ten minutes, too long for every CI run, and XLA's CPU kernels may differ in the last
+    bits between machines, so the bundle is checked through its table instead: the shipped
+    checkpoints, evaluated here on the same held-out prompts, give exactly the accuracies
+    the bundling run recorded. (Bit-for-bit determinism of the pipeline itself is checked
+    by `test_pipeline_is_deterministic`.)"""
+    import runpy
+
+    from fr_jax.config import default_config_file
+    from fr_jax.toy import demo
+
+    world = demo.bundled_world()
+    recorded = json.load(open(world["results"]))
+    cfg = runpy.run_path(default_config_file("demo.py"))["get_config"]("")
+    cfg.progress = False
+    cfg.eval.modes = ("expert_only", "fusionroute")
+    data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, cfg.seed)
+    tests = [t for d in W.EVAL_DOMAINS for t in data.test[d]]
+    lineup = demo.load_lineup(world["router"], world["experts"], {})
+    got = demo.evaluate(cfg, lineup, tests, None)
+    for mode in cfg.eval.modes:
+        assert got["accuracy"][mode] == recorded["accuracy"][mode], mode
+        assert got["shares"][mode] == recorded["shares"][mode], mode
+
+
+def test_pipeline_is_deterministic(tmp_path):
+    """Two runs of a micro pipeline with one seed give bit-identical experts, router and
+    table."""
+    args = [*QUICK, "--config.progress=False", "--config.world.n_test=16",
+            "--config.base.steps=6", "--config.router_base.steps=6",
+            "--config.experts.steps=6", "--config.experts.steps_by_domain.math=6",
+            "--config.sft.steps=6", "--config.cdpo.steps=4", "--config.cdpo.prompts=24",
+            "--config.cdpo.samples=1", "--config.eval.modes=('expert_only', 'fusionroute')"]
+    digests = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        subprocess.run([sys.executable, "-m", "fr_jax.demo", *args,
+                        f"--config.workdir={run}"], cwd=REPO, env=_env(tmp_path / "home"),
+                       check=True, capture_output=True, timeout=900)
+        files = [run / "experts" / d / "model.safetensors" for d in W.DOMAINS] + [
+            run / "train" / "router" / "cdpo" / "router" / f for f in
+            ("model.safetensors", "routing_head.safetensors")]
+        res = json.load(open(run / "results.json"))
+        digests.append(([hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files],
+                        res["accuracy"], res["shares"]))
+    assert digests[0] == digests[1]
