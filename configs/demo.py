@@ -61,8 +61,9 @@ def get_config(arg: str = ""):
     c.sft.routing_loss = "mixture"
     # Router stage 2 (CDPO): pairs from sampled FusionRoute answers of training prompts,
     # a correct one (or the reference answer) against an incorrect one.
-    c.cdpo = _stage(100 if quick else 250, 5e-4, 10, 16)
-    c.cdpo.beta = 0.1
+    c.cdpo = _stage(100 if quick else 150, 2e-4, 10, 16)
+    c.cdpo.beta = 0.5  # at 0.1 the policy drifts where the experts are already right
+    c.cdpo.route_kl = 1.0
     c.cdpo.prompts = 1200 if quick else 2400  # training prompts sampled for pairs
     c.cdpo.samples = 4  # sampled answers per prompt (plus the greedy one)
     c.cdpo.temperature = 1.0

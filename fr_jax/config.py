@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.cdpo.warmup = 20
     c.train.cdpo.final_lr_frac = 0.1
     c.train.cdpo.beta = 0.1
+    # The routing head is frozen in CDPO but the backbone under it is not: this weight on
+    # KL(stage-1 routing weights || current ones) keeps the routing decisions of stage 1.
+    c.train.cdpo.route_kl = 1.0
     # Stage lm (train.stages=('lm',)): one plain model fine-tuned on data.sft_path, no
     # routing -- the direct fine-tuning baseline. Exported to <workdir>/lm/model.
     c.train.lm = ml_collections.ConfigDict()

@@ -137,3 +137,14 @@ def cdpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: fl
         "reward_margin": jnp.mean(margin),
         "pref_acc": jnp.mean((margin > 0).astype(jnp.float32)),
     }
+
+
+def routing_kl(ref_route_logits, route_logits, mask):
+    """Mean KL(w_ref || w) of routing weights over masked positions: [B, T, n] x2, [B, T].
+
+    CDPO freezes the routing head, but the backbone under it moves, and with it the routing
+    weights; this term anchors them to the stage-1 router's (fr_jax)."""
+    ref = jax.nn.log_softmax(ref_route_logits.astype(jnp.float32), axis=-1)
+    pol = jax.nn.log_softmax(route_logits.astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(ref) * (ref - pol), axis=-1)
+    return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)

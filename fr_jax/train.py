@@ -151,27 +151,32 @@ def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg):
 
     The expert k_t of every token is chosen by the frozen stage-1 router (`frozen["ref"]`),
     so the expert's log-probabilities are a fixed bias; the same router is the reference.
+    Plus `route_kl` x KL(stage-1 routing weights || current ones): the routing head is
+    frozen, but without this the moving backbone would change the routing at decode time.
     """
     def seq_logprobs(params, frozen, side):
         ref_logits, ref_route = _router_out(router, frozen["ref"], side, vocab)
         selected = jnp.argmax(ref_route, axis=-1)
         e_sel = experts.selected_logits(frozen["experts"], side["tokens"], side["positions"],
                                         side["segment_ids"], selected)
-        pol_logits, _ = _router_out(router, params, side, vocab)
+        pol_logits, pol_route = _router_out(router, params, side, vocab)
         mask, y = side["loss_mask"], side["targets"]
         pol = losses.sequence_logprob(losses.fused_logprob(pol_logits, e_sel, y), mask)
         ref = losses.sequence_logprob(losses.fused_logprob(ref_logits, e_sel, y), mask)
-        return pol, jax.lax.stop_gradient(ref)
+        kl = losses.routing_kl(jax.lax.stop_gradient(ref_route), pol_route, mask)
+        return pol, jax.lax.stop_gradient(ref), kl
 
     def loss_fn(params, frozen, batch):
-        pc, rc = seq_logprobs(params, frozen, batch["chosen"])
-        pr, rr = seq_logprobs(params, frozen, batch["rejected"])
+        pc, rc, kl_c = seq_logprobs(params, frozen, batch["chosen"])
+        pr, rr, kl_r = seq_logprobs(params, frozen, batch["rejected"])
         # Padding rows (no response tokens) carry no preference.
         valid = (batch["chosen"]["loss_mask"].sum(-1) > 0).astype(jnp.float32)
         margin = stage_cfg.beta * ((pc - rc) - (pr - rr))
-        loss = -jnp.sum(jax.nn.log_sigmoid(margin) * valid) / jnp.maximum(valid.sum(), 1.0)
+        dpo = -jnp.sum(jax.nn.log_sigmoid(margin) * valid) / jnp.maximum(valid.sum(), 1.0)
+        route_kl = 0.5 * (kl_c + kl_r)
+        loss = dpo + stage_cfg.route_kl * route_kl
         _, metrics = losses.cdpo_loss(pc, pr, rc, rr, stage_cfg.beta)
-        metrics["loss"] = loss
+        metrics.update(loss=loss, dpo_loss=dpo, route_kl=route_kl)
         return loss, metrics
     return loss_fn
 

@@ -8,7 +8,7 @@ decoded alone under their own name as a mode).
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -27,14 +27,6 @@ class Lineup:
     expert_names: Sequence[str]
     models: Dict[str, Tuple[object, dict]] = dataclasses.field(default_factory=dict)
     # name -> (Model, params): stand-alone models decoded as modes of their own
-
-    def mode_names(self) -> List[str]:
-        names = [f"expert:{i}" for i in range(self.experts.n if self.experts else 0)]
-        if self.router is not None:
-            names.append("router_only")
-            if self.experts is not None:
-                names += ["expert_only", "sequence", "mixture", "fusionroute"]
-        return names + list(self.models)
 
 
 @dataclasses.dataclass

@@ -184,6 +184,7 @@ def train_router_stage(cfg, root: str, stage: str, router_path: str, experts: Li
         c.train.sft.expert_signals = "precompute"
     else:
         c.train.cdpo.beta = cfg.cdpo.beta
+        c.train.cdpo.route_kl = cfg.cdpo.route_kl
     run(c, progress=cfg.progress)
     _mark_done(out)
     return out
@@ -247,7 +248,7 @@ def preference_pairs(cfg, root: str, sft_router: str, experts: List[str],
     return path
 
 
-def evaluate(cfg, lineup, tests: List[W.Task], outdir: str) -> dict:
+def evaluate(cfg, lineup, tests: List[W.Task]) -> dict:
     """Every configured mode on every domain's held-out prompts -> the results dict."""
     from tqdm.auto import tqdm
 
@@ -352,7 +353,7 @@ def run(cfg) -> dict:
     sft_router = train_router_stage(cfg, root, "sft", router_base, experts,
                                     sft_path=data["sft"])
     t = mark("router SFT", t)
-    pool = [x for x in read_tasks(data["train_pool"])]
+    pool = read_tasks(data["train_pool"])
     pref = preference_pairs(cfg, root, sft_router, experts, pool)
     t = mark("preference pairs", t)
     router = train_router_stage(cfg, root, "cdpo", sft_router, experts, pref_path=pref)
@@ -361,7 +362,7 @@ def run(cfg) -> dict:
     t = mark("fine-tuned baseline", t)
 
     lineup = load_lineup(router, experts, {"finetuned": finetuned})
-    results = evaluate(cfg, lineup, read_tasks(data["test"]), root)
+    results = evaluate(cfg, lineup, read_tasks(data["test"]))
     t = mark("evaluation", t)
     results["timings_s"] = dict(timings, total=round(time.perf_counter() - t0, 1))
     results["seed"] = cfg.seed
