@@ -37,25 +37,25 @@ def get_config(arg: str = ""):
 
     c.world = ml_collections.ConfigDict()
     c.world.n_train = 3000  # distinct training tasks per domain
-    c.world.n_test = 64 if quick else 200  # held-out prompts per domain
+    c.world.n_test = 100 if quick else 200  # held-out prompts per domain
     c.world.seq_len = 64  # packed training rows
 
     # Experts: Llama-3 architecture, one shared base fine-tuned per domain. Router: smaller.
-    c.expert_model = _model(96, 3, 256, 4, 2) if not quick else _model(64, 2, 192, 4, 2)
-    c.router_model = _model(64, 3, 192, 4, 2) if not quick else _model(48, 3, 128, 4, 2)
+    c.expert_model = _model(96, 3, 256, 4, 2)
+    c.router_model = _model(64, 3, 192, 4, 2)
 
     # Base ("pretraining"): the general task `say` (repeat a string) -- the format and
     # copying, no domain skill. Experts: from the base, on their own domain (`own` share of
     # their data, the rest the other skill domains).
-    c.base = _stage(150 if quick else 300, 3e-3, 30, 32)
+    c.base = _stage(200 if quick else 300, 3e-3, 30, 32)
     c.base.mix = ml_collections.ConfigDict({"say": 1.0})
-    c.router_base = _stage(150 if quick else 300, 3e-3, 30, 32)  # the router's, same data
-    c.experts = _stage(150 if quick else 300, 3e-3, 20, 32)
+    c.router_base = _stage(200 if quick else 300, 3e-3, 30, 32)  # the router's, same data
+    c.experts = _stage(200 if quick else 300, 3e-3, 20, 32)
     c.experts.own = 1.0
     # Domains differ in difficulty: addition takes more steps to learn.
-    c.experts.steps_by_domain = ml_collections.ConfigDict({"math": 600 if not quick else 300})
+    c.experts.steps_by_domain = ml_collections.ConfigDict({"math": 600 if not quick else 450})
     # Router stage 1 (SFT) on the mixed-domain data (the skill domains and `mixed`).
-    c.sft = _stage(400 if quick else 800, 3e-3, 20, 32)
+    c.sft = _stage(500 if quick else 800, 3e-3, 20, 32)
     c.sft.mix = ml_collections.ConfigDict({"math": 1.0, "code": 1.0, "instr": 1.0, "mixed": 1.0})
     c.sft.lm_weight = 1.0
     c.sft.routing_loss = "mixture"

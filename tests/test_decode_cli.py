@@ -39,19 +39,27 @@ def test_cli_writes_jsonl_and_html_trace(world, tmp_path, capsys):
     assert "tokens per expert:" in printed and "[math]" in printed or "[code]" in printed
 
 
-@pytest.mark.parametrize("mode", ["expert_only", "router_only", "expert:1", "mixture"])
+@pytest.mark.parametrize("mode", ["expert_only", "router_only", "expert:1", "mixture",
+                                  "sequence"])
 def test_cli_every_mode(world, mode):
     res = main(_args(world, f"--mode={mode}", "--prompt=hi"))
     _, chosen = res.row(0)
     expected = {"router_only": {-1}, "expert:1": {1}}.get(mode)
     assert expected is None or set(chosen) == expected
+    if mode == "sequence":  # one expert for the whole answer
+        assert len(set(chosen)) == 1
 
 
-def test_cli_default_runs_without_checkpoints(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("FR_JAX_HOME", str(tmp_path))
-    main(["--config.decode.max_new_tokens=3"])
-    assert "tokens per expert:" in capsys.readouterr().out
-    assert (tmp_path / "tiny-random-world-2" / "router" / "routing_head.safetensors").exists()
+def test_cli_default_decodes_the_bundled_world(tmp_path, capsys):
+    """No checkpoints given: the trained toy world in the package answers its prompts."""
+    out = tmp_path / "out.jsonl"
+    main([f"--output={out}"])
+    printed = capsys.readouterr().out
+    assert "tokens per expert:" in printed and "[math]" in printed
+    texts = {r["prompt"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert texts["add 37+8"]["text"] == "45"
+    assert texts["rev kqzt"]["text"] == "tzqk"
+    assert set(texts["add 37+8"]["experts"]) == {0}  # math tokens from the math expert
 
 
 def test_cli_missing_checkpoint(world):

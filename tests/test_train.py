@@ -216,6 +216,7 @@ def _event_tags(folder):
 
 def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_path, capsys):
     from fr_jax.decode import main as decode_main
+    from fr_jax.toy.demo import bundled_world
     from fr_jax.train import main as train_main
 
     os.environ["FR_JAX_HOME"] = str(tmp_path / "home")
@@ -238,11 +239,10 @@ def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_pat
             tmp_path / "run" / "tensorboard" / "cdpo")
         assert json.load(open(tmp_path / "run" / "config.json"))["train"]["sft"]["steps"] == 60
 
-        world = tmp_path / "home" / "tiny-random-world-2"
+        experts = bundled_world()["experts"]
         res = decode_main([f"--config.router.path={exported}",
-                           f"--config.experts.paths=('{world / 'expert0'}', '{world / 'expert1'}')",
-                           "--config.decode.chat=False", "--prompt=A: the quick brown fox",
-                           "--config.decode.max_new_tokens=5"])
+                           f"--config.experts.paths={tuple(experts)!r}",
+                           "--prompt=twice rev abc", "--config.decode.max_new_tokens=5"])
         assert res.lengths[0] > 0
     finally:
         del os.environ["FR_JAX_HOME"]
