@@ -13,7 +13,8 @@ def get_config():
     c.router.path = ""  # "" + no experts = the bundled toy world
     c.experts.paths = ()
     c.mesh.data, c.mesh.tensor = -1, 1  # tiny models: data parallel
-    c.decode.prompts = ("add 37+8", "rev kqzt", "twice add 61+9", "wrap rot mild")
+    c.decode.prompts = ("add 37+8", "rev kqzt", "please caps mild", "twice rev kqzt",
+                        "wrap rot mild")
     c.decode.max_new_tokens = 16
 
     c.data.seq_len = 64

@@ -436,7 +436,7 @@ def run(config) -> DecodeResult:
     decoder = FusedDecoder(mode, router, experts, vocab=len(tok),
                            sampling=Sampling(d.temperature, d.top_k, d.top_p), chunk=d.chunk,
                            mesh=mesh)
-    print(f"mode {mode.name}: router {config.router.path or '(embedded)'}; experts "
+    print(f"mode {mode.name}: router {config.router.path or '(the bundled toy world)'}; experts "
           f"{', '.join(names)}; mesh {dict(mesh.shape)} on {jax.devices()[0].platform}")
     res = decoder.generate(params, ids, d.max_new_tokens, sorted(eos), pad, seed=d.seed,
                            cache_len=d.cache_len or None)

@@ -337,9 +337,7 @@ def run(cfg) -> dict:
         return time.perf_counter()
 
     t = time.perf_counter()
-    tok_dir = os.path.join(root, "tokenizer")
     tokenizer = W.build_tokenizer()
-    tokenizer.save_pretrained(tok_dir)
     data = make_data(cfg, root)
     inits = init_models(cfg, root, tokenizer)
     t = mark("world", t)
