@@ -370,10 +370,10 @@ def run(cfg) -> dict:
         bundle({"router": router, "router_base": router_base, "experts": experts}, results,
                cfg.bundle)
         _log(cfg, f"[demo] bundled the trained world in {cfg.bundle}")
-    _log(cfg, "\n" + report.markdown(results))
-    _log(cfg, f"[demo] total {results['timings_s']['total']:.0f} s; wrote "
+    print("\n" + report.markdown(results), flush=True)  # the product: always shown
+    print(f"[demo] total {results['timings_s']['total']:.0f} s; wrote "
               f"{', '.join(paths.values())}; TensorBoard: tensorboard --logdir "
-              f"{os.path.join(root, 'tensorboard')}")
+              f"{root}", flush=True)
     return results
 
 
