@@ -65,6 +65,12 @@ class DecodeResult:
         return self.tokens[b, :n].tolist(), self.chosen[b, :n].tolist()
 
 
+def decode_slots(max_new_tokens: int, chunk: int) -> int:
+    """Cache slots decoding needs beyond the prompt: every generated token but the last is
+    fed back, in whole chunks of `chunk` scan steps."""
+    return -(-(max_new_tokens - 1) // chunk) * chunk
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
     """Ragged prompts -> (tokens [B, T] int32, mask [B, T] bool), padded on the left."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -157,9 +163,7 @@ class _ChunkedDecoder:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         tokens, mask = left_pad(prompts, pad_id)
         b, t = tokens.shape
-        # Every generated token but the last is fed back, in whole chunks.
-        steps_cap = -(-(max_new_tokens - 1) // self.chunk) * self.chunk
-        need = t + steps_cap
+        need = t + decode_slots(max_new_tokens, self.chunk)
         cache_len = cache_len or need
         if need > cache_len:
             raise CacheOverflowError(
@@ -414,9 +418,8 @@ def run(config) -> DecodeResult:
     prompts = read_prompts(d.prompts_file) if d.prompts_file else list(d.prompts)
     ids = [encode_prompt(tok, p, d.chat) for p in prompts]
 
-    steps_cap = -(-(d.max_new_tokens - 1) // d.chunk) * d.chunk
     if d.cache_len:
-        room = d.cache_len - steps_cap
+        room = d.cache_len - decode_slots(d.max_new_tokens, d.chunk)
         too_long = [i for i, x in enumerate(ids) if len(x) > room]
         if too_long and not d.truncate_prompt:
             raise SystemExit(

@@ -53,6 +53,14 @@ def token_logprob(logits, targets):
     return jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
 
 
+def lm_loss(logits, targets, loss_mask):
+    """(mean NLL of the targets, next-token accuracy) over masked positions:
+    [B, T, V], [B, T], [B, T] -> two float32 scalars."""
+    nll = -_masked_mean(token_logprob(logits, targets), loss_mask)
+    acc = _masked_mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32), loss_mask)
+    return nll, acc
+
+
 def routing_loss(route_logits, signals: ExpertSignals, informative, kind: str = "mixture"):
     """Routing loss on informative positions.
 
@@ -79,7 +87,7 @@ def sft_loss(lm_logits, route_logits, targets, loss_mask, signals: ExpertSignals
     Returns (loss, metrics dict of scalars + "route_share" [n]).
     """
     informative = informative_mask(signals.top1, loss_mask)
-    l_lm = -_masked_mean(token_logprob(lm_logits, targets), loss_mask)
+    l_lm, _ = lm_loss(lm_logits, targets, loss_mask)
     l_route = routing_loss(route_logits, signals, informative, routing)
     loss = l_route + lm_weight * l_lm
     w = jax.nn.softmax(route_logits.astype(jnp.float32), axis=-1)
@@ -146,5 +154,4 @@ def routing_kl(ref_route_logits, route_logits, mask):
     weights; this term anchors them to the stage-1 router's (fr_jax)."""
     ref = jax.nn.log_softmax(ref_route_logits.astype(jnp.float32), axis=-1)
     pol = jax.nn.log_softmax(route_logits.astype(jnp.float32), axis=-1)
-    kl = jnp.sum(jnp.exp(ref) * (ref - pol), axis=-1)
-    return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return _masked_mean(jnp.sum(jnp.exp(ref) * (ref - pol), axis=-1), mask)

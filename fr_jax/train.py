@@ -188,12 +188,7 @@ def lm_loss_fn(model, vocab: int):
         del frozen
         logits = model.forward(params, batch["tokens"], batch["positions"],
                                batch["segment_ids"]).logits[..., :vocab]
-        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        y, mask = batch["targets"], batch["loss_mask"]
-        nll = -jnp.take_along_axis(lp, y[..., None], axis=-1)[..., 0]
-        n = jnp.maximum(mask.sum(), 1.0)
-        loss = jnp.sum(nll * mask) / n
-        acc = jnp.sum((jnp.argmax(lp, -1) == y) * mask) / n
+        loss, acc = losses.lm_loss(logits, batch["targets"], batch["loss_mask"])
         return loss, {"loss": loss, "lm_loss": loss, "token_accuracy": acc}
     return loss_fn
 

@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from fr_jax.data import encode_prompt
-from fr_jax.decode import Decoder, FusedDecoder
+from fr_jax.decode import Decoder, FusedDecoder, decode_slots
 from fr_jax.fusion import Mode, ModeError
 from fr_jax.sampling import Sampling
 
@@ -64,7 +64,7 @@ def generate(lineup: Lineup, mode: str, prompts: Sequence[str], max_new_tokens: 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch_size = min(batch_size, len(ids))
     width = max(len(x) for x in ids)
-    cache_len = width + -(-(max_new_tokens - 1) // chunk) * chunk
+    cache_len = width + decode_slots(max_new_tokens, chunk)
     texts, tokens, chosen, seconds = [], [], [], 0.0
     for lo in range(0, len(ids), batch_size):
         part = ids[lo:lo + batch_size]
