@@ -36,7 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.expert = 1
 
     c.decode = ml_collections.ConfigDict()
-    c.decode.mode = "fusionroute"  # fusionroute | expert_only | router_only | expert:<i> | mixture
+    # fusionroute | expert_only | router_only | expert:<i> | mixture | sequence |
+    # sequence:head | merged | finetuned  (see fr_jax/fusion.py)
+    c.decode.mode = "fusionroute"
     c.decode.prompts = ("What is 12 plus 30?", "def add(a, b):")
     c.decode.prompts_file = ""  # JSONL with a "prompt" field per line (overrides prompts)
     c.decode.chat = True  # apply the tokenizer's chat template to each prompt
@@ -99,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The routing head is frozen in CDPO but the backbone under it is not: this weight on
     # KL(stage-1 routing weights || current ones) keeps the routing decisions of stage 1.
     c.train.cdpo.route_kl = 1.0
+    # Weight of the chosen answers' per-token NLL under the fused policy (RPO-style; 0 = the
+    # paper's plain CDPO): keeps DPO from lowering the likelihood of the correct answers.
+    c.train.cdpo.chosen_nll = 0.0
     # Stage lm (train.stages=('lm',)): one plain model fine-tuned on data.sft_path, no
     # routing -- the direct fine-tuning baseline. Exported to <workdir>/lm/model.
     c.train.lm = ml_collections.ConfigDict()
@@ -107,6 +112,38 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.lm.lr = 1e-5
     c.train.lm.warmup = 50
     c.train.lm.final_lr_frac = 0.1
+
+    # Sequence-level routing on prefill activations (SharedTrunkNet, arXiv 2603.20895):
+    # `python -m fr_jax.seqroute` trains it; decode mode `sequence` uses it.
+    c.seqroute = ml_collections.ConfigDict()
+    c.seqroute.path = ""  # trained SharedTrunkNet folder; "" = the bundled toy world's
+    c.seqroute.lam = -1.0  # cost weight at decode; < 0 = the value it was trained with
+    c.seqroute.workdir = "runs/seqroute"
+    c.seqroute.data = ""  # labelled prompts JSONL (prompt, answer); "" = the toy world's
+    c.seqroute.scorer = "exact"  # how a target's answer is judged against the reference
+    c.seqroute.test_fraction = 0.25  # held out from the labelled prompts (by seed)
+    c.seqroute.seed = 0
+    c.seqroute.targets = ()  # () = every expert alone + fusionroute
+    c.seqroute.costs = ()  # per target; () = parameters read per token (see seqroute.py)
+    c.seqroute.encoder = ""  # "" = the router's backbone; else an HF folder
+    c.seqroute.layer = -1  # encoder layer (0-based); -1 = chosen by the probes
+    c.seqroute.probe_reg = 1e-2  # shrinkage of the within-class scatter in Fisher's J
+    c.seqroute.max_new_tokens = 32  # when the targets answer the labelled prompts
+    c.seqroute.batch_size = 64
+    c.seqroute.lams = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # the accuracy-cost sweep
+    c.seqroute.trunk = ml_collections.ConfigDict()
+    c.seqroute.trunk.hidden = (256, 256)
+    c.seqroute.trunk.steps = 2000
+    c.seqroute.trunk.lr = 1e-3
+    c.seqroute.trunk.weight_decay = 1e-4
+    c.seqroute.trunk.batch_size = 256
+    c.seqroute.trunk.seed = 0
+
+    # Stand-alone baseline models (HF folders) for decode modes `merged` / `finetuned`;
+    # "" = the bundled toy world's.
+    c.baselines = ml_collections.ConfigDict()
+    c.baselines.merged = ""  # written by `python -m fr_jax.merge`
+    c.baselines.finetuned = ""  # written by `python -m fr_jax.train` with stages=('lm',)
     return c
 
 

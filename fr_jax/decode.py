@@ -228,8 +228,15 @@ class FusedDecoder(_ChunkedDecoder):
 
     def __init__(self, mode: Mode, router: Optional[Router], experts: Optional[Experts],
                  vocab: Optional[int] = None, sampling: Sampling = Sampling(), chunk: int = 16,
-                 mesh=None):
+                 mesh=None, selector=None):
         super().__init__(sampling, chunk, mesh)
+        if mode.kind == "model":
+            raise ModeError(f"mode {mode.name!r} is one stand-alone model: decode it with "
+                            "Decoder (the CLI and fr_jax.eval do this)")
+        if mode.kind == "sequence" and selector is None:
+            raise ModeError("mode 'sequence' needs a trained SharedTrunkNet (train one with "
+                            "`python -m fr_jax.seqroute`, set --config.seqroute.path); "
+                            "'sequence:head' routes per prompt with the router's head alone")
         if mode.uses_router and router is None:
             raise ModeError(f"mode {mode.name!r} needs a router")
         if mode.uses_experts and experts is None:
@@ -247,8 +254,14 @@ class FusedDecoder(_ChunkedDecoder):
         if min(sizes) < self.vocab:
             raise ValueError(f"a model has {min(sizes)} logits but the tokenizer has "
                              f"{self.vocab} tokens")
-        self.router = router if mode.routes_per_token else None
-        self._seq_router = router if mode.kind == "sequence" else None
+        self.selector = selector if mode.kind == "sequence" else None
+        self.targets = []
+        if self.selector is not None:
+            from fr_jax.baselines.seqroute import parse_targets
+            self.targets = parse_targets(self.selector.targets, experts.n)
+        fused_target = any(t.kind == "fusionroute" for t in self.targets)
+        self.router = router if (mode.routes_per_token or fused_target) else None
+        self._seq_router = router if mode.kind == "sequence_head" else None
         self.experts = experts if mode.uses_experts else None
         self._full_experts = experts
         if mode.kind == "expert":
@@ -259,6 +272,11 @@ class FusedDecoder(_ChunkedDecoder):
         out = {}
         if self.router is not None or self._seq_router is not None:
             out["router"] = params["router"]
+        if self.selector is not None:
+            if "selector" not in params:
+                raise ModeError("mode 'sequence': params has no 'selector' entry; build it "
+                                "with Selector.params(encoder params)")
+            out["selector"] = params["selector"]
         if self.experts is not None:
             e = params["experts"]
             if self.mode.kind == "expert":
@@ -275,6 +293,9 @@ class FusedDecoder(_ChunkedDecoder):
         seq = None
         if self._seq_router is not None:  # the per-prompt choice and its averaged weights
             seq = (jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, self.n_experts), jnp.float32))
+        if self.selector is not None:  # the per-prompt target and its P(correct) per target
+            seq = (jnp.zeros((batch,), jnp.int32),
+                   jnp.zeros((batch, len(self.targets)), jnp.float32))
         return (rc, ec, seq)
 
     def _cache_shardings(self, caches):
@@ -296,6 +317,21 @@ class FusedDecoder(_ChunkedDecoder):
                                        mask.astype(jnp.int32))
         return sequence_route(out.route_logits, mask)
 
+    def _targets_logits(self, r_logits, route, e_logits, target):
+        """Every target's next-token log-probs, then each row's own target's [B, V] (with
+        the expert that produced the token, and routing weights where FusionRoute ran)."""
+        b = e_logits.shape[1]
+        lps, chosen, probs = [], [], jnp.zeros((b, self.n_experts), jnp.float32)
+        for t in self.targets:
+            f = fuse(t, r_logits, route, e_logits[t.expert:t.expert + 1] if t.kind == "expert"
+                     else e_logits)
+            lps.append(f.logprobs)
+            chosen.append(f.chosen)
+            if f.route_probs is not None:
+                probs = jnp.where((target == len(lps) - 1)[:, None], f.route_probs, probs)
+        pick = lambda x: jnp.take_along_axis(jnp.stack(x), target[None, :, None], axis=0)[0]
+        return pick(lps), pick([c[:, None] for c in chosen])[:, 0], probs
+
     def _logits(self, params, tokens, mask, caches):
         rc, ec, seq = caches
         r_logits = route = e_logits = None
@@ -306,10 +342,15 @@ class FusedDecoder(_ChunkedDecoder):
             e_logits, ec = self.experts.extend(params["experts"], tokens, ec, mask,
                                                last_only=True)
             e_logits = e_logits[:, :, 0, :self.vocab]  # experts may pad more than the router
-        if self.mode.kind == "sequence":
+        if self.mode.kind == "sequence_head":
             seq = self._sequence_choice(params, tokens, mask, seq)
             logprobs = jax.nn.log_softmax(select_expert(e_logits, seq[0]).astype(jnp.float32), -1)
             return logprobs, seq[0], seq[1], (rc, ec, seq)
+        if self.mode.kind == "sequence":
+            if mask is not None:  # prefill: the SharedTrunkNet picks each row's target once
+                seq = self.selector.choose(params["selector"], tokens, mask)
+            logprobs, chosen, probs = self._targets_logits(r_logits, route, e_logits, seq[0])
+            return logprobs, chosen, probs, (rc, ec, seq)
         fused = fuse(self.mode, r_logits, route, e_logits)
         probs = fused.route_probs
         if probs is None:
@@ -359,13 +400,15 @@ def check_tokenizers(named: Sequence[Tuple[str, object]]):
 
 def load_world(config, mode: Mode, mesh):
     """Loads what `mode` needs onto `mesh`: (router | None, experts | None, params,
-    tokenizer, expert names, model configs)."""
+    tokenizer, expert names, model configs, SharedTrunkNet selector | None)."""
     import os
 
     from fr_jax.hf import load_config, load_tokenizer
     from fr_jax.toy.demo import bundled_world
 
     router_path, expert_paths = config.router.path, list(config.experts.paths)
+    if mode.kind == "model":
+        return load_standalone(config, mode, mesh)
     if not router_path and not expert_paths:  # the trained toy world shipped in the package
         world = bundled_world()
         router_path, expert_paths = world["router"], world["experts"]
@@ -401,7 +444,54 @@ def load_world(config, mode: Mode, mesh):
     if too_small:
         raise SystemExit(f"the tokenizer has {len(tokenizer)} tokens but a model has only "
                          f"{too_small[0].vocab_size} logits: the tokenizer is from another model")
-    return router, experts, params, tokenizer, names, cfgs
+    selector = None
+    if mode.kind == "sequence":
+        selector, params["selector"] = _selector(config, router, params, mesh)
+    return router, experts, params, tokenizer, names, cfgs, selector
+
+
+def _selector(config, router, params, mesh):
+    """(Selector, its params) for mode `sequence`: the SharedTrunkNet folder from
+    config.seqroute.path (default: the bundled world's) on the encoder it was trained on."""
+    import os
+
+    from fr_jax.baselines.seqroute import load_selector, read_meta
+    from fr_jax.hf import load_hf
+    from fr_jax.toy.demo import bundled_world
+
+    path = config.seqroute.path or bundled_world()["seqroute"]
+    if not os.path.isdir(path):
+        raise SystemExit(f"mode 'sequence': no SharedTrunkNet at {path!r}; train one with "
+                         "`python -m fr_jax.seqroute` and set --config.seqroute.path")
+    meta = read_meta(path)
+    encoder = config.seqroute.encoder or meta["encoder"]
+    if encoder == "router":
+        enc_cfg, enc_params = router.cfg, params["router"]["backbone"]
+    else:
+        enc_cfg, enc_params = load_hf(encoder, config.model.dtype,
+                                      config.model.param_dtype or None)
+    lam = config.seqroute.lam if config.seqroute.lam >= 0 else None
+    return load_selector(path, enc_cfg, enc_params, lam, mesh)
+
+
+def load_standalone(config, mode: Mode, mesh):
+    """A stand-alone baseline model (modes `merged`, `finetuned`) from config.baselines,
+    default the bundled world's, as load_world's tuple with params {"model": params}."""
+    import os
+
+    from fr_jax.hf import load_hf, load_tokenizer
+    from fr_jax.toy.demo import bundled_world
+
+    path = getattr(config.baselines, mode.model) or bundled_world()[mode.model]
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        how = {"merged": "`python -m fr_jax.merge`",
+               "finetuned": "`python -m fr_jax.train` with --config.train.stages=lm"}[mode.model]
+        raise SystemExit(f"mode {mode.name!r}: no model at {path!r}; write one with {how} "
+                         f"and set --config.baselines.{mode.model}")
+    cfg, params = load_hf(path, config.model.dtype, config.model.param_dtype or None)
+    model = Model(cfg)
+    params = jax.device_put(params, sh.param_shardings(model, mesh))
+    return None, None, {"model": params}, load_tokenizer(path), [mode.model], [cfg], None
 
 
 def run(config) -> DecodeResult:
@@ -414,7 +504,7 @@ def run(config) -> DecodeResult:
     d = config.decode
     mode = Mode.parse(d.mode, len(config.experts.paths) or None)
     mesh = sh.mesh_from_config(config.mesh)
-    router, experts, params, tok, names, cfgs = load_world(config, mode, mesh)
+    router, experts, params, tok, names, cfgs, selector = load_world(config, mode, mesh)
     prompts = read_prompts(d.prompts_file) if d.prompts_file else list(d.prompts)
     ids = [encode_prompt(tok, p, d.chat) for p in prompts]
 
@@ -436,11 +526,18 @@ def run(config) -> DecodeResult:
         eos.add(tok.eos_token_id)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (cfgs[0].pad_token_id or 0)
 
-    decoder = FusedDecoder(mode, router, experts, vocab=len(tok),
-                           sampling=Sampling(d.temperature, d.top_k, d.top_p), chunk=d.chunk,
-                           mesh=mesh)
-    print(f"mode {mode.name}: router {config.router.path or '(the bundled toy world)'}; experts "
-          f"{', '.join(names)}; mesh {dict(mesh.shape)} on {jax.devices()[0].platform}")
+    sampling = Sampling(d.temperature, d.top_k, d.top_p)
+    if mode.kind == "model":
+        decoder = Decoder(Model(cfgs[0]), sampling, d.chunk, mesh)
+        params = params["model"]
+        print(f"mode {mode.name}: one stand-alone model; mesh {dict(mesh.shape)} on "
+              f"{jax.devices()[0].platform}")
+    else:
+        decoder = FusedDecoder(mode, router, experts, vocab=len(tok), sampling=sampling,
+                               chunk=d.chunk, mesh=mesh, selector=selector)
+        print(f"mode {mode.name}: router {config.router.path or '(the bundled toy world)'}; "
+              f"experts {', '.join(names)}; mesh {dict(mesh.shape)} on "
+              f"{jax.devices()[0].platform}")
     res = decoder.generate(params, ids, d.max_new_tokens, sorted(eos), pad, seed=d.seed,
                            cache_len=d.cache_len or None)
 

@@ -2,17 +2,24 @@
 
 A decode mode is data (`Mode`), parsed from its name:
 
-| name          | next-token distribution                                  | chosen expert   |
-| ------------- | -------------------------------------------------------- | --------------- |
-| `fusionroute` | softmax(router logits + logits of expert k), k = argmax w | k               |
-| `expert_only` | softmax(logits of expert k), k = argmax w                 | k               |
-| `router_only` | softmax(router logits)                                    | -1 (the router) |
-| `expert:i`    | softmax(logits of expert i)                               | i               |
-| `mixture`     | sum_i w_i softmax(logits of expert i)                     | argmax w        |
-| `sequence`    | softmax(logits of expert s), s fixed per prompt           | s               |
+| name           | next-token distribution                                  | chosen expert   |
+| -------------- | -------------------------------------------------------- | --------------- |
+| `fusionroute`  | softmax(router logits + logits of expert k), k = argmax w | k               |
+| `expert_only`  | softmax(logits of expert k), k = argmax w                 | k               |
+| `router_only`  | softmax(router logits)                                    | -1 (the router) |
+| `expert:i`     | softmax(logits of expert i)                               | i               |
+| `mixture`      | sum_i w_i softmax(logits of expert i)                     | argmax w        |
+| `sequence`     | that of target t, t fixed per prompt by a SharedTrunkNet  | t's             |
+| `sequence:head`| softmax(logits of expert s), s fixed per prompt           | s               |
+| `merged`, `finetuned` | one stand-alone model (a baseline), no router      | 0               |
 
-`sequence` is sequence-level routing: s = argmax of the routing weights averaged over the
-prompt's tokens (the router runs once, on the prompt), then expert s decodes the whole answer.
+`sequence` is sequence-level routing on prefill activations (fr_jax/baselines/seqroute.py):
+a SharedTrunkNet reads the encoder's pooled activations of the prompt and picks a target --
+an expert alone or FusionRoute itself -- which then decodes the whole answer.
+`sequence:head` is the simplest sequence-level router: s = argmax of the router's routing
+weights averaged over the prompt's tokens (the router reads the prompt once).
+`merged` and `finetuned` name single models (fr_jax/baselines/merge.py, train stage `lm`);
+they are decoded by the plain `Decoder`, not fused.
 
 Adding raw logits or log-probabilities gives the same distribution after the softmax, so
 fusion adds log-softmaxed terms (numerically tame at any logit scale) and renormalises.
@@ -28,7 +35,9 @@ import jax
 import jax.numpy as jnp
 
 ROUTER = -1  # "chosen expert" recorded for tokens the router produced alone
-MODES = ("fusionroute", "expert_only", "router_only", "expert:<i>", "mixture", "sequence")
+MODES = ("fusionroute", "expert_only", "router_only", "expert:<i>", "mixture", "sequence",
+         "sequence:head", "merged", "finetuned")
+STANDALONE = ("merged", "finetuned")  # baselines that are one plain model
 
 
 class ModeError(ValueError):
@@ -37,8 +46,11 @@ class ModeError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
-    kind: str  # fusionroute | expert_only | router_only | expert | mixture | sequence
+    # fusionroute | expert_only | router_only | expert | mixture | sequence | sequence_head
+    # | model (a stand-alone baseline model, named by `model`)
+    kind: str
     expert: Optional[int] = None  # for kind == "expert"
+    model: Optional[str] = None  # for kind == "model"
 
     @classmethod
     def parse(cls, name: str, n_experts: Optional[int] = None) -> "Mode":
@@ -52,30 +64,40 @@ class Mode:
                 raise ModeError(f"mode {name!r}: expert index out of range "
                                 f"(there are {n_experts} experts, indices 0..{(n_experts or 1) - 1})")
             return cls("expert", i)
+        if name == "sequence:head":
+            return cls("sequence_head")
+        if name in STANDALONE:
+            return cls("model", model=name)
         if name not in ("fusionroute", "expert_only", "router_only", "mixture", "sequence"):
             raise ModeError(f"unknown decode mode {name!r}; choose one of {', '.join(MODES)}")
         return cls(name)
 
     @property
     def name(self) -> str:
-        return f"expert:{self.expert}" if self.kind == "expert" else self.kind
+        if self.kind == "expert":
+            return f"expert:{self.expert}"
+        return {"sequence_head": "sequence:head", "model": self.model}.get(self.kind, self.kind)
 
     @property
     def uses_router(self) -> bool:
-        return self.kind != "expert"
+        """The router's params are needed (`sequence`: its backbone is the default encoder
+        and FusionRoute a target)."""
+        return self.kind not in ("expert", "model")
 
     @property
     def uses_experts(self) -> bool:
-        return self.kind != "router_only"
+        return self.kind not in ("router_only", "model")
 
     @property
     def needs_all_experts(self) -> bool:
-        return self.kind in ("fusionroute", "expert_only", "mixture", "sequence")
+        return self.kind in ("fusionroute", "expert_only", "mixture", "sequence",
+                             "sequence_head")
 
     @property
     def routes_per_token(self) -> bool:
-        """The router runs at every step (not: expert:i; sequence, where it reads the prompt
-        once)."""
+        """The router runs at every step (not: expert:i; the sequence modes, where the
+        prompt is read once -- unless a SharedTrunkNet target is FusionRoute, which the
+        decoder decides)."""
         return self.kind in ("fusionroute", "expert_only", "router_only", "mixture")
 
 

@@ -153,6 +153,9 @@ def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg):
     so the expert's log-probabilities are a fixed bias; the same router is the reference.
     Plus `route_kl` x KL(stage-1 routing weights || current ones): the routing head is
     frozen, but without this the moving backbone would change the routing at decode time.
+    Plus `chosen_nll` x the fused policy's per-token NLL of the chosen answers (as in RPO,
+    Pang et al. 2024): DPO alone may lower the chosen answers' likelihood along with the
+    rejected ones'; this keeps the policy producing them.
     """
     def seq_logprobs(params, frozen, side):
         ref_logits, ref_route = _router_out(router, frozen["ref"], side, vocab)
@@ -174,9 +177,11 @@ def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg):
         margin = stage_cfg.beta * ((pc - rc) - (pr - rr))
         dpo = -jnp.sum(jax.nn.log_sigmoid(margin) * valid) / jnp.maximum(valid.sum(), 1.0)
         route_kl = 0.5 * (kl_c + kl_r)
-        loss = dpo + stage_cfg.route_kl * route_kl
+        n_chosen = jnp.maximum(batch["chosen"]["loss_mask"].sum(), 1.0)
+        nll = -jnp.sum(pc * valid) / n_chosen
+        loss = dpo + stage_cfg.route_kl * route_kl + stage_cfg.chosen_nll * nll
         _, metrics = losses.cdpo_loss(pc, pr, rc, rr, stage_cfg.beta)
-        metrics.update(loss=loss, dpo_loss=dpo, route_kl=route_kl)
+        metrics.update(loss=loss, dpo_loss=dpo, route_kl=route_kl, chosen_nll=nll)
         return loss, metrics
     return loss_fn
 

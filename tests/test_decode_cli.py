@@ -40,13 +40,13 @@ def test_cli_writes_jsonl_and_html_trace(world, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode", ["expert_only", "router_only", "expert:1", "mixture",
-                                  "sequence"])
+                                  "sequence:head"])
 def test_cli_every_mode(world, mode):
     res = main(_args(world, f"--mode={mode}", "--prompt=hi"))
     _, chosen = res.row(0)
     expected = {"router_only": {-1}, "expert:1": {1}}.get(mode)
     assert expected is None or set(chosen) == expected
-    if mode == "sequence":  # one expert for the whole answer
+    if mode == "sequence:head":  # one expert for the whole answer
         assert len(set(chosen)) == 1
 
 

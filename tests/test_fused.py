@@ -13,7 +13,7 @@ from fr_jax.router import Router
 from fr_jax.sampling import Sampling
 from test_cache import tiny
 
-MODES = ["fusionroute", "expert_only", "router_only", "expert:1", "mixture", "sequence"]
+MODES = ["fusionroute", "expert_only", "router_only", "expert:1", "mixture", "sequence:head"]
 N_EXPERTS = 3
 PROMPTS = [[5, 9, 11, 40, 6], [17], [60, 61, 62]]
 
@@ -66,7 +66,7 @@ def reference_decoder(router, r_params, experts, e_list):
             k = int(np.argmax(w))
             if s is None:  # sequence-level: routing weights averaged over the prompt, once
                 s = int(np.argmax(w_all[:len(prompt)].mean(0)))
-            if mode == "sequence":
+            if mode == "sequence:head":
                 scores, c = es[s], s
             elif mode == "fusionroute":
                 scores, c = lsm(rl) + lsm(es[k]), k

@@ -1,8 +1,9 @@
 """Every decode mode over a list of prompts, batched, greedy by default.
 
 A `Lineup` holds what the modes draw on: the router and experts (the FusionRoute modes, see
-fusion.py) and named stand-alone models (baselines such as a fine-tuned or merged model,
-decoded alone under their own name as a mode).
+fusion.py), a SharedTrunkNet selector (mode `sequence`) and named stand-alone models
+(baselines such as a fine-tuned or merged model, decoded alone under their own name as a
+mode).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from fr_jax.sampling import Sampling
 class Lineup:
     router: object  # Router or None
     experts: object  # Experts or None
-    params: dict  # {"router": ..., "experts": ...}
+    params: dict  # {"router": ..., "experts": ..., "selector": ... (with a selector)}
     tokenizer: object
     expert_names: Sequence[str]
     models: Dict[str, Tuple[object, dict]] = dataclasses.field(default_factory=dict)
     # name -> (Model, params): stand-alone models decoded as modes of their own
+    selector: object = None  # seqroute.Selector for mode `sequence`, or None
+    source: dict = dataclasses.field(default_factory=dict)  # {"router", "experts"}: folders
 
 
 @dataclasses.dataclass
@@ -45,10 +48,13 @@ def _decoder(lineup: Lineup, mode: str, sampling: Sampling, chunk: int):
     if mode in lineup.models:
         return Decoder(lineup.models[mode][0], sampling, chunk), lineup.models[mode][1]
     m = Mode.parse(mode, lineup.experts.n if lineup.experts else None)
+    if m.kind == "model":
+        raise ModeError(f"mode {mode!r} needs its model in the lineup (models: "
+                        f"{sorted(lineup.models) or 'none'})")
     if (m.uses_router and lineup.router is None) or (m.uses_experts and lineup.experts is None):
         raise ModeError(f"mode {mode!r} needs models this lineup does not have")
     dec = FusedDecoder(m, lineup.router, lineup.experts, vocab=len(lineup.tokenizer),
-                       sampling=sampling, chunk=chunk)
+                       sampling=sampling, chunk=chunk, selector=lineup.selector)
     return dec, lineup.params
 
 

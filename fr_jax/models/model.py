@@ -55,22 +55,23 @@ class Model:
 
     # -------------------------------------------------------------- cache-free
     def forward(self, params, tokens, positions=None, segment_ids=None,
-                collect_intermediates: bool = False):
+                collect_intermediates: bool = False, last_only: bool = False):
         """tokens [B,T] -> TransformerOutput (logits [B,T,V] fp32, hidden [B,T,E]).
 
         positions default to 0..T-1; pass them (and `segment_ids`) for packed sequences.
         With `collect_intermediates`, also returns the per-layer residual stream [L,B,T,E].
+        With `last_only`, logits and hidden cover the last position only ([B,1,...]).
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                          tokens.shape)
         if collect_intermediates:
             (out, _), state = self.module.apply({"params": params}, tokens, positions,
-                                                segment_ids=segment_ids,
+                                                segment_ids=segment_ids, last_only=last_only,
                                                 mutable=["intermediates"])
             return out, state["intermediates"]["layers"]["residual"][0]
         out, _ = self.module.apply({"params": params}, tokens, positions,
-                                   segment_ids=segment_ids)
+                                   segment_ids=segment_ids, last_only=last_only)
         return out
 
     # -------------------------------------------------------------- cached

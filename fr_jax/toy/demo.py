@@ -185,13 +185,16 @@ def train_router_stage(cfg, root: str, stage: str, router_path: str, experts: Li
     else:
         c.train.cdpo.beta = cfg.cdpo.beta
         c.train.cdpo.route_kl = cfg.cdpo.route_kl
+        c.train.cdpo.chosen_nll = cfg.cdpo.chosen_nll
     run(c, progress=cfg.progress)
     _mark_done(out)
     return out
 
 
-def load_lineup(router_path: str, expert_paths: List[str], extra: Dict[str, str]):
-    """Router, experts and stand-alone models from their folders (fr_jax's own loaders)."""
+def load_lineup(router_path: str, expert_paths: List[str], extra: Dict[str, str],
+                seqroute: str = ""):
+    """Router, experts and stand-alone models from their folders (fr_jax's own loaders),
+    and the SharedTrunkNet folder `seqroute` (mode `sequence`) when given."""
     from fr_jax.eval.modes import Lineup
     from fr_jax.experts import load_experts
     from fr_jax.hf import load_hf, load_tokenizer
@@ -205,8 +208,14 @@ def load_lineup(router_path: str, expert_paths: List[str], extra: Dict[str, str]
     for name, path in extra.items():
         mcfg, params = load_hf(path)
         models[name] = (Model(mcfg), params)
-    return Lineup(router, experts, {"router": r_params, "experts": e_params}, tokenizer,
-                  list(EXPERT_NAMES), models)
+    params = {"router": r_params, "experts": e_params}
+    selector = None
+    if seqroute:
+        from fr_jax.baselines.seqroute import load_selector
+        selector, params["selector"] = load_selector(seqroute, router.cfg, r_params["backbone"],
+                                                     None)
+    return Lineup(router, experts, params, tokenizer, list(EXPERT_NAMES), models, selector,
+                  source={"router": router_path, "experts": list(expert_paths)})
 
 
 def preference_pairs(cfg, root: str, sft_router: str, experts: List[str],
@@ -248,6 +257,45 @@ def preference_pairs(cfg, root: str, sft_router: str, experts: List[str],
     return path
 
 
+def merged_models(cfg, root: str, base: str, experts: List[str]) -> Dict[str, str]:
+    """The merging baselines: each configured method over the experts and their shared
+    base, written as HF folders (fr_jax.baselines.merge) -> {"merged:<tag>": folder}."""
+    from fr_jax.baselines.merge import merge_hf
+
+    out = {}
+    for tag, method in (("ta", "task_arithmetic"), ("ties", "ties")):
+        folder = os.path.join(root, "merged", tag)
+        if not _done(folder):
+            options = ({"lambdas": cfg.merge.ta_lambda} if method == "task_arithmetic"
+                       else {"density": cfg.merge.ties_density, "lam": cfg.merge.ties_lambda})
+            merge_hf(base, experts, folder, method, **options)
+            _mark_done(folder)
+        out[f"merged:{tag}"] = folder
+    return out
+
+
+def train_seqroute(cfg, root: str, router: str, experts: List[str], pool: List[W.Task]) -> str:
+    """SharedTrunkNet over the trained lineup: labelled training prompts -> labels of every
+    target (each expert alone, FusionRoute) -> layer probes -> trunk (fr_jax.baselines)."""
+    from fr_jax.baselines import seqroute as S
+
+    workdir = os.path.join(root, "seqroute")
+    trunk_dir = os.path.join(workdir, "trunk")
+    if _done(workdir):
+        return trunk_dir
+    lineup = load_lineup(router, experts, {})
+    tasks = labelled_records(pool, cfg.seqroute.n_labelled, cfg.seed)
+    report = S.build(lineup, tasks, cfg.seqroute, workdir,
+                     ("router", lineup.router.cfg, lineup.params["router"]["backbone"]),
+                     W.score, progress=cfg.progress)
+    m = report["metrics"]
+    _log(cfg, f"[seqroute] layer {report['layer'] + 1} chosen by the probes; held-out routed "
+              f"accuracy {100 * m['accuracy']:.1f}% (best single {m['best_single']} "
+              f"{100 * m['best_single_accuracy']:.1f}%, oracle {100 * m['oracle']:.1f}%)")
+    _mark_done(workdir)
+    return trunk_dir
+
+
 def evaluate(cfg, lineup, tests: List[W.Task]) -> dict:
     """Every configured mode on every domain's held-out prompts -> the results dict."""
     from tqdm.auto import tqdm
@@ -262,10 +310,13 @@ def evaluate(cfg, lineup, tests: List[W.Task]) -> dict:
                "accuracy": {}, "average": {}, "shares": {}, "seconds": {}, "examples": {}}
     bar = tqdm(total=len(prompts) * len(cfg.eval.modes), desc="eval", disable=not cfg.progress)
     n = len(lineup.expert_names)
+    solo = {}  # per-prompt correctness of each expert alone, for the oracle row
     for mode in cfg.eval.modes:
         gen = generate(lineup, mode, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                        progress=bar)
         ok = np.array([W.score(t.answer, o) for t, o in zip(tests, gen.texts)])
+        if mode.startswith("expert:"):
+            solo[mode] = ok
         acc = {d: float(ok[idx].mean()) for d, idx in by_domain.items()}
         results["accuracy"][mode] = acc
         results["average"][mode] = float(np.mean(list(acc.values())))
@@ -279,6 +330,11 @@ def evaluate(cfg, lineup, tests: List[W.Task]) -> dict:
                                           "output": gen.texts[i], "experts": gen.chosen[i]}
                                          for i in idx[:3]] for d, idx in by_domain.items()}
     bar.close()
+    if len(solo) == n:  # the ceiling of sequence-level routing over the experts
+        ok = np.any(np.stack(list(solo.values())), axis=0)
+        results["accuracy"]["oracle"] = {d: float(ok[idx].mean()) for d, idx in by_domain.items()}
+        results["average"]["oracle"] = float(np.mean(list(results["accuracy"]["oracle"].values())))
+        results["modes"].append("oracle")
     return results
 
 
@@ -297,15 +353,17 @@ def _tensorboard(results: dict, logdir: str):
 
 
 def bundle(paths: Dict[str, str], results: dict, target: str):
-    """Copies the trained router, its pretrained base and the experts (the demo's product)
-    and the results table to `target`, with a manifest of file hashes."""
+    """Copies the trained router, its pretrained base, the experts and their base, the
+    baselines (TIES-merged model, fine-tuned model, SharedTrunkNet) and the results table
+    to `target`, with a manifest of file hashes."""
     import hashlib
 
     if os.path.isdir(target):
         shutil.rmtree(target)
     os.makedirs(target)
-    for name, src in [("router", paths["router"]), ("router_base", paths["router_base"])] + [
-            (x, p) for x, p in zip(W.DOMAINS, paths["experts"])]:
+    single = [(k, paths[k]) for k in ("router", "router_base", "base", "merged", "finetuned",
+                                      "seqroute")]
+    for name, src in single + [(x, p) for x, p in zip(W.DOMAINS, paths["experts"])]:
         shutil.copytree(src, os.path.join(target, name),
                         ignore=shutil.ignore_patterns("DONE"))
     with open(os.path.join(target, "results.json"), "w") as f:
@@ -358,8 +416,12 @@ def run(cfg) -> dict:
     t = mark("router CDPO", t)
     finetuned = train_lm(cfg, root, "finetuned", base, data["sft"], cfg.sft)
     t = mark("fine-tuned baseline", t)
+    merged = merged_models(cfg, root, base, experts)
+    t = mark("merged baselines", t)
+    trunk = train_seqroute(cfg, root, router, experts, pool)
+    t = mark("sequence-level router (SharedTrunkNet)", t)
 
-    lineup = load_lineup(router, experts, {"finetuned": finetuned})
+    lineup = load_lineup(router, experts, {"finetuned": finetuned, **merged}, seqroute=trunk)
     results = evaluate(cfg, lineup, read_tasks(data["test"]))
     t = mark("evaluation", t)
     results["timings_s"] = dict(timings, total=round(time.perf_counter() - t0, 1))
@@ -367,8 +429,9 @@ def run(cfg) -> dict:
     paths = report.write(results, root)
     _tensorboard(results, os.path.join(root, "tensorboard", "eval"))
     if cfg.bundle:
-        bundle({"router": router, "router_base": router_base, "experts": experts}, results,
-               cfg.bundle)
+        bundle({"router": router, "router_base": router_base, "experts": experts,
+                "base": base, "merged": merged["merged:ties"], "finetuned": finetuned,
+                "seqroute": trunk}, results, cfg.bundle)
         _log(cfg, f"[demo] bundled the trained world in {cfg.bundle}")
     print("\n" + report.markdown(results), flush=True)  # the product: always shown
     print(f"[demo] total {results['timings_s']['total']:.0f} s; wrote "
@@ -384,12 +447,14 @@ REGENERATE = "python -m fr_jax.demo --config.bundle=fr_jax/toy/assets/world"
 
 def bundled_world(path: str = BUNDLE) -> dict:
     """The trained toy world shipped in the package: {"router", "router_base", "experts",
-    "names", "results"} (folders; results.json is the table the bundling run measured)."""
+    "base" (the experts' shared base), "merged" (TIES), "finetuned", "seqroute" (the
+    SharedTrunkNet), "names", "results"} (folders; results.json is the table the bundling
+    run measured)."""
     names = list(W.DOMAINS)
-    world = {"router": os.path.join(path, "router"),
-             "router_base": os.path.join(path, "router_base"),
-             "experts": [os.path.join(path, x) for x in names], "names": names,
-             "results": os.path.join(path, "results.json")}
+    world = {k: os.path.join(path, k) for k in ("router", "router_base", "base", "merged",
+                                                "finetuned", "seqroute")}
+    world.update(experts=[os.path.join(path, x) for x in names], names=names,
+                 results=os.path.join(path, "results.json"))
     missing = [p for p in [world["router"], world["router_base"]] + world["experts"]
                if not os.path.isfile(os.path.join(p, "config.json"))]
     if missing:
@@ -400,17 +465,18 @@ def bundled_world(path: str = BUNDLE) -> dict:
 
 
 def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,
-                      seed: int = 0) -> Dict[str, str]:
-    """Training files for a router of the bundled world, written once under `home`: SFT
-    records over all four domains, and CDPO pairs from the bundled router's own sampled
-    FusionRoute answers (see `preference_pairs`)."""
+                      n_labelled: int = 1600, seed: int = 0) -> Dict[str, str]:
+    """Training files for the bundled world, written once under `home`: SFT records over
+    all four domains, CDPO pairs from the bundled router's own sampled FusionRoute answers
+    (see `preference_pairs`), and labelled prompts for the SharedTrunkNet baseline."""
     import runpy
 
     from fr_jax.config import default_config_file
 
     folder = os.path.join(home, "toy-world-data")
     paths = {"sft": os.path.join(folder, "data", "router_sft.jsonl"),
-             "pref": os.path.join(folder, "data", "pref.jsonl")}
+             "pref": os.path.join(folder, "data", "pref.jsonl"),
+             "labelled": os.path.join(folder, "data", "labelled.jsonl")}
     if all(os.path.isfile(p) for p in paths.values()):
         return paths
     cfg = runpy.run_path(default_config_file("demo.py"))["get_config"]("quick")
@@ -421,5 +487,13 @@ def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,
         data.train, {d: 1.0 for d in W.EVAL_DOMAINS}, n_sft, seed + 30)])
     world = bundled_world()
     pool = [t for d in W.EVAL_DOMAINS for t in data.train[d]]
+    W.write_jsonl(paths["labelled"], labelled_records(pool, n_labelled, seed))
     preference_pairs(cfg, folder, world["router"], world["experts"], pool)
     return paths
+
+
+def labelled_records(pool: List[W.Task], n: int, seed: int) -> List[dict]:
+    """n training tasks of the four domains as labelled prompts (prompt, answer, domain)."""
+    rng = np.random.default_rng(seed + 50)
+    return [{"prompt": pool[i].prompt, "answer": pool[i].answer, "domain": pool[i].domain}
+            for i in rng.permutation(len(pool))[:n]]

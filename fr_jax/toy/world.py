@@ -33,6 +33,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from fr_jax.eval.scoring import exact_match
+
 DOMAINS = ("math", "code", "instr")  # the experts' domains, in expert order
 EVAL_DOMAINS = DOMAINS + ("mixed",)
 GENERAL = "say"  # the base model's pretraining task: repeat a string (no domain skill)
@@ -140,9 +142,7 @@ def _core(prompt: str) -> str:
     return prompt
 
 
-def score(answer: str, output: str) -> bool:
-    """Exact match after trimming surrounding whitespace."""
-    return output.strip() == answer.strip()
+score = exact_match  # every domain is judged by exact match after trimming whitespace
 
 
 @dataclasses.dataclass
