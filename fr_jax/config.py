@@ -117,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
     # `python -m fr_jax.seqroute` trains it; decode mode `sequence` uses it.
     c.seqroute = ml_collections.ConfigDict()
     c.seqroute.path = ""  # trained SharedTrunkNet folder; "" = the bundled toy world's
-    c.seqroute.lam = -1.0  # cost weight at decode; < 0 = the value it was trained with
+    c.seqroute.lam = 0.0  # cost weight of the routing rule: the report's row and decoding
     c.seqroute.workdir = "runs/seqroute"
     c.seqroute.data = ""  # labelled prompts JSONL (prompt, answer); "" = the toy world's
     c.seqroute.scorer = "exact"  # how a target's answer is judged against the reference

@@ -470,8 +470,7 @@ def _selector(config, router, params, mesh):
     else:
         enc_cfg, enc_params = load_hf(encoder, config.model.dtype,
                                       config.model.param_dtype or None)
-    lam = config.seqroute.lam if config.seqroute.lam >= 0 else None
-    return load_selector(path, enc_cfg, enc_params, lam, mesh)
+    return load_selector(path, enc_cfg, enc_params, config.seqroute.lam, mesh)
 
 
 def load_standalone(config, mode: Mode, mesh):

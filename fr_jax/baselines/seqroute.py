@@ -385,7 +385,8 @@ def _pct(x) -> str:
 def load_selector(path: str, encoder_cfg: ModelConfig, encoder_params, lam: Optional[float],
                   mesh=None):
     """(Selector, selector params) from a trained SharedTrunkNet folder, for decode mode
-    `sequence`; the caller passes the encoder the folder's seqroute.json names."""
+    `sequence`; the caller passes the encoder the folder's seqroute.json names. lam None =
+    the lam the folder's report used."""
     from fr_jax.baselines.trunk import load_trunk
 
     trunk = load_trunk(path)
