@@ -62,12 +62,17 @@ def effective_dim(x) -> float:
 
 
 def choose_layer(j_mean, d_eff=None) -> int:
-    """The earliest layer whose mean J is within NEAR_BEST of the best (see module doc)."""
+    """The earliest layer whose mean J is within NEAR_BEST of the best (see module doc).
+    When no layer has a defined J (every target always right, or always wrong, on the
+    training prompts: nothing to separate) the last layer is taken, with a warning."""
     j = np.nan_to_num(np.asarray(j_mean, np.float64), nan=-np.inf)
     best = j.max()
     if not np.isfinite(best):
-        raise ValueError("no layer has a defined J: every target was always right or always "
-                         "wrong on the training prompts, so there is nothing to route on")
+        import logging
+        logging.getLogger("fr_jax.probes").warning(
+            "no layer has a defined Fisher J: every target was always right or always wrong "
+            "on the training prompts; using the last layer (label more, or harder, prompts)")
+        return len(j) - 1
     return int(np.flatnonzero(j >= best - NEAR_BEST * abs(best))[0])
 
 

@@ -9,8 +9,11 @@ from typing import Dict, Sequence
 
 MODE_LABELS = {  # how the table names the modes
     "router_only": "router alone", "expert_only": "token routing, expert only",
-    "sequence": "sequence-level routing", "mixture": "soft mixture",
-    "fusionroute": "FusionRoute", "finetuned": "fine-tuned on all domains"}
+    "sequence": "sequence-level routing, SharedTrunkNet",
+    "sequence:head": "sequence-level routing, routing head averaged", "mixture": "soft mixture",
+    "merged:ta": "merged, task arithmetic", "merged:ties": "merged, TIES",
+    "merged": "merged experts", "fusionroute": "FusionRoute",
+    "finetuned": "fine-tuned on all domains", "oracle": "oracle: per-prompt best expert"}
 
 
 def mode_label(mode: str, expert_names: Sequence[str]) -> str:
