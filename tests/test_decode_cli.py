@@ -62,6 +62,27 @@ def test_cli_default_decodes_the_bundled_world(tmp_path, capsys):
     assert set(texts["add 37+8"]["experts"]) == {0}  # math tokens from the math expert
 
 
+@pytest.mark.parametrize("mode", ["sequence", "merged", "finetuned"])
+def test_cli_baseline_modes_default_to_the_bundled_world(mode, tmp_path):
+    """`sequence` uses the bundled SharedTrunkNet on the bundled router's activations;
+    `merged` / `finetuned` decode the bundled stand-alone models."""
+    out = tmp_path / "out.jsonl"
+    res = main([f"--mode={mode}", f"--output={out}", "--config.decode.max_new_tokens=12"])
+    records = {r["prompt"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert res.lengths.min() > 0 and all(r["mode"] == mode for r in records.values())
+    if mode == "sequence":  # single-skill prompts: an expert alone or FusionRoute gets them
+        assert records["add 37+8"]["text"] == "45" and records["rev kqzt"]["text"] == "tzqk"
+    else:
+        assert set(res.chosen[res.chosen >= 0].tolist()) == {0}
+
+
+def test_cli_baseline_modes_name_what_is_missing(tmp_path):
+    with pytest.raises(SystemExit, match="mode 'merged': no model at '/no/merged'.*fr_jax.merge"):
+        main(["--mode=merged", "--config.baselines.merged=/no/merged"])
+    with pytest.raises(SystemExit, match="no SharedTrunkNet at '/no/trunk'.*fr_jax.seqroute"):
+        main(["--mode=sequence", "--config.seqroute.path=/no/trunk"])
+
+
 def test_cli_missing_checkpoint(world):
     with pytest.raises(SystemExit, match="checkpoint folder '/no/such/router' does not exist"):
         main(_args(world, "--config.router.path=/no/such/router"))

@@ -121,6 +121,21 @@ def test_quick_demo_shows_the_claim(quick_run):
         assert shares[d][d] > 0.6, (d, shares[d])
 
 
+def test_quick_demo_has_the_baseline_rows(quick_run):
+    """Issue 6's rows: SharedTrunkNet (its probes and report), the merges, the oracle."""
+    run, r, _ = quick_run
+    acc = r["accuracy"]
+    for d in W.EVAL_DOMAINS:  # the oracle is the per-prompt best expert: its ceiling
+        best = max(acc[f"expert:{i}"][d] for i in range(3))
+        assert best <= acc["oracle"][d] <= sum(acc[f"expert:{i}"][d] for i in range(3)) + 1e-9
+    report = json.load(open(run / "seqroute" / "report.json"))
+    assert report["targets"] == ["expert:0", "expert:1", "expert:2", "fusionroute"]
+    assert (run / "seqroute" / "probes.png").stat().st_size > 0
+    for tag in ("ta", "ties"):
+        assert json.load(open(run / "merged" / tag / "merge.json"))["method"] in (
+            "task_arithmetic", "ties")
+
+
 # ------------------------------------------------------------------------------ the bundle
 def test_bundled_world_matches_its_manifest_and_decodes_by_default(capsys):
     from fr_jax.decode import main as decode_main
@@ -133,7 +148,7 @@ def test_bundled_world_matches_its_manifest_and_decodes_by_default(capsys):
         data = open(os.path.join(BUNDLE, rel), "rb").read()
         total += len(data)
         assert hashlib.sha256(data).hexdigest() == digest, rel
-    assert total < 8 * 2**20  # a few MB
+    assert total < 12 * 2**20  # a few MB: seven small models and a SharedTrunkNet
     res = decode_main(["--config.decode.max_new_tokens=12"])
     out = capsys.readouterr().out
     assert "tokens per expert" in out and res.lengths.min() > 0
