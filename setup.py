@@ -18,8 +18,10 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fr_jax", "fr_jax.*"]),
-    # The trained toy world (`python -m fr_jax.decode` with no checkpoints).
-    package_data={"fr_jax.toy": ["assets/world/*", "assets/world/*/*"]},
+    # The trained toy world (`python -m fr_jax.decode` with no checkpoints), down to the
+    # SharedTrunkNet's Orbax files (seqroute/state/...).
+    package_data={"fr_jax.toy": ["assets/world/" + "/".join(["*"] * depth)
+                                 for depth in range(1, 6)]},
     python_requires=">=3.10",
     install_requires=requirements("requirements.txt"),
     extras_require={"test": requirements("requirements-test.txt")},
