@@ -291,8 +291,7 @@ def build(lineup, tasks: Sequence[dict], s, workdir: str, encoder: Tuple[str, Mo
         raise ValueError(f"seqroute.costs: expected {len(targets)} positive numbers (one per "
                          f"target {targets}), got {list(s.costs)}")
     os.makedirs(workdir, exist_ok=True)
-    fingerprint = {"router": getattr(lineup, "source", {}).get("router"),
-                   "experts": getattr(lineup, "source", {}).get("experts"),
+    fingerprint = {"router": lineup.source.get("router"), "experts": lineup.source.get("experts"),
                    "max_new_tokens": int(s.max_new_tokens)}
     correct = label_targets(lineup, targets, tasks, scorer, os.path.join(workdir, "labels"),
                             fingerprint, s.max_new_tokens, s.batch_size, progress)
@@ -330,8 +329,7 @@ def build(lineup, tasks: Sequence[dict], s, workdir: str, encoder: Tuple[str, Mo
     report = {"targets": targets, "costs": costs, "layer": layer, "encoder": name,
               "n_train": int(len(train)), "n_test": int(len(test)), "lam": float(s.lam),
               "metrics": at_lam, "sweep": sweep, "probes": table.to_dict(),
-              "train_history": {k: [float(x) for x in v] for k, v in history.items()}
-              if isinstance(history, dict) else history,
+              "train_history": history,
               "label_accuracy": {t: float(correct[:, j].mean()) for j, t in enumerate(targets)}}
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(_jsonable(report), f, indent=1)
