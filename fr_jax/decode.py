@@ -71,11 +71,12 @@ def decode_slots(max_new_tokens: int, chunk: int) -> int:
     return -(-(max_new_tokens - 1) // chunk) * chunk
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
-    """Ragged prompts -> (tokens [B, T] int32, mask [B, T] bool), padded on the left."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int = 0):
+    """Ragged prompts -> (tokens [B, T] int32, mask [B, T] bool), padded on the left to
+    T = max(width, the longest prompt)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must have at least one token")
-    width = max(len(p) for p in prompts)
+    width = max(width, max(len(p) for p in prompts))
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), bool)
     for b, p in enumerate(prompts):
@@ -157,11 +158,12 @@ class _ChunkedDecoder:
 
     def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  eos_ids: Sequence[int], pad_id: int = 0, seed: int = 0,
-                 cache_len: Optional[int] = None) -> DecodeResult:
-        """Decodes a batch of token-id prompts (ragged; left-padded here)."""
+                 cache_len: Optional[int] = None, width: int = 0) -> DecodeResult:
+        """Decodes a batch of token-id prompts (ragged; left-padded here to at least
+        `width`, so batches of one padded width share one compiled prefill)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        tokens, mask = left_pad(prompts, pad_id)
+        tokens, mask = left_pad(prompts, pad_id, width)
         b, t = tokens.shape
         need = t + decode_slots(max_new_tokens, self.chunk)
         cache_len = cache_len or need

@@ -298,3 +298,23 @@ def test_a_killed_run_resumes_without_redoing_cached_samples(tmp_path):
         assert a[k] == b[k], k
     assert a["domains"] == ["math", "code", "instr", "mixed"]
     assert open(run / "results.md").read() == open(tmp_path / "ref" / "results.md").read()
+
+
+def test_hub_names_fail_clearly_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"cannot load 'openai/gsm8k:main:test' from the hub"
+                                        r".*set a local path instead"):
+        B.load_examples("gsm8k", hub="openai/gsm8k:main:test")
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = _cli(tmp_path, "--benchmarks=gsm8k", "--modes=fusionroute",
+                f"--config.eval.data.gsm8k.path={tmp_path / 'missing.jsonl'}")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "error: gsm8k: no data at" in out and "Traceback" not in out
+    proc = _cli(tmp_path, "--benchmarks=toy", "--modes=fusionroot")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "unknown decode mode 'fusionroot'" in out
+    assert "Traceback" not in out

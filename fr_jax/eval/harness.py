@@ -144,12 +144,13 @@ def generate(lineup: Lineup, bench: str, mode: str, examples: Sequence[Example],
         print(f"[eval] {bench} {mode}: {len(examples) - len(todo)} cached, {len(todo)} to "
               "decode", flush=True)
     if todo:
-        # The cache shape and batch size come from the whole benchmark, cached examples
-        # included, so a resumed run decodes in the same compiled shapes as a fresh one.
+        # Batch size, prompt width and cache length come from the whole benchmark, cached
+        # examples included: one compiled prefill and decode step per (benchmark, mode),
+        # and a resumed run decodes in the same shapes as a fresh one.
         ids = encode(lineup, [e.prompt for e in examples], s.chat)
         batch = min(s.batch_size, len(examples))
         runner = ModeRunner(lineup, mode, max_new, batch, cache_slots(ids, max_new, s.chunk),
-                            s.sampling, s.chunk)
+                            s.sampling, s.chunk, width=max(len(x) for x in ids))
         bar = _bar(len(examples), len(examples) - len(todo), f"{bench} {mode}", s.progress)
         for lo in range(0, len(todo), batch):
             part = todo[lo:lo + batch]

@@ -61,14 +61,17 @@ def _decoder(lineup: Lineup, mode: str, sampling: Sampling, chunk: int):
 
 class ModeRunner:
     """One mode of a lineup, compiled once: decodes batches of token-id prompts, each padded
-    to `batch_size` rows (with copies of its first prompt) into a cache of `cache_len`
-    slots, so every batch reuses one compiled decode step."""
+    to `batch_size` rows (with copies of its first prompt) and, with `width`, left-padded
+    to that many tokens, into a cache of `cache_len` slots, so every batch reuses one
+    compiled prefill and decode step."""
 
     def __init__(self, lineup: Lineup, mode: str, max_new_tokens: int, batch_size: int,
-                 cache_len: int, sampling: Sampling = Sampling(), chunk: int = 8):
+                 cache_len: int, sampling: Sampling = Sampling(), chunk: int = 8,
+                 width: int = 0):
         self.lineup, self.mode = lineup, mode
         self.dec, self.params = _decoder(lineup, mode, sampling, chunk)
         self.max_new_tokens, self.batch_size, self.cache_len = max_new_tokens, batch_size, cache_len
+        self.width = width
         tok = lineup.tokenizer
         self.eos = sorted(set(lineup.eos_ids) | {tok.eos_token_id} - {None})
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -79,7 +82,7 @@ class ModeRunner:
         n = len(ids)
         part = list(ids) + [ids[0]] * (self.batch_size - n)
         res = self.dec.generate(self.params, part, self.max_new_tokens, self.eos, self.pad,
-                                seed=seed, cache_len=self.cache_len)
+                                seed=seed, cache_len=self.cache_len, width=self.width)
         rows = [res.row(b) for b in range(n)]
         texts = [self.lineup.tokenizer.decode(t, skip_special_tokens=True) for t, _ in rows]
         return (texts, [t for t, _ in rows], [c for _, c in rows],

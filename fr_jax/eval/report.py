@@ -59,7 +59,8 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str):
-    """Accuracy bars per mode and domain; FusionRoute's routing share per domain."""
+    """Accuracy bars per mode and column (domain or benchmark); the routing share per
+    column of the first of results["share_modes"] (default: FusionRoute)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -84,7 +85,7 @@ def plot(results: dict, path: str):
     ax.set_xticks(x, [titles.get(d, d) for d in domains] + ["average"])
     ax.set_ylabel(results.get("metric_label", "exact match (%)"))
     ax.set_ylim(0, 100)
-    ax.set_title("Accuracy per decode mode and domain")
+    ax.set_title("Accuracy per decode mode and " + results.get("column_kind", "domain"))
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(0, -0.08))
     if shares:
         ax2 = axes[1]
