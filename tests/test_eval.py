@@ -318,3 +318,31 @@ def test_cli_errors_are_one_line(tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "unknown decode mode 'fusionroot'" in out
     assert "Traceback" not in out
+
+
+def test_harness_on_a_mesh_decodes_what_a_single_device_does(tmp_path):
+    """The CLI's lineup is placed on the 8-device test mesh (batches sharded over `data`);
+    its greedy tokens equal the harness's on one device with the same checkpoints."""
+    import jax
+
+    from fr_jax.eval import harness
+    from fr_jax.eval.cli import main
+    from fr_jax.toy import demo
+
+    assert jax.device_count() == 8
+    modes = ["fusionroute", "finetuned"]
+    main(["--benchmarks=toy", f"--modes={','.join(modes)}", "--limit=16",
+          f"--workdir={tmp_path / 'mesh'}", "--config.eval.batch_size=8",
+          "--config.eval.progress=False", "--config.mesh.data=8", "--config.mesh.tensor=1"])
+    world = demo.bundled_world()
+    lineup = demo.load_lineup(world["router"], world["experts"],
+                              {"finetuned": world["finetuned"]})
+    examples = {"toy": B.select(B.load_examples("toy"), 16)}
+    s = harness.Settings(max_new_tokens={"toy": 16}, workdir=str(tmp_path / "one"),
+                         batch_size=8, progress=False)
+    harness.evaluate(lineup, examples, modes, s)
+    for mode in modes:
+        a, b = ([json.loads(x) for x in open(tmp_path / d / "generations" / "toy" /
+                                              f"{mode}.jsonl")] for d in ("mesh", "one"))
+        assert [r["tokens"] for r in a] == [r["tokens"] for r in b], mode
+        assert [r["experts"] for r in a] == [r["experts"] for r in b], mode

@@ -200,7 +200,7 @@ def score(bench: str, mode: str, examples: Sequence[Example], gens: Sequence[dic
 
 def _column(bench: str, e: Example, s: Settings, single: bool) -> str:
     if s.columns == "groups":
-        return e.group if single else f"{bench}/{e.group}"
+        return e.group if single else (f"{bench}/{e.group}" if e.group else bench)
     return bench
 
 

@@ -31,6 +31,7 @@ class Lineup:
     selector: object = None  # seqroute.Selector for mode `sequence`, or None
     source: dict = dataclasses.field(default_factory=dict)  # {"router", "experts"}: folders
     eos_ids: Sequence[int] = ()  # end-of-sequence ids besides the tokenizer's EOS token
+    mesh: object = None  # the mesh the params are placed on: decoders shard batches over it
 
 
 @dataclasses.dataclass
@@ -47,7 +48,8 @@ class Generations:
 
 def _decoder(lineup: Lineup, mode: str, sampling: Sampling, chunk: int):
     if mode in lineup.models:
-        return Decoder(lineup.models[mode][0], sampling, chunk), lineup.models[mode][1]
+        return (Decoder(lineup.models[mode][0], sampling, chunk, lineup.mesh),
+                lineup.models[mode][1])
     m = Mode.parse(mode, lineup.experts.n if lineup.experts else None)
     if m.kind == "model":
         raise ModeError(f"mode {mode!r} needs its model in the lineup (models: "
@@ -55,7 +57,8 @@ def _decoder(lineup: Lineup, mode: str, sampling: Sampling, chunk: int):
     if (m.uses_router and lineup.router is None) or (m.uses_experts and lineup.experts is None):
         raise ModeError(f"mode {mode!r} needs models this lineup does not have")
     dec = FusedDecoder(m, lineup.router, lineup.experts, vocab=len(lineup.tokenizer),
-                       sampling=sampling, chunk=chunk, selector=lineup.selector)
+                       sampling=sampling, chunk=chunk, mesh=lineup.mesh,
+                       selector=lineup.selector)
     return dec, lineup.params
 
 
