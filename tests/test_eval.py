@@ -346,3 +346,40 @@ def test_harness_on_a_mesh_decodes_what_a_single_device_does(tmp_path):
                                               f"{mode}.jsonl")] for d in ("mesh", "one"))
         assert [r["tokens"] for r in a] == [r["tokens"] for r in b], mode
         assert [r["experts"] for r in a] == [r["experts"] for r in b], mode
+
+
+def test_hostile_programs_fail_their_samples_and_the_harness_keeps_going(tmp_path):
+    """Generated 'solutions' that attack the machine, scored through the harness like any
+    MBPP answer (several at once): each is a failed sample with its cause recorded, the
+    side effects did not happen, and the honest answer after them still passes."""
+    from fr_jax.eval import harness
+
+    sentinel = tmp_path / "keep.txt"
+    sentinel.write_text("x")
+    outside = tmp_path / "written.txt"
+    hostile = {
+        "write": f"open({str(outside)!r}, 'w').write('pwned')",
+        "delete": f"import os\nos.remove({str(sentinel)!r})",
+        "socket": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)",
+        "fork": "import os\nwhile True:\n    os.fork()",
+        "memory": "x = bytearray(4 << 30)",
+        "print": "while True:\n    print('y' * 65536)",
+        "loop": "while True:\n    pass",
+    }
+    ref = {"tests": ["assert square_perimeter(10) == 40"], "setup": ""}
+    honest = "def square_perimeter(a):\n    return 4 * a"
+    programs = list(hostile.items()) + [("honest", honest)]
+    examples = [B.Example(name, "p", ref) for name, _ in programs]
+    gens = [{"key": name, "text": f"```python\n{code}\n```"} for name, code in programs]
+    s = harness.Settings(max_new_tokens={}, workdir=str(tmp_path / "run"), progress=False,
+                         limits=Limits(timeout_s=3.0, memory_mb=512), workers=3)
+    verdicts = {v["id"]: v for v in harness.score("mbpp", "m", examples, gens, s)}
+    assert verdicts["honest"]["correct"] is True
+    for name in hostile:
+        assert verdicts[name]["correct"] is False, (name, verdicts[name])
+    assert verdicts["loop"]["details"]["status"] == "timeout"
+    assert verdicts["memory"]["details"]["status"] == "memory"
+    assert verdicts["print"]["details"]["status"] == "output_limit"
+    assert "PermissionError" in verdicts["write"]["details"]["reason"]
+    assert sentinel.read_text() == "x" and not outside.exists()
+    assert len(open(tmp_path / "run" / "scores" / "mbpp" / "m.jsonl").readlines()) == 8
