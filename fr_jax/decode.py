@@ -10,6 +10,7 @@ end-of-sequence id, so short answers do not pay for `max_new_tokens`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -22,7 +23,7 @@ from fr_jax import sharding as sh
 from fr_jax import trace
 from fr_jax.data import encode_prompt
 from fr_jax.experts import Experts, load_experts
-from fr_jax.fusion import Mode, ModeError, fuse, select_expert, sequence_route
+from fr_jax.fusion import Mode, ModeError, fuse, route_probs, select_expert, sequence_route
 from fr_jax.models import CacheOverflowError, Model
 from fr_jax.router import Router, load_router
 from fr_jax.sampling import Sampling, sample
@@ -58,6 +59,7 @@ class DecodeResult:
     steps: int  # decode steps actually run (after prefill)
     seconds_prefill: float  # includes compilation on the first call
     seconds_decode: float
+    caches: object = None  # the decoder's caches after the last step (return_caches=True)
 
     def row(self, b: int):
         """(token ids, chosen experts) of row b, without the padding after EOS."""
@@ -89,8 +91,9 @@ class _ChunkedDecoder:
     """The host side shared by every decoder: pad, size the cache, prefill, then run the
     jitted scan `chunk` steps at a time until every row is done or the budget is spent.
 
-    Subclasses provide `_logits(params, tokens [B,T], mask, caches)` -> (scores [B, V] to
-    sample from, chosen [B], route_probs [B, n], caches) and `_init_caches(b, len)`.
+    Subclasses provide `_logits(params, tokens [B,T], mask, caches, done [B])` -> (scores
+    [B, V] to sample from, chosen [B], route_probs [B, n], caches) and
+    `_init_caches(b, len)`; `_finish(params, caches)` may complete the caches at the end.
     """
 
     n_experts: int = 1
@@ -105,7 +108,8 @@ class _ChunkedDecoder:
 
     # ---- pure pieces (traced)
     def _emit(self, params, tokens, mask, state: DecodeState, eos_ids, pad_id):
-        scores, chosen, probs, caches = self._logits(params, tokens, mask, state.caches)
+        scores, chosen, probs, caches = self._logits(params, tokens, mask, state.caches,
+                                                     state.done)
         key, sub = jax.random.split(state.key)
         nxt = sample(scores, sub, self.sampling)
         nxt = jnp.where(state.done, pad_id, nxt)
@@ -151,6 +155,10 @@ class _ChunkedDecoder:
         self._jitted[key] = fns
         return fns
 
+    def _finish(self, params, caches):
+        """The caches handed back to a caller that asked for them (e.g. a multi-turn chat)."""
+        return caches
+
     def _place_caches(self, caches):
         if self.mesh is None:
             return caches
@@ -158,7 +166,8 @@ class _ChunkedDecoder:
 
     def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  eos_ids: Sequence[int], pad_id: int = 0, seed: int = 0,
-                 cache_len: Optional[int] = None, width: int = 0) -> DecodeResult:
+                 cache_len: Optional[int] = None, width: int = 0,
+                 return_caches: bool = False) -> DecodeResult:
         """Decodes a batch of token-id prompts (ragged; left-padded here to at least
         `width`, so batches of one padded width share one compiled prefill)."""
         if max_new_tokens < 1:
@@ -188,6 +197,7 @@ class _ChunkedDecoder:
             records.append(jax.tree.map(lambda x: np.swapaxes(np.asarray(x), 0, 1), recs))
             steps += self.chunk
         t2 = time.perf_counter()
+        caches = self._finish(params, state.caches) if return_caches else None
 
         gen, chosen, probs = (np.concatenate(parts, axis=1)[:, :max_new_tokens]
                               for parts in zip(*records))
@@ -197,7 +207,8 @@ class _ChunkedDecoder:
             hits = np.flatnonzero(np.isin(gen[row], eos_np))
             if hits.size:  # the scan already padded what follows
                 lengths[row] = hits[0] + 1
-        return DecodeResult(gen, lengths, chosen, probs, mask.sum(1), steps, t1 - t0, t2 - t1)
+        return DecodeResult(gen, lengths, chosen, probs, mask.sum(1), steps, t1 - t0, t2 - t1,
+                            caches)
 
 
 class Decoder(_ChunkedDecoder):
@@ -214,11 +225,34 @@ class Decoder(_ChunkedDecoder):
     def _cache_shardings(self, caches):
         return (sh.cache_shardings(caches[0], self.mesh),)
 
-    def _logits(self, params, tokens, mask, caches):
+    def _logits(self, params, tokens, mask, caches, done=None):
         out, cache = self.model.extend(params, tokens, caches[0], mask, last_only=True)
         b = tokens.shape[0]
         return (out.logits[:, 0], jnp.zeros((b,), jnp.int32), jnp.zeros((b, 1), jnp.float32),
                 (cache,))
+
+
+LAZY_KINDS = ("fusionroute", "expert_only", "sequence_head", "sequence")  # one expert a token
+
+
+class StepState(NamedTuple):
+    """FusedDecoder's carry besides the KV caches. t: tokens fed since the prompt (scalar).
+    With lazy experts, hist [B, H]: those tokens; synced [n, B]: how many of them each
+    expert's cache holds (an expert not selected falls behind until it is selected again)."""
+
+    t: jax.Array
+    hist: Optional[jax.Array] = None
+    synced: Optional[jax.Array] = None
+
+
+def catch_up_widths(width: int) -> Tuple[int, ...]:
+    """The chunk widths a lazy expert's last catch-up chunk may take: powers of two below
+    `width`, then `width`, so a one-token step (sticky routing) costs one token."""
+    out, w = [], 1
+    while w < width:
+        out.append(w)
+        w *= 2
+    return tuple(out) + (width,)
 
 
 class FusedDecoder(_ChunkedDecoder):
@@ -226,11 +260,25 @@ class FusedDecoder(_ChunkedDecoder):
 
     params = {"router": router params, "experts": experts params}; only the models the
     mode needs are run (`expert:i` runs expert i alone, `router_only` the router alone).
+
+    Lazy experts (`lazy_experts=True`, modes that use one expert per token): every expert
+    reads the prompt, then at each step only the router and the selected expert run. An
+    expert that was not selected falls behind; when it is selected again it first reads
+    the tokens it missed (in chunks of `catch_up_width`; the last chunk rounded up to a power
+    of two), then gives the logits for the current position -- all inside the jitted scan,
+    each expert behind a `lax.cond` that skips it when no row of the batch selected it. The
+    tokens are those of the eager schedule (every expert every step). With `return_caches`,
+    the experts that are behind at the end catch up, so every cache holds the whole
+    sequence (multi-turn chat reuses them).
+
+    `route_schedule` (profiling and tests) forces the routing weights one-hot on
+    route_schedule[i % len] for the i-th generated token (the router still runs).
     """
 
     def __init__(self, mode: Mode, router: Optional[Router], experts: Optional[Experts],
                  vocab: Optional[int] = None, sampling: Sampling = Sampling(), chunk: int = 16,
-                 mesh=None, selector=None):
+                 mesh=None, selector=None, lazy_experts: bool = False, catch_up_width: int = 8,
+                 route_schedule: Optional[Sequence[int]] = None):
         super().__init__(sampling, chunk, mesh)
         if mode.kind == "model":
             raise ModeError(f"mode {mode.name!r} is one stand-alone model: decode it with "
@@ -248,8 +296,15 @@ class FusedDecoder(_ChunkedDecoder):
                             f"{experts.n} experts were given")
         if mode.kind == "expert" and mode.expert >= experts.n:
             raise ModeError(f"mode {mode.name!r}: there are only {experts.n} experts")
+        if catch_up_width < 1:
+            raise ValueError(f"catch_up_width must be >= 1, got {catch_up_width}")
         self.mode = mode
         self.n_experts = router.n_experts if router is not None else experts.n
+        if route_schedule is not None and (
+                not route_schedule or not all(0 <= int(k) < self.n_experts for k in route_schedule)):
+            raise ValueError(f"route_schedule must list expert indices in 0..{self.n_experts - 1}"
+                             f", got {route_schedule}")
+        self.route_schedule = None if route_schedule is None else tuple(int(k) for k in route_schedule)
         sizes = ([router.cfg.vocab_size] if router is not None else []) + (
             [c.vocab_size for c in experts.cfgs] if experts is not None else [])
         self.vocab = vocab or min(sizes)
@@ -268,6 +323,11 @@ class FusedDecoder(_ChunkedDecoder):
         self._full_experts = experts
         if mode.kind == "expert":
             self.experts, _ = experts.subset(mode.expert)
+        self.lazy = bool(lazy_experts and self.experts is not None and self.experts.n > 1
+                         and mode.kind in LAZY_KINDS)
+        self.width = catch_up_width
+        self.widths = catch_up_widths(catch_up_width)
+        self._finisher = None
 
     def prepare(self, params):
         """Keeps only the params the mode runs (expert:i: that expert's slice)."""
@@ -289,25 +349,46 @@ class FusedDecoder(_ChunkedDecoder):
     def generate(self, params, *args, **kwargs) -> DecodeResult:
         return super().generate(self.prepare(params), *args, **kwargs)
 
+    # ---- caches
     def _init_caches(self, batch, cache_len):
         rc = self.router.init_cache(batch, cache_len) if self.router is not None else None
-        ec = self.experts.init_cache(batch, cache_len) if self.experts is not None else None
+        ec = None
+        step = StepState(jnp.zeros((), jnp.int32))
+        if self.lazy:  # one cache per expert, with a chunk's width of spare slots
+            n = self.experts.n
+            ec = tuple(self.experts.model(e).init_cache(batch, cache_len + self.width)
+                       for e in range(n))
+            step = StepState(step.t, jnp.zeros((batch, cache_len), jnp.int32),
+                             jnp.zeros((n, batch), jnp.int32))
+        elif self.experts is not None:
+            ec = self.experts.init_cache(batch, cache_len)
         seq = None
         if self._seq_router is not None:  # the per-prompt choice and its averaged weights
             seq = (jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, self.n_experts), jnp.float32))
         if self.selector is not None:  # the per-prompt target and its P(correct) per target
             seq = (jnp.zeros((batch,), jnp.int32),
                    jnp.zeros((batch, len(self.targets)), jnp.float32))
-        return (rc, ec, seq)
+        return (rc, ec, seq, step)
 
     def _cache_shardings(self, caches):
-        rc, ec, seq = caches
+        rc, ec, seq, step = caches
         if ec is not None:
-            ec = (sh.cache_shardings(ec, self.mesh, leading=("expert",)) if self.experts.stacked
+            ec = (sh.cache_shardings(ec, self.mesh, leading=("expert",))
+                  if self.experts.stacked and not self.lazy
                   else tuple(sh.cache_shardings(c, self.mesh) for c in ec))
         if seq is not None:
             seq = tuple(sh.batch_sharding(self.mesh, x.shape) for x in seq)
-        return (sh.cache_shardings(rc, self.mesh) if rc is not None else None, ec, seq)
+        step = jax.tree.map(lambda _: sh.replicated(self.mesh), step)
+        return (sh.cache_shardings(rc, self.mesh) if rc is not None else None, ec, seq, step)
+
+    # ---- one step
+    def _forced(self, route, index):
+        """Routing logits one-hot on route_schedule[index % len] (when a schedule is set)."""
+        if self.route_schedule is None:
+            return route
+        k = jnp.asarray(self.route_schedule, jnp.int32)[index % len(self.route_schedule)]
+        return jnp.where(jnp.arange(self.n_experts) == k, 0.0, -1e4).astype(route.dtype) + \
+            jnp.zeros_like(route)
 
     def _sequence_choice(self, params, tokens, mask, seq):
         """At prefill: the router reads the prompt once (no cache) and fixes each row's expert;
@@ -334,30 +415,151 @@ class FusedDecoder(_ChunkedDecoder):
         pick = lambda x: jnp.take_along_axis(jnp.stack(x), target[None, :, None], axis=0)[0]
         return pick(lps), pick([c[:, None] for c in chosen])[:, 0], probs
 
-    def _logits(self, params, tokens, mask, caches):
-        rc, ec, seq = caches
-        r_logits = route = e_logits = None
+    def _logits(self, params, tokens, mask, caches, done=None):
+        rc, ec, seq, step = caches
+        r_logits = route = None
         if self.router is not None:
             r_out, rc = self.router.extend(params["router"], tokens, rc, mask, last_only=True)
             r_logits, route = r_out.logits[:, 0, :self.vocab], r_out.route_logits[:, 0]
-        if self.experts is not None:
+            route = self._forced(route, step.t + (0 if mask is not None else 1))
+        if self.mode.kind == "sequence" and mask is not None:
+            # prefill: the SharedTrunkNet picks each row's target once
+            seq = self.selector.choose(params["selector"], tokens, mask)
+        if self.mode.kind == "sequence_head":
+            seq = self._sequence_choice(params, tokens, mask, seq)
+        if self.lazy and mask is None:
+            return self._lazy_step(params, tokens, done, r_logits, route, rc, ec, seq, step)
+        e_logits = None
+        if self.lazy:  # prefill: every expert reads the prompt
+            outs = [self.experts.model(e).extend(self.experts.params_of(params["experts"], e),
+                                                 tokens, ec[e], mask, last_only=True)
+                    for e in range(self.experts.n)]
+            ec = tuple(c for _, c in outs)
+            e_logits = jnp.stack([o.logits[:, 0, :self.vocab] for o, _ in outs])
+        elif self.experts is not None:
             e_logits, ec = self.experts.extend(params["experts"], tokens, ec, mask,
                                                last_only=True)
             e_logits = e_logits[:, :, 0, :self.vocab]  # experts may pad more than the router
+        step = step._replace(t=step.t + (0 if mask is not None else 1))
         if self.mode.kind == "sequence_head":
-            seq = self._sequence_choice(params, tokens, mask, seq)
             logprobs = jax.nn.log_softmax(select_expert(e_logits, seq[0]).astype(jnp.float32), -1)
-            return logprobs, seq[0], seq[1], (rc, ec, seq)
+            return logprobs, seq[0], seq[1], (rc, ec, seq, step)
         if self.mode.kind == "sequence":
-            if mask is not None:  # prefill: the SharedTrunkNet picks each row's target once
-                seq = self.selector.choose(params["selector"], tokens, mask)
             logprobs, chosen, probs = self._targets_logits(r_logits, route, e_logits, seq[0])
-            return logprobs, chosen, probs, (rc, ec, seq)
+            return logprobs, chosen, probs, (rc, ec, seq, step)
         fused = fuse(self.mode, r_logits, route, e_logits)
         probs = fused.route_probs
         if probs is None:
             probs = jnp.zeros((tokens.shape[0], self.n_experts), jnp.float32)
-        return fused.logprobs, fused.chosen, probs, (rc, ec, seq)
+        return fused.logprobs, fused.chosen, probs, (rc, ec, seq, step)
+
+    # ---- lazy experts
+    def _selection(self, route, seq):
+        """Each row's expert for this token [B], and whether the router's logits join it
+        [B] (FusionRoute) -- known before any expert runs."""
+        argmax = (lambda: jnp.argmax(route_probs(route), axis=-1).astype(jnp.int32))
+        kind = self.mode.kind
+        if kind in ("fusionroute", "expert_only"):
+            k = argmax()
+            return k, jnp.full(k.shape, kind == "fusionroute")
+        if kind == "sequence_head":
+            return seq[0], jnp.zeros(seq[0].shape, bool)
+        # sequence: each row's target is an expert alone or FusionRoute
+        fused = jnp.asarray([t.kind == "fusionroute" for t in self.targets])[seq[0]]
+        fixed = jnp.asarray([t.expert if t.kind == "expert" else 0 for t in self.targets],
+                            jnp.int32)[seq[0]]
+        return (jnp.where(fused, argmax(), fixed) if route is not None else fixed), fused
+
+    def _lazy_step(self, params, tokens, done, r_logits, route, rc, ec, seq, step):
+        """One decode step that runs only the selected experts (see the class docstring)."""
+        b = tokens.shape[0]
+        hist = jax.lax.dynamic_update_slice(step.hist, tokens[:, :1], (0, step.t))
+        k, fused_rows = self._selection(route, seq)
+        active = jnp.ones((b,), bool) if done is None else jnp.logical_not(done)
+        selected = jnp.zeros((b, self.vocab), jnp.float32)
+        caches, synced = [], []
+        for e in range(self.experts.n):
+            need = (k == e) & active
+            p = self.experts.params_of(params["experts"], e)
+            run = functools.partial(self._expert_turn, e, p, hist, need, step.t)
+            skip = lambda cache, s: (cache, jnp.zeros((b, self.vocab), jnp.float32), s)
+            cache, logits, s = jax.lax.cond(jnp.any(need), run, skip, ec[e], step.synced[e])
+            selected = jnp.where(need[:, None], logits, selected)
+            caches.append(cache)
+            synced.append(s)
+        step = StepState(step.t + 1, hist, jnp.stack(synced))
+        lsm = lambda x: jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+        alone = lsm(selected)
+        kind = self.mode.kind
+        if kind == "sequence_head":
+            return alone, seq[0], seq[1], (rc, tuple(caches), seq, step)
+        w = route_probs(route) if route is not None else jnp.zeros((b, self.n_experts))
+        if kind == "expert_only":
+            return alone, k, w, (rc, tuple(caches), seq, step)
+        fused = lsm(lsm(r_logits) + alone) if r_logits is not None else alone
+        if kind == "fusionroute":
+            return fused, k, w, (rc, tuple(caches), seq, step)
+        logprobs = jnp.where(fused_rows[:, None], fused, alone)
+        return logprobs, k, jnp.where(fused_rows[:, None], w, 0.0), (rc, tuple(caches), seq, step)
+
+    def _gather(self, hist, start, width):
+        """hist[b, start[b] : start[b] + width] for every row (clipped at the end): [B, width]."""
+        idx = jnp.minimum(start[:, None] + jnp.arange(width)[None, :], hist.shape[1] - 1)
+        return jnp.take_along_axis(hist, idx, axis=1)
+
+    def _catch_up_long(self, model, p, hist, cache, synced, n_miss):
+        """Full chunks of `width` tokens for the rows more than one chunk behind."""
+        w = self.width
+
+        def body(carry):
+            cache, synced, n_miss = carry
+            nv = jnp.where(n_miss > w, w, 0)
+            _, cache = model.catch_up(p, self._gather(hist, synced, w), nv, cache)
+            return cache, synced + nv, n_miss - nv
+
+        return jax.lax.while_loop(lambda c: jnp.any(c[2] > w), body, (cache, synced, n_miss))
+
+    def _expert_turn(self, e, p, hist, need, t, cache, synced):
+        """Expert e for the rows that selected it: read the tokens it missed and the current
+        one (hist[synced : t + 1]), return (cache, logits [B, V] of the current position,
+        synced)."""
+        model = self.experts.model(e)
+        n_miss = jnp.where(need, t + 1 - synced, 0)
+        cache, synced, n_miss = self._catch_up_long(model, p, hist, cache, synced, n_miss)
+
+        def last_chunk(width):
+            def run(cache):
+                out, cache = model.catch_up(p, self._gather(hist, synced, width), n_miss, cache)
+                return cache, out.logits[:, 0, :self.vocab]
+            return run
+
+        widths = jnp.asarray(self.widths, jnp.int32)
+        branch = jnp.searchsorted(widths, jnp.max(n_miss)).astype(jnp.int32)
+        cache, logits = jax.lax.switch(branch, [last_chunk(w) for w in self.widths], cache)
+        return cache, logits, jnp.where(need, t + 1, synced)
+
+    def _finish(self, params, caches):
+        """Lazy experts: every expert catches up on the tokens it has not read, so each cache
+        holds the prompt and every fed token, as after eager decoding."""
+        if not self.lazy:
+            return caches
+        if self._finisher is None:
+            def finish(params, caches):
+                rc, ec, seq, step = caches
+                out, synced = [], []
+                for e in range(self.experts.n):
+                    model = self.experts.model(e)
+                    p = self.experts.params_of(params["experts"], e)
+                    n_miss = step.t - step.synced[e]
+                    cache, s, n_miss = self._catch_up_long(model, p, step.hist, ec[e],
+                                                           step.synced[e], n_miss)
+                    _, cache = model.catch_up(p, self._gather(step.hist, s, self.width),
+                                              n_miss, cache)
+                    out.append(cache)
+                    synced.append(s + n_miss)
+                return rc, tuple(out), seq, step._replace(synced=jnp.stack(synced))
+            self._finisher = jax.jit(finish)
+        return self._finisher(params, caches)
 
 
 # ---------------------------------------------------------------------------- CLI

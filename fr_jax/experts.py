@@ -67,6 +67,16 @@ class Experts:
             return sub, jax.tree.map(lambda x: x[index:index + 1], params)
         return sub, (params[index],)
 
+    def model(self, index: int) -> Model:
+        """The Model that runs expert `index` (stacked experts share one)."""
+        return self.models[0] if self.stacked else self.models[index]
+
+    def params_of(self, params, index: int):
+        """Expert `index`'s own params out of the group's (a static slice when stacked)."""
+        if self.stacked:
+            return jax.tree.map(lambda x: x[index], params)
+        return params[index]
+
     def logical_axes(self):
         from jax.sharding import PartitionSpec as P
         if self.stacked:

@@ -65,12 +65,17 @@ def chunk_positions(cache: KVCache, mask):
     return jnp.where(mask > 0, pos, -1)
 
 
-def advance(cache: KVCache, positions) -> KVCache:
+def advance(cache: KVCache, positions, n_valid=None) -> KVCache:
     """Records a chunk's positions [B, T] in the slot table and moves the row offsets on.
-    (The per-layer keys and values are written by the attention layers themselves.)"""
-    t = positions.shape[1]
+    (The per-layer keys and values are written by the attention layers themselves.)
+
+    With `n_valid` [B] (a right-padded chunk: each row's real tokens first), a row's offset
+    moves by its real tokens only, so the padding slots (position -1) are overwritten by
+    the next chunk instead of using up the cache: a lazy expert catching up in fixed-width
+    chunks then needs only one chunk's width of spare slots."""
+    step = positions.shape[1] if n_valid is None else n_valid.astype(jnp.int32)
     return cache.replace(
         pos=write_slots(cache.pos, positions, cache.end),
-        end=cache.end + t,
+        end=cache.end + step,
         next_pos=jnp.maximum(cache.next_pos, jnp.max(positions, axis=1) + 1),
     )

@@ -98,6 +98,22 @@ class Model:
             slot_start=cache.end, k_pos=new_cache.pos, last_only=last_only)
         return out, new_cache.replace(k=k, v=v)
 
+    def catch_up(self, params, tokens, n_valid, cache: cache_lib.KVCache):
+        """A right-padded chunk tokens [B, W] of which each row's first n_valid[b] are real
+        (0: the row is left as it is) -> (TransformerOutput of each row's last real token
+        [B, 1, ...], cache). Unlike `extend`, a row's offset moves by its real tokens only:
+        the cache needs W spare slots beyond the tokens it will hold, not W per call."""
+        w = tokens.shape[1]
+        check_capacity(cache, w)
+        mask = jnp.arange(w)[None, :] < n_valid[:, None]
+        positions = cache_lib.chunk_positions(cache, mask)
+        new_cache = cache_lib.advance(cache, positions, n_valid)
+        out, (k, v) = self.module.apply(
+            {"params": params}, tokens, positions, kv=(cache.k, cache.v),
+            slot_start=cache.end, k_pos=new_cache.pos,
+            last_index=jnp.maximum(n_valid - 1, 0))
+        return out, new_cache.replace(k=k, v=v)
+
     def prefill(self, params, tokens, cache: cache_lib.KVCache, mask=None,
                 last_only: bool = False):
         """Left-padded prompts tokens [B,T] with mask [B,T] (1 = real) into `cache`.

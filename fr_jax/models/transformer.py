@@ -57,7 +57,8 @@ class Transformer(nn.Module):
 
     `kv` is a pair of stacked caches ([L,B,S,K,D] each) or None for a cache-free forward;
     with a cache, `slot_start` [B] is where the chunk is written and `k_pos` [B,S] the slot
-    positions after writing it. `last_only` returns logits and hidden of the last token only.
+    positions after writing it. `last_only` returns logits and hidden of the last token only;
+    `last_index` [B] of token last_index[b] of each row (a right-padded chunk).
     """
 
     cfg: ModelConfig
@@ -82,7 +83,7 @@ class Transformer(nn.Module):
                                       (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
 
     def __call__(self, tokens, positions, kv=None, slot_start=None, k_pos=None,
-                 segment_ids=None, last_only: bool = False):
+                 segment_ids=None, last_only: bool = False, last_index=None):
         cfg = self.cfg
         x = self.embed(tokens)
         if cfg.embed_scale is not None:
@@ -98,6 +99,8 @@ class Transformer(nn.Module):
         if last_only:
             # Prefill only needs the next-token logits: never build [B, T, V] for a long prompt.
             x = x[:, -1:]
+        elif last_index is not None:
+            x = jnp.take_along_axis(x, last_index[:, None, None].astype(jnp.int32), axis=1)
         hidden = self.final_norm(x)
         return TransformerOutput(self.logits(hidden), hidden), new_kv
 
