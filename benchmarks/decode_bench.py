@@ -1,7 +1,17 @@
-"""Decode throughput: one expert alone vs FusionRoute with E experts, fr_jax vs PyTorch.
+"""Decode throughput: one expert alone vs FusionRoute with E experts, eager and lazy,
+fr_jax vs PyTorch.
 
     python benchmarks/decode_bench.py                       # CPU-sized models, with PyTorch
     python benchmarks/decode_bench.py --shape=llama3-8b --no_torch --batch=1,8   # on a GPU/TPU
+
+Eager FusionRoute steps the router and all E experts every token; lazy FusionRoute
+(`lazy_experts`) steps the router and the selected expert, and an expert that was skipped
+catches up when selected again. Lazy decoding is measured under routing patterns forced
+with `route_schedule` (the router still runs): `sticky` (expert 0 throughout) and
+`alternating` (experts 0, 1, ..., E-1 in turn, a new expert every token), and, with
+`--toy`, under the real routing of the embedded world's trained router on its held-out
+prompts. `router + 1 expert` (FusionRoute with one expert) is the floor lazy decoding
+aims at.
 
 Every configuration decodes the same random prompts for `--new_tokens` tokens (no EOS) with
 random weights (speed does not depend on their values). fr_jax's compile time is reported
@@ -50,7 +60,17 @@ SHAPES = {
              rope=_LLAMA_ROPE),
         dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
              num_heads=32, num_kv_heads=8, head_dim=128, rope=_LLAMA_ROPE)),
+    "gemma2-9b": (  # router: Gemma-2-2B shape; experts: Gemma-2-9B shape
+        dict(_gemma=True, vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+             num_layers=26, num_heads=8, num_kv_heads=4, head_dim=256,
+             query_pre_attn_scalar=256.0),
+        dict(_gemma=True, vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+             num_layers=42, num_heads=16, num_kv_heads=8, head_dim=256,
+             query_pre_attn_scalar=256.0)),
 }
+_GEMMA2 = dict(model_type="gemma2", tie_word_embeddings=True, norm_plus_one=True,
+               sandwich_norms=True, scale_embeddings=True, attn_logit_softcap=50.0,
+               final_logit_softcap=30.0, sliding_window=4096, activation="gelu_tanh")
 # Peak HBM bandwidth (bytes/s) by device kind, from the vendors' data sheets.
 PEAK_BW = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12,
            "TPU v4": 1.2e12, "TPU v5 lite": 0.82e12, "TPU v5p": 2.76e12, "TPU v6 lite": 1.64e12}
@@ -79,12 +99,23 @@ class Row:
     bytes_per_step: int = 0
     roofline_ms: float = float("nan")
     roofline_fraction: float = float("nan")
+    note: str = ""
+
+
+def model_config(kw: dict, dtype: str) -> ModelConfig:
+    kw = dict(kw)
+    base = dict(model_type="llama", dtype=dtype, param_dtype=dtype, eos_token_ids=(1,))
+    if kw.pop("_gemma", False):
+        base.update(_GEMMA2)
+        n = kw["num_layers"]
+        base["layer_types"] = tuple("sliding_attention" if i % 2 == 0 else "full_attention"
+                                    for i in range(n))
+    return ModelConfig(**base, **kw)
 
 
 def build(shape, n_experts, dtype, tmp, write):
     r_kw, e_kw = SHAPES[shape]
-    base = dict(model_type="llama", dtype=dtype, param_dtype=dtype, eos_token_ids=(1,))
-    r_cfg, e_cfg = ModelConfig(**base, **r_kw), ModelConfig(**base, **e_kw)
+    r_cfg, e_cfg = model_config(r_kw, dtype), model_config(e_kw, dtype)
     keys = jax.random.split(jax.random.key(0), n_experts + 1)
     router = Router(r_cfg, n_experts)
     r_params = jax.jit(router.init)(keys[0])
@@ -117,6 +148,27 @@ def time_generate(fn, repeats):
     return best, max(first - steady_total, 0.0)
 
 
+def _time_row(name, dec, p, prompts, gen, repeats, b, bytes_per_step, peak, extra=""):
+    res, compile_s = time_generate(lambda: dec.generate(p, prompts, **gen), repeats)
+    ms = res.seconds_decode / res.steps * 1e3
+    row = Row("fr_jax", name, b, ms, b * 1e3 / ms, compile_s, bytes_per_step)
+    if peak:
+        row.roofline_ms = row.bytes_per_step / peak * 1e3
+        row.roofline_fraction = row.roofline_ms / ms
+    print(f"  fr_jax {name:30s} B={b}: {ms:8.2f} ms/token (compile {compile_s:.1f} s){extra}",
+          flush=True)
+    return row, res
+
+
+def _kv_bytes(dec, b, cache_len):
+    return tree_bytes(jax.eval_shape(lambda: dec._init_caches(b, cache_len)))
+
+
+def schedules(patterns, n_exp):
+    out = {"sticky": (0,), "alternating": tuple(range(n_exp))}
+    return [(p, out[p]) for p in patterns]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES))
@@ -126,6 +178,12 @@ def main(argv=None):
     ap.add_argument("--new_tokens", type=int, default=33)
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--patterns", default="sticky,alternating",
+                    help="forced routing patterns for lazy decoding ('' = none)")
+    ap.add_argument("--catch_up_width", type=int, default=8)
+    ap.add_argument("--toy", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time eager vs lazy with the embedded world's real routing "
+                         "(default: on the CPU shape)")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 elsewhere")
     ap.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument("--out", default="benchmarks/results/decode_bench.json")
@@ -134,10 +192,12 @@ def main(argv=None):
     dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
     batches = [int(b) for b in args.batch.split(",")]
     expert_counts = [int(e) for e in args.experts.split(",")]
+    patterns = [p for p in args.patterns.split(",") if p]
     kind, peak = peak_bandwidth()
     steps = args.new_tokens - 1  # decode steps after the prefill's token
     rng = np.random.default_rng(0)
     rows = []
+    w = args.catch_up_width
 
     for n_exp in expert_counts:
         with tempfile.TemporaryDirectory() as tmp:
@@ -146,81 +206,136 @@ def main(argv=None):
             params = {"router": r_params, "experts": e_params}
             vocab = router.cfg.vocab_size
             cache_len = args.prompt_len + -(-steps // args.chunk) * args.chunk
+            one_expert, one_params = experts.subset(0, e_params)
+            router1 = Router(router.cfg, 1)
+            floor_params = {"router": {"backbone": r_params["backbone"],
+                                       "head": {"kernel": r_params["head"]["kernel"][:, :1]}},
+                            "experts": one_params}
+            floor_weights = tree_bytes(floor_params)
             for b in batches:
                 prompts = rng.integers(2, vocab, (b, args.prompt_len)).tolist()
                 gen = dict(max_new_tokens=args.new_tokens, eos_ids=[])
-                configs = [(f"fusionroute E={n_exp}", FusedDecoder(
-                    Mode.parse("fusionroute"), router, experts, chunk=args.chunk), params)]
+                configs = []
                 if n_exp == expert_counts[0]:
-                    one = jax.tree.map(lambda x: x[0], e_params) if experts.stacked else e_params[0]
-                    configs.insert(0, ("expert alone", Decoder(experts.models[0],
-                                                               chunk=args.chunk), one))
+                    alone = Decoder(experts.models[0], chunk=args.chunk)
+                    configs.append(("expert alone", alone, jax.tree.map(lambda x: x[0], one_params)
+                                    if experts.stacked else one_params[0]))
+                    configs.append(("router + 1 expert", FusedDecoder(
+                        Mode.parse("fusionroute"), router1, one_expert, chunk=args.chunk),
+                        floor_params))
+                configs.append((f"eager E={n_exp}", FusedDecoder(
+                    Mode.parse("fusionroute"), router, experts, chunk=args.chunk), params))
+                for pattern, sched in schedules(patterns, n_exp):
+                    configs.append((f"lazy E={n_exp} {pattern}", FusedDecoder(
+                        Mode.parse("fusionroute"), router, experts, chunk=args.chunk,
+                        lazy_experts=True, catch_up_width=w, route_schedule=sched), params))
                 for name, dec, p in configs:
-                    res, compile_s = time_generate(
-                        lambda: dec.generate(p, prompts, **gen), args.repeats)
-                    ms = res.seconds_decode / res.steps * 1e3
-                    weights = tree_bytes(p) if name == "expert alone" else tree_bytes(params)
-                    n_models = 1 if name == "expert alone" else n_exp + 1
-                    kv = (tree_bytes(jax.eval_shape(lambda: dec._init_caches(b, cache_len)))
-                          if True else 0)
-                    row = Row("fr_jax", name, b, ms, b * 1e3 / ms, compile_s, weights + kv)
-                    if peak:
-                        row.roofline_ms = row.bytes_per_step / peak * 1e3
-                        row.roofline_fraction = row.roofline_ms / ms
+                    kv = _kv_bytes(dec, b, cache_len)
+                    if name.startswith("lazy"):  # a step reads the router and one expert
+                        kv = kv // (n_exp + 1) * 2  # (KV estimate: equal shares per model)
+                        weights = floor_weights
+                    else:
+                        weights = tree_bytes(p)
+                    row, _ = _time_row(name, dec, p, prompts, gen, args.repeats, b,
+                                       weights + kv, peak)
                     rows.append(row)
-                    print(f"  fr_jax {name:22s} B={b}: {ms:8.2f} ms/token "
-                          f"(compile {compile_s:.1f} s, {n_models} models)", flush=True)
                 if not args.no_torch:
-                    import torch
-                    from benchmarks.torch_reference import TorchFusedReference
-                    torch.set_num_threads(os.cpu_count() or 1)
-                    ref_cfgs = [(f"fusionroute E={n_exp}", "fusionroute")]
-                    if n_exp == expert_counts[0]:
-                        ref_cfgs.insert(0, ("expert alone", "expert:0"))
-                    for name, mode in ref_cfgs:
-                        ref = TorchFusedReference(r_path, paths, mode,
-                                                  dtype=getattr(torch, dtype),
-                                                  device="cuda" if platform == "gpu" else "cpu")
-                        ref.generate(prompts, 3)  # warm-up
-                        best = float("inf")
-                        for _ in range(args.repeats):
-                            t0 = time.perf_counter()
-                            ref.generate(prompts, args.new_tokens)
-                            best = min(best, time.perf_counter() - t0)
-                        ms = best / args.new_tokens * 1e3  # includes prefill: flatters torch
-                        rows.append(Row("pytorch", name, b, ms, b * 1e3 / ms))
-                        print(f"  pytorch {name:21s} B={b}: {ms:8.2f} ms/token", flush=True)
-
+                    rows += torch_rows(args, n_exp, expert_counts, r_path, paths, prompts, b,
+                                       dtype, platform)
+    if args.toy if args.toy is not None else args.shape == "cpu-small":
+        rows += toy_rows(args, batches, peak)
     report(rows, args, kind, peak, dtype)
+
+
+def torch_rows(args, n_exp, expert_counts, r_path, paths, prompts, b, dtype, platform):
+    import torch
+    from benchmarks.torch_reference import TorchFusedReference
+    torch.set_num_threads(os.cpu_count() or 1)
+    ref_cfgs = [(f"eager E={n_exp}", "fusionroute")]
+    if n_exp == expert_counts[0]:
+        ref_cfgs.insert(0, ("expert alone", "expert:0"))
+    rows = []
+    for name, mode in ref_cfgs:
+        ref = TorchFusedReference(r_path, paths, mode, dtype=getattr(torch, dtype),
+                                  device="cuda" if platform == "gpu" else "cpu")
+        ref.generate(prompts, 3)  # warm-up
+        best = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            ref.generate(prompts, args.new_tokens)
+            best = min(best, time.perf_counter() - t0)
+        ms = best / args.new_tokens * 1e3  # includes prefill: flatters torch
+        rows.append(Row("pytorch", name, b, ms, b * 1e3 / ms))
+        print(f"  pytorch {name:29s} B={b}: {ms:8.2f} ms/token", flush=True)
+    return rows
+
+
+def toy_rows(args, batches, peak):
+    """Eager vs lazy FusionRoute on the bundled world (3 experts) with its trained router's
+    real routing, on its held-out prompts (no EOS, so every step is timed)."""
+    from fr_jax.data import encode_prompt
+    from fr_jax.eval.benchmarks import default_toy_tasks
+    from fr_jax.toy.demo import bundled_world, load_lineup
+
+    world = bundled_world()
+    lineup = load_lineup(world["router"], world["experts"], {})
+    tasks = default_toy_tasks()
+    order = np.random.default_rng(1).permutation(len(tasks))
+    rows = []
+    for b in batches:
+        prompts = [encode_prompt(lineup.tokenizer, tasks[i].prompt, True) for i in order[:b]]
+        gen = dict(max_new_tokens=args.new_tokens, eos_ids=[])
+        for name, lazy in (("toy eager E=3", False), ("toy lazy E=3 real", True)):
+            dec = FusedDecoder(Mode.parse("fusionroute"), lineup.router, lineup.experts,
+                               vocab=len(lineup.tokenizer), chunk=args.chunk,
+                               lazy_experts=lazy, catch_up_width=args.catch_up_width)
+            row, res = _time_row(name, dec, lineup.params, prompts, gen, args.repeats, b, 0,
+                                 None)
+            switches = np.mean(res.chosen[:, 1:] != res.chosen[:, :-1])
+            row.note = f"expert switches at {switches:.0%} of steps"
+            print(f"    {row.note}")
+            rows.append(row)
+    return rows
 
 
 def report(rows, args, kind, peak, dtype):
     by = {(r.impl, r.config, r.batch): r for r in rows}
+
+    def ratio(r, other):
+        return r.ms_per_token / other.ms_per_token if other else float("nan")
+
     print(f"\nDecode benchmark: shape {args.shape}, {dtype}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, device {kind}"
+          f"{args.new_tokens} new tokens, catch-up width {args.catch_up_width}, device {kind}"
           + (f" (peak {peak / 1e12:.2f} TB/s)" if peak else ""))
-    head = f"{'impl':8s} {'config':22s} {'batch':>5s} {'ms/token':>9s} {'tok/s':>9s} " \
-           f"{'compile s':>9s} {'vs 1 expert':>11s} {'fr_jax speedup':>14s}"
+    head = (f"{'impl':8s} {'config':26s} {'batch':>5s} {'ms/token':>9s} {'tok/s':>9s} "
+            f"{'compile s':>9s} {'vs 1 expert':>11s} {'vs r+1':>7s} {'vs eager':>8s} "
+            f"{'fr_jax speedup':>14s}")
     if peak:
         head += f" {'roofline ms':>11s} {'achieved':>8s}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        alone = by.get((r.impl, "expert alone", r.batch))
+        toy = r.config.startswith("toy")
+        n_exp = r.config.split("E=")[1].split()[0] if "E=" in r.config else None
+        eager = by.get((r.impl, ("toy " if toy else "") + f"eager E={n_exp}", r.batch))
+        alone = None if toy else by.get((r.impl, "expert alone", r.batch))
+        floor = None if toy else by.get((r.impl, "router + 1 expert", r.batch))
         torch_row = by.get(("pytorch", r.config, r.batch))
-        line = (f"{r.impl:8s} {r.config:22s} {r.batch:5d} {r.ms_per_token:9.2f} "
-                f"{r.tokens_per_s:9.1f} {r.compile_s:9.1f} "
-                f"{(r.ms_per_token / alone.ms_per_token if alone else float('nan')):10.2f}x "
+        line = (f"{r.impl:8s} {r.config:26s} {r.batch:5d} {r.ms_per_token:9.2f} "
+                f"{r.tokens_per_s:9.1f} {r.compile_s:9.1f} {ratio(r, alone):10.2f}x "
+                f"{ratio(r, floor):6.2f}x {ratio(r, eager):7.2f}x "
                 f"{(torch_row.ms_per_token / r.ms_per_token if torch_row and r.impl == 'fr_jax' else float('nan')):13.2f}x")
         if peak:
             line += f" {r.roofline_ms:11.3f} {r.roofline_fraction:8.1%}"
         print(line)
-    print("vs 1 expert: ms/token relative to that implementation's single expert; "
+    print("vs 1 expert / vs r+1 / vs eager: ms/token over that of the expert alone / the router "
+          "with one expert / eager FusionRoute with as many experts (same batch, same run); "
           "fr_jax speedup: PyTorch ms/token / fr_jax ms/token.")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"shape": args.shape, "dtype": dtype, "device": kind, "peak_bw": peak,
                    "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                   "catch_up_width": args.catch_up_width,
                    "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=2)
     print(f"wrote {args.out}")
 

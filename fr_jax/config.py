@@ -23,7 +23,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.experts = ml_collections.ConfigDict()
     c.experts.paths = ()  # one folder per expert, in the router's order
     c.experts.names = ()  # display names; default: folder names
-    c.experts.stacked = "auto"  # auto | yes | no (stack same-shape experts on an expert axis)
+    # auto | yes | no: stack same-shape experts on an expert axis (vmap; shardable over
+    # `expert`). auto = stacked, except for lazy decoding, which runs one expert at a time
+    # and reads a listed expert's weights in place (a stacked one's would be sliced out).
+    c.experts.stacked = "auto"
 
     c.model = ml_collections.ConfigDict()
     c.model.dtype = "float32"  # activations (and params unless param_dtype is set)
@@ -44,6 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.decode.chat = True  # apply the tokenizer's chat template to each prompt
     c.decode.max_new_tokens = 32
     c.decode.chunk = 8  # scan steps per jitted call; the host checks for EOS in between
+    # Lazy experts: per step only the router and the selected expert run; a skipped expert
+    # catches up on the tokens it missed when selected again, in chunks of catch_up_width
+    # (same tokens as stepping every expert; see FusedDecoder).
+    c.decode.lazy_experts = True
+    c.decode.catch_up_width = 8
     c.decode.cache_len = 0  # 0 = just enough for the longest prompt + max_new_tokens
     c.decode.truncate_prompt = False  # True: keep the last tokens of a prompt that is too long
     c.decode.eos_ids = ()  # () = the checkpoints' eos ids and the tokenizer's eos token

@@ -480,8 +480,8 @@ class FusedDecoder(_ChunkedDecoder):
         caches, synced = [], []
         for e in range(self.experts.n):
             need = (k == e) & active
-            p = self.experts.params_of(params["experts"], e)
-            run = functools.partial(self._expert_turn, e, p, hist, need, step.t)
+            # The expert's params are taken inside its branch: a skipped expert reads nothing.
+            run = functools.partial(self._expert_turn, e, params["experts"], hist, need, step.t)
             skip = lambda cache, s: (cache, jnp.zeros((b, self.vocab), jnp.float32), s)
             cache, logits, s = jax.lax.cond(jnp.any(need), run, skip, ec[e], step.synced[e])
             selected = jnp.where(need[:, None], logits, selected)
@@ -519,11 +519,12 @@ class FusedDecoder(_ChunkedDecoder):
 
         return jax.lax.while_loop(lambda c: jnp.any(c[2] > w), body, (cache, synced, n_miss))
 
-    def _expert_turn(self, e, p, hist, need, t, cache, synced):
+    def _expert_turn(self, e, group_params, hist, need, t, cache, synced):
         """Expert e for the rows that selected it: read the tokens it missed and the current
         one (hist[synced : t + 1]), return (cache, logits [B, V] of the current position,
         synced)."""
         model = self.experts.model(e)
+        p = self.experts.params_of(group_params, e)
         n_miss = jnp.where(need, t + 1 - synced, 0)
         cache, synced, n_miss = self._catch_up_long(model, p, hist, cache, synced, n_miss)
 
@@ -602,6 +603,14 @@ def check_tokenizers(named: Sequence[Tuple[str, object]]):
                 "entries; the router and every expert must share one tokenizer (same family)")
 
 
+def experts_layout(config) -> Optional[bool]:
+    """config.experts.stacked -> the `stacked` argument of load_experts (None = if they can
+    be; lazy decoding prefers the list layout, see config.py)."""
+    if config.experts.stacked == "auto":
+        return False if config.decode.lazy_experts else None
+    return {"yes": True, "no": False}[config.experts.stacked]
+
+
 def load_world(config, mode: Mode, mesh):
     """Loads what `mode` needs onto `mesh`: (router | None, experts | None, params,
     tokenizer, expert names, model configs, SharedTrunkNet selector | None)."""
@@ -630,7 +639,7 @@ def load_world(config, mode: Mode, mesh):
     check_tokenizers(toks)
     tokenizer = toks[0][1]
     dtype, pdtype = config.model.dtype, config.model.param_dtype or None
-    stacked = {"auto": None, "yes": True, "no": False}[config.experts.stacked]
+    stacked = experts_layout(config)
     router = experts = None
     params = {}
     if mode.uses_router:
@@ -737,7 +746,8 @@ def run(config) -> DecodeResult:
               f"{jax.devices()[0].platform}")
     else:
         decoder = FusedDecoder(mode, router, experts, vocab=len(tok), sampling=sampling,
-                               chunk=d.chunk, mesh=mesh, selector=selector)
+                               chunk=d.chunk, mesh=mesh, selector=selector,
+                               lazy_experts=d.lazy_experts, catch_up_width=d.catch_up_width)
         print(f"mode {mode.name}: router {config.router.path or '(the bundled toy world)'}; "
               f"experts {', '.join(names)}; mesh {dict(mesh.shape)} on "
               f"{jax.devices()[0].platform}")

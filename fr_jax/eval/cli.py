@@ -68,7 +68,9 @@ def build_lineup(config, modes: Sequence[str]):
             sources.append(getattr(config.baselines, m.model) or bundled_world()[m.model])
     eos = set(config.decode.eos_ids) or set().union(*(c.eos_token_ids for c in cfgs))
     return Lineup(router, experts, params, tok, names, models, selector,
-                  source={"folders": sources}, eos_ids=sorted(eos), mesh=mesh)
+                  source={"folders": sources}, eos_ids=sorted(eos), mesh=mesh,
+                  lazy_experts=config.decode.lazy_experts,
+                  catch_up_width=config.decode.catch_up_width)
 
 
 def run(config, benchmarks: Sequence[str], modes: Sequence[str]) -> dict:

@@ -32,6 +32,8 @@ class Lineup:
     source: dict = dataclasses.field(default_factory=dict)  # {"router", "experts"}: folders
     eos_ids: Sequence[int] = ()  # end-of-sequence ids besides the tokenizer's EOS token
     mesh: object = None  # the mesh the params are placed on: decoders shard batches over it
+    lazy_experts: bool = False  # FusedDecoder's lazy experts (the same tokens, faster)
+    catch_up_width: int = 8
 
 
 @dataclasses.dataclass
@@ -58,7 +60,8 @@ def _decoder(lineup: Lineup, mode: str, sampling: Sampling, chunk: int):
         raise ModeError(f"mode {mode!r} needs models this lineup does not have")
     dec = FusedDecoder(m, lineup.router, lineup.experts, vocab=len(lineup.tokenizer),
                        sampling=sampling, chunk=chunk, mesh=lineup.mesh,
-                       selector=lineup.selector)
+                       selector=lineup.selector, lazy_experts=lineup.lazy_experts,
+                       catch_up_width=lineup.catch_up_width)
     return dec, lineup.params
 
 
