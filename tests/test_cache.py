@@ -109,3 +109,37 @@ def test_prompt_longer_than_cache_is_a_clear_error():
     _, cache = model.prefill(params, jnp.zeros((1, 16), jnp.int32), model.init_cache(1, 16))
     with pytest.raises(CacheOverflowError, match="16 of 16"):
         model.step(params, jnp.zeros((1,), jnp.int32), cache)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_right_padded_catch_up_chunks_match_the_full_forward(model_type):
+    """`Model.catch_up`: rows read different numbers of tokens per call (0 included) from a
+    right-padded chunk; each row's offset moves by its real tokens only, so a cache with one
+    chunk of spare slots holds the whole sequence, and the logits of each row's last real
+    token equal the full forward's (Gemma-2: the window of 4 spans the chunks)."""
+    model = Model(tiny(model_type))
+    params = _scaled_params(model)
+    rng = np.random.default_rng(2)
+    w, total = 4, 15
+    seqs = rng.integers(3, 97, (2, total))
+    reads = [[3, 0, 4, 1, 4, 2, 1], [1, 4, 4, 0, 2, 3, 1]]  # tokens per call, per row
+    assert all(sum(r) == total for r in reads)
+    cache = model.init_cache(2, total + w)
+    catch_up = jax.jit(model.catch_up)
+    done = np.zeros(2, int)
+    full = [np.asarray(model.forward(params, jnp.asarray(seqs[b][None])).logits[0])
+            for b in range(2)]
+    for call in range(len(reads[0])):
+        n = np.array([reads[b][call] for b in range(2)])
+        chunk = np.zeros((2, w), np.int32)
+        for b in range(2):
+            chunk[b, :n[b]] = seqs[b][done[b]:done[b] + n[b]]
+        out, cache = catch_up(params, jnp.asarray(chunk), jnp.asarray(n, jnp.int32), cache)
+        done += n
+        for b in range(2):
+            if n[b]:
+                diff = np.abs(np.asarray(out.logits[b, 0]) - full[b][done[b] - 1]).max()
+                assert diff <= TOL, (call, b, diff)
+    np.testing.assert_array_equal(np.asarray(cache.end), [total, total])
+    np.testing.assert_array_equal(np.asarray(cache.pos)[:, :total], np.tile(np.arange(total), (2, 1)))
+    assert np.all(np.asarray(cache.pos)[:, total:] == -1)
