@@ -327,6 +327,7 @@ class FusedDecoder(_ChunkedDecoder):
                          and mode.kind in LAZY_KINDS)
         self.width = catch_up_width
         self.widths = catch_up_widths(catch_up_width)
+
         self._finisher = None
 
     def prepare(self, params):
@@ -488,19 +489,26 @@ class FusedDecoder(_ChunkedDecoder):
             caches.append(cache)
             synced.append(s)
         step = StepState(step.t + 1, hist, jnp.stack(synced))
+        return self._assemble(r_logits, route, selected, k, fused_rows, seq,
+                              (rc, tuple(caches), seq, step))
+
+    def _assemble(self, r_logits, route, selected, k, fused_rows, seq, caches):
+        """The step's outputs from the selected experts' logits [B, V] (the same operations
+        as `fuse` on all experts' logits, so the tokens are the eager ones)."""
+        b = selected.shape[0]
         lsm = lambda x: jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
         alone = lsm(selected)
         kind = self.mode.kind
         if kind == "sequence_head":
-            return alone, seq[0], seq[1], (rc, tuple(caches), seq, step)
+            return alone, seq[0], seq[1], caches
         w = route_probs(route) if route is not None else jnp.zeros((b, self.n_experts))
         if kind == "expert_only":
-            return alone, k, w, (rc, tuple(caches), seq, step)
+            return alone, k, w, caches
         fused = lsm(lsm(r_logits) + alone) if r_logits is not None else alone
         if kind == "fusionroute":
-            return fused, k, w, (rc, tuple(caches), seq, step)
-        logprobs = jnp.where(fused_rows[:, None], fused, alone)
-        return logprobs, k, jnp.where(fused_rows[:, None], w, 0.0), (rc, tuple(caches), seq, step)
+            return fused, k, w, caches
+        return (jnp.where(fused_rows[:, None], fused, alone), k,
+                jnp.where(fused_rows[:, None], w, 0.0), caches)
 
     def _gather(self, hist, start, width):
         """hist[b, start[b] : start[b] + width] for every row (clipped at the end): [B, width]."""

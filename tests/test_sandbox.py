@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import resource
+import threading
 import time
 import uuid
+import warnings
 
 import pytest
 
+from fr_jax.eval import sandbox
 from fr_jax.eval.sandbox import Limits, Outcome, protections, run_python
 
 SMALL = Limits(timeout_s=2, memory_mb=256)
@@ -253,6 +257,104 @@ def test_user_none_still_blocks_network_and_writes(tmp_path):
     assert out.stdout.strip() == str(os.getuid())
 
 
+# --- layer 3 happens in the runner, not between fork and exec ----------------------------------
+
+_FORK_HOOK_ARMED = threading.Event()
+
+
+def _warn_like_jax_before_fork() -> None:
+    """What JAX registers with os.register_at_fork: warn whenever Python-level fork hooks run."""
+    if _FORK_HOOK_ARMED.is_set():
+        warnings.warn("os.fork() was called. os.fork() is incompatible with multithreaded code, "
+                      "and JAX is multithreaded, so this will likely lead to a deadlock.", RuntimeWarning)
+
+
+os.register_at_fork(before=_warn_like_jax_before_fork)
+
+
+def test_no_fork_warning_with_another_thread_alive():
+    """Fork hooks run only when CPython forks to run Python code in the child (a preexec_fn);
+    with a thread alive that is what can deadlock, so run_python must not trigger them."""
+    stop = threading.Event()
+    sleeper = threading.Thread(target=stop.wait, args=(30,), daemon=True)
+    sleeper.start()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _FORK_HOOK_ARMED.set()
+            try:
+                assert threading.active_count() > 1
+                out = run_python("print('ok')\n", SMALL)
+            finally:
+                _FORK_HOOK_ARMED.clear()
+    finally:
+        stop.set()
+        sleeper.join()
+    assert out.passed, out
+    assert [w for w in caught if "fork" in str(w.message)] == []
+
+
+def test_ctypes_used_by_the_setup_is_not_left_loaded():
+    out = run_python("import sys\nassert not [m for m in sys.modules if 'ctypes' in m], sys.modules\n", SMALL)
+    assert out.passed, out
+
+
+def test_program_cannot_fake_a_setup_failure():
+    src = "import os\nos.write(2, b'sandbox setup failed: fake\\n')\nos._exit(125)\n"
+    out = run_python(src, SMALL)
+    assert out.status == "failed", out
+
+
+_KERNEL_CHECK = """
+import decimal, fractions, json, os, sys
+assert json.loads('[1]') == [1] and fractions.Fraction(1, 3) * 3 == decimal.Decimal(1)
+assert not [m for m in sys.modules if 'ctypes' in m]
+assert os.getresuid() == (65534, 65534, 65534) and os.getresgid() == (65534, 65534, 65534)
+assert os.getgroups() == []
+caps = dict(line.split(':') for line in open('/proc/self/status') if line.startswith('Cap'))
+assert int(caps['CapEff'], 16) & ~4 == 0 and int(caps['CapPrm'], 16) & ~4 == 0, caps
+assert int(caps['CapInh'], 16) == 0 and int(caps['CapAmb'], 16) == 0, caps
+try:
+    open(%r, 'a')
+except PermissionError:
+    print('denied')
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop happens only as root")
+def test_uid_drop_is_enforced_by_the_kernel(tmp_path):
+    """Without the audit hook (internal switch used by protections()), the kernel alone must
+    refuse a write to a root-owned file, while the stdlib stays importable."""
+    target = tmp_path / "root_owned.txt"
+    target.write_text("keep me")
+    target.chmod(0o644)
+    out, achieved = sandbox._run_sandboxed(_KERNEL_CHECK % str(target), SMALL, audit_hook=False)
+    assert out.passed, out
+    assert out.stdout == "denied\n"
+    assert target.read_text() == "keep me"
+    assert achieved["uid"] == 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop happens only as root")
+def test_failed_uid_drop_is_a_sandbox_error_and_the_program_never_runs(monkeypatch):
+    original = sandbox._write_config
+
+    def write_impossible_gid(io_dir, *args):
+        original(io_dir, *args)
+        path = os.path.join(io_dir, "config.json")
+        with open(path) as handle:
+            config = json.load(handle)
+        config["gid"] = 1 << 40  # os.setgid() in the runner must fail
+        with open(path, "w") as handle:
+            json.dump(config, handle)
+
+    monkeypatch.setattr(sandbox, "_write_config", write_impossible_gid)
+    out = run_python("print('the program ran')\n", SMALL)
+    assert out.status == "sandbox_error", out
+    assert "sandbox setup failed" in out.reason
+    assert "the program ran" not in out.stdout
+
+
 # --- concurrency --------------------------------------------------------------------------------
 
 def test_concurrent_samples_get_the_right_statuses(tmp_path):
@@ -286,3 +388,14 @@ def test_protections_report():
     if os.geteuid() == 0:
         assert report["uid_drop"] is True
         assert report["network_namespace"] is True
+
+
+def test_no_new_privileges_is_set_in_the_child():
+    """PR_SET_NO_NEW_PRIVS: even past the hook, exec of a setuid binary gains nothing."""
+    from fr_jax.eval import sandbox
+
+    src = ("status = open('/proc/self/status').read()\n"
+           "assert 'NoNewPrivs:\\t1' in status, status\n")
+    out, achieved = sandbox._run_sandboxed(src, SMALL, audit_hook=False)
+    assert out.passed, out
+    assert achieved["no_new_privs"] is True

@@ -15,21 +15,35 @@ Protection layers (each degrades gracefully when the kernel refuses it; see
    neither site-packages nor this project are importable; no .pyc writes),
    a minimal environment, stdin from /dev/null, a new session/process group,
    no inherited file descriptors.
-3. In the child before ``exec`` (``preexec_fn``):
+3. At the very start of the runner, in the new interpreter *after* ``exec`` and
+   before the audit hook is installed or any untrusted code runs (the parent
+   passes the plan as ``config.json`` in its private io directory).  It is not
+   done in a ``preexec_fn``: that would make CPython fork and run Python code
+   between fork and exec, which can deadlock in a multithreaded parent (JAX,
+   the harness's thread pool).  Now nothing but ``_posixsubprocess``'s C code
+   runs in the forked child.  The runner applies:
    a. a new, empty network namespace (``unshare(CLONE_NEWNET)``; falls back to
       ``CLONE_NEWUSER|CLONE_NEWNET`` when not root): even a socket that slips
       past layer 4 finds no interface ("Network is unreachable");
    b. rlimits: address space, CPU seconds, file size (= output cap, so a
       runaway writer gets EFBIG/SIGXFSZ), open files, processes, no core dumps;
-   c. when running as root with ``user="auto"`` (or a named user): drop to
-      uid/gid ``nobody`` (65534) with no supplementary groups, so the kernel
-      denies writes to root-owned files, kill() of other users' processes and
-      enforces RLIMIT_NPROC (root ignores it).  If ``nobody`` cannot reach the
-      interpreter (e.g. it lives under a 0700 ``/root``), the child keeps only
-      the CAP_DAC_READ_SEARCH capability (as an ambient capability) so that it
-      can still read the interpreter and the stdlib; it then can *read* any
-      file at kernel level (reads are still filtered by layer 4) but still
-      cannot write root-owned files.
+   c. when running as root with ``user="auto"`` (or a named user): drop real,
+      effective and saved uid/gid to ``nobody`` (65534) with no supplementary
+      groups, so the kernel denies writes to root-owned files, kill() of other
+      users' processes and enforces RLIMIT_NPROC (root ignores it).  If
+      ``nobody`` cannot reach the interpreter's files (e.g. under a 0700
+      ``/root``), the runner keeps only CAP_DAC_READ_SEARCH (``PR_SET_KEEPCAPS``
+      across ``setuid``, then ``capset`` to effective+permitted; no ambient
+      capability, as no exec follows) so that the stdlib stays importable; it
+      then can *read* any file at kernel level (reads are still filtered by
+      layer 4) but still cannot write root-owned files.
+   ctypes (for unshare/prctl/capset) is used only in this phase and removed
+   from ``sys.modules`` before the program runs.  The runner reports to the
+   parent through a status file in the io directory, closed before the program
+   starts; an outcome is trusted only when it says ``ok``.  A network namespace
+   or rlimit that the kernel refuses is simply absent (as :func:`protections`
+   reports), but a failed uid drop ends the child before the program runs and
+   is reported as ``sandbox_error``.
 4. A runner installed before the program runs adds a ``sys.addaudithook``
    hook that raises PermissionError for: sockets, process creation (fork,
    exec, spawn, system, subprocess, kill), ctypes, loading native extension
@@ -74,8 +88,8 @@ What this does NOT protect against:
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
+import json
 import math
 import os
 import pwd
@@ -90,14 +104,10 @@ import time
 
 __all__ = ["Limits", "Outcome", "run_python", "protections"]
 
-_CLONE_NEWNET = 0x40000000
-_CLONE_NEWUSER = 0x10000000
 _NOBODY_ID = 65534
-_CAP_DAC_READ_SEARCH = 2
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-_PR_SET_KEEPCAPS = 8
-_PR_CAP_AMBIENT = 47
-_PR_CAP_AMBIENT_RAISE = 2
+_CAP_DAC_READ_SEARCH = 2  # the probe checks it in CapEff; the runner has its own constants
+_CONFIG_NAME = "config.json"  # parent -> runner, in the io dir (names fixed in _RUNNER_SOURCE too)
+_STATUS_NAME = "status"  # runner setup -> parent, in the io dir
 _KEEP_CHARS = 4096
 _REASON_CHARS = 300
 _PROGRAM_NAME = "program.py"
@@ -144,7 +154,117 @@ class Outcome:
 # --------------------------------------------------------------------------- #
 
 _RUNNER_SOURCE = r'''
-import os, sys, sysconfig, traceback, types
+import json, os, sys, sysconfig, traceback, types
+
+_CLONE_NEWNET = 0x40000000
+_CLONE_NEWUSER = 0x10000000
+_CAP_DAC_READ_SEARCH = 2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_PR_SET_KEEPCAPS = 8
+_PR_SET_NO_NEW_PRIVS = 38
+_SETUP_FAILED_EXIT = 125
+
+
+def _load_config(io_dir):
+    """The parent's plan, read from its private io dir while this process still has its rights."""
+    with open(os.path.join(io_dir, "config.json"), "rb") as handle:
+        return json.loads(handle.read())
+
+
+def _enter_network_namespace(libc):
+    """A new, empty network namespace; without root only inside a new user namespace."""
+    if libc.unshare(_CLONE_NEWNET) == 0:
+        return True
+    return os.geteuid() != 0 and libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0
+
+
+def _apply_rlimits(resource, plan):
+    """Lower every limit (never above an existing hard limit); whether all of them took."""
+    applied = True
+    for kind, soft, hard in plan:
+        try:
+            current_hard = resource.getrlimit(kind)[1]
+            if current_hard != resource.RLIM_INFINITY:
+                soft, hard = min(soft, current_hard), min(hard, current_hard)
+            resource.setrlimit(kind, (soft, hard))
+        except (OSError, ValueError):
+            applied = False
+    return applied
+
+
+def _keep_read_capability(ctypes, libc):
+    """After setuid (with KEEPCAPS) keep only CAP_DAC_READ_SEARCH, effective and permitted.
+
+    No exec follows, so neither an inheritable nor an ambient capability is needed."""
+    bit = 1 << _CAP_DAC_READ_SEARCH
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(bit, bit, 0, 0, 0, 0)  # 2 x (effective, permitted, inheritable)
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset(CAP_DAC_READ_SEARCH) failed")
+    libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0)
+
+
+def _drop_privileges(ctypes, libc, uid, gid, keep_read_cap):
+    """Switch real, effective and saved ids to uid/gid with no supplementary groups; verify it."""
+    if keep_read_cap and libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_KEEPCAPS) failed")
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    if keep_read_cap:
+        _keep_read_capability(ctypes, libc)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
+        raise OSError("the uid/gid drop did not take effect")
+
+
+def _apply_kernel_layers(config):
+    """Layer 3, in this process before any untrusted code: net namespace, rlimits, uid drop.
+
+    ctypes lives only in this frame (and is dropped from sys.modules afterwards)."""
+    import ctypes, resource
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.unshare.argtypes = [ctypes.c_int]
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    achieved = {"network_namespace": _enter_network_namespace(libc),
+                "rlimits": _apply_rlimits(resource, config["rlimits"])}
+    # No exec of a setuid binary may ever gain privileges back (the hook also forbids exec).
+    achieved["no_new_privs"] = libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+    if config["uid"] is not None:
+        _drop_privileges(ctypes, libc, config["uid"], config["gid"], config["keep_read_cap"])
+    achieved["uid"] = os.getuid()
+    return achieved
+
+
+def _forget_ctypes():
+    """Make ctypes unreachable from the program: a later ``import ctypes`` starts afresh (and
+    its dlopen/calls are denied by the hook)."""
+    for name in [n for n in sys.modules if n in ("ctypes", "_ctypes") or n.startswith("ctypes.")]:
+        del sys.modules[name]
+    import gc
+    gc.collect()
+
+
+def _setup(io_dir):
+    """Apply layer 3 and report to the parent through a file only this phase can write.
+
+    The parent trusts an outcome only if the status file says ``ok``; a program cannot fake
+    a setup failure (or success): the file is closed before it runs and lies outside its reach.
+    Any failure here exits before the program runs, so it never runs unprotected."""
+    status = os.open(os.path.join(io_dir, "status"),
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        config = _load_config(io_dir)
+        achieved = _apply_kernel_layers(config)
+    except BaseException as exc:
+        message = "sandbox setup failed: %s: %s" % (type(exc).__name__, exc)
+        os.write(status, message.encode("utf-8", "replace"))
+        os.write(2, message.encode("utf-8", "replace") + b"\n")
+        os._exit(_SETUP_FAILED_EXIT)
+    os.write(status, b"ok " + json.dumps(achieved).encode())
+    os.close(status)
+    _forget_ctypes()
+    return config
+
 
 def _install_guard(work_dir, read_roots):
     """Install the audit hook; nothing outside this frame keeps a reference to it."""
@@ -299,9 +419,11 @@ def _read_roots():
 
 
 def _main():
+    config = _setup(sys.argv[1])
     work_dir = os.path.realpath(os.getcwd())
-    program = os.path.join(work_dir, sys.argv[1])
-    _install_guard(work_dir, _read_roots())
+    program = os.path.join(work_dir, config["program"])
+    if config["audit_hook"]:  # off only for the protections() probe
+        _install_guard(work_dir, _read_roots())
     module = types.ModuleType("__main__")
     module.__file__ = program
     module.__builtins__ = __builtins__
@@ -323,10 +445,10 @@ def _main():
 _main()
 '''
 
-# The probe runs in a child with layers 1-3 but without the audit hook, to check
-# which kernel layers really took effect.
+# The probe is run as the program, through the same runner with the same layer-3 setup
+# but without the audit hook, to check from inside which kernel layers really took effect.
 _PROBE_SOURCE = r'''
-import errno, os, resource, socket, sys
+import errno, os, resource, socket
 net = "none"
 try:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -338,7 +460,14 @@ try:
         net = "unreachable" if exc.errno == errno.ENETUNREACH else "reachable"
 except OSError:
     net = "nosocket"
-print(os.getuid(), net, resource.getrlimit(resource.RLIMIT_AS)[0], resource.getrlimit(resource.RLIMIT_NPROC)[0])
+caps = {}
+with open("/proc/self/status") as handle:
+    for line in handle:
+        if line.startswith("Cap"):
+            name, value = line.split(":")
+            caps[name] = value.strip()
+print(os.getuid(), net, resource.getrlimit(resource.RLIMIT_AS)[0],
+      resource.getrlimit(resource.RLIMIT_NPROC)[0], caps.get("CapEff", "0"), caps.get("CapPrm", "0"))
 '''
 
 
@@ -410,81 +539,45 @@ def _privileges(limits: Limits) -> _Privileges:
     return _Privileges(uid, gid, not _interpreter_reachable(uid, gid))
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
-def _rlimit_plan(limits: Limits) -> list[tuple[int, int]]:
+def _rlimit_plan(limits: Limits) -> list[tuple[int, int, int]]:
+    """(kind, soft, hard) for every rlimit the runner lowers; CPU gets soft SIGXCPU, hard SIGKILL."""
     memory = limits.memory_mb * 1024 * 1024
+    cpu = limits.cpu_seconds()
     return [
-        (resource.RLIMIT_AS, memory),
-        (resource.RLIMIT_FSIZE, limits.max_output_bytes),
-        (resource.RLIMIT_NOFILE, limits.max_open_files),
-        (resource.RLIMIT_NPROC, limits.max_processes),
-        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_CPU, cpu, cpu + 1),
+        (resource.RLIMIT_AS, memory, memory),
+        (resource.RLIMIT_FSIZE, limits.max_output_bytes, limits.max_output_bytes),
+        (resource.RLIMIT_NOFILE, limits.max_open_files, limits.max_open_files),
+        (resource.RLIMIT_NPROC, limits.max_processes, limits.max_processes),
+        (resource.RLIMIT_CORE, 0, 0),
     ]
 
 
-def _make_preexec(limits: Limits, privileges: _Privileges):
-    """Build the function run in the forked child before exec.
+def _write_config(io_dir: str, limits: Limits, privileges: _Privileges, audit_hook: bool) -> None:
+    """The runner's layer-3 plan, in the parent-owned io dir (readable by the child before its drop).
 
-    Everything that allocates or looks things up (ctypes symbols, capability
-    structs, the rlimit table) is prepared here in the parent, so the child only
-    makes system calls: after fork() in a multi-threaded parent, locks held by
-    other threads are never released, and the less the child does the better.
-    Failures are tolerated (the layer is simply absent) except a failed uid
-    drop, which aborts the start (reported as sandbox_error).
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    unshare, prctl, capset = libc.unshare, libc.prctl, libc.capset
-    unshare.argtypes = [ctypes.c_int]
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    bit = 1 << _CAP_DAC_READ_SEARCH
-    cap_data = (_CapData * 2)(_CapData(bit, bit, bit), _CapData(0, 0, 0))
-    is_root = os.geteuid() == 0
-    cpu = limits.cpu_seconds()
-    rlimits = _rlimit_plan(limits)
-    setrlimit, getrlimit, infinity = resource.setrlimit, resource.getrlimit, resource.RLIM_INFINITY
-    uid, gid, keep_cap = privileges.uid, privileges.gid, privileges.keep_read_cap
+    Passing it as data rather than doing the work in a ``preexec_fn`` means no Python code runs
+    between fork and exec, which is what makes starting children from a multithreaded parent
+    (JAX, a thread pool) safe: CPython's ``_posixsubprocess`` does the rest in C."""
+    config = {"program": _PROGRAM_NAME, "audit_hook": audit_hook, "rlimits": _rlimit_plan(limits),
+              "uid": privileges.uid, "gid": privileges.gid, "keep_read_cap": privileges.keep_read_cap}
+    with open(os.path.join(io_dir, _CONFIG_NAME), "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
 
-    def clamp(kind, soft, hard):
-        current_hard = getrlimit(kind)[1]
-        if current_hard != infinity:
-            soft, hard = min(soft, current_hard), min(hard, current_hard)
-        setrlimit(kind, (soft, hard))
 
-    def preexec() -> None:
-        if unshare(_CLONE_NEWNET) != 0 and not is_root:
-            unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
+def _read_setup_status(io_dir: str) -> tuple[dict | None, str]:
+    """What the runner's setup phase reported: (achieved layers, "") or (None, why not)."""
+    try:
+        with open(os.path.join(io_dir, _STATUS_NAME), "rb") as handle:
+            text = handle.read(_KEEP_CHARS).decode("utf-8", errors="replace")
+    except OSError:
+        text = ""
+    if text.startswith("ok "):
         try:
-            clamp(resource.RLIMIT_CPU, cpu, cpu + 1)  # soft: SIGXCPU, hard: SIGKILL
-        except (OSError, ValueError):
-            pass
-        for kind, value in rlimits:
-            try:
-                clamp(kind, value, value)
-            except (OSError, ValueError):
-                pass
-        if uid is None:
-            return
-        if keep_cap:
-            prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0)
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-        if keep_cap:
-            if capset(ctypes.byref(header), cap_data) != 0:
-                raise OSError(ctypes.get_errno(), "capset failed")
-            if prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, _CAP_DAC_READ_SEARCH, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "PR_CAP_AMBIENT_RAISE failed")
-
-    return preexec
+            return json.loads(text[3:]), ""
+        except ValueError:
+            return None, "sandbox setup wrote an unreadable status"
+    return None, text.strip() or "sandbox setup did not complete"
 
 
 def _child_env(work_dir: str) -> dict[str, str]:
@@ -544,17 +637,18 @@ def _supervise(proc: subprocess.Popen, timeout_s: float, started: float) -> _Raw
     return _RawResult(proc.returncode, not exited, usage.ru_utime + usage.ru_stime, seconds)
 
 
-def _launch(argv_tail: list[str], work_dir: str, io_dir: str, limits: Limits,
-            privileges: _Privileges) -> tuple[_RawResult, str, str]:
-    """Start the child interpreter, supervise it, return raw result and output file paths."""
+def _launch(work_dir: str, io_dir: str, limits: Limits) -> tuple[_RawResult, str, str]:
+    """Start the child interpreter, supervise it, return raw result and output file paths.
+
+    No ``preexec_fn``: everything between fork and exec (cwd, env, fds, new session) is done
+    by ``_posixsubprocess`` in C; layer 3 is applied by the runner after exec."""
     out_path, err_path = os.path.join(io_dir, "stdout"), os.path.join(io_dir, "stderr")
-    preexec = _make_preexec(limits, privileges)
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         started = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-B", *argv_tail], cwd=work_dir, env=_child_env(work_dir),
-            stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-            close_fds=True, preexec_fn=preexec)
+            [sys.executable, "-I", "-S", "-B", "-c", _RUNNER_SOURCE, io_dir], cwd=work_dir,
+            env=_child_env(work_dir), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            start_new_session=True, close_fds=True)
         try:
             raw = _supervise(proc, limits.timeout_s, started)
         except BaseException:
@@ -642,57 +736,76 @@ def _error_outcome(reason: str, seconds: float = 0.0) -> Outcome:
     return Outcome("sandbox_error", None, "", "", seconds, reason[:_REASON_CHARS])
 
 
+def _run_in_dirs(source: str, limits: Limits, privileges: _Privileges, audit_hook: bool,
+                 work_dir: str, io_dir: str) -> tuple[Outcome, dict | None]:
+    """Prepare, launch and classify one run; also return what the runner's setup achieved."""
+    _prepare_work_dir(work_dir, source, privileges)
+    _write_config(io_dir, limits, privileges, audit_hook)
+    try:
+        raw, out_path, err_path = _launch(work_dir, io_dir, limits)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return _error_outcome(f"could not start the sandboxed interpreter: {exc}"), None
+    stdout, out_size = _read_head(out_path, limits.max_output_bytes)
+    stderr, err_size = _read_tail(err_path)
+    achieved, problem = _read_setup_status(io_dir)
+    if achieved is None:  # never judge a program that may have run without its protections
+        return Outcome("sandbox_error", raw.returncode, stdout, stderr, raw.seconds,
+                       problem[:_REASON_CHARS]), None
+    status, reason = _classify(raw, limits, stderr, out_size, err_size)
+    return Outcome(status, raw.returncode, stdout, stderr, raw.seconds, reason), achieved
+
+
+def _run_sandboxed(source: str, limits: Limits, audit_hook: bool = True) -> tuple[Outcome, dict | None]:
+    """One run in fresh directories that are always removed afterwards."""
+    privileges = _privileges(limits)
+    work_dir = tempfile.mkdtemp(prefix="sbx_work_")
+    io_dir = tempfile.mkdtemp(prefix="sbx_io_")
+    try:
+        return _run_in_dirs(source, limits, privileges, audit_hook, work_dir, io_dir)
+    finally:
+        _remove_tree(work_dir)
+        _remove_tree(io_dir)
+
+
 def run_python(source: str, limits: Limits = Limits()) -> Outcome:
     """Run ``source`` as ``__main__`` in a fresh sandboxed interpreter and report what happened.
 
     Never raises because of anything the program does; safe to call from many threads.
     """
-    privileges = _privileges(limits)
-    work_dir = tempfile.mkdtemp(prefix="sbx_work_")
-    io_dir = tempfile.mkdtemp(prefix="sbx_io_")
-    try:
-        _prepare_work_dir(work_dir, source, privileges)
-        try:
-            raw, out_path, err_path = _launch(["-c", _RUNNER_SOURCE, _PROGRAM_NAME],
-                                              work_dir, io_dir, limits, privileges)
-        except (OSError, subprocess.SubprocessError) as exc:
-            return _error_outcome(f"could not start the sandboxed interpreter: {exc}")
-        stdout, out_size = _read_head(out_path, limits.max_output_bytes)
-        stderr, err_size = _read_tail(err_path)
-        status, reason = _classify(raw, limits, stderr, out_size, err_size)
-        return Outcome(status, raw.returncode, stdout, stderr, raw.seconds, reason)
-    finally:
-        _remove_tree(work_dir)
-        _remove_tree(io_dir)
+    return _run_sandboxed(source, limits)[0]
+
+
+def _parse_probe(text: str) -> dict:
+    """Fields printed by ``_PROBE_SOURCE``; raises ValueError when malformed."""
+    fields = text.split()
+    if len(fields) != 6:
+        raise ValueError(f"unexpected probe output: {text[:200]!r}")
+    return {"uid": int(fields[0]), "net": fields[1], "memory": int(fields[2]), "nproc": int(fields[3]),
+            "cap_effective": int(fields[4], 16), "cap_permitted": int(fields[5], 16)}
 
 
 def _probe_kernel_layers(limits: Limits) -> dict:
-    """Run the probe script with layers 1-3 (no audit hook) and parse what it saw."""
+    """Run the probe with the runner's layer-3 setup but no audit hook; combine what the setup
+    reported with what the probe observed from inside."""
     privileges = _privileges(limits)
-    work_dir = tempfile.mkdtemp(prefix="sbx_probe_")
-    io_dir = tempfile.mkdtemp(prefix="sbx_io_")
     try:
-        _prepare_work_dir(work_dir, "", privileges)
-        raw, out_path, err_path = _launch(["-c", _PROBE_SOURCE], work_dir, io_dir, limits, privileges)
-        text, _ = _read_head(out_path, limits.max_output_bytes)
-        fields = text.split()
-        if raw.returncode != 0 or len(fields) != 4:
+        outcome, achieved = _run_sandboxed(_PROBE_SOURCE, limits, audit_hook=False)
+        if not outcome.passed or achieved is None:
             return {"probe_ok": False}
-        uid, net, memory, nproc = int(fields[0]), fields[1], int(fields[2]), int(fields[3])
-        return {
-            "probe_ok": True,
-            "uid": uid,
-            "network_namespace": net in ("unreachable", "nosocket"),
-            "rlimits": memory == limits.memory_mb * 1024 * 1024,
-            "nproc_limit": nproc == limits.max_processes,
-            "keep_read_cap": privileges.keep_read_cap,
-            "wanted_uid": privileges.uid,
-        }
+        seen = _parse_probe(outcome.stdout)
     except (OSError, subprocess.SubprocessError, ValueError):
         return {"probe_ok": False}
-    finally:
-        _remove_tree(work_dir)
-        _remove_tree(io_dir)
+    read_cap = 1 << _CAP_DAC_READ_SEARCH
+    return {
+        "probe_ok": True,
+        "uid": seen["uid"],
+        "only_read_cap": ((seen["cap_effective"] | seen["cap_permitted"]) & ~read_cap) == 0,
+        "network_namespace": bool(achieved.get("network_namespace")) and seen["net"] in ("unreachable", "nosocket"),
+        "rlimits": bool(achieved.get("rlimits")) and seen["memory"] == limits.memory_mb * 1024 * 1024,
+        "nproc_limit": seen["nproc"] == limits.max_processes,
+        "keep_read_cap": bool(seen["cap_effective"] & read_cap),
+        "wanted_uid": privileges.uid,
+    }
 
 
 def _audit_hook_works(limits: Limits) -> bool:
@@ -712,7 +825,7 @@ def protections(limits: Limits = Limits(timeout_s=10.0, memory_mb=256)) -> dict:
     """
     kernel = _probe_kernel_layers(limits)
     uid_drop = bool(kernel.get("probe_ok")) and kernel.get("wanted_uid") is not None \
-        and kernel.get("uid") == kernel.get("wanted_uid")
+        and kernel.get("uid") == kernel.get("wanted_uid") and bool(kernel.get("only_read_cap"))
     running_as_root = os.geteuid() == 0
     return {
         "separate_process": True,
