@@ -482,7 +482,8 @@ class FusedDecoder(_ChunkedDecoder):
         for e in range(self.experts.n):
             need = (k == e) & active
             # The expert's params are taken inside its branch: a skipped expert reads nothing.
-            run = functools.partial(self._expert_turn, e, params["experts"], hist, need, step.t)
+            run = functools.partial(self._expert_turn, e, params["experts"], hist, active,
+                                    step.t)
             skip = lambda cache, s: (cache, jnp.zeros((b, self.vocab), jnp.float32), s)
             cache, logits, s = jax.lax.cond(jnp.any(need), run, skip, ec[e], step.synced[e])
             selected = jnp.where(need[:, None], logits, selected)
@@ -527,13 +528,16 @@ class FusedDecoder(_ChunkedDecoder):
 
         return jax.lax.while_loop(lambda c: jnp.any(c[2] > w), body, (cache, synced, n_miss))
 
-    def _expert_turn(self, e, group_params, hist, need, t, cache, synced):
-        """Expert e for the rows that selected it: read the tokens it missed and the current
-        one (hist[synced : t + 1]), return (cache, logits [B, V] of the current position,
-        synced)."""
+    def _expert_turn(self, e, group_params, hist, active, t, cache, synced):
+        """Expert e, selected by some row: every active row reads the tokens it missed and
+        the current one (hist[synced : t + 1]) -> (cache, logits [B, V] of the current
+        position, synced). Rows that did not select it catch up too, at no extra weight
+        reads: the expert then stays in step with the whole batch while it is in use, so a
+        large batch with mixed routing reads one-token chunks as eager decoding would,
+        instead of chunks as wide as the longest gap of any row."""
         model = self.experts.model(e)
         p = self.experts.params_of(group_params, e)
-        n_miss = jnp.where(need, t + 1 - synced, 0)
+        n_miss = jnp.where(active, t + 1 - synced, 0)
         cache, synced, n_miss = self._catch_up_long(model, p, hist, cache, synced, n_miss)
 
         def last_chunk(width):
@@ -545,7 +549,7 @@ class FusedDecoder(_ChunkedDecoder):
         widths = jnp.asarray(self.widths, jnp.int32)
         branch = jnp.searchsorted(widths, jnp.max(n_miss)).astype(jnp.int32)
         cache, logits = jax.lax.switch(branch, [last_chunk(w) for w in self.widths], cache)
-        return cache, logits, jnp.where(need, t + 1, synced)
+        return cache, logits, jnp.where(active, t + 1, synced)
 
     def _finish(self, params, caches):
         """Lazy experts: every expert catches up on the tokens it has not read, so each cache
