@@ -113,7 +113,7 @@ def model_config(kw: dict, dtype: str) -> ModelConfig:
     return ModelConfig(**base, **kw)
 
 
-def build(shape, n_experts, dtype, tmp, write):
+def build(shape, n_experts, dtype, tmp, write, stacked=True):
     r_kw, e_kw = SHAPES[shape]
     r_cfg, e_cfg = model_config(r_kw, dtype), model_config(e_kw, dtype)
     keys = jax.random.split(jax.random.key(0), n_experts + 1)
@@ -121,7 +121,7 @@ def build(shape, n_experts, dtype, tmp, write):
     r_params = jax.jit(router.init)(keys[0])
     e_list = [jax.jit(Model(e_cfg).init)(k) for k in keys[1:]]
     if not write:
-        experts = Experts([e_cfg] * n_experts)
+        experts = Experts([e_cfg] * n_experts, stacked=stacked)
         return router, r_params, experts, experts.combine(e_list), None, None
     r_path = os.path.join(tmp, "router")
     save_router(r_path, router, r_params)
@@ -131,7 +131,7 @@ def build(shape, n_experts, dtype, tmp, write):
         save_hf(paths[-1], e_cfg, p)
     del r_params, e_list
     router, r_params = load_router(r_path, dtype=dtype)
-    experts, e_params = load_experts(paths, dtype=dtype)
+    experts, e_params = load_experts(paths, dtype=dtype, stacked=stacked)
     return router, r_params, experts, e_params, r_path, paths
 
 
@@ -184,6 +184,10 @@ def main(argv=None):
     ap.add_argument("--toy", action=argparse.BooleanOptionalAction, default=None,
                     help="also time eager vs lazy with the embedded world's real routing "
                          "(default: on the CPU shape)")
+    ap.add_argument("--layouts", default=None,
+                    help="expert layouts for eager rows: stacked,list (default on CPU) or "
+                         "list (default elsewhere: a second, stacked copy of 3 x 8B "
+                         "weights would not fit next to the list)")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 elsewhere")
     ap.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument("--out", default="benchmarks/results/decode_bench.json")
@@ -193,6 +197,7 @@ def main(argv=None):
     batches = [int(b) for b in args.batch.split(",")]
     expert_counts = [int(e) for e in args.experts.split(",")]
     patterns = [p for p in args.patterns.split(",") if p]
+    layouts = (args.layouts or ("stacked,list" if platform == "cpu" else "list")).split(",")
     kind, peak = peak_bandwidth()
     steps = args.new_tokens - 1  # decode steps after the prefill's token
     rng = np.random.default_rng(0)
@@ -202,7 +207,8 @@ def main(argv=None):
     for n_exp in expert_counts:
         with tempfile.TemporaryDirectory() as tmp:
             router, r_params, experts, e_params, r_path, paths = build(
-                args.shape, n_exp, dtype, tmp, write=not args.no_torch)
+                args.shape, n_exp, dtype, tmp, write=not args.no_torch,
+                stacked="stacked" in layouts)
             params = {"router": r_params, "experts": e_params}
             vocab = router.cfg.vocab_size
             cache_len = args.prompt_len + -(-steps // args.chunk) * args.chunk
@@ -227,10 +233,11 @@ def main(argv=None):
                         Mode.parse("fusionroute"), router1, Experts(experts.cfgs[:1],
                                                                      stacked=False),
                         chunk=args.chunk), floor_params))
-                configs.append((f"eager E={n_exp}", FusedDecoder(
-                    Mode.parse("fusionroute"), router, experts, chunk=args.chunk), params))
-                list_params = {"router": r_params, "experts": e_list}
                 if experts.stacked:
+                    configs.append((f"eager E={n_exp}", FusedDecoder(
+                        Mode.parse("fusionroute"), router, experts, chunk=args.chunk), params))
+                list_params = {"router": r_params, "experts": e_list}
+                if "list" in layouts:
                     configs.append((f"eager E={n_exp} list", FusedDecoder(
                         Mode.parse("fusionroute"), router, listed, chunk=args.chunk),
                         list_params))
@@ -240,11 +247,12 @@ def main(argv=None):
                         lazy_experts=True, catch_up_width=w, route_schedule=sched),
                         list_params))
                 for name, dec, p in configs:
-                    kv = _kv_bytes(dec, b, cache_len)
                     if name.startswith("lazy"):  # a step reads the router and one expert
-                        kv = kv // (n_exp + 1) * 2  # (KV estimate: equal shares per model)
+                        rc, ec, _, _ = jax.eval_shape(lambda: dec._init_caches(b, cache_len))
+                        kv = tree_bytes(rc) + tree_bytes(ec[0])
                         weights = floor_weights
                     else:
+                        kv = _kv_bytes(dec, b, cache_len)
                         weights = tree_bytes(p)
                     row, _ = _time_row(name, dec, p, prompts, gen, args.repeats, b,
                                        weights + kv, peak)
