@@ -266,8 +266,9 @@ class FusedDecoder(_ChunkedDecoder):
     expert that was not selected falls behind; when it is selected again it first reads
     the tokens it missed (in chunks of `catch_up_width`; the last chunk rounded up to a power
     of two), then gives the logits for the current position -- all inside the jitted scan,
-    each expert behind a `lax.cond` that skips it when no row of the batch selected it. The
-    tokens are those of the eager schedule (every expert every step). With `return_caches`,
+    each expert behind a `lax.cond` that skips it when no row of the batch selected it. A
+    running expert brings every active row up to date (see `_expert_turn`). The tokens are
+    those of the eager schedule (every expert every step). With `return_caches`,
     the experts that are behind at the end catch up, so every cache holds the whole
     sequence (multi-turn chat reuses them).
 
@@ -327,7 +328,6 @@ class FusedDecoder(_ChunkedDecoder):
                          and mode.kind in LAZY_KINDS)
         self.width = catch_up_width
         self.widths = catch_up_widths(catch_up_width)
-
         self._finisher = None
 
     def prepare(self, params):
