@@ -11,7 +11,9 @@ mode, the rendered prompt, max-new-tokens, sampling; for a verdict, also the sco
 generated text). A rerun keeps the lines whose key still matches, so an interrupted run
 resumes where it stopped and a changed prompt, budget or checkpoint is decoded anew rather
 than read stale. Only whole batches are written, each flushed to disk at once: a kill loses
-at most the batch in flight.
+at most the batch in flight. Greedy decoding (the protocol) gives the same answers however
+the examples are batched; with sampling, the examples re-batched on resume draw from other
+RNG streams than a fresh run would.
 """
 
 from __future__ import annotations
