@@ -75,7 +75,7 @@ def build_lineup(config, modes: Sequence[str]):
 
 def run(config, benchmarks: Sequence[str], modes: Sequence[str]) -> dict:
     from fr_jax.eval import benchmarks as B
-    from fr_jax.eval import harness, report
+    from fr_jax.eval import harness, report, scoring
     from fr_jax.eval.sandbox import Limits, protections
     from fr_jax.sampling import Sampling
 
@@ -102,7 +102,7 @@ def run(config, benchmarks: Sequence[str], modes: Sequence[str]) -> dict:
         limits=Limits(timeout_s=sb.timeout_s, memory_mb=sb.memory_mb,
                       max_output_bytes=sb.max_output_bytes, user=sb.user),
         workers=sb.workers, progress=e.progress, columns=e.columns)
-    if any(B.get_benchmark(b).scorer in ("humaneval", "mbpp") for b in benchmarks):
+    if any(B.get_benchmark(b).scorer in scoring.EXECUTES_CODE for b in benchmarks):
         active = [k for k, v in protections().items() if v is True]
         print(f"sandbox for generated code: {', '.join(active) or 'no kernel protections'}",
               flush=True)
