@@ -17,4 +17,5 @@ def get_config():
     c.experts.paths = ("/ckpt/gemma2-9b-math", "/ckpt/gemma2-9b-code", "/ckpt/gemma2-9b-if")
     c.experts.names = ("math", "code", "instr")
     c.decode.eos_ids = (1, 107)  # <eos>, <end_of_turn>
+    c.plan.router_arch, c.plan.expert_arch = "gemma-2-2b", "gemma-2-9b"
     return c

@@ -17,4 +17,5 @@ def get_config():
     c.experts.paths = ("/ckpt/llama31-8b-math", "/ckpt/llama31-8b-code", "/ckpt/llama31-8b-if")
     c.experts.names = ("math", "code", "instr")
     c.decode.eos_ids = (128001, 128009)  # <|end_of_text|>, <|eot_id|>
+    c.plan.router_arch, c.plan.expert_arch = "llama-3.2-1b", "llama-3.1-8b"
     return c

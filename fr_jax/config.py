@@ -30,7 +30,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.dtype = "float32"  # activations (and params unless param_dtype is set)
-    c.model.param_dtype = ""  # "" = same as dtype
+    c.model.param_dtype = ""  # "" = same as dtype (the trained router's master weights)
+    # Frozen weights (the experts, the CDPO reference; every model when decoding):
+    # "" = the activation dtype. They are never updated, so fp32 copies only cost HBM.
+    c.model.frozen_dtype = ""
+    # What the backward pass keeps of each layer of a trained model: none (everything) |
+    # dots (the weight matmuls' outputs) | full (the layer's input; all else recomputed).
+    c.model.remat = "none"
 
     c.mesh = ml_collections.ConfigDict()  # sizes of the mesh axes; one may be -1 (the rest)
     c.mesh.data = 1
@@ -74,8 +80,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.workdir = "runs/default"  # checkpoints, TensorBoard logs, exported router
     c.train.stages = ("sft", "cdpo")
-    c.train.batch_size = 8  # global batch (rows) per micro-step
-    c.train.grad_accum = 1  # micro-steps per optimizer update
+    c.train.batch_size = 8  # global batch (rows) per optimizer update
+    # The batch is split into grad_accum micro-batches whose gradients are summed inside the
+    # step: activation memory is one micro-batch's (batch_size / grad_accum rows).
+    c.train.grad_accum = 1
+    # Positions per block when the losses form logits (0 = the whole sequence at once):
+    # [micro-batch, loss_block, vocab] float32 is the largest loss tensor, never [B, T, V].
+    c.train.loss_block = 0
     c.train.seed = 0  # routing-head init and the step RNG
     c.train.resume = True  # continue from the latest checkpoint of each stage
     c.train.distributed = "auto"  # auto | yes | no: jax.distributed.initialize() multi-host
@@ -180,6 +191,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.sandbox.max_output_bytes = 1 << 20
     c.eval.sandbox.user = "auto"  # auto: as root, run as `nobody`; none: keep the uid
     c.eval.sandbox.workers = 2
+    # `python -m fr_jax.plan`: every program above compiled ahead of time by the TPU compiler
+    # for a slice (fr_jax/plan.py): memory per chip, FLOPs, bytes, MFU, roofline.
+    c.plan = ml_collections.ConfigDict()
+    c.plan.topology = "v5e-8"  # a TPU slice (fr_jax.plan.SLICES)
+    # Architecture presets (fr_jax.plan.PRESETS) for checkpoint paths without a config.json.
+    c.plan.router_arch = ""
+    c.plan.expert_arch = ""
+    c.plan.n_experts = 3  # when experts.paths is empty
+    c.plan.programs = ("train", "decode")
+    c.plan.decode_modes = ("fusionroute",)
+    c.plan.decode_batches = (1, 32)
+    c.plan.lazy = (False, True)  # eager and/or lazy experts
+    c.plan.prompt_len = 1024
+    c.plan.cache_len = 2048
+    c.plan.headroom = 0.10  # a program fits if it leaves this share of the chip's HBM free
+    c.plan.costs = True  # FLOPs / bytes / step time (extra compiles at depth 1 and 2)
+    c.plan.depth = 0  # > 0: every model cut to this many layers (tests)
     return c
 
 
@@ -209,6 +237,13 @@ def real_family_config(workdir: str) -> ml_collections.ConfigDict:
     c.train.cdpo.lr = 5e-7
     c.train.cdpo.beta = 0.1
     return c
+
+
+def frozen_dtype(config) -> str:
+    """The dtype frozen weights are held in (experts always; every model when decoding):
+    model.frozen_dtype, default the activation dtype -- an fp32 copy of a model that is
+    never updated only doubles its HBM."""
+    return config.model.frozen_dtype or config.model.dtype
 
 
 def default_config_file(name: str = "tiny.py") -> str:

@@ -21,6 +21,7 @@ import numpy as np
 
 from fr_jax import sharding as sh
 from fr_jax import trace
+from fr_jax.config import frozen_dtype
 from fr_jax.data import encode_prompt
 from fr_jax.experts import Experts, load_experts
 from fr_jax.fusion import Mode, ModeError, fuse, route_probs, select_expert, sequence_route
@@ -146,14 +147,30 @@ class _ChunkedDecoder:
             chunk_rec = Record(*(sh.NamedSharding(self.mesh, sh.P(None, *r.spec))
                                  for r in rec_sh))
             tok_sh = sh.batch_sharding(self.mesh, (batch, 1))
-            fns = (jax.jit(self._prefill, donate_argnums=(4,),
+            fns = (jax.jit(sh.traced_on(self._prefill, self.mesh), donate_argnums=(4,),
                            in_shardings=(p_sh, tok_sh, tok_sh, rep, c_sh, rep, rep),
                            out_shardings=(state_sh, rec_sh)),
-                   jax.jit(self._chunk, donate_argnums=(1,),
+                   jax.jit(sh.traced_on(self._chunk, self.mesh), donate_argnums=(1,),
                            in_shardings=(p_sh, state_sh, rep, rep),
                            out_shardings=(state_sh, chunk_rec)))
         self._jitted[key] = fns
         return fns
+
+    def compiled_programs(self, params, batch: int, prompt_len: int, cache_len: int,
+                          n_eos: int = 2):
+        """((prefill, its abstract args), (chunk, its abstract args)) for a batch of
+        `batch` prompts left-padded to `prompt_len` and caches of `cache_len` slots: the
+        jitted entry points `generate` runs, for ahead-of-time compilation (fr_jax.plan).
+        `params` may be ShapeDtypeStructs carrying their shardings."""
+        prefill, chunk = self._compiled(params, batch, cache_len)
+        tok = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        args = (params, tok, jax.ShapeDtypeStruct((batch, prompt_len), bool),
+                jax.eval_shape(lambda: jax.random.key(0)),
+                jax.eval_shape(lambda: self._init_caches(batch, cache_len)),
+                jax.ShapeDtypeStruct((n_eos,), jnp.int32), scalar)
+        state = jax.eval_shape(self._prefill, *args)[0]
+        return (prefill, args), (chunk, (params, state, args[5], scalar))
 
     def _finish(self, params, caches):
         """The caches handed back to a caller that asked for them (e.g. a multi-turn chat)."""
@@ -650,7 +667,7 @@ def load_world(config, mode: Mode, mesh):
     toks = [(p, load_tokenizer(p)) for p in used]
     check_tokenizers(toks)
     tokenizer = toks[0][1]
-    dtype, pdtype = config.model.dtype, config.model.param_dtype or None
+    dtype, pdtype = config.model.dtype, frozen_dtype(config)  # decoding updates nothing
     stacked = experts_layout(config)
     router = experts = None
     params = {}
@@ -693,8 +710,7 @@ def _selector(config, router, params, mesh):
     if encoder == "router":
         enc_cfg, enc_params = router.cfg, params["router"]["backbone"]
     else:
-        enc_cfg, enc_params = load_hf(encoder, config.model.dtype,
-                                      config.model.param_dtype or None)
+        enc_cfg, enc_params = load_hf(encoder, config.model.dtype, frozen_dtype(config))
     return load_selector(path, enc_cfg, enc_params, config.seqroute.lam, mesh)
 
 
@@ -712,7 +728,7 @@ def load_standalone(config, mode: Mode, mesh):
                "finetuned": "`python -m fr_jax.train` with --config.train.stages=lm"}[mode.model]
         raise SystemExit(f"mode {mode.name!r}: no model at {path!r}; write one with {how} "
                          f"and set --config.baselines.{mode.model}")
-    cfg, params = load_hf(path, config.model.dtype, config.model.param_dtype or None)
+    cfg, params = load_hf(path, config.model.dtype, frozen_dtype(config))
     model = Model(cfg)
     params = jax.device_put(params, sh.param_shardings(model, mesh))
     return None, None, {"model": params}, load_tokenizer(path), [mode.model], [cfg], None

@@ -128,35 +128,38 @@ class Experts:
     def map(self, params, fn, sequential: bool = True):
         """Stacks fn(model, one expert's params) over the experts -> [n, ...].
 
-        `sequential` runs stacked experts one after the other (`lax.map`): only one expert's
+        `sequential` runs stacked experts one after the other (a scan): only one expert's
         activations are alive at a time, which is what training at real vocab sizes needs.
         """
         if self.stacked:
             model = self.models[0]
             if sequential:
-                return jax.lax.map(lambda p: fn(model, p), params)
+                _, out = jax.lax.scan(lambda c, p: (c, fn(model, p)), None, params,
+                                      unroll=self.n if model.cfg.scan_unroll else 1)
+                return out
             return jax.vmap(lambda p: fn(model, p))(params)
         return jax.tree.map(lambda *xs: jnp.stack(xs),
                             *[fn(m, p) for m, p in zip(self.models, params)])
 
-    def selected_logits(self, params, tokens, positions, segment_ids, selected):
-        """Per token, the logits of expert selected[b, t]: [B, T, vocab], computed one expert
-        at a time (never [n, B, T, V])."""
-        b, t = tokens.shape
-        init = jnp.zeros((b, t, self.vocab), jnp.float32)
-
-        def add(acc, i, p, model):
-            logits = model.forward(p, tokens, positions, segment_ids).logits[..., :self.vocab]
-            return jnp.where((selected == i)[..., None], logits, acc)
-
+    def hidden(self, params, tokens, positions=None, segment_ids=None):
+        """Every expert's final hidden states, a tuple of n [B, T, E] arrays, computed one
+        expert at a time without logits (`selected_logits` forms them a block of positions
+        at a time)."""
+        fn = lambda m, p: m.forward(p, tokens, positions, segment_ids, with_logits=False).hidden
         if self.stacked:
-            model = self.models[0]
-            acc, _ = jax.lax.scan(lambda acc, ip: (add(acc, ip[0], ip[1], model), None), init,
-                                  (jnp.arange(self.n), params))
-            return acc
-        for i, (m, p) in enumerate(zip(self.models, params)):
-            init = add(init, i, p, m)
-        return init
+            h = self.map(params, fn)
+            return tuple(h[i] for i in range(self.n))
+        return tuple(fn(m, p) for m, p in zip(self.models, params))
+
+    def selected_logits(self, params, hidden, selected):
+        """Per position, the logits of expert selected[b, t]: hidden (n [B, t, E] arrays from
+        `hidden`, a block of positions), selected [B, t] -> [B, t, vocab] float32. Each
+        expert's LM head runs on the block in turn; [n, B, t, V] never exists."""
+        out = None
+        for i in range(self.n):
+            logits = self.model(i).logits(self.params_of(params, i), hidden[i])[..., :self.vocab]
+            out = logits if out is None else jnp.where((selected == i)[..., None], logits, out)
+        return out
 
 
 def load_experts(paths: Sequence[str], dtype: str = "float32", param_dtype: Optional[str] = None,

@@ -53,11 +53,62 @@ def token_logprob(logits, targets):
     return jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
 
 
+class TokenStats(NamedTuple):
+    """Per-position statistics of a distribution over the vocabulary: [B, T] each."""
+
+    logprob: jax.Array  # log softmax(logits)(y_t), float32
+    argmax: jax.Array  # argmax_v logits, int32
+
+
+def blocked_token_stats(logits_fn, inputs, targets, block: int = 0,
+                        unroll: bool = False) -> TokenStats:
+    """TokenStats of logits_fn(inputs), formed `block` positions at a time.
+
+    inputs: a pytree of [B, T, ...] arrays (hidden states, per-token expert choices);
+    logits_fn(inputs over a block [B, t, ...]) -> float32 logits [B, t, V]. The positions
+    are scanned in blocks under `jax.checkpoint`, so the forward keeps no logits and the
+    backward re-forms one block's at a time: memory holds [B, block, V], never [B, T, V]
+    (Gemma's 256k vocabulary at T = 2048 is 2 GB of float32 per row). block <= 0 or >= T:
+    one block (the whole sequence). `unroll` unrolls the scan (cost analysis: fr_jax.plan).
+    """
+    b, t = targets.shape
+    if block <= 0 or block >= t:
+        logits = logits_fn(inputs)
+        return TokenStats(token_logprob(logits, targets),
+                          jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    n = -(-t // block)
+    pad = n * block - t
+
+    def blocks(x):  # [B, T, ...] -> [n, B, block, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape((b, n, block) + x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        inp, y = xs
+        logits = logits_fn(inp).astype(jnp.float32)
+        lp = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0] - \
+            jax.nn.logsumexp(logits, axis=-1)
+        return carry, (lp, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+    _, (lp, am) = jax.lax.scan(body, None, (jax.tree.map(blocks, inputs), blocks(targets)),
+                               unroll=n if unroll else 1)
+    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * block)[:, :t]
+    return TokenStats(unblock(lp), unblock(am))
+
+
 def lm_loss(logits, targets, loss_mask):
     """(mean NLL of the targets, next-token accuracy) over masked positions:
     [B, T, V], [B, T], [B, T] -> two float32 scalars."""
-    nll = -_masked_mean(token_logprob(logits, targets), loss_mask)
-    acc = _masked_mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32), loss_mask)
+    stats = TokenStats(token_logprob(logits, targets),
+                       jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    return lm_loss_from_stats(stats, targets, loss_mask)
+
+
+def lm_loss_from_stats(stats: TokenStats, targets, loss_mask):
+    """`lm_loss` from per-position TokenStats (e.g. `blocked_token_stats`)."""
+    nll = -_masked_mean(stats.logprob, loss_mask)
+    acc = _masked_mean((stats.argmax == targets).astype(jnp.float32), loss_mask)
     return nll, acc
 
 
@@ -79,15 +130,17 @@ def routing_loss(route_logits, signals: ExpertSignals, informative, kind: str = 
     return _masked_mean(per_t, informative)
 
 
-def sft_loss(lm_logits, route_logits, targets, loss_mask, signals: ExpertSignals,
+def sft_loss(lm, route_logits, targets, loss_mask, signals: ExpertSignals,
              lm_weight: float = 1.0, routing: str = "mixture"):
     """L_SFT = L_route + lm_weight * L_lm, and the stage-1 metrics.
 
-    lm_logits [B, T, V], route_logits [B, T, n], targets / loss_mask [B, T].
+    lm: the router's LM logits [B, T, V], or their TokenStats [B, T] (formed blockwise);
+    route_logits [B, T, n], targets / loss_mask [B, T].
     Returns (loss, metrics dict of scalars + "route_share" [n]).
     """
     informative = informative_mask(signals.top1, loss_mask)
-    l_lm, _ = lm_loss(lm_logits, targets, loss_mask)
+    l_lm, _ = (lm_loss_from_stats(lm, targets, loss_mask) if isinstance(lm, TokenStats)
+               else lm_loss(lm, targets, loss_mask))
     l_route = routing_loss(route_logits, signals, informative, routing)
     loss = l_route + lm_weight * l_lm
     w = jax.nn.softmax(route_logits.astype(jnp.float32), axis=-1)

@@ -29,7 +29,7 @@ ROUTER_FILE = "router.json"
 
 
 class RouterOutput(NamedTuple):
-    logits: jax.Array  # [B, T, V] or [B, V] float32 complementary logits
+    logits: jax.Array  # [B, T, V] or [B, V] float32 complementary logits (None: not formed)
     route_logits: jax.Array  # [B, T, n] or [B, n] float32
     hidden: jax.Array  # final hidden state (after the final norm)
 
@@ -74,10 +74,16 @@ class Router:
     def _out(self, params, out) -> RouterOutput:
         return RouterOutput(out.logits, self.route_logits(params["head"], out.hidden), out.hidden)
 
-    def forward(self, params, tokens, positions=None, segment_ids=None) -> RouterOutput:
-        """Cache-free forward over tokens [B, T] (training, scoring)."""
+    def forward(self, params, tokens, positions=None, segment_ids=None,
+                with_logits: bool = True) -> RouterOutput:
+        """Cache-free forward over tokens [B, T] (training, scoring). Without `with_logits`
+        the complementary logits are left to `lm_logits` (formed blockwise in training)."""
         return self._out(params, self.backbone.forward(params["backbone"], tokens, positions,
-                                                       segment_ids))
+                                                       segment_ids, with_logits=with_logits))
+
+    def lm_logits(self, params, hidden):
+        """Final hidden states [..., E] -> complementary logits [..., V] (float32)."""
+        return self.backbone.logits(params["backbone"], hidden)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         return self.backbone.init_cache(batch_size, max_len, dtype)

@@ -30,6 +30,10 @@ RULES: Tuple[Tuple[str, Union[None, str, Tuple[str, ...]]], ...] = (
     ("layers", None),
     ("norm", None),
     ("cache_slots", None),
+    # Activations: rows over data/fsdp, the model dims whole on each chip (FSDP gathers the
+    # weights, not the activations), the vocabulary of logits over tensor.
+    ("act_embed", None),
+    ("act_len", None),
 )
 
 KV_CACHE_AXES = {
@@ -129,6 +133,29 @@ def param_shardings(models, mesh: Mesh, rules=RULES):
     """Shardings for the params of a `Model`, `Router` or `Experts` (anything with
     `logical_axes()` and `param_shapes()`)."""
     return shardings_for(models.logical_axes(), models.param_shapes(), mesh, rules)
+
+
+def constrain(x, logical: Sequence[Optional[str]], rules=RULES):
+    """Pins activation x to the sharding its logical axis names map to, under the mesh the
+    caller traces in (`traced_on`); a no-op when no mesh is set (one device, tests).
+
+    Without these pins XLA's propagation may choose to shard an activation like the weight
+    it meets (e.g. [B, T, E] by `embed` over fsdp), replicating the rows and every FLOP."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec_for(logical, x.shape, mesh, rules))
+
+
+def traced_on(fn, mesh: Optional[Mesh]):
+    """fn, traced with `mesh` set, so the activation pins of `constrain` take effect."""
+    if mesh is None:
+        return fn
+
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 def mesh_from_config(mesh_cfg) -> Mesh:

@@ -29,6 +29,7 @@ import optax
 
 from fr_jax import losses
 from fr_jax import sharding as sh
+from fr_jax.config import frozen_dtype
 from fr_jax.data import Batcher, load_records, tokenize_pref, tokenize_sft
 from fr_jax.experts import Experts
 from fr_jax.router import Router
@@ -47,7 +48,8 @@ class TrainState:
 
 # ---------------------------------------------------------------------------- optimizer
 def make_optimizer(stage_cfg, train_cfg, params, frozen_head: bool = False):
-    """AdamW with warmup + cosine decay, global-norm clipping and gradient accumulation.
+    """AdamW with warmup + cosine decay and global-norm clipping (gradients are accumulated
+    over micro-batches inside the step, see `make_train_step`).
 
     Weight decay skips 1-D params (norm scales, biases). With `frozen_head` the routing head
     gets no updates and no optimizer state (CDPO trains the LM part only).
@@ -61,8 +63,6 @@ def make_optimizer(stage_cfg, train_cfg, params, frozen_head: bool = False):
         optax.clip_by_global_norm(train_cfg.clip),
         optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2,
                     weight_decay=train_cfg.weight_decay, mask=decay_mask))
-    if train_cfg.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=train_cfg.grad_accum)
     if frozen_head:
         labels = {"backbone": jax.tree.map(lambda _: "train", params["backbone"]),
                   "head": jax.tree.map(lambda _: "frozen", params["head"])}
@@ -71,24 +71,59 @@ def make_optimizer(stage_cfg, train_cfg, params, frozen_head: bool = False):
 
 
 # ---------------------------------------------------------------------------- losses in the step
-def _router_out(router: Router, params, side, vocab):
-    out = router.forward(params, side["tokens"], side["positions"], side["segment_ids"])
-    return out.logits[..., :vocab], out.route_logits
+def _unroll(model) -> bool:
+    return model.cfg.scan_unroll
 
 
-def expert_signals_online(experts: Experts, e_params, batch, vocab: int):
-    """(target log-prob, top-1 token) of every expert at every position: [n, B, T] each,
-    computed one expert at a time so [n, B, T, V] logits never exist."""
-    def one_expert(model, p):
-        logits = model.forward(p, batch["tokens"], batch["positions"],
-                               batch["segment_ids"]).logits[..., :vocab]
-        sig = losses.expert_signals(logits[None], batch["targets"])
-        return sig.target_logprob[0], sig.top1[0]
-    return experts.map(e_params, one_expert)
+def router_outputs(router: Router, params, side, vocab: int, block: int):
+    """(TokenStats of the router's own LM [B, T], routing logits [B, T, n]) with the LM
+    logits formed `block` positions at a time (losses.blocked_token_stats)."""
+    out = router.forward(params, side["tokens"], side["positions"], side["segment_ids"],
+                         with_logits=False)
+    stats = losses.blocked_token_stats(
+        lambda h: router.lm_logits(params, h)[..., :vocab], out.hidden, side["targets"],
+        block, _unroll(router))
+    return stats, out.route_logits
+
+
+def fused_stats(router: Router, params, hidden, experts: Experts, e_params, e_hidden,
+                selected, targets, vocab: int, block: int) -> losses.TokenStats:
+    """TokenStats [B, T] of the fused policy log_softmax(lsm(q) + lsm(p_k)): q the router's
+    logits from its final hidden states [B, T, E], p_k those of the expert selected[b, t]
+    (from e_hidden, Experts.hidden; a fixed bias), formed `block` positions at a time."""
+    def logits(inp):
+        h, eh, sel = inp
+        lsm = lambda x: jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+        bias = jax.lax.stop_gradient(lsm(experts.selected_logits(e_params, eh, sel)))
+        return lsm(router.lm_logits(params, h)[..., :vocab]) + bias
+
+    return losses.blocked_token_stats(logits, (hidden, e_hidden, selected), targets, block,
+                                      _unroll(router))
+
+
+def make_signals_fn(experts: Experts, vocab: int, block: int = 0):
+    """(expert params, batch) -> (target log-prob, top-1 token) of every expert at every
+    position: [n, B, T] each, one expert at a time, logits formed `block` positions at a
+    time, so neither [n, B, T, V] nor [B, T, V] exists."""
+    def signals(e_params, batch):
+        def one_expert(model, p):
+            hidden = model.forward(p, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                   with_logits=False).hidden
+            st = losses.blocked_token_stats(lambda h: model.logits(p, h)[..., :vocab], hidden,
+                                            batch["targets"], block, _unroll(model))
+            return st.logprob, st.argmax
+        return experts.map(e_params, one_expert)
+    return signals
+
+
+def expert_signals_online(experts: Experts, e_params, batch, vocab: int, block: int = 0):
+    """The experts' stage-1 signals computed inside the step (see make_signals_fn)."""
+    return make_signals_fn(experts, vocab, block)(e_params, batch)
 
 
 def precompute_signals(examples, experts: Experts, e_params, vocab: int, seq_len: int,
-                       batch_size: int, cache_file: Optional[str] = None, progress=True):
+                       batch_size: int, cache_file: Optional[str] = None, progress=True,
+                       mesh=None, block: int = 0):
     """Attaches the frozen experts' per-target signals to every SFT example, reading them
     from `cache_file` (.npz) when it matches, else computing and writing it. Reused across
     epochs and restarts: the experts then never run inside the training step."""
@@ -106,7 +141,7 @@ def precompute_signals(examples, experts: Experts, e_params, vocab: int, seq_len
                 e.signal_top1 = z["top1"][offsets[i]:offsets[i + 1]]
             return examples
         log.warning("%s does not match the current data; recomputing", cache_file)
-    fn = jax.jit(lambda p, b: expert_signals_online(experts, p, b, vocab))
+    fn = signals_program(experts, vocab, block, mesh, seq_len, batch_size)
     it = range(0, len(examples), batch_size)
     for lo in tqdm(it, desc="expert signals", disable=not progress):
         chunk = examples[lo:lo + batch_size]
@@ -130,23 +165,41 @@ def precompute_signals(examples, experts: Experts, e_params, vocab: int, seq_len
     return examples
 
 
-def sft_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg):
+def signals_program(experts: Experts, vocab: int, block: int, mesh, seq_len: int,
+                    batch_size: int):
+    """make_signals_fn jitted: expert params sharded by the rules (as loaded), the batch's
+    rows over data/fsdp, traced on `mesh` (activation pins); no mesh: one device."""
+    fn = make_signals_fn(experts, vocab, block)
+    if mesh is None:
+        return jax.jit(fn)
+    b_sh = sh.batch_sharding(mesh, (batch_size, seq_len))
+    return jax.jit(sh.traced_on(fn, mesh),
+                   in_shardings=(sh.param_shardings(experts, mesh),
+                                 {k: b_sh for k in SFT_FIELDS}),
+                   out_shardings=sh.NamedSharding(mesh, sh.P(None, *b_sh.spec)))
+
+
+SFT_FIELDS = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
+
+
+def sft_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg, block: int = 0):
     """(params, frozen, batch) -> (loss, metrics): L_route + lm_weight * L_lm."""
     def loss_fn(params, frozen, batch):
-        lm_logits, route_logits = _router_out(router, params, batch, vocab)
+        lm_stats, route_logits = router_outputs(router, params, batch, vocab, block)
         targets = batch["targets"]
         if "signal_logprob" in batch:  # precomputed: [B, T, n] -> [n, B, T]
             target_lp = jnp.moveaxis(batch["signal_logprob"], -1, 0)
             top1 = jnp.moveaxis(batch["signal_top1"], -1, 0)
         else:
-            target_lp, top1 = expert_signals_online(experts, frozen["experts"], batch, vocab)
+            target_lp, top1 = expert_signals_online(experts, frozen["experts"], batch, vocab,
+                                                    block)
         signals = losses.ExpertSignals(jax.lax.stop_gradient(target_lp), top1)
-        return losses.sft_loss(lm_logits, route_logits, targets, batch["loss_mask"], signals,
+        return losses.sft_loss(lm_stats, route_logits, targets, batch["loss_mask"], signals,
                                stage_cfg.lm_weight, stage_cfg.routing_loss)
     return loss_fn
 
 
-def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg):
+def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg, block: int = 0):
     """(params, frozen, batch) -> (loss, metrics) of complementary DPO on the fused policy.
 
     The expert k_t of every token is chosen by the frozen stage-1 router (`frozen["ref"]`),
@@ -158,15 +211,19 @@ def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg):
     rejected ones'; this keeps the policy producing them.
     """
     def seq_logprobs(params, frozen, side):
-        ref_logits, ref_route = _router_out(router, frozen["ref"], side, vocab)
-        selected = jnp.argmax(ref_route, axis=-1)
-        e_sel = experts.selected_logits(frozen["experts"], side["tokens"], side["positions"],
-                                        side["segment_ids"], selected)
-        pol_logits, pol_route = _router_out(router, params, side, vocab)
+        e_params = frozen["experts"]
+        args = (side["tokens"], side["positions"], side["segment_ids"])
+        e_hidden = experts.hidden(e_params, *args)
         mask, y = side["loss_mask"], side["targets"]
-        pol = losses.sequence_logprob(losses.fused_logprob(pol_logits, e_sel, y), mask)
-        ref = losses.sequence_logprob(losses.fused_logprob(ref_logits, e_sel, y), mask)
-        kl = losses.routing_kl(jax.lax.stop_gradient(ref_route), pol_route, mask)
+        ref_out = router.forward(frozen["ref"], *args, with_logits=False)
+        selected = jnp.argmax(ref_out.route_logits, axis=-1)
+        pol_out = router.forward(params, *args, with_logits=False)
+        stats = lambda p, out: fused_stats(router, p, out.hidden, experts, e_params, e_hidden,
+                                           selected, y, vocab, block)
+        pol = losses.sequence_logprob(stats(params, pol_out).logprob, mask)
+        ref = losses.sequence_logprob(stats(frozen["ref"], ref_out).logprob, mask)
+        kl = losses.routing_kl(jax.lax.stop_gradient(ref_out.route_logits), pol_out.route_logits,
+                               mask)
         return pol, jax.lax.stop_gradient(ref), kl
 
     def loss_fn(params, frozen, batch):
@@ -186,30 +243,49 @@ def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg):
     return loss_fn
 
 
-def lm_loss_fn(model, vocab: int):
+def lm_loss_fn(model, vocab: int, block: int = 0):
     """(params, frozen, batch) -> (loss, metrics): next-token cross-entropy of one plain
     model on the response tokens (stage `lm`; `frozen` is empty)."""
     def loss_fn(params, frozen, batch):
         del frozen
-        logits = model.forward(params, batch["tokens"], batch["positions"],
-                               batch["segment_ids"]).logits[..., :vocab]
-        loss, acc = losses.lm_loss(logits, batch["targets"], batch["loss_mask"])
+        hidden = model.forward(params, batch["tokens"], batch["positions"],
+                               batch["segment_ids"], with_logits=False).hidden
+        stats = losses.blocked_token_stats(lambda h: model.logits(params, h)[..., :vocab],
+                                           hidden, batch["targets"], block, _unroll(model))
+        loss, acc = losses.lm_loss_from_stats(stats, batch["targets"], batch["loss_mask"])
         return loss, {"loss": loss, "lm_loss": loss, "token_accuracy": acc}
     return loss_fn
 
 
-def make_train_step(loss_fn, tx, accum: int = 1):
-    """One micro-step: gradients of loss_fn w.r.t. the router params only; with accumulation
-    the optimizer applies the averaged update every `accum` micro-steps."""
+def make_train_step(loss_fn, tx, accum: int = 1, unroll: bool = False):
+    """One optimizer update: the batch's leaves are [accum, rows, ...], `accum` micro-batches
+    whose gradients (w.r.t. the router params only) are summed in float32 by a scan, so the
+    activations alive at once are one micro-batch's; the update uses their mean. Metrics
+    are the micro-batches' means."""
+    def micro(params, frozen, batch):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch)
+        return grads, metrics
+
     def train_step(state: TrainState, frozen, batch):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, frozen, batch)
+        if accum == 1:
+            grads, metrics = micro(state.params, frozen, jax.tree.map(lambda x: x[0], batch))
+        else:
+            def body(acc, mb):
+                g, m = micro(state.params, frozen, mb)
+                return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, (g, m)), None
+            zeros = jax.eval_shape(micro, state.params, frozen,
+                                   jax.tree.map(lambda x: x[0], batch))
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), zeros)
+            (grads, metrics), _ = jax.lax.scan(body, zeros, batch,
+                                               unroll=accum if unroll else 1)
+            grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-        micro = state.micro + 1
-        return state.replace(params=params, opt_state=opt_state, micro=micro,
-                             step=micro // accum), metrics
+        step = state.step + 1
+        return state.replace(params=params, opt_state=opt_state, step=step,
+                             micro=step * accum), metrics
     return train_step
 
 
@@ -230,31 +306,66 @@ class Stage:
     accum: int
 
     def batch_shardings(self, batch):
+        """[rows, ...] arrays (evaluation batches): rows over data/fsdp."""
         return jax.tree.map(lambda x: sh.batch_sharding(self.mesh, x.shape), batch)
 
-    def put_batch(self, batch):
-        """Global host batch -> sharded device arrays (each host fills only its shards)."""
+    def micro_shardings(self, batch):
+        """[accum, rows, ...] arrays (training batches): each micro-batch's rows over
+        data/fsdp, so every micro-batch runs on all devices."""
+        def one(x):
+            spec = sh.batch_sharding(self.mesh, x.shape[1:]).spec
+            return sh.NamedSharding(self.mesh, sh.P(None, *spec))
+        return jax.tree.map(one, batch)
+
+    def micro_batches(self, batch):
+        """A global batch [B, ...] (B = train.batch_size) -> [accum, B / accum, ...]."""
+        return jax.tree.map(lambda x: x.reshape((self.accum, -1) + x.shape[1:]), batch)
+
+    def _put(self, batch, shardings):
         def put(x, sharding):
             return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-        return jax.tree.map(put, batch, self.batch_shardings(batch))
+        return jax.tree.map(put, batch, shardings)
+
+    def put_batch(self, batch):
+        """Global host batch -> sharded device arrays (each host fills only its shards),
+        laid out as the training step's micro-batches."""
+        batch = self.micro_batches(batch)
+        return self._put(batch, self.micro_shardings(batch))
+
+    def put_eval_batch(self, batch):
+        return self._put(batch, self.batch_shardings(batch))
 
     def jitted(self, batch_example):
+        """(train step, eval step) for batches shaped like `batch_example` ([B, ...] arrays
+        or ShapeDtypeStructs), jitted with shardings and traced on the stage's mesh."""
         b_sh = self.batch_shardings(batch_example)
-        step = make_train_step(self.loss_fn, self.tx, self.accum)
-        train = jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings, b_sh),
+        m_sh = self.micro_shardings(jax.eval_shape(self.micro_batches, batch_example))
+        step = make_train_step(self.loss_fn, self.tx, self.accum,
+                               unroll=self.trainee.cfg.scan_unroll)
+        train = jax.jit(sh.traced_on(step, self.mesh),
+                        in_shardings=(self.state_shardings, self.frozen_shardings, m_sh),
                         out_shardings=(self.state_shardings, None), donate_argnums=(0,))
-        evaluate = jax.jit(lambda params, frozen, batch: self.loss_fn(params, frozen, batch)[1],
+        evaluate = jax.jit(sh.traced_on(lambda params, frozen, batch:
+                                        self.loss_fn(params, frozen, batch)[1], self.mesh),
                            in_shardings=(self.state_shardings.params, self.frozen_shardings,
                                          b_sh))
         return train, evaluate
 
 
 def build_stage(name, trainee, experts, mesh, stage_cfg, train_cfg, params, frozen, vocab):
-    """`trainee` is the Router for stages sft / cdpo, a plain Model for stage lm."""
+    """`trainee` is the Router for stages sft / cdpo, a plain Model for stage lm. `params`
+    and `frozen` may be arrays or ShapeDtypeStructs (fr_jax.plan compiles from shapes)."""
+    accum = max(train_cfg.grad_accum, 1)
+    if train_cfg.batch_size % accum:
+        raise ValueError(f"train.batch_size={train_cfg.batch_size} is not a multiple of "
+                         f"train.grad_accum={accum}: the global batch is split into grad_accum "
+                         "equal micro-batches")
+    block = train_cfg.loss_block
     if name == "lm":
-        fn = lm_loss_fn(trainee, vocab)
+        fn = lm_loss_fn(trainee, vocab, block)
     else:
-        fn = (sft_loss_fn if name == "sft" else cdpo_loss_fn)(trainee, experts, vocab, stage_cfg)
+        fn = (sft_loss_fn if name == "sft" else cdpo_loss_fn)(trainee, experts, vocab, stage_cfg,
+                                                               block)
     tx, schedule = make_optimizer(stage_cfg, train_cfg, params, frozen_head=name == "cdpo")
     p_sh = sh.param_shardings(trainee, mesh)
     opt_shapes = jax.eval_shape(tx.init, params)
@@ -264,8 +375,7 @@ def build_stage(name, trainee, experts, mesh, stage_cfg, train_cfg, params, froz
     frozen_sh = {"experts": sh.param_shardings(experts, mesh)} if "experts" in frozen else {}
     if "ref" in frozen:
         frozen_sh["ref"] = p_sh
-    return Stage(name, trainee, experts, mesh, tx, schedule, fn, state_sh, frozen_sh,
-                 max(train_cfg.grad_accum, 1))
+    return Stage(name, trainee, experts, mesh, tx, schedule, fn, state_sh, frozen_sh, accum)
 
 
 def _opt_shardings(tx, opt_shapes, p_sh, mesh):
@@ -275,6 +385,28 @@ def _opt_shardings(tx, opt_shapes, p_sh, mesh):
     masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen params: no state at all
     return optax.tree_map_params(tx, lambda v, s: v if masked(v) else s, opt_shapes, p_sh,
                                  transform_non_params=lambda _: rep, is_leaf=masked)
+
+
+def abstract_state(stage: Stage, params) -> TrainState:
+    """The TrainState `init_state` would build, as ShapeDtypeStructs with its shardings
+    (ahead-of-time compilation: fr_jax.plan)."""
+    def make(p):
+        key = jax.random.key_data(jax.random.key(0))
+        return TrainState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), p,
+                          stage.tx.init(p), key)
+    shapes = jax.eval_shape(make, params)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, stage.state_shardings)
+
+
+def micro_batch_size(train_cfg) -> int:
+    """Rows per micro-batch: the global batch split into grad_accum equal parts."""
+    return train_cfg.batch_size // max(train_cfg.grad_accum, 1)
+
+
+def trained_cfg(cfg, config):
+    """The ModelConfig of a model being trained, with config.model's rematerialisation."""
+    return cfg.replace(remat=config.model.remat)
 
 
 def init_state(stage: Stage, params, seed: int) -> TrainState:
@@ -355,10 +487,12 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
         examples, report = tokenize_pref(load_records(dc.pref_path), tokenizer, dc.seq_len,
                                          dc.chat)
         kind = "pref"
-    if name == "sft" and stage_cfg.expert_signals == "precompute":
+    precomputed = name == "sft" and stage_cfg.expert_signals == "precompute"
+    if precomputed:
         examples = precompute_signals(
-            examples, experts, e_params, vocab, dc.seq_len, tc.batch_size,
-            stage_cfg.signals_cache or os.path.join(workdir, "expert_signals.npz"), progress)
+            examples, experts, e_params, vocab, dc.seq_len, micro_batch_size(tc),
+            stage_cfg.signals_cache or os.path.join(workdir, "expert_signals.npz"), progress,
+            mesh, tc.loss_block)
     elif name == "sft" and stage_cfg.expert_signals != "online":
         raise SystemExit(f"train.sft.expert_signals must be 'online' or 'precompute', got "
                          f"{stage_cfg.expert_signals!r}")
@@ -366,9 +500,10 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     _print(f"[{name}] data: {report}; {len(train_ex)} train / {len(eval_ex)} eval")
     batcher = Batcher(train_ex, tc.batch_size, dc.seq_len, dc.seed, kind, dc.pack)
 
-    frozen = {"experts": e_params} if name != "lm" else {}
-    if name == "cdpo":
-        frozen["ref"] = jax.tree.map(jnp.copy, params)  # the stage-1 router, frozen
+    # Precomputed signals: the experts stay off the step (their HBM is free for it).
+    frozen = {"experts": e_params} if name != "lm" and not precomputed else {}
+    if name == "cdpo":  # the stage-1 router, frozen (in the frozen models' dtype)
+        frozen["ref"] = jax.tree.map(lambda x: x.astype(frozen_dtype(config)), params)
     stage = build_stage(name, trainee, experts, mesh, stage_cfg, tc, params, frozen, vocab)
     state = init_state(stage, params, tc.seed)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep)
@@ -385,10 +520,12 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     writer = _Writer(os.path.join(tc.workdir, "tensorboard", name))
     writer.text("config", "<pre>" + config.to_json_best_effort(indent=2) + "</pre>", 0)
 
-    sampler = _make_sampler(trainee, experts, frozen["experts"], tokenizer, eval_ex or train_ex,
+    sampler = _make_sampler(trainee, experts, e_params, tokenizer, eval_ex or train_ex,
                             names=None) if tc.sample_every and name != "lm" else None
-    total = stage_cfg.steps * stage.accum  # micro-steps
-    micro = int(state.micro)
+    # One loop iteration = one optimizer update over train.batch_size rows (grad_accum
+    # micro-batches inside the step); logging, evaluation and checkpoints count updates.
+    total = stage_cfg.steps
+    micro = int(state.step)
     bar = tqdm(total=total, initial=micro, desc=name, disable=not progress or
                jax.process_index() != 0, dynamic_ncols=True)
     batch, t_last, tokens_since, micro_last = first, time.perf_counter(), 0, micro
@@ -402,7 +539,7 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
             values = _scalars(metrics)
-            values.update(lr=float(stage.schedule(micro // stage.accum)),
+            values.update(lr=float(stage.schedule(micro)),
                           tokens_per_s=tokens_since / (now - t_last),
                           step_time=(now - t_last) / (micro - micro_last))
             if "route_share" in metrics:  # per-expert share of the tokens routed to it
@@ -465,7 +602,8 @@ def evaluate(stage, eval_step, params, frozen, eval_ex, tc, dc, kind) -> Dict[st
     sums: Dict[str, float] = {}
     n = 0
     while n < tc.eval_batches and batcher.epoch == 0:
-        m = _scalars(jax.device_get(eval_step(params, frozen, stage.put_batch(batcher.next()))))
+        m = _scalars(jax.device_get(eval_step(params, frozen,
+                                              stage.put_eval_batch(batcher.next()))))
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1
@@ -500,7 +638,7 @@ def run_lm(config, progress: bool = True) -> str:
                          "to its HF folder")
     mesh = sh.mesh_from_config(config.mesh)
     dtype, pdtype = config.model.dtype, config.model.param_dtype or None
-    model = Model(load_config(init, dtype, pdtype))
+    model = Model(trained_cfg(load_config(init, dtype, pdtype), config))
     tokenizer = load_tokenizer(init)
     _, params = load_hf(init, dtype, pdtype, shardings=sh.param_shardings(model, mesh))
     params, _ = run_stage("lm", config, model, params, None, None, tokenizer, mesh, progress)
@@ -546,7 +684,9 @@ def run(config, progress: bool = True) -> str:
     router, r_params = load_router(router_path, n_experts=len(expert_paths), seed=tc.seed,
                                    dtype=dtype, param_dtype=pdtype,
                                    shardings_fn=lambda r: sh.param_shardings(r, mesh))
-    experts, e_params = load_experts(expert_paths, dtype, pdtype, vocab=len(tokenizer),
+    router = Router(trained_cfg(router.cfg, config), router.n_experts)
+    experts, e_params = load_experts(expert_paths, dtype, frozen_dtype(config),
+                                     vocab=len(tokenizer),
                                      shardings_fn=lambda e: sh.param_shardings(e, mesh))
     os.makedirs(tc.workdir, exist_ok=True)
     if jax.process_index() == 0:

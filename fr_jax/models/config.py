@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 SUPPORTED_MODEL_TYPES = ("llama", "gemma2")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+REMAT_CHOICES = ("none", "dots", "full")
 # HF activation names -> our names. Both spellings of tanh-GELU appear in checkpoints.
 _ACTIVATIONS = {
     "silu": "silu",
@@ -80,6 +81,12 @@ class ModelConfig:
     pad_token_id: Optional[int] = None
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # How the layer stack runs (not part of the checkpoint): `remat` = none | dots | full,
+    # what the backward pass keeps of each layer (see fr_jax.models.transformer); with
+    # `scan_unroll` the layer scan is unrolled (XLA's cost analysis counts a loop body once:
+    # fr_jax.plan measures unrolled shallow variants).
+    remat: str = "none"
+    scan_unroll: bool = False
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -100,6 +107,9 @@ class ModelConfig:
                               "'sliding_attention' or 'full_attention'")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ConfigError("layer_types has sliding layers but sliding_window is not set")
+        if self.remat not in REMAT_CHOICES:
+            raise ConfigError(f"unknown remat {self.remat!r}; choose one of "
+                              f"{', '.join(REMAT_CHOICES)}")
         if self.activation not in set(_ACTIVATIONS.values()):
             raise ConfigError(f"unknown activation {self.activation!r}")
         if self.rope.rope_type not in SUPPORTED_ROPE_TYPES:

@@ -55,12 +55,15 @@ class Model:
 
     # -------------------------------------------------------------- cache-free
     def forward(self, params, tokens, positions=None, segment_ids=None,
-                collect_intermediates: bool = False, last_only: bool = False):
+                collect_intermediates: bool = False, last_only: bool = False,
+                with_logits: bool = True):
         """tokens [B,T] -> TransformerOutput (logits [B,T,V] fp32, hidden [B,T,E]).
 
         positions default to 0..T-1; pass them (and `segment_ids`) for packed sequences.
         With `collect_intermediates`, also returns the per-layer residual stream [L,B,T,E].
         With `last_only`, logits and hidden cover the last position only ([B,1,...]).
+        Without `with_logits`, logits is None: training forms them a block of positions at
+        a time from the hidden state (`logits`), so [B, T, V] never exists.
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
@@ -71,8 +74,13 @@ class Model:
                                                 mutable=["intermediates"])
             return out, state["intermediates"]["layers"]["residual"][0]
         out, _ = self.module.apply({"params": params}, tokens, positions,
-                                   segment_ids=segment_ids, last_only=last_only)
+                                   segment_ids=segment_ids, last_only=last_only,
+                                   with_logits=with_logits)
         return out
+
+    def logits(self, params, hidden):
+        """Final hidden states [..., E] -> float32 logits [..., V] (the LM head, soft-cap)."""
+        return self.module.apply({"params": params}, hidden, method=Transformer.logits)
 
     # -------------------------------------------------------------- cached
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> cache_lib.KVCache:

@@ -16,6 +16,15 @@ import numpy as np
 
 from fr_jax.models.config import ModelConfig
 from fr_jax.models.layers import MLP, Attention, RMSNorm, dense_init
+from fr_jax.sharding import constrain
+
+# model.remat -> what the backward pass keeps of a layer's forward (the rest is recomputed).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the layer's input
+    # the outputs of the weight matmuls; attention scores and elementwise work are redone
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+RESIDUAL_AXES = ("batch", "act_len", "act_embed")
 
 
 class DecoderLayer(nn.Module):
@@ -40,7 +49,7 @@ class DecoderLayer(nn.Module):
         h = MLP(cfg, name="mlp")(norm("pre_mlp_norm")(x))
         if cfg.sandwich_norms:
             h = norm("post_mlp_norm")(h)
-        x = x + h
+        x = constrain(x + h, RESIDUAL_AXES)
         # Per-layer residual stream, collected only when the caller asks for
         # mutable=["intermediates"] (prefill-activation probes of the baselines).
         self.sow("intermediates", "residual", x)
@@ -48,7 +57,7 @@ class DecoderLayer(nn.Module):
 
 
 class TransformerOutput(NamedTuple):
-    logits: jax.Array  # [B, T, V] float32 (after Gemma-2's final soft-cap)
+    logits: jax.Array  # [B, T, V] float32 (after Gemma-2's final soft-cap); None if not asked
     hidden: jax.Array  # [B, T, E] final hidden state after the final norm
 
 
@@ -68,12 +77,16 @@ class Transformer(nn.Module):
         self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype,
                               embedding_init=dense_init("vocab", "embed"))
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         self.layers = nn.scan(
-            DecoderLayer,
+            layer,
             variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast),
             length=cfg.num_layers,
+            unroll=cfg.num_layers if cfg.scan_unroll else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg)
         self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, cfg.dtype,
@@ -83,9 +96,10 @@ class Transformer(nn.Module):
                                       (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
 
     def __call__(self, tokens, positions, kv=None, slot_start=None, k_pos=None,
-                 segment_ids=None, last_only: bool = False, last_index=None):
+                 segment_ids=None, last_only: bool = False, last_index=None,
+                 with_logits: bool = True):
         cfg = self.cfg
-        x = self.embed(tokens)
+        x = constrain(self.embed(tokens), RESIDUAL_AXES)
         if cfg.embed_scale is not None:
             # Gemma-2 rounds the normaliser to the activation dtype before multiplying.
             x = x * jnp.asarray(cfg.embed_scale, dtype=cfg.dtype)
@@ -102,7 +116,9 @@ class Transformer(nn.Module):
         elif last_index is not None:
             x = jnp.take_along_axis(x, last_index[:, None, None].astype(jnp.int32), axis=1)
         hidden = self.final_norm(x)
-        return TransformerOutput(self.logits(hidden), hidden), new_kv
+        # without logits: the caller forms them block by block (fr_jax.losses, blocked)
+        logits = self.logits(hidden) if with_logits else None
+        return TransformerOutput(logits, hidden), new_kv
 
     def logits(self, hidden):
         """hidden [..., E] -> float32 logits [..., V] (with the final soft-cap, if any)."""
