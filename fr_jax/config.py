@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.expert = 1
 
     c.decode = ml_collections.ConfigDict()
+    # The mesh of decoding (CLI, evaluation, fr_jax.plan's decode programs); all 0 = c.mesh.
+    # Decoding reads every weight once per token: tensor parallelism keeps them sharded,
+    # where FSDP would gather them on every chip at every step.
+    c.decode.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=0, tensor=0, expert=0))
     # fusionroute | expert_only | router_only | expert:<i> | mixture | sequence |
     # sequence:head | merged | finetuned  (see fr_jax/fusion.py)
     c.decode.mode = "fusionroute"
@@ -218,7 +222,12 @@ def real_family_config(workdir: str) -> ml_collections.ConfigDict:
     c = base_config()
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.expert = 1, 4, 2, 1  # on a pod: raise data
+    # Training: FSDP over every chip of the slice (params, gradients and Adam state sharded,
+    # weights gathered one layer at a time); decoding: tensor parallel over every chip.
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.expert = 1, -1, 1, 1  # on a pod: raise data
+    c.decode.mesh.update(data=1, fsdp=1, tensor=-1, expert=1)
+    c.model.remat = "full"  # keep each layer's input only: 2k-token rows at 2-9B scale
+    c.train.loss_block = 512  # logits of 512 positions at a time, never [B, 2048, V]
     c.data.sft_path = "/data/fusionroute/sft_mixed.jsonl"
     c.data.pref_path = "/data/fusionroute/pref.jsonl"
     c.data.seq_len = 2048
@@ -237,6 +246,12 @@ def real_family_config(workdir: str) -> ml_collections.ConfigDict:
     c.train.cdpo.lr = 5e-7
     c.train.cdpo.beta = 0.1
     return c
+
+
+def decode_mesh(config):
+    """The mesh sizes decoding runs on: config.decode.mesh unless all 0, else config.mesh."""
+    d = config.decode.mesh
+    return d if any(int(v) for v in d.values()) else config.mesh
 
 
 def frozen_dtype(config) -> str:

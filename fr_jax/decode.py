@@ -21,7 +21,7 @@ import numpy as np
 
 from fr_jax import sharding as sh
 from fr_jax import trace
-from fr_jax.config import frozen_dtype
+from fr_jax.config import decode_mesh, frozen_dtype
 from fr_jax.data import encode_prompt
 from fr_jax.experts import Experts, load_experts
 from fr_jax.fusion import Mode, ModeError, fuse, route_probs, select_expert, sequence_route
@@ -743,7 +743,7 @@ def run(config) -> DecodeResult:
 
     d = config.decode
     mode = Mode.parse(d.mode, len(config.experts.paths) or None)
-    mesh = sh.mesh_from_config(config.mesh)
+    mesh = sh.mesh_from_config(decode_mesh(config))
     router, experts, params, tok, names, cfgs, selector = load_world(config, mode, mesh)
     prompts = read_prompts(d.prompts_file) if d.prompts_file else list(d.prompts)
     ids = [encode_prompt(tok, p, d.chat) for p in prompts]

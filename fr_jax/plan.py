@@ -166,6 +166,8 @@ class Program:
     groups: Dict[str, object]  # what each argument group is: {label: pytree of args}
     model_flops: float = 0.0  # useful FLOPs per step (all chips), for MFU
     roofline_bytes: float = 0.0  # bytes a decode step must read (all chips)
+    uses: Tuple[str, ...] = ("router", "experts")  # whose depth its cost grows with
+    costed: bool = True  # FLOPs / bytes / step time are measured (steps, not prefills)
 
 
 def _abstract(shapes, shardings):
@@ -216,7 +218,8 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Pro
                 out.append(Program("expert signals (precompute)", "train", fn,
                                    (e_params, _sft_rows(micro, seq)),
                                    {"frozen": e_params},
-                                   n * forward_flops(ecfgs[0], micro * seq, (seq + 1) / 2)))
+                                   n * forward_flops(ecfgs[0], micro * seq, (seq + 1) / 2),
+                                   uses=("experts",)))
             frozen = {} if pre else {"experts": e_params}
             batch = _sft_rows(tc.batch_size, seq, n if pre else 0)
             flops = 3 * forward_flops(rcfg, tokens, (seq + 1) / 2)
@@ -238,7 +241,8 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Pro
         mb = jax.eval_shape(stage.micro_batches, batch)
         out.append(Program(f"{name.upper()} step", "train", step, (state, frozen, mb),
                            {"params": state.params, "optimizer": state.opt_state,
-                            "frozen": frozen}, flops))
+                            "frozen": frozen}, flops,
+                           uses=("router", "experts") if frozen else ("router",)))
     return out
 
 
@@ -292,7 +296,8 @@ def decode_programs(config, rcfg, ecfgs, mesh, modes: Sequence[str], batches: Se
                 out.append(Program(f"decode prefill, {tag}, prompt {pc.prompt_len}", "decode",
                                    pre, pre_args, {"params": params, "caches": caches},
                                    sum(forward_flops(c, batch * pc.prompt_len,
-                                                     (pc.prompt_len + 1) / 2) for c in used)))
+                                                     (pc.prompt_len + 1) / 2) for c in used),
+                                   costed=False))
                 out.append(Program(f"decode chunk, {tag}, cache {pc.cache_len}", "decode",
                                    chunk, chunk_args, {"params": params, "caches": caches},
                                    sum(forward_flops(c, batch, pc.cache_len) for c in used),
@@ -300,7 +305,8 @@ def decode_programs(config, rcfg, ecfgs, mesh, modes: Sequence[str], batches: Se
     return out
 
 
-def all_programs(config, rcfg, ecfgs, mesh, single_expert: bool = False) -> List[Program]:
+def all_programs(config, rcfg, ecfgs, meshes, single_expert: bool = False) -> List[Program]:
+    """Every program of the config: meshes = {"train": mesh, "decode": mesh}."""
     pc = config.plan
     wanted = set(pc.programs)
     unknown = wanted - {"train", "decode"}
@@ -308,9 +314,9 @@ def all_programs(config, rcfg, ecfgs, mesh, single_expert: bool = False) -> List
         raise PlanError(f"plan.programs: unknown {sorted(unknown)}; use 'train' and/or 'decode'")
     out = []
     if "train" in wanted:
-        out += train_programs(config, rcfg, ecfgs, mesh, tuple(config.train.stages))
+        out += train_programs(config, rcfg, ecfgs, meshes["train"], tuple(config.train.stages))
     if "decode" in wanted:
-        out += decode_programs(config, rcfg, ecfgs, mesh, tuple(pc.decode_modes),
+        out += decode_programs(config, rcfg, ecfgs, meshes["decode"], tuple(pc.decode_modes),
                                tuple(pc.decode_batches), tuple(pc.lazy), single_expert)
     return out
 
@@ -390,26 +396,35 @@ def shallow(cfg, depth: int):
                        layer_types=tuple(cfg.layer_types[:depth]))
 
 
-def measure_costs(config, rcfg, ecfgs, mesh, names: Sequence[str]) -> Dict[str, Tuple[float, float]]:
-    """Per program name: (FLOPs, HBM bytes) per chip per step at full depth, extrapolated from
-    unrolled programs at router/expert depths (1, 1), (2, 1) and (1, 2):
-    cost = c11 + (Lr - 1)(c21 - c11) + (Le - 1)(c12 - c11)."""
-    variants = {}
+def measure_costs(config, rcfg, ecfgs, meshes, programs: Sequence[Program],
+                  progress: bool = False) -> Dict[str, Tuple[float, float]]:
+    """Per costed program: (FLOPs, HBM bytes) per chip per step at full depth, extrapolated
+    from the program unrolled at router/expert depths (1, 1), (2, 1) and (1, 2):
+    cost = c11 + (Lr - 1)(c21 - c11) + (Le - 1)(c12 - c11); a program that runs only the
+    router (or only the experts) needs two of the three."""
+    want = {p.name: p for p in programs if p.costed}
+    variants: Dict[str, Dict[Tuple[int, int], np.ndarray]] = {}
     for dr, de in ((1, 1), (2, 1), (1, 2)):
-        progs = all_programs(config, shallow(rcfg, dr), [shallow(c, de) for c in ecfgs], mesh,
-                             single_expert=True)
+        progs = all_programs(config, shallow(rcfg, dr), [shallow(c, de) for c in ecfgs],
+                             meshes, single_expert=True)
         for p in progs:
-            if p.name not in names:
+            full = want.get(p.name)
+            if full is None or (dr == 2 and "router" not in full.uses) or (
+                    de == 2 and "experts" not in full.uses):
                 continue
-            compiled, err = compile_program(p)
+            if progress:
+                print(f"[plan] cost of {p.name} at depth {dr}/{de}", file=sys.stderr, flush=True)
+            compiled, _ = compile_program(p)
             if compiled is not None:
                 variants.setdefault(p.name, {})[(dr, de)] = np.array(_costs(compiled))
     out = {}
     for name, v in variants.items():
-        if len(v) < 3:
+        if (1, 1) not in v:
             continue
-        c = v[(1, 1)] + (rcfg.num_layers - 1) * (v[(2, 1)] - v[(1, 1)]) + \
-            (ecfgs[0].num_layers - 1) * (v[(1, 2)] - v[(1, 1)])
+        c = v[(1, 1)].copy()
+        for key, depth in (((2, 1), rcfg.num_layers), ((1, 2), ecfgs[0].num_layers)):
+            if key in v:
+                c += (depth - 1) * (v[key] - v[(1, 1)])
         out[name] = (float(c[0]), float(c[1]))
     return out
 
@@ -419,8 +434,11 @@ def evaluate(config, chip: Chip, devices, progress: bool = True) -> List[Result]
     from fr_jax import sharding as sh
     from fr_jax.config import frozen_dtype
 
+    from fr_jax.config import decode_mesh
+
     pc = config.plan
-    mesh = sh.make_mesh({a: int(config.mesh.get(a, 1)) for a in sh.MESH_AXES}, devices)
+    meshes = {kind: sh.make_mesh({a: int(m.get(a, 1)) for a in sh.MESH_AXES}, devices)
+              for kind, m in (("train", config.mesh), ("decode", decode_mesh(config)))}
     dtype, pdtype = config.model.dtype, config.model.param_dtype or config.model.dtype
     rcfg = model_config(config.router.path, pc.router_arch, dtype, pdtype, "router")
     n = len(config.experts.paths) or pc.n_experts
@@ -430,7 +448,7 @@ def evaluate(config, chip: Chip, devices, progress: bool = True) -> List[Result]
     if pc.depth:  # reduced depth (tests): real widths and vocabularies, fewer layers
         cut = lambda c: c.replace(num_layers=pc.depth, layer_types=c.layer_types[:pc.depth])
         rcfg, ecfgs = cut(rcfg), [cut(c) for c in ecfgs]
-    programs = all_programs(config, rcfg, ecfgs, mesh)
+    programs = all_programs(config, rcfg, ecfgs, meshes)
     usable = chip.usable_gib * GiB
     results = []
     for i, p in enumerate(programs):
@@ -459,7 +477,7 @@ def evaluate(config, chip: Chip, devices, progress: bool = True) -> List[Result]
     if pc.costs:
         if progress:
             print("[plan] cost analysis (depth 1 and 2, unrolled)", file=sys.stderr, flush=True)
-        costs = measure_costs(config, rcfg, ecfgs, mesh, [p.name for p in programs])
+        costs = measure_costs(config, rcfg, ecfgs, meshes, programs, progress)
         n_chips = len(devices)
         for p, r in zip(programs, results):
             if p.name not in costs:

@@ -38,6 +38,7 @@ def _loading_mode(modes: Sequence[Mode]):
 def build_lineup(config, modes: Sequence[str]):
     """The Lineup the modes need, loaded once with fr_jax.decode's loaders and checks."""
     from fr_jax import sharding as sh
+    from fr_jax.config import decode_mesh
     from fr_jax.decode import load_standalone, load_world
     from fr_jax.eval.modes import Lineup
     from fr_jax.models import Model
@@ -45,7 +46,7 @@ def build_lineup(config, modes: Sequence[str]):
 
     n = len(config.experts.paths) or None
     parsed = [Mode.parse(m, n) for m in modes]
-    mesh = sh.mesh_from_config(config.mesh)
+    mesh = sh.mesh_from_config(decode_mesh(config))
     shared = [m for m in parsed if m.kind != "model"]
     router = experts = selector = tok = None
     params, names, cfgs, sources = {}, [], [], []
