@@ -6,9 +6,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def requirements(name):
+    """The requirement lines of a requirements file, following its `-r other.txt` lines."""
+    out = []
     with open(os.path.join(HERE, name)) as f:
-        lines = (line.split("#")[0].strip() for line in f)
-        return [line for line in lines if line and not line.startswith("-r")]
+        for line in (line.split("#")[0].strip() for line in f):
+            if line.startswith("-r"):
+                out += requirements(line[2:].strip())
+            elif line:
+                out.append(line)
+    return out
 
 
 setup(
@@ -24,5 +30,8 @@ setup(
                                  for depth in range(1, 6)]},
     python_requires=">=3.10",
     install_requires=requirements("requirements.txt"),
-    extras_require={"test": requirements("requirements-test.txt")},
+    # tpu: the TPU build of jax (libtpu), which is also the TPU compiler `python -m fr_jax.plan`
+    # runs on a CPU-only machine; the tests compile for TPU slices too.
+    extras_require={"test": requirements("requirements-test.txt"),
+                    "tpu": requirements("requirements-tpu.txt")},
 )

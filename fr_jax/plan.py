@@ -79,6 +79,9 @@ def topology_devices(slice_name: str):
     if slice_name not in SLICES:
         raise PlanError(f"unknown TPU slice {slice_name!r}; known: {', '.join(SLICES)}")
     chip, topo = SLICES[slice_name]
+    # Compiling claims no TPU: let several plans (and a TPU job) load libtpu side by side
+    # instead of failing on its single-process lock file.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
         kw = {"chip_config_name": "megacore"} if chip in ("v4", "v5p") else {}

@@ -30,10 +30,6 @@ RULES: Tuple[Tuple[str, Union[None, str, Tuple[str, ...]]], ...] = (
     ("layers", None),
     ("norm", None),
     ("cache_slots", None),
-    # Activations: rows over data/fsdp, the model dims whole on each chip (FSDP gathers the
-    # weights, not the activations), the vocabulary of logits over tensor.
-    ("act_embed", None),
-    ("act_len", None),
 )
 
 KV_CACHE_AXES = {
@@ -136,15 +132,19 @@ def param_shardings(models, mesh: Mesh, rules=RULES):
 
 
 def constrain(x, logical: Sequence[Optional[str]], rules=RULES):
-    """Pins activation x to the sharding its logical axis names map to, under the mesh the
-    caller traces in (`traced_on`); a no-op when no mesh is set (one device, tests).
+    """Pins activation x to the sharding its logical axis names map to (dims named None
+    are left to XLA), under the mesh the caller traces in (`traced_on`); a no-op when no
+    mesh is set (one device, tests).
 
     Without these pins XLA's propagation may choose to shard an activation like the weight
     it meets (e.g. [B, T, E] by `embed` over fsdp), replicating the rows and every FLOP."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, spec_for(logical, x.shape, mesh, rules))
+    spec = spec_for(logical, x.shape, mesh, rules)
+    # Dims named None are left to XLA's propagation; only the named ones are pinned.
+    spec = P(*(P.UNCONSTRAINED if name is None else s for name, s in zip(logical, spec)))
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def traced_on(fn, mesh: Optional[Mesh]):

@@ -43,17 +43,33 @@ def _sft_setup(mesh, n_experts=2):
 
 
 def test_sharded_step_equals_single_device_step():
+    """Two steps on a data x fsdp x tensor mesh equal two steps on one device: the loss, and
+    the params after two AdamW steps.
+
+    Where a gradient is itself reduction-order noise (|g| below 1e-4 of its tensor's median:
+    cancellation in the sum over tokens, whose sign then depends on the order of the sum),
+    AdamW's per-element normalisation turns it into a step of up to lr in either direction;
+    those params are held to 2 steps x lr, every other one to atol 2e-5 / rtol 1e-4."""
     results = []
     for shape in ({}, {"data": 2, "fsdp": 2, "tensor": 2}):
         mesh = sh.make_mesh(shape, devices=jax.devices()[:1] if not shape else None)
         stage, state, frozen, batch = _sft_setup(mesh)
+        grads = jax.jit(jax.grad(lambda p, f, b: stage.loss_fn(p, f, b)[0]))(
+            state.params, frozen, stage.put_eval_batch(batch))
         train, _ = stage.jitted(batch)
         for _ in range(2):
             state, metrics = train(state, frozen, stage.put_batch(batch))
-        results.append((float(metrics["loss"]), jax.device_get(state.params), state))
-    (loss1, p1, _), (loss8, p8, state8) = results
+        results.append((float(metrics["loss"]), jax.device_get(state.params), state,
+                        jax.device_get(grads)))
+    (loss1, p1, _, g1), (loss8, p8, state8, _) = results
     np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), p1, p8)
+    lr = 1e-3  # _sft_setup's learning rate
+
+    def check(a, b, g):
+        noise = np.abs(g) < 1e-4 * np.median(np.abs(g))
+        np.testing.assert_allclose(a[~noise], b[~noise], atol=2e-5, rtol=1e-4)
+        assert np.all(np.abs(a[noise] - b[noise]) <= 2 * lr)
+    jax.tree.map(check, p1, p8, g1)
     q = state8.params["backbone"]["layers"]["attn"]["q_proj"]["kernel"]  # [L, E, H, D]
     assert q.sharding.spec == sh.P(None, "fsdp", "tensor", None)
     mu = state8.opt_state[1][0].mu["backbone"]["layers"]["attn"]["q_proj"]["kernel"]

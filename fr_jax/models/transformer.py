@@ -24,7 +24,8 @@ REMAT_POLICIES = {
     # the outputs of the weight matmuls; attention scores and elementwise work are redone
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-RESIDUAL_AXES = ("batch", "act_len", "act_embed")
+# The residual stream [B, T, E]: rows pinned over data/fsdp, the rest left to XLA.
+RESIDUAL_AXES = ("batch", None, None)
 
 
 class DecoderLayer(nn.Module):
