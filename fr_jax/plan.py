@@ -285,7 +285,7 @@ def decode_programs(config, rcfg, ecfgs, mesh, modes: Sequence[str], batches: Se
                                          sh.param_shardings(experts, mesh))})
                 (pre, pre_args), (chunk, chunk_args) = dec.compiled_programs(
                     params, batch, pc.prompt_len, pc.cache_len)
-                caches = pre_args[4]
+                caches = _abstract(pre_args[4], dec._cache_shardings(pre_args[4]))
                 used = [router.cfg] * bool(dec.router) + (
                     [ecfgs[0]] if (lazy or n == 1) else list(ecfgs[:n]))
                 weights = (_nbytes(params.get("router", {})) if dec.router else 0) + (
