@@ -222,9 +222,11 @@ def real_family_config(workdir: str) -> ml_collections.ConfigDict:
     c = base_config()
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
-    # Training: FSDP over every chip of the slice (params, gradients and Adam state sharded,
-    # weights gathered one layer at a time); decoding: tensor parallel over every chip.
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.expert = 1, -1, 1, 1  # on a pod: raise data
+    # Training: FSDP over the slice's chips, by 2-way tensor parallelism (params, gradients
+    # and Adam state sharded; weights gathered a layer at a time; the vocabulary of every
+    # LM head split in two, which halves the frozen experts' heads gathered for CDPO's fused
+    # log-prob); decoding: tensor parallel over every chip.
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.expert = 1, -1, 2, 1  # on a pod: raise data
     c.decode.mesh.update(data=1, fsdp=1, tensor=-1, expert=1)
     c.model.remat = "full"  # keep each layer's input only: 2k-token rows at 2-9B scale
     c.train.loss_block = 512  # logits of 512 positions at a time, never [B, 2048, V]

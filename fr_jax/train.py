@@ -405,8 +405,9 @@ def micro_batch_size(train_cfg) -> int:
 
 
 def trained_cfg(cfg, config):
-    """The ModelConfig of a model being trained, with config.model's rematerialisation."""
-    return cfg.replace(remat=config.model.remat)
+    """The ModelConfig of a model being trained: config.model's rematerialisation, and
+    attention over all queries at once (blocks would each keep their residuals)."""
+    return cfg.replace(remat=config.model.remat, attn_block=0)
 
 
 def init_state(stage: Stage, params, seed: int) -> TrainState:

@@ -157,3 +157,25 @@ def test_activation_pins_keep_rows_sharded():
             hlo = evaluate.lower(params, frozen, stage.put_eval_batch(batch)).as_text()
             assert "sharding_constraint" in hlo or "Sharding" in hlo
     np.testing.assert_allclose(values[1], values[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_long_prefill_attends_in_query_blocks_exactly(model_type):
+    """A prompt longer than attn_block goes into the cache block by block: the same
+    logits and cache as attending all of its queries at once (left padding, Gemma's window)."""
+    from fr_jax.models import Model
+    from test_cache import tiny
+
+    cfg = tiny(model_type)
+    params = Model(cfg).init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(3, 97, (2, 11)), jnp.int32)
+    mask = jnp.asarray(np.arange(11)[None, :] >= np.array([[0], [3]]))
+    outs = []
+    for block in (0, 4):
+        model = Model(cfg.replace(attn_block=block))
+        out, cache = model.prefill(params, tokens, model.init_cache(2, 16), mask)
+        outs.append((out.logits, cache.k, cache.v))
+        outs[-1] += (model.forward(params, tokens).logits,)
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -8,6 +8,7 @@ and blocked losses save what they are predicted to save.
 
 import functools
 import json
+import re
 import runpy
 
 from fr_jax import plan
@@ -88,7 +89,8 @@ def test_a_program_that_does_not_fit_names_its_largest_buffers_and_the_fix(capsy
     text = capsys.readouterr().out
     assert code == 1
     assert "| SFT step |" in text and "**NO**" in text
-    assert "largest buffers" in text and "f32[8,2048,128256]" in text
+    # the attention scores every layer keeps for the backward pass: [.., 2048, 2048] float32
+    assert "largest buffers" in text and re.search(r"f32\[[\d,]*2048,2048\]", text)
     assert "--config.train.grad_accum" in text and "--config.model.remat=full" in text
 
 

@@ -87,6 +87,11 @@ class ModelConfig:
     # fr_jax.plan measures unrolled shallow variants).
     remat: str = "none"
     scan_unroll: bool = False
+    # Attention over more than this many queries (a long prefill, a frozen expert's forward
+    # in training) attends them this many at a time (fr_jax.models.layers.
+    # dot_product_attention); 0 = never. A trained model uses 0: its backward pass would
+    # keep every block's probabilities anyway.
+    attn_block: int = 512
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:

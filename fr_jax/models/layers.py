@@ -106,12 +106,25 @@ def attention_mask(q_pos, k_pos, sliding, window: Optional[int], q_seg=None, k_s
     return mask
 
 
-def dot_product_attention(q, k, v, mask, scale: float, softcap: Optional[float]):
+def dot_product_attention(q, k, v, mask, scale: float, softcap: Optional[float],
+                          q_block: int = 0):
     """Grouped-query attention. q [B,T,H,D], k/v [B,S,K,D], mask [B,T,S] -> [B,T,H,D].
 
     Scores, soft-cap and softmax are float32; the weighted sum runs in the input dtype.
+    With 0 < q_block < T the queries are attended `q_block` at a time (a sequential map:
+    scores [B, K, G, q_block, S] instead of [B, K, G, T, S]; every query row's softmax is
+    the same computation either way). At batch 32, 1024 prompt tokens into a cache of 2048
+    slots, the float32 scores of one layer are 32 x heads x 8 MiB.
     """
     b, t, h, d = q.shape
+    if q_block and t > q_block:
+        n = -(-t // q_block)
+        pad = n * q_block - t
+        blocks = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+                                        .reshape((b, n, q_block) + x.shape[2:]), 1, 0)
+        out = jax.lax.map(lambda qm: dot_product_attention(qm[0], k, v, qm[1], scale, softcap),
+                          (blocks(q), blocks(mask)))
+        return jnp.moveaxis(out, 0, 1).reshape(b, n * q_block, h, d)[:, :t]
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
@@ -183,7 +196,8 @@ class Attention(nn.Module):
                 raise ValueError("segment_ids (packed sequences) are only supported without a cache")
         mask = attention_mask(positions, k_pos, sliding, cfg.sliding_window, segment_ids, k_seg)
         out = dot_product_attention(q, keys.astype(cfg.dtype), values.astype(cfg.dtype), mask,
-                                    cfg.query_scale, cfg.attn_logit_softcap)
+                                    cfg.query_scale, cfg.attn_logit_softcap,
+                                    q_block=cfg.attn_block)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias,
                               dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               kernel_init=dense_init("heads", "head_dim", "embed"),
