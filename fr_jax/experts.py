@@ -103,7 +103,12 @@ class Experts:
         if self.stacked:
             model = self.models[0]
             fn = lambda p, c: model.extend(p, tokens, c, mask, last_only)
-            out, cache = jax.vmap(fn)(params, cache)
+            if tokens.shape[1] > 1:
+                # A prefill: one expert after the other, so one expert's activations
+                # (attention scores over the prompt) are alive at a time, not n.
+                out, cache = jax.lax.map(lambda pc: fn(*pc), (params, cache))
+            else:
+                out, cache = jax.vmap(fn)(params, cache)
             return out.logits[..., :self.vocab], cache
         outs, caches = [], []
         for model, p, c in zip(self.models, params, cache):

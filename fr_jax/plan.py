@@ -241,8 +241,7 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Pro
                                   vocab)
         state = train.abstract_state(stage, r_params)
         step, _ = stage.jitted(batch)
-        mb = jax.eval_shape(stage.micro_batches, batch)
-        out.append(Program(f"{name.upper()} step", "train", step, (state, frozen, mb),
+        out.append(Program(f"{name.upper()} step", "train", step, (state, frozen, batch),
                            {"params": state.params, "optimizer": state.opt_state,
                             "frozen": frozen}, flops,
                            uses=("router", "experts") if frozen else ("router",)))

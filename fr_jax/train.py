@@ -258,18 +258,19 @@ def lm_loss_fn(model, vocab: int, block: int = 0):
 
 
 def make_train_step(loss_fn, tx, accum: int = 1, unroll: bool = False):
-    """One optimizer update: the batch's leaves are [accum, rows, ...], `accum` micro-batches
-    whose gradients (w.r.t. the router params only) are summed in float32 by a scan, so the
-    activations alive at once are one micro-batch's; the update uses their mean. Metrics
-    are the micro-batches' means."""
+    """One optimizer update over a global batch [B, ...], split into `accum` micro-batches
+    (`micro_batches`) whose gradients (w.r.t. the router params only) are summed in float32
+    by a scan, so the activations alive at once are one micro-batch's; the update uses
+    their mean. Metrics are the micro-batches' means."""
     def micro(params, frozen, batch):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch)
         return grads, metrics
 
     def train_step(state: TrainState, frozen, batch):
         if accum == 1:
-            grads, metrics = micro(state.params, frozen, jax.tree.map(lambda x: x[0], batch))
+            grads, metrics = micro(state.params, frozen, batch)
         else:
+            batch = micro_batches(batch, accum)
             def body(acc, mb):
                 g, m = micro(state.params, frozen, mb)
                 return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, (g, m)), None
@@ -306,50 +307,39 @@ class Stage:
     accum: int
 
     def batch_shardings(self, batch):
-        """[rows, ...] arrays (evaluation batches): rows over data/fsdp."""
+        """[rows, ...] arrays: rows over data/fsdp."""
         return jax.tree.map(lambda x: sh.batch_sharding(self.mesh, x.shape), batch)
 
-    def micro_shardings(self, batch):
-        """[accum, rows, ...] arrays (training batches): each micro-batch's rows over
-        data/fsdp, so every micro-batch runs on all devices."""
-        def one(x):
-            spec = sh.batch_sharding(self.mesh, x.shape[1:]).spec
-            return sh.NamedSharding(self.mesh, sh.P(None, *spec))
-        return jax.tree.map(one, batch)
-
-    def micro_batches(self, batch):
-        """A global batch [B, ...] (B = train.batch_size) -> [accum, B / accum, ...]."""
-        return jax.tree.map(lambda x: x.reshape((self.accum, -1) + x.shape[1:]), batch)
-
-    def _put(self, batch, shardings):
+    def put_batch(self, batch):
+        """Global host batch -> sharded device arrays (each host fills only its shards)."""
         def put(x, sharding):
             return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-        return jax.tree.map(put, batch, shardings)
-
-    def put_batch(self, batch):
-        """Global host batch -> sharded device arrays (each host fills only its shards),
-        laid out as the training step's micro-batches."""
-        batch = self.micro_batches(batch)
-        return self._put(batch, self.micro_shardings(batch))
-
-    def put_eval_batch(self, batch):
-        return self._put(batch, self.batch_shardings(batch))
+        return jax.tree.map(put, batch, self.batch_shardings(batch))
 
     def jitted(self, batch_example):
         """(train step, eval step) for batches shaped like `batch_example` ([B, ...] arrays
         or ShapeDtypeStructs), jitted with shardings and traced on the stage's mesh."""
         b_sh = self.batch_shardings(batch_example)
-        m_sh = self.micro_shardings(jax.eval_shape(self.micro_batches, batch_example))
         step = make_train_step(self.loss_fn, self.tx, self.accum,
                                unroll=self.trainee.cfg.scan_unroll)
         train = jax.jit(sh.traced_on(step, self.mesh),
-                        in_shardings=(self.state_shardings, self.frozen_shardings, m_sh),
+                        in_shardings=(self.state_shardings, self.frozen_shardings, b_sh),
                         out_shardings=(self.state_shardings, None), donate_argnums=(0,))
         evaluate = jax.jit(sh.traced_on(lambda params, frozen, batch:
                                         self.loss_fn(params, frozen, batch)[1], self.mesh),
                            in_shardings=(self.state_shardings.params, self.frozen_shardings,
                                          b_sh))
         return train, evaluate
+
+
+def micro_batches(batch, accum: int):
+    """A global batch [B, ...] -> [accum, B / accum, ...]: micro-batch j holds rows j,
+    j + accum, j + 2 accum, ... Every device's block of rows is split in place (no rows
+    move between devices) and every micro-batch keeps rows on every device."""
+    def split(x):
+        x = jnp.moveaxis(x.reshape((-1, accum) + x.shape[1:]), 1, 0)
+        return sh.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+    return jax.tree.map(split, batch)
 
 
 def build_stage(name, trainee, experts, mesh, stage_cfg, train_cfg, params, frozen, vocab):
@@ -604,7 +594,7 @@ def evaluate(stage, eval_step, params, frozen, eval_ex, tc, dc, kind) -> Dict[st
     n = 0
     while n < tc.eval_batches and batcher.epoch == 0:
         m = _scalars(jax.device_get(eval_step(params, frozen,
-                                              stage.put_eval_batch(batcher.next()))))
+                                              stage.put_batch(batcher.next()))))
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1

@@ -105,12 +105,13 @@ def test_rematerialised_layers_give_the_same_gradients(remat):
 
 
 def test_grad_accumulation_applies_the_mean_of_micro_batch_gradients():
-    """grad_accum=2 over a batch of 4 rows: one update with the mean of the two 2-row
-    micro-batches' gradients (checked against an optimizer step on that mean)."""
+    """grad_accum=2 over a batch of 4 rows: one update with the mean of the gradients of
+    the two 2-row micro-batches, rows (0, 2) and (1, 3) (checked against an optimizer step
+    on that mean)."""
     batch = _sft_batch(signals=True)
     *_, stage, r_params, frozen = _stage_loss_and_grads("sft", 0, accum=2, batch=batch)
     assert stage.accum == 2
-    halves = [jax.tree.map(lambda x: x[i * 2:(i + 1) * 2], batch) for i in range(2)]
+    halves = [jax.tree.map(lambda x: x[i::2], batch) for i in range(2)]
     grads = [jax.grad(lambda p, b: stage.loss_fn(p, frozen, b)[0])(r_params, h) for h in halves]
     mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
     updates, _ = stage.tx.update(mean, stage.tx.init(r_params), r_params)
@@ -152,9 +153,9 @@ def test_activation_pins_keep_rows_sharded():
         _, evaluate = stage.jitted(batch)
         frozen = jax.device_put({"experts": e_params}, stage.frozen_shardings)
         params = jax.device_put(r_params, stage.state_shardings.params)
-        values.append(float(evaluate(params, frozen, stage.put_eval_batch(batch))["loss"]))
+        values.append(float(evaluate(params, frozen, stage.put_batch(batch))["loss"]))
         if shape:
-            hlo = evaluate.lower(params, frozen, stage.put_eval_batch(batch)).as_text()
+            hlo = evaluate.lower(params, frozen, stage.put_batch(batch)).as_text()
             assert "sharding_constraint" in hlo or "Sharding" in hlo
     np.testing.assert_allclose(values[1], values[0], rtol=1e-5)
 

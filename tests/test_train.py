@@ -55,7 +55,7 @@ def test_sharded_step_equals_single_device_step():
         mesh = sh.make_mesh(shape, devices=jax.devices()[:1] if not shape else None)
         stage, state, frozen, batch = _sft_setup(mesh)
         grads = jax.jit(jax.grad(lambda p, f, b: stage.loss_fn(p, f, b)[0]))(
-            state.params, frozen, stage.put_eval_batch(batch))
+            state.params, frozen, stage.put_batch(batch))
         train, _ = stage.jitted(batch)
         for _ in range(2):
             state, metrics = train(state, frozen, stage.put_batch(batch))

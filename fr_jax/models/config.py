@@ -91,7 +91,7 @@ class ModelConfig:
     # in training) attends them this many at a time (fr_jax.models.layers.
     # dot_product_attention); 0 = never. A trained model uses 0: its backward pass would
     # keep every block's probabilities anyway.
-    attn_block: int = 512
+    attn_block: int = 256
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
