@@ -18,4 +18,7 @@ def get_config():
     c.experts.names = ("math", "code", "instr")
     c.decode.eos_ids = (1, 107)  # <eos>, <end_of_turn>
     c.plan.router_arch, c.plan.expert_arch = "gemma-2-2b", "gemma-2-9b"
+    # `python -m fr_jax.plan` (README, "Will it fit?"): on v5e-8 the CDPO step and decoding
+    # at batch 32 do not fit; v5p-8 fits every program, the smallest slice measured that does.
+    c.plan.topology = "v5p-8"
     return c
