@@ -98,11 +98,13 @@ def test_activation_memory_scales_with_micro_batch_and_sequence():
     base, rcfg, _ = _sft_step(8, 1024, "full", 512)
     rows2, _, _ = _sft_step(16, 1024, "full", 512)
     seq2, _, _ = _sft_step(8, 2048, "full", 512)
-    # Temporaries are activations (linear in rows) plus the gathered weights and gradient
-    # buffers (independent of them): doubling rows adds at least half the base again and
-    # at most doubles it; doubling the sequence too (attention scores grow faster).
+    # Temporaries are activations plus the gathered weights and float32 gradient buffers,
+    # which do not depend on rows or tokens. Doubling the rows adds at least 0.3x the base
+    # and at most doubles it. Doubling the sequence makes it grow, by at most 4x (attention
+    # is quadratic); with remat and blocked losses the growth is small (measured: 1.08x at
+    # 1024 -> 2048 tokens, 2 rows a chip), since one layer's activations are alive at a time.
     assert 1.3 * base < rows2 <= 2.1 * base
-    assert 1.3 * base < seq2 <= 4.2 * base
+    assert base < seq2 <= 4.2 * base
 
 
 def test_remat_and_blocked_losses_save_what_they_should():
