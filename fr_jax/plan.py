@@ -37,6 +37,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fr_jax import sharding as sh
+from fr_jax import train
+from fr_jax.config import decode_mesh, default_config_file, frozen_dtype, parse_flags
+from fr_jax.decode import FusedDecoder
+from fr_jax.experts import Experts
+from fr_jax.fusion import Mode
+from fr_jax.hf import load_config
+from fr_jax.models import ModelConfig
+from fr_jax.router import Router
+
 GiB = 1 << 30
 
 
@@ -129,9 +139,6 @@ PRESETS = {
 
 def model_config(path: str, arch: str, dtype: str, param_dtype: str, what: str):
     """ModelConfig of a checkpoint: its config.json if the folder has one, else preset `arch`."""
-    from fr_jax.hf import load_config
-    from fr_jax.models import ModelConfig
-
     if path and os.path.isfile(os.path.join(path, "config.json")):
         return load_config(path, dtype, param_dtype)
     if arch not in PRESETS:
@@ -196,12 +203,6 @@ def _nbytes(tree) -> int:
 def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Program]:
     """The training programs of config.train.stages: the SFT step (and the expert-signal
     precompute when signals are precomputed), the CDPO step."""
-    from fr_jax import sharding as sh
-    from fr_jax import train
-    from fr_jax.config import frozen_dtype
-    from fr_jax.experts import Experts
-    from fr_jax.router import Router
-
     tc, seq = config.train, config.data.seq_len
     n, vocab = len(ecfgs), min(c.vocab_size for c in [rcfg, *ecfgs])
     micro = train.micro_batch_size(tc)
@@ -253,13 +254,6 @@ def decode_programs(config, rcfg, ecfgs, mesh, modes: Sequence[str], batches: Se
     """The fused decoder's prefill and chunk for each mode x lazy/eager x batch, with every
     model in the frozen dtype. With `single_expert` (cost of a lazy step: the router and the
     one selected expert), a one-expert lineup decoded eagerly stands in for each lazy row."""
-    from fr_jax import sharding as sh
-    from fr_jax.config import frozen_dtype
-    from fr_jax.decode import FusedDecoder
-    from fr_jax.experts import Experts
-    from fr_jax.fusion import Mode
-    from fr_jax.router import Router
-
     pc, dc = config.plan, config.decode
     dt = frozen_dtype(config)
     out = []
@@ -433,11 +427,6 @@ def measure_costs(config, rcfg, ecfgs, meshes, programs: Sequence[Program],
 
 def evaluate(config, chip: Chip, devices, progress: bool = True) -> List[Result]:
     """Compiles every program of `config` for the slice and returns one Result each."""
-    from fr_jax import sharding as sh
-    from fr_jax.config import frozen_dtype
-
-    from fr_jax.config import decode_mesh
-
     pc = config.plan
     meshes = {kind: sh.make_mesh({a: int(m.get(a, 1)) for a in sh.MESH_AXES}, devices)
               for kind, m in (("train", config.mesh), ("decode", decode_mesh(config)))}
@@ -555,7 +544,6 @@ def run(config, slice_name: str, progress: bool = True) -> Tuple[List[Result], s
 def main(argv=None):
     from absl import flags
 
-    from fr_jax.config import default_config_file, parse_flags
 
     def extra(fv):
         flags.DEFINE_string("topology", None, f"TPU slice, one of {', '.join(SLICES)} "
