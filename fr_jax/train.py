@@ -86,6 +86,15 @@ def router_outputs(router: Router, params, side, vocab: int, block: int):
     return stats, out.route_logits
 
 
+def model_token_stats(model, params, batch, vocab: int, block: int) -> losses.TokenStats:
+    """TokenStats [B, T] of one plain Model's next-token distribution over a batch, its
+    logits formed `block` positions at a time (an expert's signals, stage `lm`)."""
+    hidden = model.forward(params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                           with_logits=False).hidden
+    return losses.blocked_token_stats(lambda h: model.logits(params, h)[..., :vocab], hidden,
+                                      batch["targets"], block, _unroll(model))
+
+
 def fused_stats(router: Router, params, hidden, experts: Experts, e_params, e_hidden,
                 selected, targets, vocab: int, block: int) -> losses.TokenStats:
     """TokenStats [B, T] of the fused policy log_softmax(lsm(q) + lsm(p_k)): q the router's
@@ -107,10 +116,7 @@ def make_signals_fn(experts: Experts, vocab: int, block: int = 0):
     time, so neither [n, B, T, V] nor [B, T, V] exists."""
     def signals(e_params, batch):
         def one_expert(model, p):
-            hidden = model.forward(p, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                   with_logits=False).hidden
-            st = losses.blocked_token_stats(lambda h: model.logits(p, h)[..., :vocab], hidden,
-                                            batch["targets"], block, _unroll(model))
+            st = model_token_stats(model, p, batch, vocab, block)
             return st.logprob, st.argmax
         return experts.map(e_params, one_expert)
     return signals
@@ -248,10 +254,7 @@ def lm_loss_fn(model, vocab: int, block: int = 0):
     model on the response tokens (stage `lm`; `frozen` is empty)."""
     def loss_fn(params, frozen, batch):
         del frozen
-        hidden = model.forward(params, batch["tokens"], batch["positions"],
-                               batch["segment_ids"], with_logits=False).hidden
-        stats = losses.blocked_token_stats(lambda h: model.logits(params, h)[..., :vocab],
-                                           hidden, batch["targets"], block, _unroll(model))
+        stats = model_token_stats(model, params, batch, vocab, block)
         loss, acc = losses.lm_loss_from_stats(stats, batch["targets"], batch["loss_mask"])
         return loss, {"loss": loss, "lm_loss": loss, "token_accuracy": acc}
     return loss_fn
