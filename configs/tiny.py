@@ -30,4 +30,5 @@ def get_config():
     c.train.cdpo.steps = 20
     c.train.cdpo.lr = 5e-4
     c.train.cdpo.warmup = 2
+    c.train.cdpo.reference = "precompute"  # as the real-family configs run it
     return c

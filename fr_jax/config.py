@@ -37,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
     # What the backward pass keeps of each layer of a trained model: none (everything) |
     # dots (the weight matmuls' outputs) | full (the layer's input; all else recomputed).
     c.model.remat = "none"
+    # Attention of training's whole-row forwards (the trained model, the frozen experts'
+    # signals and CDPO's experts): auto = the fused splash kernel when compiling for TPU at
+    # a multiple of 128 tokens, else einsums | splash | xla (fr_jax.models.splash).
+    c.model.attention = "auto"
 
     c.mesh = ml_collections.ConfigDict()  # sizes of the mesh axes; one may be -1 (the rest)
     c.mesh.data = 1
@@ -127,6 +131,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Weight of the chosen answers' per-token NLL under the fused policy (RPO-style; 0 = the
     # paper's plain CDPO): keeps DPO from lowering the likelihood of the correct answers.
     c.train.cdpo.chosen_nll = 0.0
+    # online: the stage-1 router (CDPO's reference) runs inside every step; precompute: its
+    # sequence log-probs and routing logits are computed once per pair, cached to disk
+    # (reference_cache, keyed by the data and the router's params) and fed with the batches.
+    c.train.cdpo.reference = "online"
+    c.train.cdpo.reference_cache = ""  # "" = <workdir>/cdpo/reference.npz
     # Stage lm (train.stages=('lm',)): one plain model fine-tuned on data.sft_path, no
     # routing -- the direct fine-tuning baseline. Exported to <workdir>/lm/model.
     c.train.lm = ml_collections.ConfigDict()
@@ -245,6 +254,7 @@ def real_family_config(workdir: str) -> ml_collections.ConfigDict:
     c.train.sft.warmup = 100
     c.train.sft.expert_signals = "precompute"  # the experts run once, not every epoch
     c.train.cdpo.steps = 500
+    c.train.cdpo.reference = "precompute"  # the stage-1 router never joins the step
     c.train.cdpo.lr = 5e-7
     c.train.cdpo.beta = 0.1
     return c

@@ -108,6 +108,11 @@ class PrefExample:
     prompt: np.ndarray
     chosen: np.ndarray  # response ids (EOS included)
     rejected: np.ndarray
+    # Optional precomputed CDPO reference (see train.precompute_reference): the stage-1
+    # router's sequence log-prob of (chosen, rejected) [2], and its routing logits over each
+    # side's n-1 targets ([n_c - 1, experts], [n_r - 1, experts]).
+    ref_logprob: Optional[np.ndarray] = None
+    ref_route: Optional[tuple] = None
 
 
 def _prompt_and_response(rec):
@@ -258,14 +263,24 @@ class Batcher:
 
     def _next_pref(self) -> Dict:
         chosen, rejected = (_empty_rows(self.batch_size, self.seq_len) for _ in range(2))
+        first = self.examples[0]
+        if first.ref_logprob is not None:
+            n_exp = first.ref_route[0].shape[-1]
+            for rows in (chosen, rejected):
+                rows["ref_logprob"] = np.zeros((self.batch_size,), np.float32)
+                rows["ref_route_logits"] = np.zeros((self.batch_size, self.seq_len, n_exp),
+                                                    np.float32)
         for b in range(self.batch_size):
             ex = self._take()
             if ex is None:
                 break
-            for rows, resp in ((chosen, ex.chosen), (rejected, ex.rejected)):
+            for j, (rows, resp) in enumerate(((chosen, ex.chosen), (rejected, ex.rejected))):
                 ids = np.concatenate([ex.prompt, resp])
                 mask = np.concatenate([np.zeros_like(ex.prompt), np.ones_like(resp)])
                 _place(rows, b, 0, ids, mask, 1)
+                if "ref_logprob" in rows:
+                    rows["ref_logprob"][b] = ex.ref_logprob[j]
+                    rows["ref_route_logits"][b, :len(ids) - 1] = ex.ref_route[j]
         return {"chosen": chosen, "rejected": rejected}
 
     def steps_per_epoch(self) -> int:

@@ -44,7 +44,9 @@ from fr_jax.decode import FusedDecoder
 from fr_jax.experts import Experts
 from fr_jax.fusion import Mode
 from fr_jax.hf import load_config
+from fr_jax.hlo_traffic import hbm_bytes
 from fr_jax.models import ModelConfig
+from fr_jax.models.splash import block_size
 from fr_jax.router import Router
 
 GiB = 1 << 30
@@ -164,6 +166,19 @@ def forward_flops(cfg, tokens: int, context: float) -> float:
     return per_token * tokens
 
 
+def splash_flops(cfg, rows: int, seq: int, forwards: int, backward: bool) -> float:
+    """FLOPs of the fused attention kernel (fr_jax.models.splash) in one program, which
+    XLA's cost analysis cannot see inside (a Mosaic custom call): each of its T x T x D
+    matmuls costs 2 T^2 D per head and layer over the causal tiles it visits; a forward
+    runs 2 of them, a backward 7 (dq: 3, dk and dv: 4). 0 when the model runs einsums."""
+    if cfg.attention not in ("auto", "splash") or seq % 128:
+        return 0.0
+    nb = seq // block_size(seq)
+    visited = (nb + 1) / (2 * nb)  # tiles on or below the diagonal
+    matmul = 2.0 * rows * seq * seq * visited * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    return matmul * (2 * forwards + 7 * backward)
+
+
 # ---------------------------------------------------------------------------- programs
 @dataclasses.dataclass
 class Program:
@@ -176,6 +191,7 @@ class Program:
     groups: Dict[str, object]  # what each argument group is: {label: pytree of args}
     model_flops: float = 0.0  # useful FLOPs per step (all chips), for MFU
     roofline_bytes: float = 0.0  # bytes a decode step must read (all chips)
+    kernel_flops: float = 0.0  # FLOPs inside custom calls (all chips), added to XLA's count
     uses: Tuple[str, ...] = ("router", "experts")  # whose depth its cost grows with
     costed: bool = True  # FLOPs / bytes / step time are measured (steps, not prefills)
 
@@ -207,12 +223,15 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Pro
     n, vocab = len(ecfgs), min(c.vocab_size for c in [rcfg, *ecfgs])
     micro = train.micro_batch_size(tc)
     router = Router(train.trained_cfg(rcfg, config), n)
-    experts = Experts([c.replace(param_dtype=frozen_dtype(config)) for c in ecfgs], vocab=vocab)
+    experts = Experts([train.frozen_cfg(c, config).replace(param_dtype=frozen_dtype(config))
+                       for c in ecfgs], vocab=vocab)
     r_params = _abstract(router.param_shapes(), sh.param_shardings(router, mesh))
     e_params = _abstract(experts.param_shapes(), sh.param_shardings(experts, mesh))
     ref_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype(config),
                                                              sharding=x.sharding), r_params)
     tokens = tc.batch_size * seq
+    rc, ec = router.cfg, experts.cfgs[0]
+    trained_fwd = 1 + (rc.remat != "none")  # a rematerialised layer runs forward twice
     out = []
     for name in stages:
         if name == "sft":
@@ -223,19 +242,41 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Pro
                                    (e_params, _sft_rows(micro, seq)),
                                    {"frozen": e_params},
                                    n * forward_flops(ecfgs[0], micro * seq, (seq + 1) / 2),
-                                   uses=("experts",)))
+                                   uses=("experts",),
+                                   kernel_flops=n * splash_flops(ec, micro, seq, 1, False)))
             frozen = {} if pre else {"experts": e_params}
             batch = _sft_rows(tc.batch_size, seq, n if pre else 0)
             flops = 3 * forward_flops(rcfg, tokens, (seq + 1) / 2)
+            kernel = splash_flops(rc, tc.batch_size, seq, trained_fwd, True)
             if not pre:
                 flops += n * forward_flops(ecfgs[0], tokens, (seq + 1) / 2)
+                kernel += n * splash_flops(ec, tc.batch_size, seq, 1, False)
         elif name == "cdpo":
-            frozen = {"experts": e_params, "ref": ref_params}
+            pre = tc.cdpo.reference == "precompute"
+            if pre:
+                fn = train.reference_program(router, experts, vocab, tc.loss_block, mesh, seq,
+                                             micro)
+                side = _sft_rows(micro, seq)
+                out.append(Program("CDPO reference (precompute)", "train", fn,
+                                   (ref_params, e_params, side),
+                                   {"frozen": {"ref": ref_params, "experts": e_params}},
+                                   forward_flops(rcfg, micro * seq, (seq + 1) / 2)
+                                   + n * forward_flops(ecfgs[0], micro * seq, (seq + 1) / 2),
+                                   kernel_flops=splash_flops(rc, micro, seq, 1, False)
+                                   + n * splash_flops(ec, micro, seq, 1, False)))
+            frozen = {"experts": e_params} if pre else {"experts": e_params, "ref": ref_params}
             side = _sft_rows(tc.batch_size, seq)
+            if pre:
+                side["ref_logprob"] = jax.ShapeDtypeStruct((tc.batch_size,), jnp.float32)
+                side["ref_route_logits"] = jax.ShapeDtypeStruct((tc.batch_size, seq, n),
+                                                                jnp.float32)
             batch = {"chosen": side, "rejected": side}
-            # both sides: the policy (fwd + bwd), the reference router and every expert
-            flops = 2 * (4 * forward_flops(rcfg, tokens, (seq + 1) / 2)
+            # both sides: the policy (fwd + bwd), every expert, and the reference router
+            # unless its log-probs are precomputed
+            flops = 2 * ((3 + (not pre)) * forward_flops(rcfg, tokens, (seq + 1) / 2)
                          + n * forward_flops(ecfgs[0], tokens, (seq + 1) / 2))
+            kernel = 2 * (splash_flops(rc, tc.batch_size, seq, trained_fwd + (not pre), True)
+                          + n * splash_flops(ec, tc.batch_size, seq, 1, False))
         else:
             continue
         stage = train.build_stage(name, router, experts, mesh, tc[name], tc, r_params, frozen,
@@ -245,7 +286,8 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Pro
         out.append(Program(f"{name.upper()} step", "train", step, (state, frozen, batch),
                            {"params": state.params, "optimizer": state.opt_state,
                             "frozen": frozen}, flops,
-                           uses=("router", "experts") if frozen else ("router",)))
+                           uses=("router", "experts") if frozen else ("router",),
+                           kernel_flops=kernel))
     return out
 
 
@@ -281,13 +323,15 @@ def decode_programs(config, rcfg, ecfgs, mesh, modes: Sequence[str], batches: Se
                 caches = _abstract(pre_args[4], dec._cache_shardings(pre_args[4]))
                 used = [router.cfg] * bool(dec.router) + (
                     [ecfgs[0]] if (lazy or n == 1) else list(ecfgs[:n]))
+                # What a step must read: the weights of the models it runs (of an untied
+                # input embedding only the rows looked up) and their caches (every slot).
                 weights = (_nbytes(params.get("router", {})) if dec.router else 0) + (
                     _nbytes(params["experts"]) // (len(ecfgs) if lazy else 1))
-                kv = sum(int(np.prod(c.k.shape)) * 2 * c.k.dtype.itemsize
-                         for c in jax.tree.leaves(caches, is_leaf=lambda x: hasattr(x, "k"))
-                         if hasattr(c, "k"))
-                if lazy:  # the router's cache and the selected expert's
-                    kv = kv * 2 // (1 + len(ecfgs)) if dec.router else kv // len(ecfgs)
+                weights -= sum(c.vocab_size * c.hidden_size for c in used
+                               if not c.tie_word_embeddings) * jnp.dtype(dt).itemsize
+                kv_item = jnp.dtype(rcfg.dtype).itemsize  # caches hold activations
+                kv = sum(2 * c.num_layers * c.num_kv_heads * c.head_dim for c in used) * (
+                    batch * pc.cache_len * kv_item)
                 tag = f"{mode_name} {label}, batch {batch}"
                 out.append(Program(f"decode prefill, {tag}, prompt {pc.prompt_len}", "decode",
                                    pre, pre_args, {"params": params, "caches": caches},
@@ -327,7 +371,8 @@ class Result:
     usable: float
     parts: Dict[str, float]  # per-chip bytes of each argument group, and temporaries
     flops: Optional[float] = None  # per chip per step (compiler, extrapolated in depth)
-    hbm_bytes: Optional[float] = None
+    hbm_bytes: Optional[float] = None  # fr_jax.hlo_traffic's count
+    xla_bytes: Optional[float] = None  # XLA's "bytes accessed" (counts on-chip copies too)
     step_s: Optional[float] = None
     mfu: Optional[float] = None
     roofline: Optional[float] = None
@@ -380,10 +425,17 @@ def largest_buffers(dump_dir: str, top: int = 6) -> List[str]:
             for s, k, shape, op in allocs[:top]]
 
 
-def _costs(compiled) -> Tuple[float, float]:
+def _costs(compiled, dump_dir: str) -> Tuple[float, float, float]:
+    """(FLOPs, HBM bytes, XLA's bytes accessed) of a compiled program per chip: FLOPs and
+    bytes accessed from XLA's cost analysis, HBM bytes from the optimized HLO it dumped
+    (fr_jax.hlo_traffic: on-chip prefetch copies and sliced reads counted as such)."""
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0))
+    files = glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))
+    # the program itself is the largest module compiled (the others are small helpers)
+    hlo = open(max(files, key=os.path.getsize)).read() if files else ""
+    xla = float(ca.get("bytes accessed", 0.0))
+    return float(ca.get("flops", 0.0)), (hbm_bytes(hlo) if hlo else xla), xla
 
 
 def shallow(cfg, depth: int):
@@ -393,8 +445,9 @@ def shallow(cfg, depth: int):
 
 
 def measure_costs(config, rcfg, ecfgs, meshes, programs: Sequence[Program],
-                  progress: bool = False) -> Dict[str, Tuple[float, float]]:
-    """Per costed program: (FLOPs, HBM bytes) per chip per step at full depth, extrapolated
+                  progress: bool = False) -> Dict[str, Tuple[float, float, float]]:
+    """Per costed program: (FLOPs, HBM bytes, XLA's bytes accessed) per chip per step at
+    full depth, extrapolated
     from the program unrolled at router/expert depths (1, 1), (2, 1) and (1, 2):
     cost = c11 + (Lr - 1)(c21 - c11) + (Le - 1)(c12 - c11); a program that runs only the
     router (or only the experts) needs two of the three."""
@@ -410,9 +463,10 @@ def measure_costs(config, rcfg, ecfgs, meshes, programs: Sequence[Program],
                 continue
             if progress:
                 print(f"[plan] cost of {p.name} at depth {dr}/{de}", file=sys.stderr, flush=True)
-            compiled, _ = compile_program(p)
-            if compiled is not None:
-                variants.setdefault(p.name, {})[(dr, de)] = np.array(_costs(compiled))
+            with tempfile.TemporaryDirectory() as dump:
+                compiled, _ = compile_program(p, dump)
+                if compiled is not None:
+                    variants.setdefault(p.name, {})[(dr, de)] = np.array(_costs(compiled, dump))
     out = {}
     for name, v in variants.items():
         if (1, 1) not in v:
@@ -421,7 +475,7 @@ def measure_costs(config, rcfg, ecfgs, meshes, programs: Sequence[Program],
         for key, depth in (((2, 1), rcfg.num_layers), ((1, 2), ecfgs[0].num_layers)):
             if key in v:
                 c += (depth - 1) * (v[key] - v[(1, 1)])
-        out[name] = (float(c[0]), float(c[1]))
+        out[name] = tuple(float(x) for x in c)
     return out
 
 
@@ -473,7 +527,8 @@ def evaluate(config, chip: Chip, devices, progress: bool = True) -> List[Result]
         for p, r in zip(programs, results):
             if p.name not in costs:
                 continue
-            r.flops, r.hbm_bytes = costs[p.name]
+            r.flops, r.hbm_bytes, r.xla_bytes = costs[p.name]
+            r.flops += p.kernel_flops / n_chips
             r.step_s = max(r.flops / chip.peak_flops, r.hbm_bytes / chip.hbm_bw)
             if p.kind == "train" and p.model_flops:
                 r.mfu = p.model_flops / n_chips / (r.step_s * chip.peak_flops)

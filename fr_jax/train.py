@@ -205,11 +205,25 @@ def sft_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg, block: 
     return loss_fn
 
 
+def _reference(router: Router, experts: Experts, vocab: int, block: int, ref_params,
+               e_params, e_hidden, side):
+    """The stage-1 router's side of CDPO on one side of the pairs: (sequence log-prob of
+    the fused policy under it [B], its routing logits [B, T, n] float32)."""
+    out = router.forward(ref_params, side["tokens"], side["positions"], side["segment_ids"],
+                         with_logits=False)
+    route = out.route_logits.astype(jnp.float32)
+    stats = fused_stats(router, ref_params, out.hidden, experts, e_params, e_hidden,
+                        jnp.argmax(route, axis=-1), side["targets"], vocab, block)
+    return losses.sequence_logprob(stats.logprob, side["loss_mask"]), route
+
+
 def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg, block: int = 0):
     """(params, frozen, batch) -> (loss, metrics) of complementary DPO on the fused policy.
 
     The expert k_t of every token is chosen by the frozen stage-1 router (`frozen["ref"]`),
     so the expert's log-probabilities are a fixed bias; the same router is the reference.
+    When the batch sides carry `ref_logprob` [B] and `ref_route_logits` [B, T, n]
+    (train.cdpo.reference = precompute), the stage-1 router is not in the step at all.
     Plus `route_kl` x KL(stage-1 routing weights || current ones): the routing head is
     frozen, but without this the moving backbone would change the routing at decode time.
     Plus `chosen_nll` x the fused policy's per-token NLL of the chosen answers (as in RPO,
@@ -220,16 +234,18 @@ def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg, block:
         e_params = frozen["experts"]
         args = (side["tokens"], side["positions"], side["segment_ids"])
         e_hidden = experts.hidden(e_params, *args)
-        mask, y = side["loss_mask"], side["targets"]
-        ref_out = router.forward(frozen["ref"], *args, with_logits=False)
-        selected = jnp.argmax(ref_out.route_logits, axis=-1)
+        if "ref_logprob" in side:
+            ref, ref_route = side["ref_logprob"], side["ref_route_logits"]
+        else:
+            ref, ref_route = _reference(router, experts, vocab, block, frozen["ref"], e_params,
+                                        e_hidden, side)
+        ref_route = jax.lax.stop_gradient(ref_route)
         pol_out = router.forward(params, *args, with_logits=False)
-        stats = lambda p, out: fused_stats(router, p, out.hidden, experts, e_params, e_hidden,
-                                           selected, y, vocab, block)
-        pol = losses.sequence_logprob(stats(params, pol_out).logprob, mask)
-        ref = losses.sequence_logprob(stats(frozen["ref"], ref_out).logprob, mask)
-        kl = losses.routing_kl(jax.lax.stop_gradient(ref_out.route_logits), pol_out.route_logits,
-                               mask)
+        pol = losses.sequence_logprob(
+            fused_stats(router, params, pol_out.hidden, experts, e_params, e_hidden,
+                        jnp.argmax(ref_route, axis=-1), side["targets"], vocab,
+                        block).logprob, side["loss_mask"])
+        kl = losses.routing_kl(ref_route, pol_out.route_logits, side["loss_mask"])
         return pol, jax.lax.stop_gradient(ref), kl
 
     def loss_fn(params, frozen, batch):
@@ -247,6 +263,93 @@ def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg, block:
         metrics.update(loss=loss, dpo_loss=dpo, route_kl=route_kl, chosen_nll=nll)
         return loss, metrics
     return loss_fn
+
+
+def reference_program(router: Router, experts: Experts, vocab: int, block: int, mesh,
+                      seq_len: int, batch_size: int):
+    """(stage-1 router params, expert params, side rows) -> (ref_logprob [B],
+    ref_route_logits [B, T, n]) jitted like signals_program: the CDPO reference, once."""
+    def fn(ref_params, e_params, side):
+        e_hidden = experts.hidden(e_params, side["tokens"], side["positions"],
+                                  side["segment_ids"])
+        return _reference(router, experts, vocab, block, ref_params, e_params, e_hidden, side)
+    if mesh is None:
+        return jax.jit(fn)
+    b_sh = sh.batch_sharding(mesh, (batch_size, seq_len))
+    return jax.jit(sh.traced_on(fn, mesh),
+                   in_shardings=(sh.param_shardings(router, mesh),
+                                 sh.param_shardings(experts, mesh),
+                                 {k: b_sh for k in SFT_FIELDS}),
+                   out_shardings=(sh.batch_sharding(mesh, (batch_size,)), b_sh))
+
+
+def params_fingerprint(params) -> np.ndarray:
+    """Sum and sum of squares of every leaf (float32, [2 x leaves]): what a cache computed
+    from these params is keyed by."""
+    f = jax.jit(lambda p: jnp.stack([jnp.stack([jnp.sum(x.astype(jnp.float32)),
+                                                jnp.sum(jnp.square(x.astype(jnp.float32)))])
+                                     for x in jax.tree.leaves(p)]))
+    return np.asarray(jax.device_get(f(params))).ravel()
+
+
+def precompute_reference(examples, router: Router, ref_params, experts: Experts, e_params,
+                         vocab: int, seq_len: int, batch_size: int,
+                         cache_file: Optional[str] = None, progress=True, mesh=None,
+                         block: int = 0):
+    """Attaches the stage-1 router's CDPO reference (sequence log-prob of each side and its
+    routing logits) to every preference pair, from `cache_file` (.npz) when it matches the
+    data and the router's params, else computed and written. The step then holds neither
+    the reference router nor its forward pass."""
+    from tqdm.auto import tqdm
+
+    sides = ("chosen", "rejected")
+    lengths = np.array([[len(e.prompt) + len(getattr(e, s)) - 1 for s in sides]
+                        for e in examples]).reshape(-1, 2)
+    ids_sum = sum(int(e.prompt.sum() + e.chosen.sum() + e.rejected.sum()) for e in examples)
+    fingerprint = params_fingerprint(ref_params)
+
+    def attach(logprob, route):
+        offsets = np.r_[0, np.cumsum(lengths.ravel())]
+        for i, e in enumerate(examples):
+            e.ref_logprob = logprob[i]
+            e.ref_route = tuple(route[offsets[2 * i + j]:offsets[2 * i + j + 1]]
+                                for j in range(2))
+        return examples
+
+    if cache_file and os.path.isfile(cache_file):
+        z = np.load(cache_file)
+        if (z["lengths"].shape == lengths.shape and (z["lengths"] == lengths).all()
+                and z["ids_sum"] == ids_sum and z["fingerprint"].shape == fingerprint.shape
+                and (z["fingerprint"] == fingerprint).all()):
+            return attach(z["logprob"], z["route"])
+        log.warning("%s does not match the current data or stage-1 router; recomputing",
+                    cache_file)
+    fn = reference_program(router, experts, vocab, block, mesh, seq_len, batch_size)
+    logprob = np.zeros((len(examples), 2), np.float32)
+    routes = [[None, None] for _ in examples]
+    for lo in tqdm(range(0, len(examples), batch_size), desc="CDPO reference",
+                   disable=not progress):
+        chunk = examples[lo:lo + batch_size]
+        rows = Batcher(chunk + chunk[:batch_size - len(chunk)], batch_size, seq_len, 0,
+                       kind="pref", pack=False)
+        rows._order = np.arange(len(rows.examples))  # keep the order: row b = example b
+        batch = rows.next()
+        for j, s in enumerate(sides):
+            side = {k: batch[s][k] for k in SFT_FIELDS}
+            lp, route = jax.device_get(fn(ref_params, e_params, side))
+            for b in range(len(chunk)):
+                logprob[lo + b, j] = lp[b]
+                routes[lo + b][j] = np.asarray(route[b, :lengths[lo + b, j]], np.float32)
+    n = router.n_experts
+    route = np.concatenate([r for pair in routes for r in pair]) if routes else \
+        np.zeros((0, n), np.float32)
+    if cache_file and jax.process_index() == 0:
+        os.makedirs(os.path.dirname(cache_file) or ".", exist_ok=True)
+        tmp = cache_file + ".partial.npz"
+        np.savez(tmp, lengths=lengths, ids_sum=ids_sum, fingerprint=fingerprint,
+                 logprob=logprob, route=route)
+        os.replace(tmp, cache_file)
+    return attach(logprob, route)
 
 
 def lm_loss_fn(model, vocab: int, block: int = 0):
@@ -398,9 +501,17 @@ def micro_batch_size(train_cfg) -> int:
 
 
 def trained_cfg(cfg, config):
-    """The ModelConfig of a model being trained: config.model's rematerialisation, and
-    attention over all queries at once (blocks would each keep their residuals)."""
-    return cfg.replace(remat=config.model.remat, attn_block=0)
+    """The ModelConfig of a model being trained: config.model's rematerialisation and
+    attention kernel, and attention over all queries at once (blocks would each keep
+    their residuals)."""
+    return cfg.replace(remat=config.model.remat, attn_block=0,
+                       attention=config.model.attention)
+
+
+def frozen_cfg(cfg, config):
+    """The ModelConfig of a frozen expert in training: config.model's attention kernel for
+    its whole-row forwards (signals, CDPO's fused policy)."""
+    return cfg.replace(attention=config.model.attention)
 
 
 def init_state(stage: Stage, params, seed: int) -> TrainState:
@@ -490,14 +601,28 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     elif name == "sft" and stage_cfg.expert_signals != "online":
         raise SystemExit(f"train.sft.expert_signals must be 'online' or 'precompute', got "
                          f"{stage_cfg.expert_signals!r}")
+    reference = name == "cdpo" and stage_cfg.reference == "precompute"
+    if name == "cdpo" and stage_cfg.reference not in ("online", "precompute"):
+        raise SystemExit(f"train.cdpo.reference must be 'online' or 'precompute', got "
+                         f"{stage_cfg.reference!r}")
+    # The stage-1 router, frozen in the frozen models' dtype: CDPO's reference policy.
+    ref_params = (jax.tree.map(lambda x: x.astype(frozen_dtype(config)), params)
+                  if name == "cdpo" else None)
+    if reference:
+        examples = precompute_reference(
+            examples, trainee, ref_params, experts, e_params, vocab, dc.seq_len,
+            micro_batch_size(tc),
+            stage_cfg.reference_cache or os.path.join(workdir, "reference.npz"), progress,
+            mesh, tc.loss_block)
     train_ex, eval_ex = _split(examples, dc.eval_fraction, dc.seed)
     _print(f"[{name}] data: {report}; {len(train_ex)} train / {len(eval_ex)} eval")
     batcher = Batcher(train_ex, tc.batch_size, dc.seq_len, dc.seed, kind, dc.pack)
 
-    # Precomputed signals: the experts stay off the step (their HBM is free for it).
+    # Precomputed signals: the experts stay off the step (their HBM is free for it);
+    # a precomputed reference: so does the stage-1 router.
     frozen = {"experts": e_params} if name != "lm" and not precomputed else {}
-    if name == "cdpo":  # the stage-1 router, frozen (in the frozen models' dtype)
-        frozen["ref"] = jax.tree.map(lambda x: x.astype(frozen_dtype(config)), params)
+    if name == "cdpo" and not reference:
+        frozen["ref"] = ref_params
     stage = build_stage(name, trainee, experts, mesh, stage_cfg, tc, params, frozen, vocab)
     state = init_state(stage, params, tc.seed)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep)
@@ -682,6 +807,8 @@ def run(config, progress: bool = True) -> str:
     experts, e_params = load_experts(expert_paths, dtype, frozen_dtype(config),
                                      vocab=len(tokenizer),
                                      shardings_fn=lambda e: sh.param_shardings(e, mesh))
+    experts = Experts([frozen_cfg(c, config) for c in experts.cfgs], vocab=experts.vocab,
+                      stacked=experts.stacked)
     os.makedirs(tc.workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(tc.workdir, "config.json"), "w") as f:

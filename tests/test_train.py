@@ -292,6 +292,53 @@ def test_precomputed_signals_give_the_online_loss_and_are_cached(tmp_path):
     np.testing.assert_array_equal(again[3].signal_top1, pre[3].signal_top1)
 
 
+def test_precomputed_reference_gives_the_online_cdpo_loss_and_is_keyed_by_params(tmp_path,
+                                                                                caplog):
+    from fr_jax.data import PrefExample
+    from fr_jax.train import precompute_reference
+
+    router, r_params, experts, e_params, _, pref = _token_toy(n_per_domain=6)
+    # The policy moved away from the reference, so every term of the loss is non-trivial.
+    noise = jax.random.normal(jax.random.key(3), (), np.float32)
+    policy = jax.tree.map(lambda x: x * (1 + 0.05 * noise), r_params)
+    cfg = base_config()
+    cfg.train.cdpo.chosen_nll = 0.5
+    mesh = sh.make_mesh({}, devices=jax.devices()[:1])
+    frozen_online = {"experts": e_params, "ref": r_params}
+    stage = build_stage("cdpo", router, experts, mesh, cfg.train.cdpo, cfg.train, r_params,
+                        frozen_online, vocab=97)
+    online = Batcher(pref, 4, 24, seed=1, kind="pref", pack=False).next()
+    cache = str(tmp_path / "reference.npz")
+    pre = precompute_reference(pref, router, r_params, experts, e_params, 97, 24,
+                               batch_size=5, cache_file=cache, progress=False)
+    with_ref = Batcher(pre, 4, 24, seed=1, kind="pref", pack=False).next()
+    assert with_ref["chosen"]["ref_route_logits"].shape == (4, 24, 2)
+    stage_pre = build_stage("cdpo", router, experts, mesh, cfg.train.cdpo, cfg.train,
+                            r_params, {"experts": e_params}, vocab=97)
+    _, evaluate = stage.jitted(online)
+    _, evaluate_pre = stage_pre.jitted(with_ref)
+    a = jax.device_get(evaluate(policy, jax.device_put(frozen_online, stage.frozen_shardings),
+                                stage.put_batch(online)))
+    b = jax.device_get(evaluate_pre(policy, jax.device_put({"experts": e_params},
+                                                           stage_pre.frozen_shardings),
+                                    stage_pre.put_batch(with_ref)))
+    assert abs(a["reward_margin"]) > 1e-3 and a["route_kl"] > 0
+    for k in ("loss", "dpo_loss", "route_kl", "chosen_nll", "reward_margin", "pref_acc"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # Same data, same stage-1 router: the cache is read (no model is needed).
+    fresh = lambda: [PrefExample(e.prompt, e.chosen, e.rejected) for e in pref]
+    again = precompute_reference(fresh(), None, r_params, None, None, 97, 24, batch_size=5,
+                                 cache_file=cache, progress=False)
+    np.testing.assert_array_equal(again[3].ref_route[1], pre[3].ref_route[1])
+    np.testing.assert_array_equal(again[3].ref_logprob, pre[3].ref_logprob)
+    # Another stage-1 router: recomputed, with a warning.
+    with caplog.at_level("WARNING"):
+        other = precompute_reference(fresh(), router, policy, experts, e_params, 97, 24,
+                                     batch_size=5, cache_file=cache, progress=False)
+    assert "does not match" in caplog.text
+    assert not np.allclose(other[3].ref_logprob, pre[3].ref_logprob)
+
+
 @pytest.mark.parametrize("name", ["llama3", "gemma2"])
 def test_real_family_configs_parse_and_name_missing_checkpoints(name):
     from fr_jax.train import main as train_main

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional, Tuple
 SUPPORTED_MODEL_TYPES = ("llama", "gemma2")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 REMAT_CHOICES = ("none", "dots", "full")
+ATTENTION_CHOICES = ("xla", "splash", "auto")  # see fr_jax.models.splash
 # HF activation names -> our names. Both spellings of tanh-GELU appear in checkpoints.
 _ACTIVATIONS = {
     "silu": "silu",
@@ -92,6 +93,10 @@ class ModelConfig:
     # dot_product_attention); 0 = never. A trained model uses 0: its backward pass would
     # keep every block's probabilities anyway.
     attn_block: int = 256
+    # The cache-free forward's attention (fr_jax.models.splash): "xla" (einsums and a
+    # softmax), "splash" (the fused TPU kernel; off TPU in the Pallas interpreter, for
+    # tests), "auto" (splash when tracing for TPU at a multiple of 128 tokens, else xla).
+    attention: str = "xla"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -115,6 +120,9 @@ class ModelConfig:
         if self.remat not in REMAT_CHOICES:
             raise ConfigError(f"unknown remat {self.remat!r}; choose one of "
                               f"{', '.join(REMAT_CHOICES)}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ConfigError(f"unknown attention {self.attention!r}; choose one of "
+                              f"{', '.join(ATTENTION_CHOICES)}")
         if self.activation not in set(_ACTIVATIONS.values()):
             raise ConfigError(f"unknown activation {self.activation!r}")
         if self.rope.rope_type not in SUPPORTED_ROPE_TYPES:

@@ -17,6 +17,7 @@ import numpy as np
 
 from fr_jax.models.cache import write_slots
 from fr_jax.models.config import ModelConfig, RopeConfig
+from fr_jax.models.splash import splash_attention, use_splash
 
 # A finite "minus infinity": a fully masked row (a pad query) then gets a uniform, finite
 # softmax instead of NaNs that would poison the rest of the batch through reductions.
@@ -194,10 +195,15 @@ class Attention(nn.Module):
             k_seg = None
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed sequences) are only supported without a cache")
-        mask = attention_mask(positions, k_pos, sliding, cfg.sliding_window, segment_ids, k_seg)
-        out = dot_product_attention(q, keys.astype(cfg.dtype), values.astype(cfg.dtype), mask,
-                                    cfg.query_scale, cfg.attn_logit_softcap,
-                                    q_block=cfg.attn_block)
+        if kv is None and use_splash(cfg.attention, x.shape[1]):
+            out = splash_attention(q, keys, values, positions, segment_ids, sliding,
+                                   cfg.query_scale, cfg.attn_logit_softcap, cfg.sliding_window)
+        else:
+            mask = attention_mask(positions, k_pos, sliding, cfg.sliding_window, segment_ids,
+                                  k_seg)
+            out = dot_product_attention(q, keys.astype(cfg.dtype), values.astype(cfg.dtype),
+                                        mask, cfg.query_scale, cfg.attn_logit_softcap,
+                                        q_block=cfg.attn_block)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias,
                               dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               kernel_init=dense_init("heads", "head_dim", "embed"),
