@@ -238,7 +238,7 @@ def real_family_config(workdir: str) -> ml_collections.ConfigDict:
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.expert = 1, -1, 2, 1  # on a pod: raise data
     c.decode.mesh.update(data=1, fsdp=1, tensor=-1, expert=1)
     c.model.remat = "full"  # keep each layer's input only: 2k-token rows at 2-9B scale
-    c.train.loss_block = 512  # logits of 512 positions at a time, never [B, 2048, V]
+    c.train.loss_block = 256  # logits of 256 positions at a time, never [B, 2048, V]
     c.data.sft_path = "/data/fusionroute/sft_mixed.jsonl"
     c.data.pref_path = "/data/fusionroute/pref.jsonl"
     c.data.seq_len = 2048

@@ -10,7 +10,7 @@ is the difference between a plausible and a wildly pessimistic step time.
 
 `hbm_bytes` counts what crosses HBM instead: per instruction of the scheduled
 computations (the entry, loop bodies, called computations; a loop body once, as XLA's
-cost analysis does), the operands and outputs that live in HBM (memory space 0), where a
+cost analysis does, or as many times as it runs), the operands and outputs that live in HBM (memory space 0), where a
 fusion operand that is only sliced or gathered counts the slices it reads, and a fusion
 that updates a buffer in place (dynamic-update-slice at its root) counts the update only.
 """
@@ -79,12 +79,16 @@ def _computations(text: str) -> Dict[str, List[str]]:
     return comps
 
 
-def _fusion_reads(lines: List[str]) -> Tuple[Dict[int, int], bool]:
-    """Of a fused computation: {parameter index: bytes it reads} for parameters used only
-    by slices / gathers, and whether its root updates parameter 0 in place."""
+def _fusion_reads(callee: str, comps: Dict[str, List[str]], cache: Dict) -> Tuple[
+        Dict[int, int], bool]:
+    """Of a fused computation: {parameter index: bytes it reads} for the parameters that
+    are only sliced or gathered (also through bitcasts and nested fusions), and whether its
+    root updates parameter 0 in place."""
+    if callee in cache:
+        return cache[callee]
     params, users, sizes = {}, {}, {}
     root_dus = False
-    for line in lines:
+    for line in comps.get(callee, []):
         m = _INSTR.match(line)
         if not m:
             continue
@@ -92,21 +96,39 @@ def _fusion_reads(lines: List[str]) -> Tuple[Dict[int, int], bool]:
         sizes[name] = sum(b for b, _ in _arrays(ty))
         if op == "parameter":
             params[name] = int(re.match(r"(\d+)", rest).group(1))
-            continue
-        for i, operand in enumerate(_split_operands(rest)):
-            if operand in params:
-                # a gather / dynamic-slice reads its slice of operand 0, the rest whole
-                kind = op if (op in _SLICING and i == 0) else "whole"
-                users.setdefault(operand, []).append((kind, name))
+        nested = re.search(r"calls=%([\w.\-]+)", rest) if op == "fusion" else None
+        for i, operand in enumerate(_split_operands(rest) if op != "parameter" else []):
+            users.setdefault(operand, []).append((op, i, name, nested.group(1) if nested else ""))
         if line.lstrip().startswith("ROOT") and op == "dynamic-update-slice":
-            first = _split_operands(rest)[0]
-            root_dus = params.get(first) == 0
+            root_dus = params.get(_split_operands(rest)[0]) == 0
+
+    def read(value: str, depth: int = 0):
+        """Bytes of `value` its users read, or None when some user reads it whole."""
+        total = 0
+        for op, i, user, nested in users.get(value, []):
+            if op in _SLICING and i == 0:
+                total += sizes[user]
+            elif op == "bitcast" and depth < 8:
+                r = read(user, depth + 1)
+                if r is None:
+                    return None
+                total += r
+            elif op == "fusion" and nested:
+                inner, _ = _fusion_reads(nested, comps, cache)
+                if i not in inner:
+                    return None
+                total += inner[i]
+            else:
+                return None
+        return total if users.get(value) else None
+
     reads = {}
     for pname, idx in params.items():
-        us = users.get(pname, [])
-        if us and all(kind in _SLICING for kind, _ in us):
-            reads[idx] = sum(sizes[u] for _, u in us)
-    return reads, root_dus
+        r = read(pname)
+        if r is not None:
+            reads[idx] = r
+    cache[callee] = (reads, root_dus)
+    return cache[callee]
 
 
 def _root_op(lines: List[str]) -> str:
@@ -117,75 +139,100 @@ def _root_op(lines: List[str]) -> str:
     return ""
 
 
-def _scheduled(comps: Dict[str, List[str]]) -> set:
-    """Computations that run as scheduled code: the entry and, transitively, the bodies
-    and conditions of its loops, the callees of calls and the branches of conditionals
-    (not fusion bodies, reducers or async wrappers)."""
-    out, todo = set(), ["ENTRY"]
-    while todo:
-        c = todo.pop()
-        if c in out or c not in comps:
+def _trip_count(cond: List[str]) -> int:
+    """Iterations of a loop whose condition is `counter < constant` (a scan, a fori_loop
+    from 0); 1 when the condition has another form."""
+    consts, root = {}, None
+    for line in cond:
+        m = _INSTR.match(line)
+        if not m:
             continue
-        out.add(c)
-        for line in comps[c]:
-            m = _INSTR.match(line)
-            if not m or m.group(3) not in ("while", "call", "conditional"):
-                continue
-            rest = m.group(4)
-            for key in ("body", "condition", "to_apply", "true_computation",
-                        "false_computation"):
-                todo += re.findall(key + r"=%([\w.\-]+)", rest)
-            b = re.search(r"branch_computations=\{([^}]*)\}", rest)
-            if b:
-                todo += re.findall(r"%([\w.\-]+)", b.group(1))
-    return out
+        if m.group(3) == "constant":
+            v = re.match(r"(-?\d+)\)", m.group(4))
+            if v:
+                consts[m.group(1)] = int(v.group(1))
+        if line.lstrip().startswith("ROOT"):
+            root = m
+    if root is None or root.group(3) != "compare" or "direction=LT" not in root.group(4):
+        return 1
+    operands = _split_operands(root.group(4))
+    return max(1, consts.get(operands[1], 1)) if len(operands) == 2 else 1
 
 
-def hbm_bytes(hlo_text: str) -> float:
-    """Bytes read from and written to HBM by one run of the program (loop bodies once)."""
+def hbm_bytes(hlo_text: str, trips: bool = False) -> float:
+    """Bytes read from and written to HBM by one run of the program. A loop body counts
+    once (XLA's cost analysis does the same), or with `trips` as many times as the loop
+    runs (a `counter < constant` condition); a conditional counts its costliest branch."""
     comps = _computations(hlo_text)
-    scheduled = _scheduled(comps)
     fused: Dict[str, Tuple[Dict[int, int], bool]] = {}
-    total = 0
-    for cname in scheduled:
+    memo: Dict[str, float] = {}
+
+    def cost(cname: str) -> float:
+        if cname in memo:
+            return memo[cname]
+        memo[cname] = 0.0  # a (malformed) recursive call counts nothing
         types: Dict[str, str] = {}
-        for line in comps[cname]:
+        total = 0.0
+        for line in comps.get(cname, []):
             m = _INSTR.match(line)
             if not m:
                 continue
             name, ty, op, rest = m.groups()
             types[name] = ty
+            callees = lambda key: re.findall(key + r"=%([\w.\-]+)", rest)
+            if op == "while":
+                n = _trip_count(comps.get(callees("condition")[0], [])) if trips else 1
+                total += n * sum(cost(c) for c in callees("body") + callees("condition"))
+                continue
+            if op == "call":
+                total += sum(cost(c) for c in callees("to_apply"))
+                continue
+            if op == "conditional":
+                b = re.search(r"branch_computations=\{([^}]*)\}", rest)
+                branches = (re.findall(r"%([\w.\-]+)", b.group(1)) if b else
+                            callees("true_computation") + callees("false_computation"))
+                total += max((cost(c) for c in branches), default=0.0)
+                continue
             if op in _FREE:
                 continue
-            operands = _split_operands(rest)
-            callee = re.search(r"calls=%([\w.\-]+)", rest)
-            callee = callee.group(1) if callee else ""
-            if op == "fusion":
-                if callee not in fused:
-                    fused[callee] = _fusion_reads(comps.get(callee, []))
-                reads, in_place = fused[callee]
-                for i, o in enumerate(operands):
-                    if in_place and i == 0:
-                        continue  # updated in place: only the update is written
-                    full = _hbm(types.get(o, ""))
-                    total += min(full, reads[i]) if i in reads else full
-                if in_place and len(operands) > 1:
-                    total += _hbm(types.get(operands[1], ""))
-                elif not in_place:
-                    total += _hbm(ty)
-            elif op.endswith("-start"):
-                # reads its sources, writes the destination: the first element of a
-                # copy-start's (dst, src, context), the one after the operands of an
-                # async-start's ((operands), output, context)
-                arrays = _arrays(ty)
-                src = sum(_hbm(types.get(o, "")) for o in operands)
-                at = 0 if op == "copy-start" else len(operands)
-                dst_bytes, dst_hbm = arrays[at] if len(arrays) > at else (0, False)
-                if _root_op(comps.get(callee, [])) in _SLICING:
-                    src = min(src, dst_bytes)  # a sliced prefetch reads its slice only
-                total += src + (dst_bytes if dst_hbm else 0)
-            elif op == "dynamic-update-slice":  # in place: the update is written
-                total += 2 * _hbm(types.get(operands[1], ""))
-            else:
-                total += sum(_hbm(types.get(o, "")) for o in operands) + _hbm(ty)
-    return float(total)
+            total += _instruction_bytes(op, ty, rest, types, comps, fused)
+        memo[cname] = total
+        return total
+
+    return float(cost("ENTRY"))
+
+
+def _instruction_bytes(op, ty, rest, types, comps, fused) -> int:
+    operands = _split_operands(rest)
+    callee = re.search(r"calls=%([\w.\-]+)", rest)
+    callee = callee.group(1) if callee else ""
+    if op == "fusion":
+        reads, in_place = _fusion_reads(callee, comps, fused)
+        total = 0
+        for i, o in enumerate(operands):
+            if in_place and i == 0:
+                continue  # updated in place: only the update is written
+            full = _hbm(types.get(o, ""))
+            total += min(full, reads[i]) if i in reads else full
+        if in_place:
+            return total + (_hbm(types.get(operands[1], "")) if len(operands) > 1 else 0)
+        return total + _hbm(ty)
+    if op.endswith("-start"):
+        # reads its sources, writes the destination: the first element of a copy-start's
+        # (dst, src, context), the one after the operands of an async-start's
+        # ((operands), output, context)
+        arrays = _arrays(ty)
+        src = sum(_hbm(types.get(o, "")) for o in operands)
+        at = 0 if op == "copy-start" else len(operands)
+        dst_bytes, dst_hbm = arrays[at] if len(arrays) > at else (0, False)
+        if _root_op(comps.get(callee, [])) in _SLICING:
+            src = min(src, dst_bytes)  # a sliced prefetch reads its slice only
+        return src + (dst_bytes if dst_hbm else 0)
+    if op == "dynamic-update-slice":  # in place: the update is written
+        return 2 * _hbm(types.get(operands[1], ""))
+    if op in _SLICING:  # reads the slice it returns (and its indices)
+        src = _hbm(types.get(operands[0], "")) if operands else 0
+        out = sum(b for b, _ in _arrays(ty))
+        rest_ops = sum(_hbm(types.get(o, "")) for o in operands[1:])
+        return min(src, out) + _hbm(ty) + rest_ops
+    return sum(_hbm(types.get(o, "")) for o in operands) + _hbm(ty)

@@ -16,9 +16,12 @@ decode steps. The exit status is 0 only if every program fits with `plan.headroo
 for one that does not, the largest buffers (shape, the op that made them) are listed.
 
 XLA's cost analysis counts a loop body once, and fr_jax scans its layers, its loss blocks and
-its micro-batches. So costs come from the same program at depth 1 and 2 with every scan
-unrolled (`ModelConfig.scan_unroll`), extrapolated linearly in depth; memory comes from the
-real program at full depth.
+its micro-batches. So FLOPs come from the same program at depth 1 and 2 with every scan
+unrolled (`ModelConfig.scan_unroll`), extrapolated linearly in depth, plus the FLOPs of the
+fused attention kernel, which the cost analysis cannot see. HBM bytes come from the real
+program's optimized HLO (`fr_jax.hlo_traffic`: what crosses HBM, every loop as many times as
+it runs; XLA's own count also counts the compiler's prefetches into on-chip memory), and
+memory from the real program at full depth.
 """
 
 from __future__ import annotations
@@ -192,6 +195,8 @@ class Program:
     model_flops: float = 0.0  # useful FLOPs per step (all chips), for MFU
     roofline_bytes: float = 0.0  # bytes a decode step must read (all chips)
     kernel_flops: float = 0.0  # FLOPs inside custom calls (all chips), added to XLA's count
+    steps: int = 1  # steps one run makes (a decode chunk: its tokens)
+    accum: int = 1  # micro-batches of one training step (its cost: one micro-batch's x accum)
     uses: Tuple[str, ...] = ("router", "experts")  # whose depth its cost grows with
     costed: bool = True  # FLOPs / bytes / step time are measured (steps, not prefills)
 
@@ -287,7 +292,7 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Pro
                            {"params": state.params, "optimizer": state.opt_state,
                             "frozen": frozen}, flops,
                            uses=("router", "experts") if frozen else ("router",),
-                           kernel_flops=kernel))
+                           kernel_flops=kernel, accum=max(tc.grad_accum, 1)))
     return out
 
 
@@ -341,7 +346,7 @@ def decode_programs(config, rcfg, ecfgs, mesh, modes: Sequence[str], batches: Se
                 out.append(Program(f"decode chunk, {tag}, cache {pc.cache_len}", "decode",
                                    chunk, chunk_args, {"params": params, "caches": caches},
                                    sum(forward_flops(c, batch, pc.cache_len) for c in used),
-                                   weights + kv))
+                                   weights + kv, steps=dc.chunk))
     return out
 
 
@@ -425,17 +430,11 @@ def largest_buffers(dump_dir: str, top: int = 6) -> List[str]:
             for s, k, shape, op in allocs[:top]]
 
 
-def _costs(compiled, dump_dir: str) -> Tuple[float, float, float]:
-    """(FLOPs, HBM bytes, XLA's bytes accessed) of a compiled program per chip: FLOPs and
-    bytes accessed from XLA's cost analysis, HBM bytes from the optimized HLO it dumped
-    (fr_jax.hlo_traffic: on-chip prefetch copies and sliced reads counted as such)."""
+def _costs(compiled) -> Tuple[float, float]:
+    """(FLOPs, bytes accessed) of a compiled program per chip, from XLA's cost analysis."""
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    files = glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))
-    # the program itself is the largest module compiled (the others are small helpers)
-    hlo = open(max(files, key=os.path.getsize)).read() if files else ""
-    xla = float(ca.get("bytes accessed", 0.0))
-    return float(ca.get("flops", 0.0)), (hbm_bytes(hlo) if hlo else xla), xla
+    return float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0))
 
 
 def shallow(cfg, depth: int):
@@ -445,16 +444,20 @@ def shallow(cfg, depth: int):
 
 
 def measure_costs(config, rcfg, ecfgs, meshes, programs: Sequence[Program],
-                  progress: bool = False) -> Dict[str, Tuple[float, float, float]]:
-    """Per costed program: (FLOPs, HBM bytes, XLA's bytes accessed) per chip per step at
-    full depth, extrapolated
-    from the program unrolled at router/expert depths (1, 1), (2, 1) and (1, 2):
+                  progress: bool = False) -> Dict[str, Tuple[float, float]]:
+    """Per costed program: (FLOPs, XLA's bytes accessed) per chip per step at full depth,
+    extrapolated from the program unrolled at router/expert depths (1, 1), (2, 1), (1, 2):
     cost = c11 + (Lr - 1)(c21 - c11) + (Le - 1)(c12 - c11); a program that runs only the
-    router (or only the experts) needs two of the three."""
+    router (or only the experts) needs two of the three. A training step is costed as one
+    micro-batch times their number (unrolled, the micro-batches would all be alive at once
+    and the variant may not fit the chip)."""
     want = {p.name: p for p in programs if p.costed}
+    one_micro = config.copy_and_resolve_references()
+    one_micro.train.batch_size = train.micro_batch_size(config.train)
+    one_micro.train.grad_accum = 1
     variants: Dict[str, Dict[Tuple[int, int], np.ndarray]] = {}
     for dr, de in ((1, 1), (2, 1), (1, 2)):
-        progs = all_programs(config, shallow(rcfg, dr), [shallow(c, de) for c in ecfgs],
+        progs = all_programs(one_micro, shallow(rcfg, dr), [shallow(c, de) for c in ecfgs],
                              meshes, single_expert=True)
         for p in progs:
             full = want.get(p.name)
@@ -463,10 +466,10 @@ def measure_costs(config, rcfg, ecfgs, meshes, programs: Sequence[Program],
                 continue
             if progress:
                 print(f"[plan] cost of {p.name} at depth {dr}/{de}", file=sys.stderr, flush=True)
-            with tempfile.TemporaryDirectory() as dump:
-                compiled, _ = compile_program(p, dump)
-                if compiled is not None:
-                    variants.setdefault(p.name, {})[(dr, de)] = np.array(_costs(compiled, dump))
+            compiled, _ = compile_program(p)
+            if compiled is not None:
+                variants.setdefault(p.name, {})[(dr, de)] = full.accum * np.array(
+                    _costs(compiled))
     out = {}
     for name, v in variants.items():
         if (1, 1) not in v:
@@ -477,6 +480,33 @@ def measure_costs(config, rcfg, ecfgs, meshes, programs: Sequence[Program],
                 c += (depth - 1) * (v[key] - v[(1, 1)])
         out[name] = tuple(float(x) for x in c)
     return out
+
+
+def _memory(p: Program, compiled, err: str, dump: str, usable: float,
+            headroom: float) -> Result:
+    parts = {k: _per_chip(v) for k, v in p.groups.items()}
+    if compiled is None:
+        m = re.search(r"HLO temporaries \(([\d.]+)G\)", err)
+        temp = float(m.group(1)) * GiB if m else float("nan")
+        return Result(p.name, p.kind, False, sum(parts.values()) + temp, usable,
+                      dict(parts, temporaries=temp), error=err, largest=largest_buffers(dump))
+    ma = compiled.memory_analysis()
+    total = float(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+                  + ma.temp_size_in_bytes + ma.generated_code_size_in_bytes)
+    fits = total <= usable * (1 - headroom)
+    return Result(p.name, p.kind, fits, total, usable,
+                  dict(parts, temporaries=float(ma.temp_size_in_bytes)),
+                  largest=[] if fits else largest_buffers(dump))
+
+
+def _traffic(dump: str, steps: int) -> Optional[float]:
+    """HBM bytes per step of the program XLA dumped to `dump`: every loop counted as many
+    times as it runs (fr_jax.hlo_traffic), over the `steps` one run makes."""
+    files = glob.glob(os.path.join(dump, "*after_optimizations.txt"))
+    if not files:
+        return None
+    with open(max(files, key=os.path.getsize)) as f:
+        return hbm_bytes(f.read(), trips=True) / steps
 
 
 def evaluate(config, chip: Chip, devices, progress: bool = True) -> List[Result]:
@@ -494,41 +524,44 @@ def evaluate(config, chip: Chip, devices, progress: bool = True) -> List[Result]
         cut = lambda c: c.replace(num_layers=pc.depth, layer_types=c.layer_types[:pc.depth])
         rcfg, ecfgs = cut(rcfg), [cut(c) for c in ecfgs]
     programs = all_programs(config, rcfg, ecfgs, meshes)
+    # A lazy decode step runs the router and the one selected expert (which one depends on
+    # the data): its HBM traffic is that of a one-expert lineup's step, compiled as well.
+    standins = {}
+    if pc.costs and "decode" in pc.programs and any(pc.lazy):
+        standins = {p.name: p for p in decode_programs(
+            config, rcfg, ecfgs, meshes["decode"], tuple(pc.decode_modes),
+            tuple(pc.decode_batches), (True,), single_expert=True) if p.costed}
     usable = chip.usable_gib * GiB
-    results = []
+    results, traffic = [], {}
     for i, p in enumerate(programs):
         if progress:
             print(f"[plan] compiling {i + 1}/{len(programs)}: {p.name}", file=sys.stderr,
                   flush=True)
         with tempfile.TemporaryDirectory() as dump:
             compiled, err = compile_program(p, dump)
-            parts = {k: _per_chip(v) for k, v in p.groups.items()}
-            if compiled is None:
-                m = re.search(r"HLO temporaries \(([\d.]+)G\)", err)
-                temp = float(m.group(1)) * GiB if m else float("nan")
-                total = sum(parts.values()) + temp
-                res = Result(p.name, p.kind, False, total, usable, dict(parts, temporaries=temp),
-                             error=err, largest=largest_buffers(dump))
-            else:
-                ma = compiled.memory_analysis()
-                total = float(ma.argument_size_in_bytes + ma.output_size_in_bytes
-                              - ma.alias_size_in_bytes + ma.temp_size_in_bytes
-                              + ma.generated_code_size_in_bytes)
-                fits = total <= usable * (1 - pc.headroom)
-                res = Result(p.name, p.kind, fits, total, usable,
-                             dict(parts, temporaries=float(ma.temp_size_in_bytes)),
-                             largest=[] if fits else largest_buffers(dump))
-        results.append(res)
+            results.append(_memory(p, compiled, err, dump, usable, pc.headroom))
+            if compiled is not None and p.costed and pc.costs and p.name not in standins:
+                traffic[p.name] = _traffic(dump, p.steps)
+        if p.name in standins:
+            with tempfile.TemporaryDirectory() as dump:
+                if progress:
+                    print(f"[plan] traffic of {p.name} (router + one expert)", file=sys.stderr,
+                          flush=True)
+                if compile_program(standins[p.name], dump)[0] is not None:
+                    traffic[p.name] = _traffic(dump, p.steps)
     if pc.costs:
         if progress:
-            print("[plan] cost analysis (depth 1 and 2, unrolled)", file=sys.stderr, flush=True)
+            print("[plan] FLOPs (depth 1 and 2, unrolled)", file=sys.stderr, flush=True)
         costs = measure_costs(config, rcfg, ecfgs, meshes, programs, progress)
         n_chips = len(devices)
         for p, r in zip(programs, results):
             if p.name not in costs:
                 continue
-            r.flops, r.hbm_bytes, r.xla_bytes = costs[p.name]
+            r.flops, r.xla_bytes = costs[p.name]
             r.flops += p.kernel_flops / n_chips
+            r.hbm_bytes = traffic.get(p.name)
+            if r.hbm_bytes is None:
+                continue  # the program itself did not compile: no step time
             r.step_s = max(r.flops / chip.peak_flops, r.hbm_bytes / chip.hbm_bw)
             if p.kind == "train" and p.model_flops:
                 r.mfu = p.model_flops / n_chips / (r.step_s * chip.peak_flops)

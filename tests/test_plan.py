@@ -36,13 +36,14 @@ def _devices():
 
 
 @functools.lru_cache(maxsize=None)
-def _sft_step(rows: int, seq: int, remat: str, block: int):
+def _sft_step(rows: int, seq: int, remat: str, block: int, attention: str = "xla"):
     """Per-chip temporaries and total of the SFT step (signals precomputed) with `rows`
     rows per micro-batch of `seq` tokens."""
     from fr_jax import sharding as sh
 
     c = _config(**{"train.batch_size": rows * 2, "train.grad_accum": 2, "data.seq_len": seq,
-                   "model.remat": remat, "train.loss_block": block})
+                   "model.remat": remat, "train.loss_block": block,
+                   "model.attention": attention})
     chip, devices = _devices()
     mesh = sh.make_mesh({a: int(c.mesh[a]) for a in sh.MESH_AXES}, devices)
     rcfg = plan.model_config("", c.plan.router_arch, c.model.dtype, c.model.param_dtype, "router")
@@ -77,14 +78,15 @@ def test_plan_cli_reduced_depth_fits_and_reports(tmp_path, capsys):
 
 
 def test_a_program_that_does_not_fit_names_its_largest_buffers_and_the_fix(capsys):
-    """Whole-sequence logits, no remat and a 64-row micro-batch (8 rows a chip): the SFT step
-    OOMs on v5e; exit status 1, float32 [rows, T, V] logits among the largest buffers, and
-    the fields to change."""
+    """Whole-sequence logits, no remat, einsum attention and a 64-row micro-batch (8 rows a
+    chip): the SFT step OOMs on v5e; exit status 1, the float32 attention scores among the
+    largest buffers, and the fields to change."""
     code = plan.main(["--config=" + default_config_file("llama3.py"), f"--topology={SLICE}",
                       f"--config.plan.depth={DEPTH}", "--config.plan.programs=('train',)",
                       "--config.train.stages=('sft',)", "--config.train.sft.expert_signals=online",
                       "--config.train.batch_size=64", "--config.train.grad_accum=1",
                       "--config.model.remat=none", "--config.train.loss_block=0",
+                      "--config.model.attention=xla",
                       "--config.plan.costs=False"])
     text = capsys.readouterr().out
     assert code == 1
@@ -107,7 +109,7 @@ def test_activation_memory_scales_with_micro_batch_and_sequence():
     assert base < seq2 <= 4.2 * base
 
 
-def test_remat_and_blocked_losses_save_what_they_should():
+def test_remat_blocked_losses_and_fused_attention_save_what_they_should():
     rows, seq, block = 8, 1024, 512
     full, rcfg, chips = _sft_step(rows, seq, "full", block)
     none, _, _ = _sft_step(rows, seq, "none", block)
@@ -121,3 +123,6 @@ def test_remat_and_blocked_losses_save_what_they_should():
     # layer's attention probabilities ([rows, heads, T, T], at least bf16) and MLP activations.
     probs = rows_per_chip * rcfg.num_heads * seq * seq * 2
     assert none - full >= 0.9 * probs
+    # The fused kernel (what model.attention=auto runs on TPU) keeps no probabilities.
+    fused, _, _ = _sft_step(rows, seq, "none", block, "auto")
+    assert none - fused >= 0.9 * probs
