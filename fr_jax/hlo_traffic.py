@@ -8,11 +8,13 @@ weight read once from HBM is counted two or three times; a row gathered from an 
 table counts as the whole table. For a decode step, which is bound by HBM bandwidth, that
 is the difference between a plausible and a wildly pessimistic step time.
 
-`hbm_bytes` counts what crosses HBM instead: per instruction of the scheduled
-computations (the entry, loop bodies, called computations; a loop body once, as XLA's
-cost analysis does, or as many times as it runs), the operands and outputs that live in HBM (memory space 0), where a
-fusion operand that is only sliced or gathered counts the slices it reads, and a fusion
-that updates a buffer in place (dynamic-update-slice at its root) counts the update only.
+`hbm_bytes` counts what crosses HBM instead. It walks the scheduled computations (the
+entry, loop bodies and conditions, called computations, conditional branches); a loop
+counts once, as in XLA's cost analysis, or as many times as it runs (`trips`), and a
+conditional counts its costliest branch. Per instruction it adds the operands and outputs
+that live in HBM (memory space 0). A fusion operand that is only sliced or gathered (also
+through bitcasts and nested fusions) counts the slices it reads, and an in-place update
+(dynamic-update-slice, or a fusion with one at its root) counts the update only.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _hbm(type_text: str) -> int:
 
 def _split_operands(text: str) -> List[str]:
     """The top-level %names among an instruction's operands."""
-    depth, cur, out = 0, "", []
+    depth, cur = 0, ""
     for ch in text:
         if ch == "(":
             depth += 1
