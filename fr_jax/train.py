@@ -127,14 +127,36 @@ def expert_signals_online(experts: Experts, e_params, batch, vocab: int, block: 
     return make_signals_fn(experts, vocab, block)(e_params, batch)
 
 
+def _in_order_batches(examples, batch_size: int, seq_len: int, kind: str, progress: bool,
+                      desc: str):
+    """(offset, chunk, rows) over `examples` in order, one unpacked row per example (row b =
+    example offset + b; the last chunk is padded with repeats to a full batch)."""
+    from tqdm.auto import tqdm
+
+    for lo in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress):
+        chunk = examples[lo:lo + batch_size]
+        rows = Batcher(chunk + chunk[:batch_size - len(chunk)], batch_size, seq_len, 0,
+                       kind=kind, pack=False)
+        rows._order = np.arange(len(rows.examples))  # keep the order: row b = example b
+        yield lo, chunk, rows.next()
+
+
+def _write_cache(cache_file: Optional[str], **arrays):
+    """Writes a precompute cache (.npz) atomically, from process 0 only."""
+    if not cache_file or jax.process_index() != 0:
+        return
+    os.makedirs(os.path.dirname(cache_file) or ".", exist_ok=True)
+    tmp = cache_file + ".partial.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, cache_file)
+
+
 def precompute_signals(examples, experts: Experts, e_params, vocab: int, seq_len: int,
                        batch_size: int, cache_file: Optional[str] = None, progress=True,
                        mesh=None, block: int = 0):
     """Attaches the frozen experts' per-target signals to every SFT example, reading them
     from `cache_file` (.npz) when it matches, else computing and writing it. Reused across
     epochs and restarts: the experts then never run inside the training step."""
-    from tqdm.auto import tqdm
-
     lengths = np.array([len(e.ids) - 1 for e in examples])
     total = int(lengths.sum())
     if cache_file and os.path.isfile(cache_file):
@@ -148,26 +170,18 @@ def precompute_signals(examples, experts: Experts, e_params, vocab: int, seq_len
             return examples
         log.warning("%s does not match the current data; recomputing", cache_file)
     fn = signals_program(experts, vocab, block, mesh, seq_len, batch_size)
-    it = range(0, len(examples), batch_size)
-    for lo in tqdm(it, desc="expert signals", disable=not progress):
-        chunk = examples[lo:lo + batch_size]
-        rows = Batcher(chunk + chunk[:batch_size - len(chunk)], batch_size, seq_len, 0,
-                       pack=False)
-        rows._order = np.arange(len(rows.examples))  # keep the order: row b = example b
-        lp, top1 = jax.device_get(fn(e_params, rows.next()))
+    for _, chunk, rows in _in_order_batches(examples, batch_size, seq_len, "sft", progress,
+                                            "expert signals"):
+        lp, top1 = jax.device_get(fn(e_params, rows))
         for b, e in enumerate(chunk):
             n = len(e.ids) - 1
             e.signal_logprob = np.ascontiguousarray(lp[:, b, :n].T)
             e.signal_top1 = np.ascontiguousarray(top1[:, b, :n].T)
-    if cache_file and jax.process_index() == 0:
-        os.makedirs(os.path.dirname(cache_file) or ".", exist_ok=True)
-        tmp = cache_file + ".partial.npz"
-        np.savez(tmp, lengths=lengths, ids_sum=sum(int(e.ids.sum()) for e in examples),
+    _write_cache(cache_file, lengths=lengths, ids_sum=sum(int(e.ids.sum()) for e in examples),
                  logprob=np.concatenate([e.signal_logprob for e in examples]) if total else
                  np.zeros((0, experts.n), np.float32),
                  top1=np.concatenate([e.signal_top1 for e in examples]) if total else
                  np.zeros((0, experts.n), np.int32))
-        os.replace(tmp, cache_file)
     return examples
 
 
@@ -300,8 +314,6 @@ def precompute_reference(examples, router: Router, ref_params, experts: Experts,
     routing logits) to every preference pair, from `cache_file` (.npz) when it matches the
     data and the router's params, else computed and written. The step then holds neither
     the reference router nor its forward pass."""
-    from tqdm.auto import tqdm
-
     sides = ("chosen", "rejected")
     lengths = np.array([[len(e.prompt) + len(getattr(e, s)) - 1 for s in sides]
                         for e in examples]).reshape(-1, 2)
@@ -327,13 +339,8 @@ def precompute_reference(examples, router: Router, ref_params, experts: Experts,
     fn = reference_program(router, experts, vocab, block, mesh, seq_len, batch_size)
     logprob = np.zeros((len(examples), 2), np.float32)
     routes = [[None, None] for _ in examples]
-    for lo in tqdm(range(0, len(examples), batch_size), desc="CDPO reference",
-                   disable=not progress):
-        chunk = examples[lo:lo + batch_size]
-        rows = Batcher(chunk + chunk[:batch_size - len(chunk)], batch_size, seq_len, 0,
-                       kind="pref", pack=False)
-        rows._order = np.arange(len(rows.examples))  # keep the order: row b = example b
-        batch = rows.next()
+    for lo, chunk, batch in _in_order_batches(examples, batch_size, seq_len, "pref", progress,
+                                              "CDPO reference"):
         for j, s in enumerate(sides):
             side = {k: batch[s][k] for k in SFT_FIELDS}
             lp, route = jax.device_get(fn(ref_params, e_params, side))
@@ -343,12 +350,8 @@ def precompute_reference(examples, router: Router, ref_params, experts: Experts,
     n = router.n_experts
     route = np.concatenate([r for pair in routes for r in pair]) if routes else \
         np.zeros((0, n), np.float32)
-    if cache_file and jax.process_index() == 0:
-        os.makedirs(os.path.dirname(cache_file) or ".", exist_ok=True)
-        tmp = cache_file + ".partial.npz"
-        np.savez(tmp, lengths=lengths, ids_sum=ids_sum, fingerprint=fingerprint,
+    _write_cache(cache_file, lengths=lengths, ids_sum=ids_sum, fingerprint=fingerprint,
                  logprob=logprob, route=route)
-        os.replace(tmp, cache_file)
     return attach(logprob, route)
 
 
