@@ -633,11 +633,9 @@ def check_tokenizers(named: Sequence[Tuple[str, object]]):
 
 
 def experts_layout(config) -> Optional[bool]:
-    """config.experts.stacked -> the `stacked` argument of load_experts (None = if they can
-    be; lazy decoding prefers the list layout, see config.py)."""
-    if config.experts.stacked == "auto":
-        return False if config.decode.lazy_experts else None
-    return {"yes": True, "no": False}[config.experts.stacked]
+    """config.experts.stacked -> the `stacked` argument of load_experts (auto: the list
+    layout, which decoding reads in place; see config.py)."""
+    return {"auto": False, "yes": True, "no": False}[config.experts.stacked]
 
 
 def load_world(config, mode: Mode, mesh):

@@ -105,8 +105,18 @@ class Experts:
             fn = lambda p, c: model.extend(p, tokens, c, mask, last_only)
             if tokens.shape[1] > 1:
                 # A prefill: one expert after the other, so one expert's activations
-                # (attention scores over the prompt) are alive at a time, not n.
-                out, cache = jax.lax.map(lambda pc: fn(*pc), (params, cache))
+                # (attention scores over the prompt) are alive at a time, not n. The
+                # stacked cache is the loop's carry, updated in place expert by expert
+                # (as outputs of a map it would be a second whole stack).
+                def one(stack, pe):
+                    p, e = pe
+                    c = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, e, 0, False),
+                                     stack)
+                    out, c = fn(p, c)
+                    stack = jax.tree.map(
+                        lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, e, 0), stack, c)
+                    return stack, out
+                cache, out = jax.lax.scan(one, cache, (params, jnp.arange(self.n)))
             else:
                 out, cache = jax.vmap(fn)(params, cache)
             return out.logits[..., :self.vocab], cache

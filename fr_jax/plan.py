@@ -43,7 +43,7 @@ import numpy as np
 from fr_jax import sharding as sh
 from fr_jax import train
 from fr_jax.config import decode_mesh, default_config_file, frozen_dtype, parse_flags
-from fr_jax.decode import FusedDecoder
+from fr_jax.decode import FusedDecoder, experts_layout
 from fr_jax.experts import Experts
 from fr_jax.fusion import Mode
 from fr_jax.hf import load_config
@@ -310,7 +310,7 @@ def decode_programs(config, rcfg, ecfgs, mesh, modes: Sequence[str], batches: Se
             router = Router(rcfg.replace(param_dtype=dt), n)
             vocab = min(c.vocab_size for c in [rcfg, *ecfgs])
             experts = Experts([c.replace(param_dtype=dt) for c in ecfgs[:n]], vocab=vocab,
-                              stacked=False if (lazy and n > 1) else None)
+                              stacked=experts_layout(config))
             mode = Mode.parse(mode_name, n)
             label = "lazy" if lazy else "eager"
             for batch in batches:

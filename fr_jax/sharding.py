@@ -33,8 +33,8 @@ RULES: Tuple[Tuple[str, Union[None, str, Tuple[str, ...]]], ...] = (
 )
 
 KV_CACHE_AXES = {
-    "k": ("layers", "batch", "cache_slots", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "cache_slots", "kv_heads", "head_dim"),
+    "k": ("layers", "batch", "kv_heads", "cache_slots", "head_dim"),
+    "v": ("layers", "batch", "kv_heads", "cache_slots", "head_dim"),
     "pos": ("batch", "cache_slots"),
     "end": ("batch",),
     "next_pos": ("batch",),

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fr_jax.models.cache import write_slots
+from fr_jax.models.cache import write_layer_slots
 from fr_jax.models.config import ModelConfig, RopeConfig
 from fr_jax.models.splash import splash_attention, use_splash
 
@@ -108,8 +108,9 @@ def attention_mask(q_pos, k_pos, sliding, window: Optional[int], q_seg=None, k_s
 
 
 def dot_product_attention(q, k, v, mask, scale: float, softcap: Optional[float],
-                          q_block: int = 0):
-    """Grouped-query attention. q [B,T,H,D], k/v [B,S,K,D], mask [B,T,S] -> [B,T,H,D].
+                          q_block: int = 0, heads_major: bool = False):
+    """Grouped-query attention. q [B,T,H,D], k/v [B,S,K,D] (or [B,K,S,D], the cache's
+    layout, with `heads_major`), mask [B,T,S] -> [B,T,H,D].
 
     Scores, soft-cap and softmax are float32; the weighted sum runs in the input dtype.
     With 0 < q_block < T the queries are attended `q_block` at a time (a sequential map:
@@ -123,17 +124,19 @@ def dot_product_attention(q, k, v, mask, scale: float, softcap: Optional[float],
         pad = n * q_block - t
         blocks = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
                                         .reshape((b, n, q_block) + x.shape[2:]), 1, 0)
-        out = jax.lax.map(lambda qm: dot_product_attention(qm[0], k, v, qm[1], scale, softcap),
+        out = jax.lax.map(lambda qm: dot_product_attention(qm[0], k, v, qm[1], scale, softcap,
+                                                           heads_major=heads_major),
                           (blocks(q), blocks(mask)))
         return jnp.moveaxis(out, 0, 1).reshape(b, n * q_block, h, d)[:, :t]
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1 if heads_major else 2]
+    kv = "bksd" if heads_major else "bskd"
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
 
@@ -163,17 +166,18 @@ class MLP(nn.Module):
 class Attention(nn.Module):
     """Self-attention with rotary positions, GQA, optional soft-cap and sliding window.
 
-    With a cache (`kv` = (k [B,S,K,D], v [B,S,K,D])) the new keys/values are written at the
-    per-row slot `slot_start` [B] and the queries attend over every slot of the cache,
-    masked by the slot positions `k_pos` [B,S]. Without a cache the T tokens attend to
-    themselves.
+    With a cache (`kv` = the whole stack's (k [L,B,K,S,D], v [L,B,K,S,D]) and this layer's
+    index `layer`) the new keys/values are written into layer `layer` at the per-row slot
+    `slot_start` [B] and the queries attend over every slot of that layer, masked by the
+    slot positions `k_pos` [B,S]; the updated stack is returned. Without a cache the T
+    tokens attend to themselves.
     """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x, positions, sliding, kv=None, slot_start=None, k_pos=None,
-                 segment_ids=None):
+                 segment_ids=None, layer=None):
         cfg = self.cfg
         proj = lambda heads, name: nn.DenseGeneral(
             (heads, cfg.head_dim), use_bias=cfg.attention_bias, dtype=cfg.dtype,
@@ -189,9 +193,10 @@ class Attention(nn.Module):
             keys, values, k_pos, k_seg = k, v, positions, segment_ids
             new_kv = None
         else:
-            keys = write_slots(kv[0], k.astype(kv[0].dtype), slot_start)
-            values = write_slots(kv[1], v.astype(kv[1].dtype), slot_start)
-            new_kv = (keys, values)
+            new_kv = tuple(write_layer_slots(buf, new.astype(buf.dtype), layer, slot_start)
+                           for buf, new in zip(kv, (k, v)))
+            keys, values = (jax.lax.dynamic_index_in_dim(buf, layer, 0, keepdims=False)
+                            for buf in new_kv)
             k_seg = None
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed sequences) are only supported without a cache")
@@ -203,7 +208,7 @@ class Attention(nn.Module):
                                   k_seg)
             out = dot_product_attention(q, keys.astype(cfg.dtype), values.astype(cfg.dtype),
                                         mask, cfg.query_scale, cfg.attn_logit_softcap,
-                                        q_block=cfg.attn_block)
+                                        q_block=cfg.attn_block, heads_major=kv is not None)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias,
                               dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               kernel_init=dense_init("heads", "head_dim", "embed"),

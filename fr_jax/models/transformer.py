@@ -1,8 +1,8 @@
 """The decoder-only transformer shared by Llama-3 and Gemma-2 (switches live in ModelConfig).
 
 Layers are stacked with `nn.scan`: every per-layer parameter has a leading `layers` axis,
-the whole stack compiles as one layer body (fast compiles at 8B scale), and the per-layer KV
-cache is scanned alongside its parameters.
+the whole stack compiles as one layer body (fast compiles at 8B scale). The KV cache of all
+layers travels in the scan's carry, and each layer writes its new slots into it in place.
 """
 
 from __future__ import annotations
@@ -34,16 +34,18 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, per_layer, ctx):
-        """x [B,T,E]; per_layer = (sliding flag, (k, v) cache or None); ctx is broadcast."""
+    def __call__(self, carry, per_layer, ctx):
+        """carry = (x [B,T,E], the whole stack's (k, v) cache [L,B,K,S,D] or None);
+        per_layer = (sliding flag, layer index); ctx is broadcast."""
         cfg = self.cfg
-        sliding, kv = per_layer
+        x, kv = carry
+        sliding, layer = per_layer
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, cfg.dtype,
                                     cfg.param_dtype, name=name)
         h, new_kv = Attention(cfg, name="attn")(
             norm("pre_attn_norm")(x), ctx["positions"], sliding, kv=kv,
             slot_start=ctx.get("slot_start"), k_pos=ctx.get("k_pos"),
-            segment_ids=ctx.get("segment_ids"))
+            segment_ids=ctx.get("segment_ids"), layer=layer)
         if cfg.sandwich_norms:
             h = norm("post_attn_norm")(h)
         x = x + h
@@ -54,7 +56,7 @@ class DecoderLayer(nn.Module):
         # Per-layer residual stream, collected only when the caller asks for
         # mutable=["intermediates"] (prefill-activation probes of the baselines).
         self.sow("intermediates", "residual", x)
-        return x, new_kv
+        return (x, new_kv), None
 
 
 class TransformerOutput(NamedTuple):
@@ -65,7 +67,7 @@ class TransformerOutput(NamedTuple):
 class Transformer(nn.Module):
     """tokens [B,T], positions [B,T] -> TransformerOutput, plus the updated per-layer KV.
 
-    `kv` is a pair of stacked caches ([L,B,S,K,D] each) or None for a cache-free forward;
+    `kv` is a pair of stacked caches ([L,B,K,S,D] each) or None for a cache-free forward;
     with a cache, `slot_start` [B] is where the chunk is written and `k_pos` [B,S] the slot
     positions after writing it. `last_only` returns logits and hidden of the last token only;
     `last_index` [B] of token last_index[b] of each row (a right-padded chunk).
@@ -110,7 +112,7 @@ class Transformer(nn.Module):
             ctx.update(slot_start=slot_start, k_pos=k_pos)
         if segment_ids is not None:
             ctx["segment_ids"] = segment_ids
-        x, new_kv = self.layers(x, (sliding, kv), ctx)
+        (x, new_kv), _ = self.layers((x, kv), (sliding, jnp.arange(cfg.num_layers)), ctx)
         if last_only:
             # Prefill only needs the next-token logits: never build [B, T, V] for a long prompt.
             x = x[:, -1:]
