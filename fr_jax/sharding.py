@@ -32,6 +32,13 @@ RULES: Tuple[Tuple[str, Union[None, str, Tuple[str, ...]]], ...] = (
     ("cache_slots", None),
 )
 
+# (dim, fallback dim): mesh axes that do not divide `dim` go to `fallback` in the same array
+# when it has one. A router with 4 kv heads under 8-way tensor parallelism would otherwise
+# hold its whole KV cache on every chip; its rows are split over `tensor` instead.
+FALLBACKS: Tuple[Tuple[str, str], ...] = (
+    ("kv_heads", "batch"),
+)
+
 KV_CACHE_AXES = {
     "k": ("layers", "batch", "kv_heads", "cache_slots", "head_dim"),
     "v": ("layers", "batch", "kv_heads", "cache_slots", "head_dim"),
@@ -78,26 +85,38 @@ def _mesh_axes(name, rules):
 
 
 def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
-             rules=RULES) -> P:
+             rules=RULES, fallbacks=FALLBACKS) -> P:
     """PartitionSpec for an array of `shape` whose dims carry `logical` names.
 
     Mesh axes of size 1, axes already used by an earlier dim, and axes that do not divide
-    the dim are dropped (that part of the dim is replicated).
+    the dim are dropped (that part of the dim is replicated), except that axes a dim cannot
+    divide are offered to its fallback dim (`FALLBACKS`), if the array has one.
     """
     used = set()
-    out = []
+    keeps, undivided = [], {}
+
+    def take(axes, size, keep):
+        for a in axes:
+            n = mesh.shape[a]
+            if n == 1 or a in used:
+                continue
+            if size % (n * int(np.prod([mesh.shape[k] for k in keep]))):
+                yield a
+                continue
+            keep.append(a)
+            used.add(a)
+
     for name, size in zip(logical, shape):
         axes = _mesh_axes(name, rules) if name is not None else None
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         keep = []
-        for a in axes:
-            n = mesh.shape[a]
-            if n == 1 or a in used or size % (n * int(np.prod([mesh.shape[k] for k in keep]))):
-                continue
-            keep.append(a)
-        used.update(keep)
-        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
-    return P(*out)
+        undivided[name] = list(take(axes, size, keep))
+        keeps.append(keep)
+    for src, dst in fallbacks:
+        if undivided.get(src) and dst in logical:
+            i = list(logical).index(dst)
+            list(take(undivided[src], shape[i], keeps[i]))
+    return P(*(None if not k else k[0] if len(k) == 1 else tuple(k) for k in keeps))
 
 
 def shardings_for(logical_tree, shape_tree, mesh: Mesh, rules=RULES):

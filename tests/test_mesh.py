@@ -54,8 +54,31 @@ def test_mesh_decode_equals_single_device(tmp_path):
     assert emb.shape[0] == 97 and emb.sharding.spec == sh.P(None, None)
 
 
+def test_mesh_decode_with_more_tensor_shards_than_kv_heads(tmp_path):
+    """2 kv heads under 4-way tensor parallelism: the caches' rows go over `tensor`
+    (sharding.FALLBACKS) and the queries follow them; the tokens do not change."""
+    router_path, paths = _write(tmp_path)
+    single, _ = _decode(router_path, paths, None)
+    mesh = sh.make_mesh({"tensor": 4, "expert": -1})
+    sharded, params = _decode(router_path, paths, mesh)
+    np.testing.assert_array_equal(single.tokens, sharded.tokens)
+    np.testing.assert_array_equal(single.chosen, sharded.chosen)
+    np.testing.assert_allclose(single.route_probs, sharded.route_probs, atol=1e-5)
+    router, _ = load_router(router_path)
+    cache = jax.eval_shape(lambda: router.init_cache(4, 16))
+    assert router.cfg.num_kv_heads == 2 and router.cfg.num_heads == 4
+    assert sh.cache_shardings(cache, mesh).k.spec == sh.P(None, "tensor", None, None, None)
+
+
 def test_rules_drop_axes_that_do_not_divide():
     mesh = sh.make_mesh({"data": 2, "tensor": 4})
     assert sh.spec_for(("batch", "vocab"), (6, 128), mesh) == sh.P("data", "tensor")
     assert sh.spec_for(("batch", "vocab"), (3, 130), mesh) == sh.P(None, None)
     assert sh.spec_for(("heads", "kv_heads"), (8, 8), mesh) == sh.P("tensor", None)
+    # kv heads that the tensor axis does not divide hand it to the rows (a cache's layout)
+    cache = ("layers", "batch", "kv_heads", "cache_slots", "head_dim")
+    assert sh.spec_for(cache, (2, 6, 8, 16, 4), mesh) == sh.P(None, "data", "tensor", None, None)
+    assert sh.spec_for(cache, (2, 8, 3, 16, 4), mesh) == sh.P(None, ("data", "tensor"), None,
+                                                              None, None)
+    assert sh.spec_for(cache, (2, 6, 3, 16, 4), mesh) == sh.P(None, "data", None, None, None)
+    assert sh.spec_for(cache, (2, 3, 3, 16, 4), mesh) == sh.P(None, None, None, None, None)

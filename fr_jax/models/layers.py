@@ -18,6 +18,7 @@ import numpy as np
 from fr_jax.models.cache import write_layer_slots
 from fr_jax.models.config import ModelConfig, RopeConfig
 from fr_jax.models.splash import splash_attention, use_splash
+from fr_jax.sharding import constrain
 
 # A finite "minus infinity": a fully masked row (a pad query) then gets a uniform, finite
 # softmax instead of NaNs that would poison the rest of the batch through reductions.
@@ -131,6 +132,10 @@ def dot_product_attention(q, k, v, mask, scale: float, softcap: Optional[float],
     kv_heads = k.shape[1 if heads_major else 2]
     kv = "bksd" if heads_major else "bskd"
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    if heads_major:
+        # Queries go where the cache's heads or rows are (sharding.FALLBACKS), never the
+        # other way round: the cache is the big operand.
+        q = constrain(q, ("batch", None, "kv_heads", None, None))
     scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
