@@ -40,8 +40,8 @@ FALLBACKS: Tuple[Tuple[str, str], ...] = (
 )
 
 KV_CACHE_AXES = {
-    "k": ("layers", "batch", "kv_heads", "cache_slots", "head_dim"),
-    "v": ("layers", "batch", "kv_heads", "cache_slots", "head_dim"),
+    "k": ("batch", "layers", "kv_heads", "cache_slots", "head_dim"),
+    "v": ("batch", "layers", "kv_heads", "cache_slots", "head_dim"),
     "pos": ("batch", "cache_slots"),
     "end": ("batch",),
     "next_pos": ("batch",),

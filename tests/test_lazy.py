@@ -60,7 +60,7 @@ def _assert_same_caches(eager, lazy, experts, n_rows):
             assert np.all(lc.pos[b, end:] == -1)
             valid = ec.pos[b, :end] >= 0
             for name in ("k", "v"):
-                got, want = getattr(lc, name)[:, b, :, :end], getattr(ec, name)[:, b, :, :end]
+                got, want = getattr(lc, name)[b, :, :, :end], getattr(ec, name)[b, :, :, :end]
                 np.testing.assert_allclose(got[:, :, valid], want[:, :, valid], rtol=1e-5,
                                            atol=1e-5)
 

@@ -67,7 +67,7 @@ def test_mesh_decode_with_more_tensor_shards_than_kv_heads(tmp_path):
     router, _ = load_router(router_path)
     cache = jax.eval_shape(lambda: router.init_cache(4, 16))
     assert router.cfg.num_kv_heads == 2 and router.cfg.num_heads == 4
-    assert sh.cache_shardings(cache, mesh).k.spec == sh.P(None, "tensor", None, None, None)
+    assert sh.cache_shardings(cache, mesh).k.spec == sh.P("tensor", None, None, None, None)
 
 
 def test_rules_drop_axes_that_do_not_divide():
@@ -76,9 +76,9 @@ def test_rules_drop_axes_that_do_not_divide():
     assert sh.spec_for(("batch", "vocab"), (3, 130), mesh) == sh.P(None, None)
     assert sh.spec_for(("heads", "kv_heads"), (8, 8), mesh) == sh.P("tensor", None)
     # kv heads that the tensor axis does not divide hand it to the rows (a cache's layout)
-    cache = ("layers", "batch", "kv_heads", "cache_slots", "head_dim")
-    assert sh.spec_for(cache, (2, 6, 8, 16, 4), mesh) == sh.P(None, "data", "tensor", None, None)
-    assert sh.spec_for(cache, (2, 8, 3, 16, 4), mesh) == sh.P(None, ("data", "tensor"), None,
+    cache = ("batch", "layers", "kv_heads", "cache_slots", "head_dim")
+    assert sh.spec_for(cache, (6, 2, 8, 16, 4), mesh) == sh.P("data", None, "tensor", None, None)
+    assert sh.spec_for(cache, (8, 2, 3, 16, 4), mesh) == sh.P(("data", "tensor"), None, None,
                                                               None, None)
-    assert sh.spec_for(cache, (2, 6, 3, 16, 4), mesh) == sh.P(None, "data", None, None, None)
-    assert sh.spec_for(cache, (2, 3, 3, 16, 4), mesh) == sh.P(None, None, None, None, None)
+    assert sh.spec_for(cache, (6, 2, 3, 16, 4), mesh) == sh.P("data", None, None, None, None)
+    assert sh.spec_for(cache, (3, 2, 3, 16, 4), mesh) == sh.P(None, None, None, None, None)

@@ -18,12 +18,14 @@ from fr_jax.models.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-    """k, v: [layers, batch, kv_heads, slots, head_dim]; pos: [batch, slots] int32 (-1 empty);
+    """k, v: [batch, layers, kv_heads, slots, head_dim]; pos: [batch, slots] int32 (-1 empty);
     end: [batch] int32 next free slot; next_pos: [batch] int32 position of the next token.
 
     Slots are the second-minor dim of k and v: TPU tiles an array's two minor dims, and a
     [slots, head_dim] tile is dense where [kv_heads, head_dim] is mostly padding once tensor
-    parallelism leaves one or two kv heads per chip (16x the bytes in bf16)."""
+    parallelism leaves one or two kv heads per chip (16x the bytes in bf16). Rows lead, as
+    in every other per-row array, so writing each row's slots needs no transposed copy of
+    the whole cache (`write_layer_slots`)."""
 
     k: jax.Array
     v: jax.Array
@@ -42,7 +44,7 @@ class KVCache:
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache of `max_len` slots per row, in `dtype` (default: the activation dtype)."""
-    shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+    shape = (batch_size, cfg.num_layers, cfg.num_kv_heads, max_len, cfg.head_dim)
     dtype = jnp.dtype(dtype or cfg.dtype)
     return KVCache(
         k=jnp.zeros(shape, dtype),
@@ -62,8 +64,8 @@ def write_slots(buf, new, start):
 
 
 def write_layer_slots(stack, new, layer, start):
-    """Writes one layer's new keys or values new [B, T, K, D] into the layer stack
-    [L, B, K, S, D] at layer `layer` (traced) and per-row slot offsets start [B].
+    """Writes one layer's new keys or values new [B, T, K, D] into the cache's stack
+    [B, L, K, S, D] at layer `layer` (traced) and per-row slot offsets start [B].
 
     Only the T new slots of each row are written: in a loop carry XLA updates the stack in
     place, where scanning the layers' caches as inputs and outputs would allocate a second
@@ -71,7 +73,7 @@ def write_layer_slots(stack, new, layer, start):
     def one(row_stack, row_new, row_start):
         return jax.lax.dynamic_update_slice(row_stack, jnp.swapaxes(row_new, 0, 1)[None],
                                             (layer, 0, row_start, 0))
-    return jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(stack, new, start)
+    return jax.vmap(one)(stack, new, start)
 
 
 def chunk_positions(cache: KVCache, mask):

@@ -171,7 +171,7 @@ class MLP(nn.Module):
 class Attention(nn.Module):
     """Self-attention with rotary positions, GQA, optional soft-cap and sliding window.
 
-    With a cache (`kv` = the whole stack's (k [L,B,K,S,D], v [L,B,K,S,D]) and this layer's
+    With a cache (`kv` = the whole stack's (k [B,L,K,S,D], v [B,L,K,S,D]) and this layer's
     index `layer`) the new keys/values are written into layer `layer` at the per-row slot
     `slot_start` [B] and the queries attend over every slot of that layer, masked by the
     slot positions `k_pos` [B,S]; the updated stack is returned. Without a cache the T
@@ -200,7 +200,7 @@ class Attention(nn.Module):
         else:
             new_kv = tuple(write_layer_slots(buf, new.astype(buf.dtype), layer, slot_start)
                            for buf, new in zip(kv, (k, v)))
-            keys, values = (jax.lax.dynamic_index_in_dim(buf, layer, 0, keepdims=False)
+            keys, values = (jax.lax.dynamic_index_in_dim(buf, layer, 1, keepdims=False)
                             for buf in new_kv)
             k_seg = None
             if segment_ids is not None:

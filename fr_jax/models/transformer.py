@@ -35,7 +35,7 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, carry, per_layer, ctx):
-        """carry = (x [B,T,E], the whole stack's (k, v) cache [L,B,K,S,D] or None);
+        """carry = (x [B,T,E], the whole stack's (k, v) cache [B,L,K,S,D] or None);
         per_layer = (sliding flag, layer index); ctx is broadcast."""
         cfg = self.cfg
         x, kv = carry
@@ -67,7 +67,7 @@ class TransformerOutput(NamedTuple):
 class Transformer(nn.Module):
     """tokens [B,T], positions [B,T] -> TransformerOutput, plus the updated per-layer KV.
 
-    `kv` is a pair of stacked caches ([L,B,K,S,D] each) or None for a cache-free forward;
+    `kv` is a pair of stacked caches ([B,L,K,S,D] each) or None for a cache-free forward;
     with a cache, `slot_start` [B] is where the chunk is written and `k_pos` [B,S] the slot
     positions after writing it. `last_only` returns logits and hidden of the last token only;
     `last_index` [B] of token last_index[b] of each row (a right-padded chunk).
