@@ -635,23 +635,31 @@ def main(argv=None):
 
     def extra(fv):
         flags.DEFINE_string("topology", None, f"TPU slice, one of {', '.join(SLICES)} "
-                            "(sets config.plan.topology)", flag_values=fv)
+                            "(sets config.plan.topology); several, comma-separated, are "
+                            "planned one after the other", flag_values=fv)
         flags.DEFINE_string("json", None, "also write the results as JSON here", flag_values=fv)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     fv = parse_flags(["fr_jax.plan"] + argv, default_config_file("gemma2.py"), extra)
     config = fv.config
-    slice_name = fv.topology or config.plan.topology
-    try:
-        results, report = run(config, slice_name)
-    except PlanError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(report)
+    names = [n.strip() for n in (fv.topology or config.plan.topology).split(",") if n.strip()]
+    unknown = [n for n in names if n not in SLICES]
+    if not names or unknown:
+        raise SystemExit(f"error: unknown TPU slice {', '.join(unknown) or '(none)'}; "
+                         f"choose from {', '.join(SLICES)}")
+    planned = []
+    for slice_name in names:
+        try:
+            results, report = run(config, slice_name)
+        except PlanError as e:
+            raise SystemExit(f"error: {e}") from None
+        print(report if len(names) == 1 else f"## {slice_name}\n\n{report}\n", flush=True)
+        planned.append({"slice": slice_name,
+                        "results": [dataclasses.asdict(r) for r in results]})
     if fv.json:
         with open(fv.json, "w") as f:
-            json.dump({"slice": slice_name, "results": [dataclasses.asdict(r) for r in results]},
-                      f, indent=1)
-    return 0 if all(r.fits for r in results) else 1
+            json.dump(planned[0] if len(planned) == 1 else {"slices": planned}, f, indent=1)
+    return 0 if all(r["fits"] for p in planned for r in p["results"]) else 1
 
 
 if __name__ == "__main__":

@@ -77,6 +77,30 @@ def test_plan_cli_reduced_depth_fits_and_reports(tmp_path, capsys):
     assert "| SFT step |" in text and "15.75 GiB usable" in text
 
 
+def test_plan_cli_plans_several_slices_in_one_run(tmp_path, capsys):
+    """--topology=a,b plans each slice (the README's tables come from one command); an
+    unknown slice anywhere in the list is refused before anything is compiled."""
+    base = ["--config=" + default_config_file("llama3.py"), f"--config.plan.depth={DEPTH}",
+            "--config.plan.programs=('decode',)", "--config.plan.decode_batches=(1,)",
+            "--config.plan.lazy=(True,)", "--config.plan.costs=False"]
+    try:
+        plan.main(base + ["--topology=v5e-8,v9-1"])
+        raise AssertionError("an unknown slice was accepted")
+    except SystemExit as e:
+        assert "v9-1" in str(e) and "v5e-8" in str(e)
+    out = tmp_path / "plan.json"
+    code = plan.main(base + ["--topology=v5e-8,v4-8", f"--json={out}"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    slices = json.loads(out.read_text())["slices"]
+    assert [s["slice"] for s in slices] == ["v5e-8", "v4-8"]
+    for s in slices:
+        assert {r["program"] for r in s["results"]} == {
+            "decode prefill, fusionroute lazy, batch 1, prompt 1024",
+            "decode chunk, fusionroute lazy, batch 1, cache 2048"}
+    assert "## v5e-8" in text and "## v4-8" in text and "30.75 GiB usable" in text
+
+
 def test_a_program_that_does_not_fit_names_its_largest_buffers_and_the_fix(capsys):
     """Whole-sequence logits, no remat, einsum attention and a 64-row micro-batch (8 rows a
     chip): the SFT step OOMs on v5e; exit status 1, the float32 attention scores among the
