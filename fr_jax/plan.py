@@ -89,10 +89,14 @@ class PlanError(ValueError):
     """A plan that cannot be made (names the problem and the fix)."""
 
 
-def topology_devices(slice_name: str):
-    """(Chip, the slice's TPU devices) -- abstract devices a Mesh can be built on."""
+def check_slice(slice_name: str):
     if slice_name not in SLICES:
         raise PlanError(f"unknown TPU slice {slice_name!r}; known: {', '.join(SLICES)}")
+
+
+def topology_devices(slice_name: str):
+    """(Chip, the slice's TPU devices) -- abstract devices a Mesh can be built on."""
+    check_slice(slice_name)
     chip, topo = SLICES[slice_name]
     # Compiling claims no TPU: let several plans (and a TPU job) load libtpu side by side
     # instead of failing on its single-process lock file.
@@ -642,20 +646,18 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     fv = parse_flags(["fr_jax.plan"] + argv, default_config_file("gemma2.py"), extra)
     config = fv.config
-    names = [n.strip() for n in (fv.topology or config.plan.topology).split(",") if n.strip()]
-    unknown = [n for n in names if n not in SLICES]
-    if not names or unknown:
-        raise SystemExit(f"error: unknown TPU slice {', '.join(unknown) or '(none)'}; "
-                         f"choose from {', '.join(SLICES)}")
+    names = [n.strip() for n in (fv.topology or config.plan.topology).split(",")]
     planned = []
-    for slice_name in names:
-        try:
+    try:
+        for slice_name in names:  # every name checked before anything is compiled
+            check_slice(slice_name)
+        for slice_name in names:
             results, report = run(config, slice_name)
-        except PlanError as e:
-            raise SystemExit(f"error: {e}") from None
-        print(report if len(names) == 1 else f"## {slice_name}\n\n{report}\n", flush=True)
-        planned.append({"slice": slice_name,
-                        "results": [dataclasses.asdict(r) for r in results]})
+            print(report if len(names) == 1 else f"## {slice_name}\n\n{report}\n", flush=True)
+            planned.append({"slice": slice_name,
+                            "results": [dataclasses.asdict(r) for r in results]})
+    except PlanError as e:
+        raise SystemExit(f"error: {e}") from None
     if fv.json:
         with open(fv.json, "w") as f:
             json.dump(planned[0] if len(planned) == 1 else {"slices": planned}, f, indent=1)

@@ -65,7 +65,7 @@ class TransformerOutput(NamedTuple):
 
 
 class Transformer(nn.Module):
-    """tokens [B,T], positions [B,T] -> TransformerOutput, plus the updated per-layer KV.
+    """tokens [B,T], positions [B,T] -> TransformerOutput, plus the updated KV cache stack.
 
     `kv` is a pair of stacked caches ([B,L,K,S,D] each) or None for a cache-free forward;
     with a cache, `slot_start` [B] is where the chunk is written and `k_pos` [B,S] the slot
