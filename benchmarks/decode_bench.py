@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fr_jax.decode import Decoder, FusedDecoder  # noqa: E402
+from fr_jax.decoding import Decoder, FusedDecoder  # noqa: E402
 from fr_jax.experts import Experts, load_experts  # noqa: E402
 from fr_jax.fusion import Mode  # noqa: E402
 from fr_jax.hf import save_hf  # noqa: E402
@@ -293,7 +293,8 @@ def toy_rows(args, batches, peak):
     real routing, on its held-out mixed prompts (no EOS, so every step is timed)."""
     from fr_jax.data import encode_prompt
     from fr_jax.eval.benchmarks import default_toy_tasks
-    from fr_jax.toy.demo import bundled_world, load_lineup
+    from fr_jax.bundle import bundled_world
+    from fr_jax.toy.pipeline import load_world_lineup as load_lineup
 
     world = bundled_world()
     lineup = load_lineup(world["router"], world["experts"], {})

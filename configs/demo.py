@@ -4,7 +4,7 @@
     python -m fr_jax.demo --config=configs/demo.py:quick   # the reduced run the tests use
     python -m fr_jax.demo --config.workdir=/tmp/demo --config.seed=1
 
-Pipeline (fr_jax/toy/demo.py): world data -> a shared base model -> three domain experts
+Pipeline (fr_jax/toy/pipeline.py): world data -> a shared base model -> three domain experts
 (written as HF folders, loaded back) -> router SFT -> CDPO on sampled preference pairs ->
 the baselines (fine-tuned with the router's budget, merged, SharedTrunkNet sequence routing)
 -> every decode mode on held-out prompts, plus the per-prompt oracle over the experts.
@@ -80,7 +80,7 @@ def get_config(arg: str = ""):
     # The fine-tuned baseline: the experts' base, fine-tuned on the router's SFT data with
     # the router's SFT budget (steps x batch).
 
-    # Merging baselines over the experts and their shared base (fr_jax.baselines.merge).
+    # Merging baselines over the experts and their shared base (fr_jax.baselines.merging).
     c.merge = ml_collections.ConfigDict()
     c.merge.ta_lambda = 0.5  # task arithmetic: base + 0.5 * sum of task vectors
     c.merge.ties_density = 0.2  # TIES: keep the top 20% of each task vector

@@ -4,7 +4,7 @@
     python -m fr_jax.merge --base=/ckpt/llama3-base --experts=/ckpt/math,/ckpt/code \
         --method=ties --config.density=0.2 --out=/ckpt/merged-ties
 
-Methods (fr_jax/baselines/merge.py): linear, task_arithmetic, ties, dare.
+Methods (fr_jax/baselines/merging.py): linear, task_arithmetic, ties, dare.
 """
 
 import ml_collections

@@ -5,7 +5,6 @@ and override fields; the CLI overrides any field with `--config.<path>=value`.
 from __future__ import annotations
 
 import os
-import runpy
 
 import ml_collections
 
@@ -158,7 +157,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seqroute.test_fraction = 0.25  # held out from the labelled prompts (by seed)
     c.seqroute.seed = 0
     c.seqroute.targets = ()  # () = every expert alone + fusionroute
-    c.seqroute.costs = ()  # per target; () = parameters read per token (see seqroute.py)
+    c.seqroute.costs = ()  # per target; () = parameters read per token (see fr_jax/baselines/seqroute_pipeline.py)
     c.seqroute.encoder = ""  # "" = the router's backbone; else an HF folder
     c.seqroute.layer = -1  # encoder layer (0-based); -1 = chosen by the probes
     c.seqroute.probe_reg = 1e-2  # shrinkage of the within-class scatter in Fisher's J
@@ -277,53 +276,3 @@ def frozen_dtype(config) -> str:
 
 def default_config_file(name: str = "tiny.py") -> str:
     return os.path.join(REPO_CONFIGS, name)
-
-
-def _fields(c, prefix=""):
-    for k, v in c.items():
-        if isinstance(v, ml_collections.ConfigDict):
-            yield from _fields(v, prefix + k + ".")
-        else:
-            yield prefix + k
-
-
-def _known_fields(config_file: str):
-    try:
-        return sorted(_fields(runpy.run_path(config_file)["get_config"]()))
-    except Exception:  # the file itself is the problem; the absl message says why
-        return []
-
-
-def parse_flags(argv, config_file: str, define_extra=None):
-    """Defines `--config` (an ml_collections config file, overridable field by field) plus
-    the flags `define_extra(flag_values)` adds, parses argv (argv[0] is the program) and
-    returns the absl FlagValues. Config mistakes become one clear message instead of a
-    traceback: an unknown field lists the known ones, an ill-typed value names the type."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    flag_values = flags.FlagValues()
-    try:
-        config_flags.DEFINE_config_file("config", config_file, "ml_collections config file",
-                                        flag_values=flag_values, lock_config=True,
-                                        sys_argv=list(argv))
-        if define_extra is not None:
-            define_extra(flag_values)
-        rest = flag_values(argv)
-        list(flag_values.config.keys())  # the file loads lazily: make a bad path fail here
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-        msg = str(e).strip("\"'")
-        bad = [a for a in argv[1:] if a.startswith("--config")]
-        files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
-        known = _known_fields(files[-1] if files else config_file)
-        if known:
-            unknown = sorted({a[len("--config."):].split("=")[0] for a in bad
-                              if a.startswith("--config.")} - set(known))
-            if unknown:
-                msg = f"unknown config field(s) {', '.join(unknown)}"
-            msg += "\nknown fields: " + ", ".join(known)
-        raise SystemExit(f"bad command line ({' '.join(bad) or ' '.join(argv[1:])}): "
-                         f"{msg}") from None
-    if len(rest) > 1:
-        raise SystemExit(f"unexpected arguments: {rest[1:]} (flags are written --name=value)")
-    return flag_values

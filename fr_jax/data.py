@@ -23,11 +23,11 @@ import dataclasses
 import os
 from typing import Dict, List, Optional, Sequence
 
+import json
+
 import numpy as np
 
-
-class DataError(ValueError):
-    """Unreadable data (names the file and the expected format)."""
+from fr_jax.errors import DataError
 
 
 # ---------------------------------------------------------------------------- records
@@ -59,6 +59,28 @@ def load_records(path: str, split: Optional[str] = None):
         return datasets.load_dataset(kind, data_files=path, split="train")
     except Exception as e:
         raise DataError(f"cannot read {path!r} as {kind}: {e}") from None
+
+
+def read_prompts(path: str) -> List[str]:
+    """Prompts from a JSONL file with a string "prompt" field on every line."""
+    if not os.path.isfile(path):
+        raise DataError(f"prompts file {path!r} not found (expected JSONL, one "
+                        '{"prompt": "..."} object per line)')
+    prompts = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise DataError(f'{path}:{n}: expected an object with a string "prompt" field')
+            prompts.append(rec["prompt"])
+    if not prompts:
+        raise DataError(f"prompts file {path!r} has no prompts")
+    return prompts
 
 
 def encode_prompt(tokenizer, prompt, chat: bool) -> List[int]:

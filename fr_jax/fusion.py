@@ -13,12 +13,12 @@ A decode mode is data (`Mode`), parsed from its name:
 | `sequence:head`| softmax(logits of expert s), s fixed per prompt           | s               |
 | `merged`, `finetuned` | one stand-alone model (a baseline), no router      | 0               |
 
-`sequence` is sequence-level routing on prefill activations (fr_jax/baselines/seqroute.py):
+`sequence` is sequence-level routing on prefill activations (fr_jax/sequence/):
 a SharedTrunkNet reads the encoder's pooled activations of the prompt and picks a target --
 an expert alone or FusionRoute itself -- which then decodes the whole answer.
 `sequence:head` is the simplest sequence-level router: s = argmax of the router's routing
 weights averaged over the prompt's tokens (the router reads the prompt once).
-`merged` and `finetuned` name single models (fr_jax/baselines/merge.py, train stage `lm`);
+`merged` and `finetuned` name single models (fr_jax/baselines/merging.py, train stage `lm`);
 they are decoded by the plain `Decoder`, not fused.
 
 Adding raw logits or log-probabilities gives the same distribution after the softmax, so
@@ -34,14 +34,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from fr_jax.errors import ModeError
+
 ROUTER = -1  # "chosen expert" recorded for tokens the router produced alone
 MODES = ("fusionroute", "expert_only", "router_only", "expert:<i>", "mixture", "sequence",
          "sequence:head", "merged", "finetuned")
 STANDALONE = ("merged", "finetuned")  # baselines that are one plain model
-
-
-class ModeError(ValueError):
-    """Unknown decode mode, or one that does not fit the models given."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +92,42 @@ class Mode:
                              "sequence_head")
 
     @property
+    def fixed_expert(self) -> Optional[int]:
+        """The one expert that decodes alone (`expert:i`), else None."""
+        return self.expert if self.kind == "expert" else None
+
+    @property
+    def adds_router_logits(self) -> bool:
+        """The router's complementary logits join the selected expert's (FusionRoute)."""
+        return self.kind == "fusionroute"
+
+    @property
+    def needs_selector(self) -> bool:
+        """A SharedTrunkNet picks each prompt's target (`sequence`)."""
+        return self.kind == "sequence"
+
+    @property
+    def routes_per_prompt(self) -> bool:
+        """The router's head reads the prompt once and picks its expert (`sequence:head`)."""
+        return self.kind == "sequence_head"
+
+    @property
+    def standalone(self) -> bool:
+        """One plain baseline model (decoded by `Decoder`, no router, no fusion)."""
+        return self.kind == "model"
+
+    @property
+    def one_expert_per_token(self) -> bool:
+        """Each token comes from one selected expert (with or without the router's logits),
+        so lazy experts can skip the others."""
+        return self.kind in ("fusionroute", "expert_only", "sequence_head", "sequence")
+
+    @property
+    def chooses_per_prompt(self) -> bool:
+        """The prompt is read once and fixes what decodes each row (the sequence modes)."""
+        return self.kind in ("sequence", "sequence_head")
+
+    @property
     def routes_per_token(self) -> bool:
         """The router runs at every step (not: expert:i; the sequence modes, where the
         prompt is read once -- unless a SharedTrunkNet target is FusionRoute, which the
@@ -119,7 +153,7 @@ def fuse(mode: Mode, router_logits=None, route_logits=None, expert_logits=None) 
     For `expert:i` the caller passes only expert i's logits (n' = 1), so that the other
     experts are never run; otherwise n' = n.
     """
-    lsm = lambda x: jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+    lsm = log_softmax
     if mode.kind == "router_only":
         b = router_logits.shape[0]
         return Fused(lsm(router_logits), jnp.full((b,), ROUTER, jnp.int32),
@@ -134,9 +168,31 @@ def fuse(mode: Mode, router_logits=None, route_logits=None, expert_logits=None) 
         mix = jax.nn.logsumexp(jnp.log(w).T[:, :, None] + lsm(expert_logits), axis=0)
         return Fused(mix, k, w)
     selected = select_expert(expert_logits, k)
-    if mode.kind == "expert_only":
-        return Fused(lsm(selected), k, w)
-    return Fused(lsm(lsm(router_logits) + lsm(selected)), k, w)  # fusionroute
+    return Fused(next_token_logprobs(router_logits if mode.kind == "fusionroute" else None,
+                                     selected), k, w)
+
+
+def log_softmax(x):
+    return jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+
+
+def fusion_logits(router_logits, selected_logits):
+    """The FusionRoute rule before normalisation: lsm(router logits) + lsm(logits of the
+    selected expert), [..., V] each (the training losses normalise it per token)."""
+    return log_softmax(router_logits) + log_softmax(selected_logits)
+
+
+def next_token_logprobs(router_logits, selected_logits, with_router=True):
+    """The next-token log-probs [B, V] from the selected expert's logits [B, V] and, where
+    `with_router` (a bool, or [B] per row), the router's complementary logits [B, V] --
+    the one rule the eager decoder (`fuse`), the lazy experts and the losses share."""
+    alone = log_softmax(selected_logits)
+    if router_logits is None or with_router is False:
+        return alone
+    fused = log_softmax(fusion_logits(router_logits, selected_logits))
+    if with_router is True:
+        return fused
+    return jnp.where(with_router[:, None], fused, alone)
 
 
 def sequence_route(route_logits, mask):

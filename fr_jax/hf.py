@@ -30,7 +30,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from fr_jax.models.config import ModelConfig
+from fr_jax.errors import CheckpointError
+from fr_jax.models.architecture import ModelConfig
 from fr_jax.models.model import Model
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,6 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some exporters write that carry no learned state.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be read (names the file / tensor and the fix)."""
 
 
 # ---------------------------------------------------------------------------- name mapping

@@ -13,6 +13,8 @@ from typing import Dict, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fr_jax.fusion import fusion_logits
+
 
 class ExpertSignals(NamedTuple):
     """What stage 1 needs from the frozen experts at every position.
@@ -172,9 +174,8 @@ def fused_logprob(router_logits, selected_logits, targets):
     router_logits [B, T, V]; selected_logits [B, T, V] of the expert k_t chosen by the
     frozen routing head (held fixed: no gradient flows into it) -> [B, T].
     """
-    lsm = lambda x: jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
-    bias = jax.lax.stop_gradient(lsm(selected_logits))
-    return token_logprob(lsm(router_logits) + bias, targets)
+    return token_logprob(fusion_logits(router_logits, jax.lax.stop_gradient(selected_logits)),
+                         targets)
 
 
 def sequence_logprob(token_lp, loss_mask):

@@ -1,5 +1,5 @@
-"""Sequence-level routing baseline (SharedTrunkNet, arXiv 2603.20895): label, probe, train,
-evaluate.
+"""`python -m fr_jax.seqroute`: the sequence-level routing baseline (SharedTrunkNet, arXiv
+2603.20895): label, probe, train, evaluate (fr_jax/baselines/seqroute_pipeline.py).
 
     python -m fr_jax.seqroute                           # on the bundled toy world
     python -m fr_jax.seqroute --config=configs/llama3.py --config.seqroute.data=/data/l.jsonl
@@ -9,7 +9,6 @@ scored and cached; Fisher separability / effective dimensionality probes choose 
 layer; a SharedTrunkNet is trained on that layer's pooled prefill activations; the accuracy
 -cost sweep and the headline metrics are printed and written under seqroute.workdir, and
 the trained net (trunk/) is what decode mode `sequence` loads (--config.seqroute.path).
-See fr_jax/baselines/seqroute.py.
 """
 
 from __future__ import annotations
@@ -17,37 +16,30 @@ from __future__ import annotations
 import os
 import sys
 
+from fr_jax import cli
+from fr_jax.baselines import seqroute_pipeline as S
+from fr_jax.eval.scoring import get_scorer
+from fr_jax.hf import load_hf
+from fr_jax.lineup import lineup_from_config
 
-def run(config) -> dict:
-    from fr_jax import sharding as sh
-    from fr_jax.baselines import seqroute as S
-    from fr_jax.decode import load_world
-    from fr_jax.eval.modes import Lineup
-    from fr_jax.eval.scoring import get_scorer
-    from fr_jax.fusion import Mode
-    from fr_jax.hf import load_hf
+COMMAND = cli.Command("seqroute", "tiny.py")
 
+
+def train_seqroute(config, fv=None) -> dict:
     s = config.seqroute
     scorer = get_scorer(s.scorer)
-    mesh = sh.mesh_from_config(config.mesh)
-    router, experts, params, tok, names, _, _ = load_world(config, Mode.parse("fusionroute"),
-                                                            mesh)
-    source = {"router": config.router.path or "(bundled)",
-              "experts": list(config.experts.paths) or "(bundled)"}
-    lineup = Lineup(router, experts, params, tok, names, source=source)
-    data = s.data
-    if not data:
-        from fr_jax.toy.demo import ensure_world_data
-        from fr_jax.toy.tiny import default_home
-        data = ensure_world_data(default_home())["labelled"]
+    cli.use_bundled_world(config)
+    data = s.data or cli.bundled_world_data()["labelled"]
+    lineup = lineup_from_config(config, ["fusionroute"])
     tasks = S.read_labelled(data)
     if s.encoder:
         enc_cfg, enc_params = load_hf(s.encoder, config.model.dtype,
                                       config.model.param_dtype or None)
         encoder = (os.path.abspath(s.encoder), enc_cfg, enc_params)
     else:
-        encoder = ("router", router.cfg, params["router"]["backbone"])
-    print(f"seqroute: {len(tasks)} labelled prompts from {data}; experts {', '.join(names)}")
+        encoder = ("router", lineup.router.cfg, lineup.params["router"]["backbone"])
+    print(f"seqroute: {len(tasks)} labelled prompts from {data}; experts "
+          f"{', '.join(lineup.expert_names)}")
     report = S.build(lineup, tasks, s, s.workdir, encoder, scorer, progress=sys.stderr.isatty())
     print("\n" + report["probes_markdown"])
     print(S.report_markdown(report))
@@ -57,17 +49,7 @@ def run(config) -> dict:
 
 
 def main(argv=None):
-    from fr_jax.config import default_config_file, parse_flags
-    from fr_jax.fusion import ModeError
-    from fr_jax.hf import CheckpointError
-    from fr_jax.models import ConfigError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    fv = parse_flags(["fr_jax.seqroute"] + argv, default_config_file("tiny.py"))
-    try:
-        return run(fv.config)
-    except (CheckpointError, ConfigError, ModeError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    return cli.main(COMMAND, train_seqroute, argv)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from fr_jax.baselines import merge as M
+from fr_jax.baselines import merging as M
 from fr_jax.baselines import probes as P
-from fr_jax.baselines import trunk as T
+from fr_jax.errors import CheckpointError
+from fr_jax.sequence import trunk as T
+from fr_jax.sequence.selector import Selector
 
 
 # ---------------------------------------------------------------------------- merging
@@ -139,7 +141,7 @@ def _tiny_family(tmp_path):
     from fr_jax.hf import save_hf
     from fr_jax.models import Model
     from fr_jax.toy import world as W
-    from fr_jax.toy.demo import model_config
+    from fr_jax.toy.pipeline import model_config
 
     tok = W.build_tokenizer()
     m = ml_collections.ConfigDict(dict(hidden_size=32, num_layers=2, intermediate_size=64,
@@ -264,7 +266,7 @@ def test_probe_picks_the_informative_layer_and_the_trunk_routes_well(tmp_path):
     loaded = T.load_trunk(str(tmp_path / "trunk"))
     np.testing.assert_array_equal(loaded.predict(feats[2, 600:]), trunk.predict(feats[2, 600:]))
     assert (loaded.layer, loaded.target_names, loaded.hidden) == (2, names, (32, 32))
-    with pytest.raises(FileNotFoundError, match="not a SharedTrunkNet folder.*fr_jax.seqroute"):
+    with pytest.raises(CheckpointError, match="not a SharedTrunkNet folder.*fr_jax.seqroute"):
         T.load_trunk(str(tmp_path / "nothing"))
 
 
@@ -296,8 +298,8 @@ def test_sequence_mode_decodes_each_row_with_its_chosen_target():
     offline (encode_features -> predict -> route), then that target decoded alone."""
     from test_fused import PROMPTS, build_world
 
-    from fr_jax.baselines import seqroute as S
-    from fr_jax.decode import FusedDecoder
+    from fr_jax.baselines import seqroute_pipeline as S
+    from fr_jax.decoding import FusedDecoder
     from fr_jax.fusion import Mode
 
     router, r_params, experts, e_list = build_world("llama")
@@ -315,7 +317,7 @@ def test_sequence_mode_decodes_each_row_with_its_chosen_target():
         if len(set(choice.tolist())) >= 2:
             break
     assert len(set(choice.tolist())) >= 2
-    sel = S.Selector(router.cfg, trunk, lam=0.0)
+    sel = Selector(router.cfg, trunk, lam=0.0)
     params["selector"] = sel.params(r_params["backbone"])
     res = FusedDecoder(Mode.parse("sequence"), router, experts, chunk=3, selector=sel).generate(
         params, PROMPTS, 7, eos_ids=[])

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from fr_jax.models import CacheOverflowError, Model, ModelConfig
-from fr_jax.models.config import RopeConfig
+from fr_jax.models.architecture import RopeConfig
 
 TOL = 1e-5
 

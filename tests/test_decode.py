@@ -6,7 +6,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fr_jax.decode import Decoder, main
+from fr_jax.decode import main
+from fr_jax.decoding import Decoder
 from fr_jax.models import CacheOverflowError, Model
 from test_cache import _scaled_params, tiny
 

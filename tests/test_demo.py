@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from fr_jax.bundle import bundled_world
 from fr_jax.toy import world as W
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +140,7 @@ def test_quick_demo_has_the_baseline_rows(quick_run):
 # ------------------------------------------------------------------------------ the bundle
 def test_bundled_world_matches_its_manifest_and_decodes_by_default(capsys):
     from fr_jax.decode import main as decode_main
-    from fr_jax.toy.demo import BUNDLE, bundled_world
+    from fr_jax.bundle import BUNDLE, bundled_world
 
     world = bundled_world()
     manifest = json.load(open(os.path.join(BUNDLE, "MANIFEST.json")))
@@ -166,16 +167,16 @@ def test_bundled_checkpoints_reproduce_their_table():
     import runpy
 
     from fr_jax.config import default_config_file
-    from fr_jax.toy import demo
+    from fr_jax.toy import pipeline as demo
 
-    world = demo.bundled_world()
+    world = bundled_world()
     recorded = json.load(open(world["results"]))
     cfg = runpy.run_path(default_config_file("demo.py"))["get_config"]("")
     cfg.progress = False
     cfg.eval.modes = ("expert_only", "fusionroute")
     data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, cfg.seed)
     tests = [t for d in W.EVAL_DOMAINS for t in data.test[d]]
-    lineup = demo.load_lineup(world["router"], world["experts"], {})
+    lineup = demo.load_world_lineup(world["router"], world["experts"], {})
     got = demo.evaluate(cfg, lineup, tests)
     for mode in cfg.eval.modes:
         assert got["accuracy"][mode] == recorded["accuracy"][mode], mode

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from fr_jax.bundle import bundled_world
 from fr_jax.data import DataError
 from fr_jax.eval import benchmarks as B
 from fr_jax.eval import prompts as P
@@ -326,16 +327,16 @@ def test_harness_on_a_mesh_decodes_what_a_single_device_does(tmp_path):
     import jax
 
     from fr_jax.eval import harness
-    from fr_jax.eval.cli import main
-    from fr_jax.toy import demo
+    from fr_jax.evaluate import main
+    from fr_jax.toy import pipeline as demo
 
     assert jax.device_count() == 8
     modes = ["fusionroute", "finetuned"]
     main(["--benchmarks=toy", f"--modes={','.join(modes)}", "--limit=16",
           f"--workdir={tmp_path / 'mesh'}", "--config.eval.batch_size=8",
           "--config.eval.progress=False", "--config.mesh.data=8", "--config.mesh.tensor=1"])
-    world = demo.bundled_world()
-    lineup = demo.load_lineup(world["router"], world["experts"],
+    world = bundled_world()
+    lineup = demo.load_world_lineup(world["router"], world["experts"],
                               {"finetuned": world["finetuned"]})
     examples = {"toy": B.select(B.load_examples("toy"), 16)}
     s = harness.Settings(max_new_tokens={"toy": 16}, workdir=str(tmp_path / "one"),

@@ -6,7 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fr_jax.decode import Decoder, FusedDecoder
+from fr_jax.decoding import Decoder, FusedDecoder
 from fr_jax.experts import Experts
 from fr_jax.fusion import Mode, ModeError
 from fr_jax.router import Router

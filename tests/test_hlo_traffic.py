@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fr_jax import plan
+from fr_jax import planning as plan
 from fr_jax.hlo_traffic import hbm_bytes
 
 MiB = 1 << 20

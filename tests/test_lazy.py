@@ -8,8 +8,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fr_jax.baselines import trunk as T
-from fr_jax.decode import FusedDecoder, catch_up_widths
+from fr_jax.sequence import trunk as T
+from fr_jax.sequence.selector import Selector
+from fr_jax.decoding import FusedDecoder, catch_up_widths
 from fr_jax.fusion import Mode
 from test_fused import N_EXPERTS, PROMPTS, build_world
 
@@ -110,7 +111,7 @@ def test_lazy_sequence_modes_and_listed_experts():
     """sequence:head (one expert per prompt) and sequence (a SharedTrunkNet picks an expert
     or FusionRoute per prompt) with lazy experts; experts of different shapes (a list, not
     stacked) take the same path."""
-    from fr_jax.baselines import seqroute as S
+    from fr_jax.baselines import seqroute_pipeline as S
     from fr_jax.experts import Experts
 
     router, r_params, experts, e_list = build_world("llama", seed=2)
@@ -128,7 +129,7 @@ def test_lazy_sequence_modes_and_listed_experts():
         if 2 in choice and len(set(choice.tolist())) >= 2:
             break
     assert 2 in choice and len(set(choice.tolist())) >= 2
-    sel = S.Selector(router.cfg, trunk, lam=0.0)
+    sel = Selector(router.cfg, trunk, lam=0.0)
     params["selector"] = sel.params(r_params["backbone"])
     eager, lazy = _pair("sequence", router, experts, params, selector=sel)
     assert [lazy.row(b) for b in range(3)] == [eager.row(b) for b in range(3)]

@@ -14,7 +14,7 @@ from fr_jax import sharding as sh
 from fr_jax.config import base_config
 from fr_jax.data import Batcher, PrefExample, SFTExample
 from fr_jax.router import Router
-from fr_jax.train import build_stage, init_state, make_train_step
+from fr_jax.training import build_stage, init_state, make_train_step
 from test_fused import build_world
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import jax
 
 from fr_jax import sharding as sh
-from fr_jax.decode import FusedDecoder
+from fr_jax.decoding import FusedDecoder
 from fr_jax.experts import load_experts
 from fr_jax.fusion import Mode
 from fr_jax.hf import save_hf

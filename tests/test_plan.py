@@ -13,7 +13,8 @@ import runpy
 
 import pytest
 
-from fr_jax import plan
+from fr_jax import plan as plan_cli
+from fr_jax import planning as plan
 from fr_jax.config import default_config_file
 
 SLICE = "v5e-8"
@@ -64,7 +65,7 @@ def test_plan_cli_reduced_depth_fits_and_reports(tmp_path, capsys):
     CDPO, eager and lazy decode at batch 1) fits with 10% headroom -> exit status 0, and the
     table and the JSON say so program by program."""
     out = tmp_path / "plan.json"
-    code = plan.main(["--config=" + default_config_file("llama3.py"), f"--topology={SLICE}",
+    code = plan_cli.main(["--config=" + default_config_file("llama3.py"), f"--topology={SLICE}",
                       f"--config.plan.depth={DEPTH}", "--config.plan.decode_batches=(1,)",
                       "--config.plan.costs=False", f"--json={out}"])
     text = capsys.readouterr().out
@@ -86,9 +87,9 @@ def test_plan_cli_plans_several_slices_in_one_run(tmp_path, capsys):
             "--config.plan.programs=('decode',)", "--config.plan.decode_batches=(1,)",
             "--config.plan.lazy=(True,)", "--config.plan.costs=False"]
     with pytest.raises(SystemExit, match="unknown TPU slice 'v9-1'.*v5e-8"):
-        plan.main(base + ["--topology=v5e-8,v9-1"])
+        plan_cli.main(base + ["--topology=v5e-8,v9-1"])
     out = tmp_path / "plan.json"
-    code = plan.main(base + ["--topology=v5e-8,v4-8", f"--json={out}"])
+    code = plan_cli.main(base + ["--topology=v5e-8,v4-8", f"--json={out}"])
     text = capsys.readouterr().out
     assert code == 0, text
     slices = json.loads(out.read_text())["slices"]
@@ -104,7 +105,7 @@ def test_a_program_that_does_not_fit_names_its_largest_buffers_and_the_fix(capsy
     """Whole-sequence logits, no remat, einsum attention and a 64-row micro-batch (8 rows a
     chip): the SFT step OOMs on v5e; exit status 1, the float32 attention scores among the
     largest buffers, and the fields to change."""
-    code = plan.main(["--config=" + default_config_file("llama3.py"), f"--topology={SLICE}",
+    code = plan_cli.main(["--config=" + default_config_file("llama3.py"), f"--topology={SLICE}",
                       f"--config.plan.depth={DEPTH}", "--config.plan.programs=('train',)",
                       "--config.train.stages=('sft',)", "--config.train.sft.expert_signals=online",
                       "--config.train.batch_size=64", "--config.train.grad_accum=1",

@@ -3,7 +3,7 @@
 import pytest
 
 from benchmarks.torch_reference import TorchFusedReference
-from fr_jax.decode import FusedDecoder
+from fr_jax.decoding import FusedDecoder
 from fr_jax.experts import load_experts
 from fr_jax.fusion import Mode
 from fr_jax.hf import save_hf

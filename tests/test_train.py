@@ -18,7 +18,7 @@ from fr_jax import sharding as sh
 from fr_jax.checkpoint import Checkpointer, abstract_like
 from fr_jax.config import base_config
 from fr_jax.data import Batcher, SFTExample
-from fr_jax.train import build_stage, init_state
+from fr_jax.training import build_stage, init_state
 from test_fused import build_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +112,7 @@ def _token_toy(n_per_domain=24, n_new=10):
     """Two random experts; domain d's prompts start with marker token d+1 and its responses
     are expert d's own greedy continuation, so expert d is right at those positions."""
     from fr_jax.data import PrefExample
-    from fr_jax.decode import Decoder
+    from fr_jax.decoding import Decoder
 
     router, r_params, experts, e_list = build_world("llama", n_experts=2)
     r_params["head"] = router.init_head(jax.random.key(7))  # an untrained, unsaturated head
@@ -232,7 +232,7 @@ def _event_tags(folder):
 
 def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_path, capsys):
     from fr_jax.decode import main as decode_main
-    from fr_jax.toy.demo import bundled_world
+    from fr_jax.bundle import bundled_world
     from fr_jax.train import main as train_main
 
     os.environ["FR_JAX_HOME"] = str(tmp_path / "home")
@@ -265,7 +265,7 @@ def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_pat
 
 
 def test_precomputed_signals_give_the_online_loss_and_are_cached(tmp_path):
-    from fr_jax.train import precompute_signals
+    from fr_jax.training import precompute_signals
 
     router, r_params, experts, e_params, sft, _ = _token_toy(n_per_domain=6)
     cfg = base_config()
@@ -295,7 +295,7 @@ def test_precomputed_signals_give_the_online_loss_and_are_cached(tmp_path):
 def test_precomputed_reference_gives_the_online_cdpo_loss_and_is_keyed_by_params(tmp_path,
                                                                                 caplog):
     from fr_jax.data import PrefExample
-    from fr_jax.train import precompute_reference
+    from fr_jax.training import precompute_reference
 
     router, r_params, experts, e_params, _, pref = _token_toy(n_per_domain=6)
     # The policy moved away from the reference, so every term of the loss is non-trivial.

@@ -1,3 +1,5 @@
-from fr_jax.eval.cli import main
+"""`python -m fr_jax.eval`: see fr_jax/evaluate.py."""
+
+from fr_jax.evaluate import main
 
 main()

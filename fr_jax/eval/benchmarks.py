@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import runpy
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from fr_jax.config import default_config_file
 from fr_jax.data import DataError, load_records
 from fr_jax.eval import prompts as P
+from fr_jax.toy import world as W
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,11 +212,6 @@ def toy_examples(tasks) -> List[Example]:
 def default_toy_tasks(seed: Optional[int] = None):
     """The held-out tasks the bundled world was measured on (configs/demo.py's seed and
     sizes), in the demo's order (domain by domain)."""
-    import runpy
-
-    from fr_jax.config import default_config_file
-    from fr_jax.toy import world as W
-
     cfg = runpy.run_path(default_config_file("demo.py"))["get_config"]("")
     data = W.make_world_data(cfg.world.n_train, cfg.world.n_test,
                              cfg.seed if seed is None else seed)

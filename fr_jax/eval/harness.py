@@ -29,8 +29,9 @@ import numpy as np
 
 from fr_jax.eval import scoring
 from fr_jax.eval.benchmarks import Example, get_benchmark
-from fr_jax.eval.modes import Lineup, ModeRunner, cache_slots, encode, token_shares
+from fr_jax.eval.generation import ModeRunner, cache_slots, encode, token_shares
 from fr_jax.eval.sandbox import Limits
+from fr_jax.lineup import Lineup
 from fr_jax.sampling import Sampling
 
 SCORER_VERSION = 1  # bump when a scorer's verdicts change, so cached ones are redone
@@ -134,7 +135,7 @@ def _path(s: Settings, kind: str, bench: str, mode: str) -> Optional[str]:
     return os.path.join(s.workdir, kind, bench, safe_name(mode) + ".jsonl") if s.workdir else None
 
 
-def generate(lineup: Lineup, bench: str, mode: str, examples: Sequence[Example], s: Settings,
+def cached_generations(lineup: Lineup, bench: str, mode: str, examples: Sequence[Example], s: Settings,
              fingerprint: str) -> List[dict]:
     """Each example's generation record, decoding only those not cached under their key."""
     cache = JsonlCache(_path(s, "generations", bench, mode))
@@ -241,7 +242,7 @@ def evaluate(lineup: Lineup, examples: Dict[str, Sequence[Example]], modes: Sequ
         seconds = 0.0
         correct[mode] = {}
         for bench, exs in examples.items():
-            gens = generate(lineup, bench, mode, exs, s, fingerprint)
+            gens = cached_generations(lineup, bench, mode, exs, s, fingerprint)
             verdicts = score(bench, mode, exs, gens, s)
             seconds += sum(g["seconds"] for g in gens)
             correct[mode][bench] = [v["correct"] for v in verdicts]

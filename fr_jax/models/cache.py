@@ -13,7 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from fr_jax.models.config import ModelConfig
+from fr_jax.models.architecture import ModelConfig
 
 
 @flax.struct.dataclass

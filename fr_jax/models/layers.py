@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fr_jax.models.cache import write_layer_slots
-from fr_jax.models.config import ModelConfig, RopeConfig
+from fr_jax.models.architecture import ModelConfig, RopeConfig
 from fr_jax.models.splash import splash_attention, use_splash
 from fr_jax.sharding import constrain
 

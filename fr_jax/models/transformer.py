@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fr_jax.models.config import ModelConfig
+from fr_jax.models.architecture import ModelConfig
 from fr_jax.models.layers import MLP, Attention, RMSNorm, dense_init
 from fr_jax.sharding import constrain
 

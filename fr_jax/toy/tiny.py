@@ -3,7 +3,7 @@
 Everything is written as ordinary HF folders (config.json + safetensors + tokenizer.json,
 plus the router's routing head), so tests go through exactly the same import, tokenizer and
 decode code as real checkpoints. The weights are random: the text is gibberish by design.
-The trained default world is the demo's (fr_jax/toy/demo.py, bundled in fr_jax/toy/assets).
+The trained default world is the demo's (fr_jax/toy/pipeline.py, bundled in fr_jax/toy/assets).
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import os
 
 import jax
 
+from fr_jax.bundle import default_home
 from fr_jax.hf import save_hf
 from fr_jax.models import Model, ModelConfig, RopeConfig
+from fr_jax.router import Router, save_router
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 _CORPUS = [
@@ -30,11 +32,6 @@ _CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}")
-
-
-def default_home() -> str:
-    """Where generated default artefacts live ($FR_JAX_HOME, else ~/.cache/fr_jax)."""
-    return os.environ.get("FR_JAX_HOME", os.path.join(os.path.expanduser("~"), ".cache", "fr_jax"))
 
 
 def build_tokenizer(vocab_size: int = 320):
@@ -71,8 +68,6 @@ def ensure_tiny_world(path: str | None = None, n_experts: int = 2, seed: int = 0
 
     Returns {"router": folder, "experts": [folders]}.
     """
-    from fr_jax.router import Router, save_router
-
     path = path or os.path.join(default_home(), f"tiny-random-world-{n_experts}")
     world = {"router": os.path.join(path, "router"),
              "experts": [os.path.join(path, f"expert{i}") for i in range(n_experts)]}

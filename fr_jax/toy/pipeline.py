@@ -17,16 +17,32 @@ Steps, each reusing the product's own code paths and each skipped when its outpu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import runpy
 import shutil
 import time
+from collections import Counter
 from typing import Dict, List
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
+from fr_jax.baselines import seqroute_pipeline as S
+from fr_jax.baselines.merging import merge_hf
+from fr_jax.bundle import bundled_world
+from fr_jax.config import base_config, default_config_file
+from fr_jax.eval import harness, report
+from fr_jax.eval.benchmarks import toy_examples
+from fr_jax.eval.generation import generate
+from fr_jax.hf import save_hf
+from fr_jax.lineup import load_lineup
+from fr_jax.models import Model, ModelConfig, RopeConfig
+from fr_jax.sampling import Sampling
 from fr_jax.toy import world as W
+from fr_jax.training import finetune, train
 
 EXPERT_NAMES = W.DOMAINS
 
@@ -47,8 +63,6 @@ def _mark_done(path: str):
 
 # ---------------------------------------------------------------------------- models
 def model_config(m, tokenizer):
-    from fr_jax.models import ModelConfig, RopeConfig
-
     return ModelConfig(
         model_type="llama", vocab_size=len(tokenizer), hidden_size=m.hidden_size,
         intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
@@ -60,8 +74,6 @@ def model_config(m, tokenizer):
 
 def _train_config(cfg, workdir: str, stage: str, st, sft_path="", pref_path=""):
     """A fr_jax.train config for one stage of the pipeline."""
-    from fr_jax.config import base_config
-
     c = base_config()
     c.mesh.data, c.mesh.tensor = -1, 1  # tiny models: data parallel over whatever is there
     c.data.sft_path, c.data.pref_path = sft_path, pref_path
@@ -128,14 +140,12 @@ def read_tasks(path: str) -> List[W.Task]:
 
 def train_lm(cfg, root: str, name: str, init: str, data_path: str, st) -> str:
     """Stage `lm` from the HF folder `init` on `data_path`; returns the exported folder."""
-    from fr_jax.train import run_lm
-
     out = os.path.join(root, name)
     if _done(out):
         return out
     c = _train_config(cfg, os.path.join(root, "train", name), "lm", st, sft_path=data_path)
     c.train.lm.init = init
-    exported = run_lm(c, progress=cfg.progress)
+    exported = finetune(c, progress=cfg.progress)
     if os.path.isdir(out):
         shutil.rmtree(out)
     shutil.copytree(exported, out)
@@ -146,9 +156,6 @@ def train_lm(cfg, root: str, name: str, init: str, data_path: str, st) -> str:
 def init_models(cfg, root: str, tokenizer) -> Dict[str, str]:
     """Seeded random inits of the experts' base and of the (smaller) router's base, as HF
     folders."""
-    from fr_jax.hf import save_hf
-    from fr_jax.models import Model
-
     paths = {"base": os.path.join(root, "init", "base"),
              "router": os.path.join(root, "init", "router")}
     if _done(os.path.join(root, "init")):
@@ -166,9 +173,8 @@ def init_models(cfg, root: str, tokenizer) -> Dict[str, str]:
 
 def train_router_stage(cfg, root: str, stage: str, router_path: str, experts: List[str],
                        sft_path: str = "", pref_path: str = "") -> str:
-    """Router stage `sft` or `cdpo` through fr_jax.train.run; returns the exported router."""
-    from fr_jax.train import run
-
+    """Router stage `sft` or `cdpo` through fr_jax.training.train; returns the exported
+    router."""
     st = cfg.sft if stage == "sft" else cfg.cdpo
     workdir = os.path.join(root, "train", "router")
     out = os.path.join(workdir, stage, "router")
@@ -186,37 +192,17 @@ def train_router_stage(cfg, root: str, stage: str, router_path: str, experts: Li
         c.train.cdpo.beta = cfg.cdpo.beta
         c.train.cdpo.route_kl = cfg.cdpo.route_kl
         c.train.cdpo.chosen_nll = cfg.cdpo.chosen_nll
-    run(c, progress=cfg.progress)
+    train(c, progress=cfg.progress)
     _mark_done(out)
     return out
 
 
-def load_lineup(router_path: str, expert_paths: List[str], extra: Dict[str, str],
-                seqroute: str = ""):
-    """Router, experts and stand-alone models from their folders (fr_jax's own loaders),
-    and the SharedTrunkNet folder `seqroute` (mode `sequence`) when given."""
-    from fr_jax.eval.modes import Lineup
-    from fr_jax.experts import load_experts
-    from fr_jax.hf import load_hf, load_tokenizer
-    from fr_jax.models import Model
-    from fr_jax.router import load_router
-
-    tokenizer = load_tokenizer(router_path)
-    router, r_params = load_router(router_path, n_experts=len(expert_paths))
-    experts, e_params = load_experts(expert_paths, vocab=len(tokenizer))
-    models = {}
-    for name, path in extra.items():
-        mcfg, params = load_hf(path)
-        models[name] = (Model(mcfg), params)
-    params = {"router": r_params, "experts": e_params}
-    selector = None
-    if seqroute:
-        from fr_jax.baselines.seqroute import load_selector
-        selector, params["selector"] = load_selector(seqroute, router.cfg, r_params["backbone"],
-                                                     None)
-    return Lineup(router, experts, params, tokenizer, list(EXPERT_NAMES), models, selector,
-                  source={"router": router_path, "experts": list(expert_paths),
-                          "models": dict(extra), "seqroute": seqroute})
+def load_world_lineup(router_path: str, expert_paths: List[str], extra: Dict[str, str] = None,
+                      seqroute: str = ""):
+    """The world's lineup (fr_jax.lineup): router, experts, stand-alone models `extra`
+    {name: folder} and the SharedTrunkNet folder `seqroute` (mode `sequence`) when given."""
+    return load_lineup(router_path, expert_paths, names=EXPERT_NAMES, models=extra,
+                       seqroute=seqroute, seqroute_encoder="router" if seqroute else "")
 
 
 def preference_pairs(cfg, root: str, sft_router: str, experts: List[str],
@@ -225,15 +211,10 @@ def preference_pairs(cfg, root: str, sft_router: str, experts: List[str],
     answer and `samples` sampled ones are scored; a prompt with an incorrect answer gives
     the pair (a correct sampled answer, else the reference answer; the incorrect answer the
     policy produced most often)."""
-    from collections import Counter
-
-    from fr_jax.eval.modes import generate
-    from fr_jax.sampling import Sampling
-
     path = os.path.join(root, "data", "pref.jsonl")
     if os.path.isfile(path):
         return path
-    lineup = load_lineup(sft_router, experts, {})
+    lineup = load_world_lineup(sft_router, experts)
     rng = np.random.default_rng(cfg.seed + 40)
     tasks = [pool[i] for i in rng.permutation(len(pool))[:cfg.cdpo.prompts]]
     prompts = [t.prompt for t in tasks]
@@ -260,9 +241,7 @@ def preference_pairs(cfg, root: str, sft_router: str, experts: List[str],
 
 def merged_models(cfg, root: str, base: str, experts: List[str]) -> Dict[str, str]:
     """The merging baselines: each configured method over the experts and their shared
-    base, written as HF folders (fr_jax.baselines.merge) -> {"merged:<tag>": folder}."""
-    from fr_jax.baselines.merge import merge_hf
-
+    base, written as HF folders (fr_jax.baselines.merging) -> {"merged:<tag>": folder}."""
     out = {}
     for tag, method in (("ta", "task_arithmetic"), ("ties", "ties")):
         folder = os.path.join(root, "merged", tag)
@@ -278,13 +257,11 @@ def merged_models(cfg, root: str, base: str, experts: List[str]) -> Dict[str, st
 def train_seqroute(cfg, root: str, router: str, experts: List[str], pool: List[W.Task]) -> str:
     """SharedTrunkNet over the trained lineup: labelled training prompts -> labels of every
     target (each expert alone, FusionRoute) -> layer probes -> trunk (fr_jax.baselines)."""
-    from fr_jax.baselines import seqroute as S
-
     workdir = os.path.join(root, "seqroute")
     trunk_dir = os.path.join(workdir, "trunk")
     if _done(workdir):
         return trunk_dir
-    lineup = load_lineup(router, experts, {})
+    lineup = load_world_lineup(router, experts)
     tasks = labelled_records(pool, cfg.seqroute.n_labelled, cfg.seed)
     report = S.build(lineup, tasks, cfg.seqroute, workdir,
                      ("router", lineup.router.cfg, lineup.params["router"]["backbone"]),
@@ -301,9 +278,6 @@ def evaluate(cfg, lineup, tests: List[W.Task], workdir: str = None) -> dict:
     """Every configured mode on every domain's held-out prompts, through the evaluation
     harness (benchmark `toy`, one column per domain; cached under `workdir` when given)
     -> the results dict."""
-    from fr_jax.eval import harness
-    from fr_jax.eval.benchmarks import toy_examples
-
     s = harness.Settings(max_new_tokens={"toy": cfg.eval.max_new_tokens}, workdir=workdir,
                          batch_size=cfg.eval.batch_size, progress=cfg.progress,
                          columns="groups")
@@ -313,16 +287,12 @@ def evaluate(cfg, lineup, tests: List[W.Task], workdir: str = None) -> dict:
 
 
 def _tensorboard(results: dict, logdir: str):
-    from tensorboardX import SummaryWriter
-
-    from fr_jax.eval.report import markdown
-
     w = SummaryWriter(logdir)
     for mode, acc in results["accuracy"].items():
         for d, v in acc.items():
             w.add_scalar(f"eval/{d}/{mode}", v, 0)
         w.add_scalar(f"eval/average/{mode}", results["average"][mode], 0)
-    w.add_text("results", markdown(results), 0)
+    w.add_text("results", report.markdown(results), 0)
     w.close()
 
 
@@ -330,8 +300,6 @@ def bundle(paths: Dict[str, str], results: dict, target: str):
     """Copies the trained router, its pretrained base, the experts and their base, the
     baselines (TIES-merged model, fine-tuned model, SharedTrunkNet) and the results table
     to `target`, with a manifest of file hashes."""
-    import hashlib
-
     if os.path.isdir(target):
         shutil.rmtree(target)
     os.makedirs(target)
@@ -354,10 +322,8 @@ def bundle(paths: Dict[str, str], results: dict, target: str):
         json.dump(manifest, f, indent=1, sort_keys=True)
 
 
-def run(cfg) -> dict:
+def run_pipeline(cfg) -> dict:
     """The whole pipeline; returns the results dict (also written under cfg.workdir)."""
-    from fr_jax.eval import report
-
     t0 = time.perf_counter()
     root = os.path.abspath(cfg.workdir)
     os.makedirs(root, exist_ok=True)
@@ -395,7 +361,8 @@ def run(cfg) -> dict:
     trunk = train_seqroute(cfg, root, router, experts, pool)
     t = mark("sequence-level router (SharedTrunkNet)", t)
 
-    lineup = load_lineup(router, experts, {"finetuned": finetuned, **merged}, seqroute=trunk)
+    lineup = load_world_lineup(router, experts, {"finetuned": finetuned, **merged},
+                               seqroute=trunk)
     results = evaluate(cfg, lineup, read_tasks(data["test"]), os.path.join(root, "eval"))
     t = mark("evaluation", t)
     results["timings_s"] = dict(timings, total=round(time.perf_counter() - t0, 1))
@@ -414,39 +381,12 @@ def run(cfg) -> dict:
     return results
 
 
-# ---------------------------------------------------------------------------- the bundle
-BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "world")
-REGENERATE = "python -m fr_jax.demo --config.bundle=fr_jax/toy/assets/world"
-
-
-def bundled_world(path: str = BUNDLE) -> dict:
-    """The trained toy world shipped in the package: {"router", "router_base", "experts",
-    "base" (the experts' shared base), "merged" (TIES), "finetuned", "seqroute" (the
-    SharedTrunkNet), "names", "results"} (folders; results.json is the table the bundling
-    run measured)."""
-    names = list(W.DOMAINS)
-    world = {k: os.path.join(path, k) for k in ("router", "router_base", "base", "merged",
-                                                "finetuned", "seqroute")}
-    world.update(experts=[os.path.join(path, x) for x in names], names=names,
-                 results=os.path.join(path, "results.json"))
-    missing = [p for p in [world["router"], world["router_base"]] + world["experts"]
-               if not os.path.isfile(os.path.join(p, "config.json"))]
-    if missing:
-        raise SystemExit(f"the bundled toy world is incomplete ({missing[0]} has no "
-                         f"config.json); regenerate it with `{REGENERATE}`, or point "
-                         "--config.router.path / --config.experts.paths at checkpoints")
-    return world
-
-
+# ---------------------------------------------------------------------------- the bundle's data
 def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,
                       n_labelled: int = 1600, seed: int = 0) -> Dict[str, str]:
     """Training files for the bundled world, written once under `home`: SFT records over
     all four domains, CDPO pairs from the bundled router's own sampled FusionRoute answers
     (see `preference_pairs`), and labelled prompts for the SharedTrunkNet baseline."""
-    import runpy
-
-    from fr_jax.config import default_config_file
-
     folder = os.path.join(home, "toy-world-data")
     paths = {"sft": os.path.join(folder, "data", "router_sft.jsonl"),
              "pref": os.path.join(folder, "data", "pref.jsonl"),

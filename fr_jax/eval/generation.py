@@ -1,39 +1,17 @@
-"""Every decode mode over a list of prompts, batched, greedy by default.
-
-A `Lineup` holds what the modes draw on: the router and experts (the FusionRoute modes, see
-fusion.py), a SharedTrunkNet selector (mode `sequence`) and named stand-alone models
-(baselines such as a fine-tuned or merged model, decoded alone under their own name as a
-mode).
-"""
+"""Any decode mode of a lineup (fr_jax/lineup.py) over a list of prompts, in fixed-shape
+batches, greedy by default."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence
 
 import numpy as np
 
 from fr_jax.data import encode_prompt
-from fr_jax.decode import Decoder, FusedDecoder, decode_slots
-from fr_jax.fusion import Mode, ModeError
+from fr_jax.decoding import decode_slots
+from fr_jax.lineup import Lineup
 from fr_jax.sampling import Sampling
-
-
-@dataclasses.dataclass
-class Lineup:
-    router: object  # Router or None
-    experts: object  # Experts or None
-    params: dict  # {"router": ..., "experts": ..., "selector": ... (with a selector)}
-    tokenizer: object
-    expert_names: Sequence[str]
-    models: Dict[str, Tuple[object, dict]] = dataclasses.field(default_factory=dict)
-    # name -> (Model, params): stand-alone models decoded as modes of their own
-    selector: object = None  # seqroute.Selector for mode `sequence`, or None
-    source: dict = dataclasses.field(default_factory=dict)  # {"router", "experts"}: folders
-    eos_ids: Sequence[int] = ()  # end-of-sequence ids besides the tokenizer's EOS token
-    mesh: object = None  # the mesh the params are placed on: decoders shard batches over it
-    lazy_experts: bool = False  # FusedDecoder's lazy experts (the same tokens, faster)
-    catch_up_width: int = 8
 
 
 @dataclasses.dataclass
@@ -48,23 +26,6 @@ class Generations:
     seconds: float
 
 
-def _decoder(lineup: Lineup, mode: str, sampling: Sampling, chunk: int):
-    if mode in lineup.models:
-        return (Decoder(lineup.models[mode][0], sampling, chunk, lineup.mesh),
-                lineup.models[mode][1])
-    m = Mode.parse(mode, lineup.experts.n if lineup.experts else None)
-    if m.kind == "model":
-        raise ModeError(f"mode {mode!r} needs its model in the lineup (models: "
-                        f"{sorted(lineup.models) or 'none'})")
-    if (m.uses_router and lineup.router is None) or (m.uses_experts and lineup.experts is None):
-        raise ModeError(f"mode {mode!r} needs models this lineup does not have")
-    dec = FusedDecoder(m, lineup.router, lineup.experts, vocab=len(lineup.tokenizer),
-                       sampling=sampling, chunk=chunk, mesh=lineup.mesh,
-                       selector=lineup.selector, lazy_experts=lineup.lazy_experts,
-                       catch_up_width=lineup.catch_up_width)
-    return dec, lineup.params
-
-
 class ModeRunner:
     """One mode of a lineup, compiled once: decodes batches of token-id prompts, each padded
     to `batch_size` rows (with copies of its first prompt) and, with `width`, left-padded
@@ -75,12 +36,10 @@ class ModeRunner:
                  cache_len: int, sampling: Sampling = Sampling(), chunk: int = 8,
                  width: int = 0):
         self.lineup, self.mode = lineup, mode
-        self.dec, self.params = _decoder(lineup, mode, sampling, chunk)
+        self.dec, self.params = lineup.decoder(mode, sampling, chunk)
         self.max_new_tokens, self.batch_size, self.cache_len = max_new_tokens, batch_size, cache_len
         self.width = width
-        tok = lineup.tokenizer
-        self.eos = sorted(set(lineup.eos_ids) | {tok.eos_token_id} - {None})
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.eos, self.pad = list(lineup.eos_ids), lineup.pad_id
 
     def run(self, ids: Sequence[Sequence[int]], seed: int = 0):
         """-> (texts, token ids, per-token sources, seconds) of the `len(ids)` <= batch_size

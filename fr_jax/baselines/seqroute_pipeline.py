@@ -1,24 +1,17 @@
-"""Sequence-level routing on prefill activations: SharedTrunkNet (arXiv 2603.20895).
-
-Encoder-Target Decoupling: an *encoder* (any fr_jax model; by default the router's backbone)
-reads the prompt once; its residual stream after each layer is pooled over the prompt (the
-mean over the prompt's tokens and the last token, concatenated: [2E] per layer). The *targets*
-are the candidate generators: each expert alone (`expert:<i>`) and FusionRoute itself
-(`fusionroute`, the expensive target). Pipeline (`python -m fr_jax.seqroute`, `run` below):
+"""Sequence-level routing baseline (SharedTrunkNet, arXiv 2603.20895): the pipeline behind
+`python -m fr_jax.seqroute` (`build` below). The model side -- encoder pooling, targets, the
+net and the decode-time selector -- is fr_jax/sequence/.
 
   1. labels: every target answers a labelled prompt set; each answer is scored (correct or
      not) and cached per target on disk, so a rerun decodes nothing twice;
   2. probes (probes.py): Fisher separability J and effective dimensionality d_eff per layer,
      on the training split; the layer rule picks the encoder layer;
-  3. SharedTrunkNet (trunk.py): a shared MLP trunk with one P(target correct) head per
-     target, trained with binary cross-entropy on that layer's pooled activations;
+  3. SharedTrunkNet (fr_jax/sequence/trunk.py): a shared MLP trunk with one P(target
+     correct) head per target, trained with binary cross-entropy on that layer's pooled
+     activations;
   4. routing: per prompt argmax_t P(correct_t) - lam * cost_t (costs relative to the most
      expensive target), swept over lam on the held-out split: the accuracy-cost curve and
      the headline metrics (gap to the oracle captured, cost saved).
-
-At decode time (`Selector`, decode mode `sequence`) the same pooling runs on-device inside the
-jitted prefill, on the encoder truncated after the chosen layer, and the chosen target then
-decodes the whole answer.
 """
 
 from __future__ import annotations
@@ -26,64 +19,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from fr_jax.fusion import Mode, ModeError
+from fr_jax.baselines import probes as P
+from fr_jax.data import encode_prompt
+from fr_jax.decoding import left_pad
+from fr_jax.errors import DataError
+from fr_jax.eval.generation import generate
+from fr_jax.fusion import Mode
 from fr_jax.models import Model, ModelConfig
-
-FUSIONROUTE = "fusionroute"
-
-
-# ---------------------------------------------------------------------------- targets
-def default_targets(n_experts: int, with_fusionroute: bool = True) -> List[str]:
-    return [f"expert:{i}" for i in range(n_experts)] + ([FUSIONROUTE] if with_fusionroute else [])
-
-
-def parse_targets(targets: Sequence[str], n_experts: int) -> List[Mode]:
-    """Target names -> decode modes; a target is `expert:<i>` or `fusionroute`."""
-    if not targets:
-        raise ModeError("sequence-level routing needs at least one target")
-    modes = []
-    for t in targets:
-        m = Mode.parse(t, n_experts)
-        if m.kind not in ("expert", "fusionroute"):
-            raise ModeError(f"target {t!r} cannot be chosen per prompt: targets are "
-                            f"expert:<i> (0..{n_experts - 1}) or {FUSIONROUTE}")
-        modes.append(m)
-    if len(set(targets)) != len(targets):
-        raise ModeError(f"targets repeat a name: {list(targets)}")
-    return modes
-
-
-# ---------------------------------------------------------------------------- features
-def truncate(cfg: ModelConfig, params, n_layers: int) -> Tuple[ModelConfig, dict]:
-    """The encoder's first `n_layers` layers (the layers are stacked on axis 0)."""
-    if not 1 <= n_layers <= cfg.num_layers:
-        raise ValueError(f"cannot keep {n_layers} of {cfg.num_layers} layers")
-    small = cfg.replace(num_layers=n_layers, layer_types=tuple(cfg.layer_types[:n_layers]))
-    params = dict(params, layers=jax.tree.map(lambda x: x[:n_layers], params["layers"]))
-    return small, params
-
-
-def pool(residual, mask):
-    """residual [L, B, T, E], mask [B, T] (left-padded prompts) -> [L, B, 2E] float32: the
-    mean over each prompt's real tokens, then its last token (position T-1)."""
-    r = residual.astype(jnp.float32)
-    m = mask.astype(jnp.float32)[None, :, :, None]
-    mean = jnp.sum(r * m, axis=2) / jnp.maximum(jnp.sum(m, axis=2), 1.0)
-    return jnp.concatenate([mean, r[:, :, -1]], axis=-1)
-
-
-def prefill_features(model: Model, params, tokens, mask):
-    """Pooled per-layer activations of left-padded prompts tokens [B, T] -> [L, B, 2E]."""
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    _, residual = model.forward(params, tokens, positions, mask.astype(jnp.int32),
-                                collect_intermediates=True, last_only=True)
-    return pool(residual, mask)
+from fr_jax.sequence import trunk as T
+from fr_jax.sequence.selector import META_FILE, default_targets, parse_targets, prefill_features
 
 
 def encode_features(model: Model, params, prompts: Sequence[Sequence[int]], pad_id: int,
@@ -91,10 +42,6 @@ def encode_features(model: Model, params, prompts: Sequence[Sequence[int]], pad_
     """Token-id prompts -> pooled activations of every layer [L, N, 2E] (numpy float32).
     Batches are padded to `batch_size` rows and to a multiple of 16 tokens so the forward
     compiles a handful of times, not once per batch."""
-    from tqdm.auto import tqdm
-
-    from fr_jax.decode import left_pad
-
     fn = jax.jit(lambda p, t, m: prefill_features(model, p, t, m))
     out = []
     bar = tqdm(total=len(prompts), desc="encode", disable=not progress)
@@ -112,53 +59,6 @@ def encode_features(model: Model, params, prompts: Sequence[Sequence[int]], pad_
     return np.concatenate(out, axis=1)
 
 
-# ---------------------------------------------------------------------------- decode-time
-class Selector:
-    """The per-prompt choice inside the decoder's prefill: the encoder truncated after the
-    trunk's layer -> pooled features -> SharedTrunkNet -> argmax_t P(correct_t) - lam c_t.
-
-    Pure: `choose(params, tokens, mask)` traces into the jitted prefill, with
-    params = `selector.params(encoder_params)`.
-    """
-
-    def __init__(self, encoder_cfg: ModelConfig, trunk, lam: float = 0.0):
-        from fr_jax.baselines.trunk import SharedTrunkNet
-
-        if trunk.layer >= encoder_cfg.num_layers:
-            raise ValueError(f"the SharedTrunkNet reads encoder layer {trunk.layer} but the "
-                             f"encoder has {encoder_cfg.num_layers} layers: wrong encoder")
-        width = int(np.asarray(trunk.mean).shape[-1])
-        if width != 2 * encoder_cfg.hidden_size:
-            raise ValueError(f"the SharedTrunkNet takes {width} features but the encoder "
-                             f"gives {2 * encoder_cfg.hidden_size} (2 x hidden size): it was "
-                             "trained on another encoder")
-        self.trunk = trunk
-        self.targets = list(trunk.target_names)
-        self.lam = float(lam)
-        self.encoder_cfg = encoder_cfg
-        self.encoder = Model(encoder_cfg.replace(
-            num_layers=trunk.layer + 1, layer_types=tuple(encoder_cfg.layer_types[:trunk.layer + 1])))
-        self.net = SharedTrunkNet(hidden=tuple(trunk.hidden), n_targets=len(self.targets))
-        costs = np.asarray(trunk.costs, np.float64)
-        self.rel_costs = jnp.asarray(costs / costs.max(), jnp.float32)
-
-    def params(self, encoder_params) -> dict:
-        _, enc = truncate(self.encoder_cfg, encoder_params, self.trunk.layer + 1)
-        return {"encoder": enc, "net": self.trunk.params,
-                "mean": jnp.asarray(self.trunk.mean, jnp.float32),
-                "std": jnp.asarray(self.trunk.std, jnp.float32)}
-
-    def choose(self, params, tokens, mask):
-        """tokens, mask [B, T] -> (target index [B] int32, P(correct) [B, n_targets])."""
-        feats = prefill_features(self.encoder, params["encoder"], tokens, mask)[-1]
-        x = (feats - params["mean"]) / params["std"]
-        p = jax.nn.sigmoid(self.net.apply({"params": params["net"]}, x).astype(jnp.float32))
-        score = p - self.lam * self.rel_costs
-        # Ties go to the cheaper target, as in trunk.route.
-        order = jnp.argsort(self.rel_costs, stable=True)
-        pick = jnp.argmax(score[:, order], axis=-1)
-        return order[pick].astype(jnp.int32), p
-
 
 # ---------------------------------------------------------------------------- labels
 def _key(prompt: str) -> str:
@@ -174,10 +74,6 @@ def label_targets(lineup, targets: Sequence[str], tasks: Sequence[dict], scorer,
     target in `cache_dir/<target>.jsonl`; `fingerprint` (the models and decode settings)
     is stored beside them, and a cache made with other models is an error, not reused.
     """
-    from tqdm.auto import tqdm
-
-    from fr_jax.eval.modes import generate
-
     os.makedirs(cache_dir, exist_ok=True)
     fp_path = os.path.join(cache_dir, "fingerprint.json")
     if os.path.isfile(fp_path):
@@ -230,33 +126,35 @@ def default_costs(lineup, targets: Sequence[str]) -> List[float]:
     costs = []
     for t in targets:
         m = Mode.parse(t, lineup.experts.n)
-        costs.append(float(per[m.expert] if m.kind == "expert" else router + sum(per)))
+        costs.append(float(per[m.expert] if m.fixed_expert is not None else router + sum(per)))
     return costs
 
 
 # ---------------------------------------------------------------------------- pipeline
-META_FILE = "seqroute.json"  # beside the trunk's Orbax folder: encoder, targets, layer
 
 
 def read_labelled(path: str) -> List[dict]:
     """Labelled prompts: JSONL with a string "prompt" and a reference "answer" (or
     "response", the SFT field) per line; an optional "domain" groups the report."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"labelled prompts {path!r} not found (expected JSONL, one "
-                                '{"prompt": ..., "answer": ...} object per line)')
+        raise DataError(f"labelled prompts {path!r} not found (expected JSONL, one "
+                        '{"prompt": ..., "answer": ...} object per line)')
     out = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            rec = json.loads(line)
-            answer = rec.get("answer", rec.get("response"))
-            if not isinstance(rec.get("prompt"), str) or not isinstance(answer, str):
-                raise ValueError(f'{path}:{n}: expected string "prompt" and "answer" fields')
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            answer = rec.get("answer", rec.get("response")) if isinstance(rec, dict) else None
+            if not isinstance(answer, str) or not isinstance(rec.get("prompt"), str):
+                raise DataError(f'{path}:{n}: expected string "prompt" and "answer" fields')
             out.append({"prompt": rec["prompt"], "answer": answer,
                         "domain": rec.get("domain", "all")})
     if not out:
-        raise ValueError(f"labelled prompts {path!r} is empty")
+        raise DataError(f"labelled prompts {path!r} is empty")
     return out
 
 
@@ -279,10 +177,6 @@ def build(lineup, tasks: Sequence[dict], s, workdir: str, encoder: Tuple[str, Mo
     labels/, probes.{json,md,png}, trunk/ (+ seqroute.json), report.{json,md}, sweep.png.
     Returns the report dict (also `report["trunk"]`, the trained Trunk).
     """
-    from fr_jax.baselines import probes as P
-    from fr_jax.baselines import trunk as T
-    from fr_jax.data import encode_prompt
-
     n_exp = lineup.experts.n
     targets = list(s.targets) or default_targets(n_exp)
     parse_targets(targets, n_exp)
@@ -297,10 +191,9 @@ def build(lineup, tasks: Sequence[dict], s, workdir: str, encoder: Tuple[str, Mo
                             fingerprint, s.max_new_tokens, s.batch_size, progress)
 
     name, enc_cfg, enc_params = encoder
-    tok = lineup.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = [encode_prompt(tok, t["prompt"], True) for t in tasks]
-    feats = encode_features(Model(enc_cfg), enc_params, ids, pad, s.batch_size, progress)
+    ids = [encode_prompt(lineup.tokenizer, t["prompt"], True) for t in tasks]
+    feats = encode_features(Model(enc_cfg), enc_params, ids, lineup.pad_id, s.batch_size,
+                            progress)
     train, test = split(len(tasks), s.test_fraction, s.seed)
 
     table = P.probe_layers(feats[:, train], correct[train], targets,
@@ -378,30 +271,3 @@ def report_markdown(report: dict) -> str:
 
 def _pct(x) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:.1f}%"
-
-
-def load_selector(path: str, encoder_cfg: ModelConfig, encoder_params, lam: Optional[float],
-                  mesh=None):
-    """(Selector, selector params) from a trained SharedTrunkNet folder, for decode mode
-    `sequence`; the caller passes the encoder the folder's seqroute.json names. lam None =
-    the lam the folder's report used."""
-    from fr_jax.baselines.trunk import load_trunk
-
-    trunk = load_trunk(path)
-    meta = read_meta(path)
-    sel = Selector(encoder_cfg, trunk, meta["lam"] if lam is None else lam)
-    params = sel.params(encoder_params)
-    if mesh is not None:
-        from fr_jax import sharding as sh
-        rest = {k: v for k, v in params.items() if k != "encoder"}
-        params = dict(jax.device_put(rest, sh.replicated(mesh)), encoder=params["encoder"])
-    return sel, params
-
-
-def read_meta(path: str) -> dict:
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{path!r} is not a trained SharedTrunkNet folder (no "
-                                f"{META_FILE}); train one with `python -m fr_jax.seqroute`")
-    with open(meta_path) as f:
-        return json.load(f)

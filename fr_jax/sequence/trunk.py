@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fr_jax.errors import CheckpointError
+
 TRUNK_FILE = "trunk.json"
 
 
@@ -236,7 +238,7 @@ def load_trunk(path: str) -> Trunk:
     path = os.path.abspath(path)
     meta_file = os.path.join(path, TRUNK_FILE)
     if not os.path.isfile(meta_file) or not os.path.isdir(os.path.join(path, "state")):
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{path!r} is not a SharedTrunkNet folder (expected {TRUNK_FILE} and an Orbax "
             "state/ folder); train one with `python -m fr_jax.seqroute`")
     with open(meta_file) as f:

@@ -12,6 +12,8 @@ import dataclasses
 import math
 from typing import Any, Mapping, Optional, Tuple
 
+from fr_jax.errors import ConfigError
+
 SUPPORTED_MODEL_TYPES = ("llama", "gemma2")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 REMAT_CHOICES = ("none", "dots", "full")
@@ -25,10 +27,6 @@ _ACTIVATIONS = {
     "gelu_fast": "gelu_tanh",
     "gelu": "gelu",
 }
-
-
-class ConfigError(ValueError):
-    """A checkpoint's config.json cannot be turned into a model (names the key and the fix)."""
 
 
 @dataclasses.dataclass(frozen=True)

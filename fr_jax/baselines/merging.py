@@ -26,12 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fr_jax.errors import CheckpointError, MergeError
+from fr_jax.hf import load_hf, load_tokenizer, save_hf
+
 METHODS = ("linear", "task_arithmetic", "ties", "dare")
 Weights = Union[float, Sequence[float]]
-
-
-class MergeError(ValueError):
-    """Experts that cannot be merged, or a bad merge option."""
 
 
 def _path_str(path) -> str:
@@ -193,8 +192,6 @@ _ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", 
 def merge_hf(base_path: str, expert_paths: Sequence[str], out: str, method: str,
              dtype: Optional[str] = None, **options) -> str:
     """Merges HF folders (experts of one base) into the HF folder `out` (+ merge.json)."""
-    from fr_jax.hf import CheckpointError, load_hf, load_tokenizer, save_hf
-
     if not expert_paths:
         raise MergeError("no expert folders given")
     base_cfg, base = load_hf(base_path)

@@ -1,0 +1,168 @@
+"""The command-line layer: what every `python -m fr_jax.<command>` shares.
+
+A command is data (`Command`: its name, its default config file, its flag shortcuts); `main`
+parses `--config` (an ml_collections file, any field overridable as `--config.a.b=value`)
+and the shortcuts, writes each shortcut into the config field it stands for, fills in the
+bundled toy world where the config names no checkpoints, runs the command's body and turns
+every `FrJaxError` (and the ValueErrors of bad arguments) into a one-line `error: ...`
+exit. Library code raises; only this module exits. Set FR_JAX_TRACEBACK=1 to see the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import runpy
+import sys
+from typing import Callable, Optional, Sequence, Tuple
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from fr_jax.bundle import bundled_world, default_home
+from fr_jax.config import default_config_file
+from fr_jax.errors import FrJaxError
+from fr_jax.toy.pipeline import ensure_world_data
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A shortcut flag `--name=value` for the config field `field` (dotted; None: a flag
+    of its own, read from the parsed flags). kind: string | integer | list (comma-separated,
+    -> tuple) | multi (repeatable, -> tuple)."""
+
+    name: str
+    field: Optional[str]
+    help: str
+    kind: str = "string"
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str  # python -m fr_jax.<name>
+    config_file: str  # default config, under configs/
+    flags: Tuple[Flag, ...] = ()
+    errors: Tuple[type, ...] = (FrJaxError, ValueError)  # -> one-line exits
+
+
+def split_list(value: str) -> Tuple[str, ...]:
+    return tuple(x.strip() for x in value.split(",") if x.strip())
+
+
+def _define(flag: Flag, fv):
+    define = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
+              "list": flags.DEFINE_string, "multi": flags.DEFINE_multi_string}[flag.kind]
+    define(flag.name, None, flag.help + (f" (sets config.{flag.field})" if flag.field else ""),
+           flag_values=fv)
+
+
+def _config_fields(c, prefix=""):
+    for k, v in c.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            yield from _config_fields(v, prefix + k + ".")
+        else:
+            yield prefix + k
+
+
+def _known_fields(config_file: str):
+    try:
+        return sorted(_config_fields(runpy.run_path(config_file)["get_config"]()))
+    except Exception:  # the file itself is the problem; the absl message says why
+        return []
+
+
+def parse_flags(argv, config_file: str, extra: Sequence[Flag] = ()):
+    """Defines `--config` (an ml_collections config file, overridable field by field) and
+    the `extra` flags, parses argv (argv[0] is the program) and returns the absl
+    FlagValues. Config mistakes become one clear message instead of a traceback: an unknown
+    field lists the known ones, an ill-typed value names the type."""
+    flag_values = flags.FlagValues()
+    try:
+        config_flags.DEFINE_config_file("config", config_file, "ml_collections config file",
+                                        flag_values=flag_values, lock_config=True,
+                                        sys_argv=list(argv))
+        for flag in extra:
+            _define(flag, flag_values)
+        rest = flag_values(argv)
+        list(flag_values.config.keys())  # the file loads lazily: make a bad path fail here
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        msg = str(e).strip("\"'")
+        bad = [a for a in argv[1:] if a.startswith("--config")]
+        files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+        known = _known_fields(files[-1] if files else config_file)
+        if known:
+            unknown = sorted({a[len("--config."):].split("=")[0] for a in bad
+                              if a.startswith("--config.")} - set(known))
+            if unknown:
+                msg = f"unknown config field(s) {', '.join(unknown)}"
+            msg += "\nknown fields: " + ", ".join(known)
+        raise SystemExit(f"bad command line ({' '.join(bad) or ' '.join(argv[1:])}): "
+                         f"{msg}") from None
+    if len(rest) > 1:
+        raise SystemExit(f"unexpected arguments: {rest[1:]} (flags are written --name=value)")
+    return flag_values
+
+
+def _set(config, field: str, value):
+    *parents, leaf = field.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    setattr(node, leaf, value)
+
+
+def apply_shortcuts(config, fv, shortcuts: Sequence[Flag]):
+    """Writes every shortcut flag that was given into its config field."""
+    with config.unlocked():
+        for flag in shortcuts:
+            value = fv[flag.name].value
+            if flag.field is None or value is None or value == []:
+                continue
+            if flag.kind == "list":
+                value = split_list(value)
+            elif flag.kind == "multi":
+                value = tuple(value)
+            _set(config, flag.field, value)
+
+
+def use_bundled_world(config, router: str = "router") -> bool:
+    """Where the config names no checkpoints: the trained toy world shipped in the package
+    (its `router` -- the trained one, or "router_base" to train afresh -- experts,
+    baselines and SharedTrunkNet). Returns True when the bundle was used."""
+    if config.router.path or config.experts.paths:
+        return False
+    world = bundled_world()
+    with config.unlocked():
+        config.router.path = world[router]
+        config.experts.paths = tuple(world["experts"])
+        config.experts.names = config.experts.names or tuple(world["names"])
+        for model in ("merged", "finetuned"):
+            setattr(config.baselines, model, getattr(config.baselines, model) or world[model])
+        config.seqroute.path = config.seqroute.path or world["seqroute"]
+    return True
+
+
+def bundled_world_data() -> dict:
+    """The bundled world's training files (sft, pref, labelled), written once under
+    $FR_JAX_HOME by the demo pipeline's own steps."""
+    return ensure_world_data(default_home())
+
+
+def main(command: Command, body: Callable, argv=None):
+    """Parses argv for `command`, applies its shortcuts and runs body(config, flag values);
+    returns what body returns."""
+    logging.basicConfig(level=logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv = parse_flags([f"fr_jax.{command.name}"] + argv, default_config_file(command.config_file),
+                     command.flags)
+    config = fv.config
+    apply_shortcuts(config, fv, command.flags)
+    try:
+        return body(config, fv)
+    except command.errors as e:
+        if os.environ.get("FR_JAX_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {e}") from None

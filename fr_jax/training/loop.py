@@ -1,0 +1,305 @@
+"""The training loop: a stage's data, steps, evaluation, samples, TensorBoard scalars and
+Orbax checkpoints (resumed from the latest good one), and the runs built from stages --
+the router's sft / cdpo (`train`) and one plain model's lm (`finetune`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Dict, Optional
+
+import jax
+import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
+
+from fr_jax import sharding as sh
+from fr_jax.checkpoint import Checkpointer, abstract_like
+from fr_jax.config import frozen_dtype
+from fr_jax.data import Batcher, load_records, tokenize_pref, tokenize_sft
+from fr_jax.errors import ConfigError, TrainError
+from fr_jax.experts import Experts
+from fr_jax.hf import load_config, load_hf, load_tokenizer, save_hf
+from fr_jax.lineup import Lineup, load_lineup
+from fr_jax.models import Model
+from fr_jax.router import Router, save_router
+from fr_jax.trace import render_text
+from fr_jax.training.precompute import precompute_reference, precompute_signals
+from fr_jax.training.stage import build_stage, init_state, micro_batch_size, trained_cfg, frozen_cfg
+
+
+# ---------------------------------------------------------------------------- the loop
+def _split(examples, fraction: float, seed: int):
+    """Deterministic (train, eval) split of a list of examples."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = np.random.default_rng([seed, 12345]).permutation(len(examples))
+    n_eval = max(1, int(round(len(examples) * fraction)))
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def _scalars(metrics) -> Dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+
+
+class _Writer:
+    """tensorboardX on process 0 only; a no-op elsewhere."""
+
+    def __init__(self, logdir: str):
+        self.w = None
+        if jax.process_index() == 0:
+            self.w = SummaryWriter(logdir)
+
+    def scalars(self, prefix, values, step):
+        if self.w:
+            for k, v in values.items():
+                self.w.add_scalar(f"{prefix}/{k}", v, step)
+
+    def histogram(self, tag, values, step):
+        if self.w:
+            self.w.add_histogram(tag, np.asarray(values), step)
+
+    def text(self, tag, text, step):
+        if self.w:
+            self.w.add_text(tag, text, step)
+
+    def close(self):
+        if self.w:
+            self.w.close()
+
+
+def _tokens_in(batch) -> int:
+    sides = [batch["chosen"], batch["rejected"]] if "chosen" in batch else [batch]
+    return int(sum((s["segment_ids"] > 0).sum() for s in sides))
+
+
+def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_params,
+              tokenizer, mesh, progress: bool = True, samples: Optional[Lineup] = None):
+    """Trains one stage to its configured number of steps (resuming if a checkpoint exists)
+    and returns (params, history). `trainee` is the Router (sft, cdpo) or, for stage `lm`,
+    the plain Model trained on the SFT data (no experts). `samples`: the lineup whose
+    FusionRoute answers are logged as text (train.sample_every)."""
+    tc, dc = config.train, config.data
+    stage_cfg = tc[name]
+    vocab = len(tokenizer)
+    workdir = os.path.join(tc.workdir, name)
+    if name in ("sft", "lm"):
+        examples, report = tokenize_sft(load_records(dc.sft_path), tokenizer, dc.seq_len, dc.chat)
+        kind = "sft"
+    else:
+        examples, report = tokenize_pref(load_records(dc.pref_path), tokenizer, dc.seq_len,
+                                         dc.chat)
+        kind = "pref"
+    precomputed = name == "sft" and stage_cfg.expert_signals == "precompute"
+    if precomputed:
+        examples = precompute_signals(
+            examples, experts, e_params, vocab, dc.seq_len, micro_batch_size(tc),
+            stage_cfg.signals_cache or os.path.join(workdir, "expert_signals.npz"), progress,
+            mesh, tc.loss_block)
+    elif name == "sft" and stage_cfg.expert_signals != "online":
+        raise ConfigError(f"train.sft.expert_signals must be 'online' or 'precompute', got "
+                         f"{stage_cfg.expert_signals!r}")
+    reference = name == "cdpo" and stage_cfg.reference == "precompute"
+    if name == "cdpo" and stage_cfg.reference not in ("online", "precompute"):
+        raise ConfigError(f"train.cdpo.reference must be 'online' or 'precompute', got "
+                         f"{stage_cfg.reference!r}")
+    # The stage-1 router, frozen in the frozen models' dtype: CDPO's reference policy.
+    ref_params = (jax.tree.map(lambda x: x.astype(frozen_dtype(config)), params)
+                  if name == "cdpo" else None)
+    if reference:
+        examples = precompute_reference(
+            examples, trainee, ref_params, experts, e_params, vocab, dc.seq_len,
+            micro_batch_size(tc),
+            stage_cfg.reference_cache or os.path.join(workdir, "reference.npz"), progress,
+            mesh, tc.loss_block)
+    train_ex, eval_ex = _split(examples, dc.eval_fraction, dc.seed)
+    _print(f"[{name}] data: {report}; {len(train_ex)} train / {len(eval_ex)} eval")
+    batcher = Batcher(train_ex, tc.batch_size, dc.seq_len, dc.seed, kind, dc.pack)
+
+    # Precomputed signals: the experts stay off the step (their HBM is free for it);
+    # a precomputed reference: so does the stage-1 router.
+    frozen = {"experts": e_params} if name != "lm" and not precomputed else {}
+    if name == "cdpo" and not reference:
+        frozen["ref"] = ref_params
+    stage = build_stage(name, trainee, experts, mesh, stage_cfg, tc, params, frozen, vocab)
+    state = init_state(stage, params, tc.seed)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep)
+    if tc.resume:
+        restored = ckpt.restore_latest(abstract_like(state, stage.state_shardings))
+        if restored is not None:
+            state, meta, at = restored
+            batcher.restore(meta["data"])
+            _print(f"[{name}] resumed from step {at} (epoch {batcher.epoch}, "
+                   f"example {batcher.index})")
+    frozen = jax.device_put(frozen, stage.frozen_shardings)
+    first = batcher.next()
+    train_step, eval_step = stage.jitted(first)
+    writer = _Writer(os.path.join(tc.workdir, "tensorboard", name))
+    writer.text("config", "<pre>" + config.to_json_best_effort(indent=2) + "</pre>", 0)
+
+    sampler = (_make_sampler(samples, eval_ex or train_ex)
+               if tc.sample_every and samples is not None and name != "lm" else None)
+    # One loop iteration = one optimizer update over train.batch_size rows (grad_accum
+    # micro-batches inside the step); logging, evaluation and checkpoints count updates.
+    total = stage_cfg.steps
+    micro = int(state.step)
+    bar = tqdm(total=total, initial=micro, desc=name, disable=not progress or
+               jax.process_index() != 0, dynamic_ncols=True)
+    batch, t_last, tokens_since, micro_last = first, time.perf_counter(), 0, micro
+    history = []
+    while micro < total:
+        state, metrics = train_step(state, frozen, stage.put_batch(batch))
+        micro += 1
+        tokens_since += _tokens_in(batch)
+        bar.update(1)
+        if micro % tc.log_every == 0 or micro == total:
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            values = _scalars(metrics)
+            values.update(lr=float(stage.schedule(micro)),
+                          tokens_per_s=tokens_since / (now - t_last),
+                          step_time=(now - t_last) / (micro - micro_last))
+            if "route_share" in metrics:  # per-expert share of the tokens routed to it
+                writer.histogram("train/route_share", metrics["route_share"], micro)
+                values.update({f"route_share_{i}": float(v)
+                               for i, v in enumerate(metrics["route_share"])})
+            writer.scalars("train", values, micro)
+            history.append({"micro": micro, **values})
+            bar.set_postfix(loss=f"{values['loss']:.3f}")
+            t_last, tokens_since, micro_last = now, 0, micro
+        if tc.eval_every and eval_ex and (micro % tc.eval_every == 0 or micro == total):
+            ev = evaluate(stage, eval_step, state.params, frozen, eval_ex, tc, dc, kind)
+            writer.scalars("eval", ev, micro)
+            if history:
+                history[-1].update({f"eval_{k}": v for k, v in ev.items()})
+        if sampler is not None and (micro % tc.sample_every == 0 or micro == total):
+            writer.text("samples", sampler(state.params), micro)
+        if micro % tc.ckpt_every == 0 or micro == total:
+            ckpt.save(micro, state, {"data": batcher.state(), "stage": name, "micro": micro})
+        if micro < total:
+            batch = batcher.next()
+    bar.close()
+    writer.close()
+    ckpt.close()
+    with open(os.path.join(workdir, "history.json"), "w") as f:
+        json.dump(history, f, indent=1)
+    return state.params, history
+
+
+def _make_sampler(lineup: Lineup, examples, n: int = 2, max_new_tokens: int = 32):
+    """router params -> Markdown text: greedy FusionRoute answers of `lineup` (its router
+    params replaced) to a few held-out prompts, each token tagged with the expert that
+    produced it (TensorBoard text)."""
+    prompts = [(e.prompt if hasattr(e, "prompt") else e.ids[e.response == 0]).tolist()
+               for e in examples[:n]]
+    decoder, params = lineup.decoder("fusionroute", chunk=8)
+    tok = lineup.tokenizer
+
+    def sample(router_params) -> str:
+        res = decoder.generate(dict(params, router=router_params), prompts, max_new_tokens,
+                               lineup.eos_ids, lineup.pad_id)
+        lines = []
+        for row, p in enumerate(prompts):
+            toks, chosen = res.row(row)
+            pieces = [tok.decode([t]) for t in toks]
+            lines.append(f"**{tok.decode(p)}**\n\n`{render_text(pieces, chosen, lineup.expert_names)}`")
+        return "\n\n".join(lines)
+    return sample
+
+
+def evaluate(stage, eval_step, params, frozen, eval_ex, tc, dc, kind) -> Dict[str, float]:
+    """Mean metrics over the first `eval_batches` batches of the held-out split."""
+    batcher = Batcher(eval_ex, tc.batch_size, dc.seq_len, dc.seed, kind, dc.pack)
+    sums: Dict[str, float] = {}
+    n = 0
+    while n < tc.eval_batches and batcher.epoch == 0:
+        m = _scalars(jax.device_get(eval_step(params, frozen,
+                                              stage.put_batch(batcher.next()))))
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n += 1
+        if batcher.index >= len(eval_ex):
+            break
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _print(msg):
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def maybe_initialize_distributed(mode: str = "auto"):
+    """`jax.distributed.initialize()` on multi-host launches (a no-op on one host)."""
+    multi = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or \
+        len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    if mode == "yes" or (mode == "auto" and multi):
+        jax.distributed.initialize()
+
+
+def finetune(config, progress: bool = True) -> str:
+    """Stage `lm`: fine-tunes one ordinary model (no routing) from `train.lm.init` on the SFT
+    data -- the direct fine-tuning baseline, and how the demo world trains its experts.
+    Returns the folder of the exported HF checkpoint (<workdir>/lm/model)."""
+    init = config.train.lm.init
+    if not init:
+        raise TrainError("stage lm fine-tunes an existing model: set --config.train.lm.init "
+                         "to its HF folder")
+    mesh = sh.mesh_from_config(config.mesh)
+    dtype, pdtype = config.model.dtype, config.model.param_dtype or None
+    model = Model(trained_cfg(load_config(init, dtype, pdtype), config))
+    tokenizer = load_tokenizer(init)
+    _, params = load_hf(init, dtype, pdtype, shardings=sh.param_shardings(model, mesh))
+    params, _ = run_stage("lm", config, model, params, None, None, tokenizer, mesh, progress)
+    out = os.path.join(config.train.workdir, "lm", "model")
+    if jax.process_index() == 0:
+        save_hf(out, model.cfg, jax.device_get(params), tokenizer=tokenizer)
+        _print(f"[lm] exported model to {out}")
+    return out
+
+
+def train(config, progress: bool = True) -> str:
+    """The configured stages: sft and/or cdpo train the router of config.router.path for
+    the experts of config.experts.paths (returns the exported router's folder); lm alone
+    fine-tunes one plain model (see `finetune`; returns its folder)."""
+    maybe_initialize_distributed(config.train.distributed)
+    tc = config.train
+    if "lm" in tc.stages:
+        if tuple(tc.stages) != ("lm",):
+            raise TrainError("stage lm trains one plain model and runs on its own "
+                             f"(train.stages=('lm',)), got {tuple(tc.stages)}")
+        return finetune(config, progress)
+    bad = [s for s in tc.stages if s not in ("sft", "cdpo")]
+    if bad:
+        raise TrainError(f"unknown training stage {bad[0]!r}; stages are 'sft', 'cdpo' "
+                         "(the router) or 'lm' (one plain model, alone)")
+    router_path, expert_paths = config.router.path, list(config.experts.paths)
+    if not router_path or not expert_paths:
+        raise TrainError("set both --config.router.path and --config.experts.paths")
+    mesh = sh.mesh_from_config(config.mesh)
+    dtype = config.model.dtype
+    lineup = load_lineup(router_path, expert_paths, names=config.experts.names, mesh=mesh,
+                         dtype=dtype, router_dtype=config.model.param_dtype or dtype,
+                         frozen=frozen_dtype(config), router_seed=tc.seed)
+    router = Router(trained_cfg(lineup.router.cfg, config), lineup.router.n_experts)
+    experts = Experts([frozen_cfg(c, config) for c in lineup.experts.cfgs],
+                      vocab=lineup.experts.vocab, stacked=lineup.experts.stacked)
+    # Sample decodes run the trained router on one device, as any decode of a lineup would.
+    samples = dataclasses.replace(lineup, router=router, experts=experts, mesh=None)
+    r_params, e_params = lineup.params["router"], lineup.params["experts"]
+    tokenizer = lineup.tokenizer
+    os.makedirs(tc.workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(tc.workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    out = None
+    for name in tc.stages:
+        r_params, _ = run_stage(name, config, router, r_params, experts, e_params, tokenizer,
+                                mesh, progress, samples)
+        out = os.path.join(tc.workdir, name, "router")
+        if jax.process_index() == 0:
+            save_router(out, router, r_params, tokenizer=tokenizer,
+                        expert_names=list(lineup.expert_names))
+            _print(f"[{name}] exported router to {out}")
+    return out
