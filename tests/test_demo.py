@@ -76,6 +76,7 @@ def quick_run(tmp_path_factory):
     return root / "run", json.load(open(root / "run" / "results.json")), out.stdout
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_the_table_plot_tensorboard_and_hf_experts(quick_run):
     from fr_jax.hf import load_hf
 
@@ -96,6 +97,7 @@ def test_quick_demo_writes_the_table_plot_tensorboard_and_hf_experts(quick_run):
                                      "oracle"}
 
 
+@pytest.mark.slow
 def test_quick_demo_shows_the_claim(quick_run):
     """The orderings the issue asks for, with margins every measured seed of the reduced run
     reaches. Own-domain accuracy of the math / code / instr experts: seed 0 67 / 100 / 100,
@@ -122,6 +124,7 @@ def test_quick_demo_shows_the_claim(quick_run):
         assert shares[d][d] > 0.6, (d, shares[d])
 
 
+@pytest.mark.slow
 def test_quick_demo_has_the_baseline_rows(quick_run):
     """Issue 6's rows: SharedTrunkNet (its probes and report), the merges, the oracle."""
     run, r, _ = quick_run
@@ -157,6 +160,7 @@ def test_bundled_world_matches_its_manifest_and_decodes_by_default(capsys):
     assert world["names"] == list(W.DOMAINS)
 
 
+@pytest.mark.slow
 def test_bundled_checkpoints_reproduce_their_table():
     """Regenerating the bundle (`python -m fr_jax.demo --config.bundle=...`) takes about
     ten minutes, too long for every CI run, and XLA's CPU kernels may differ in the last
@@ -185,6 +189,7 @@ def test_bundled_checkpoints_reproduce_their_table():
                 assert abs(v - recorded["shares"][mode][d][name]) < 1e-4, (mode, d, name)
 
 
+@pytest.mark.slow
 def test_pipeline_is_deterministic(tmp_path):
     """Two runs of a micro pipeline with one seed give bit-identical experts, router and
     table."""

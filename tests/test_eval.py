@@ -220,6 +220,7 @@ def _cli(tmp_path, *args, **kw):
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_end_to_end_two_modes_on_every_benchmark(tmp_path):
     """The CLI on the bundled tiny checkpoints over fixture data of every benchmark: the
     table, the JSON and the plot, routing shares per benchmark, code run in the sandbox."""
@@ -259,6 +260,7 @@ def test_end_to_end_two_modes_on_every_benchmark(tmp_path):
                                                 "output_limit", "killed")
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_without_redoing_cached_samples(tmp_path):
     """A run is SIGKILLed once its first batches are on disk; the rerun decodes only what
     is missing and its table equals an uninterrupted run's."""
@@ -321,6 +323,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_harness_on_a_mesh_decodes_what_a_single_device_does(tmp_path):
     """The CLI's lineup is placed on the 8-device test mesh (batches sharded over `data`);
     its greedy tokens equal the harness's on one device with the same checkpoints."""

@@ -72,6 +72,7 @@ def test_catch_up_widths():
     assert catch_up_widths(8) == (1, 2, 4, 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
 def test_lazy_equals_eager_with_real_routing(model_type):
     """Rows that pick different experts, gaps shorter and longer than the chunk width
@@ -94,6 +95,7 @@ def test_lazy_equals_eager_with_real_routing(model_type):
         _assert_same_caches(eager, lazy, experts, len(PROMPTS))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
 def test_lazy_equals_eager_under_forced_routing_patterns(model_type):
     """Sticky runs, alternation every token, and a gap of 11 tokens (six chunks of 2)."""
@@ -107,6 +109,7 @@ def test_lazy_equals_eager_under_forced_routing_patterns(model_type):
         _assert_same_caches(eager, lazy, experts, len(PROMPTS))
 
 
+@pytest.mark.slow
 def test_lazy_sequence_modes_and_listed_experts():
     """sequence:head (one expert per prompt) and sequence (a SharedTrunkNet picks an expert
     or FusionRoute per prompt) with lazy experts; experts of different shapes (a list, not

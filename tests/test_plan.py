@@ -60,6 +60,7 @@ def _sft_step(rows: int, seq: int, remat: str, block: int, attention: str = "xla
     return ma.temp_size_in_bytes, rcfg, len(devices)
 
 
+@pytest.mark.slow
 def test_plan_cli_reduced_depth_fits_and_reports(tmp_path, capsys):
     """The CLI on configs/llama3.py for v5e-8 at depth 2: every program (expert signals, SFT,
     CDPO, eager and lazy decode at batch 1) fits with 10% headroom -> exit status 0, and the
@@ -80,6 +81,7 @@ def test_plan_cli_reduced_depth_fits_and_reports(tmp_path, capsys):
     assert "| SFT step |" in text and "15.75 GiB usable" in text
 
 
+@pytest.mark.slow
 def test_plan_cli_plans_several_slices_in_one_run(tmp_path, capsys):
     """--topology=a,b plans each slice (the README's tables come from one command); an
     unknown slice anywhere in the list is refused before anything is compiled."""
@@ -101,6 +103,7 @@ def test_plan_cli_plans_several_slices_in_one_run(tmp_path, capsys):
     assert "## v5e-8" in text and "## v4-8" in text and "30.75 GiB usable" in text
 
 
+@pytest.mark.slow
 def test_a_program_that_does_not_fit_names_its_largest_buffers_and_the_fix(capsys):
     """Whole-sequence logits, no remat, einsum attention and a 64-row micro-batch (8 rows a
     chip): the SFT step OOMs on v5e; exit status 1, the float32 attention scores among the
@@ -120,6 +123,7 @@ def test_a_program_that_does_not_fit_names_its_largest_buffers_and_the_fix(capsy
     assert "--config.train.grad_accum" in text and "--config.model.remat=full" in text
 
 
+@pytest.mark.slow
 def test_activation_memory_scales_with_micro_batch_and_sequence():
     base, rcfg, _ = _sft_step(8, 1024, "full", 512)
     rows2, _, _ = _sft_step(16, 1024, "full", 512)
@@ -133,6 +137,7 @@ def test_activation_memory_scales_with_micro_batch_and_sequence():
     assert base < seq2 <= 4.2 * base
 
 
+@pytest.mark.slow
 def test_remat_blocked_losses_and_fused_attention_save_what_they_should():
     rows, seq, block = 8, 1024, 512
     full, rcfg, chips = _sft_step(rows, seq, "full", block)

@@ -26,6 +26,7 @@ def trained(tmp_path_factory):
     return root, args, report
 
 
+@pytest.mark.slow
 def test_cli_writes_probes_trunk_and_report(trained):
     root, _, report = trained
     run = root / "run"
@@ -46,6 +47,7 @@ def test_cli_writes_probes_trunk_and_report(trained):
         assert len((run / "labels" / f"{t}.jsonl").read_text().splitlines()) == 160
 
 
+@pytest.mark.slow
 def test_rerun_reuses_the_labels_and_decodes_with_the_trained_net(trained, tmp_path):
     from fr_jax.decode import main as decode
     from fr_jax.seqroute import main

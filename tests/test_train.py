@@ -152,6 +152,7 @@ def _train(stage_name, router, r_params, experts, e_params, examples, steps, lr,
     return state.params, before, after
 
 
+@pytest.mark.slow
 def test_sft_learns_to_route_and_cdpo_prefers_chosen():
     router, r_params, experts, e_params, sft, pref = _token_toy()
     params, before, after = _train("sft", router, r_params, experts, e_params, sft, 80, 3e-3,
@@ -190,6 +191,7 @@ def _final(workdir):
     return weights, meta, steps
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     home = tmp_path / "home"
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -230,6 +232,7 @@ def _event_tags(folder):
     return tags
 
 
+@pytest.mark.slow
 def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_path, capsys):
     from fr_jax.decode import main as decode_main
     from fr_jax.bundle import bundled_world
