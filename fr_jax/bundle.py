@@ -7,8 +7,11 @@ pipeline that wrote them (fr_jax/toy/pipeline.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+
+import filelock
 
 from fr_jax.errors import CheckpointError
 
@@ -20,6 +23,16 @@ def default_home() -> str:
     """Where fr_jax writes what it generates once and reuses (tiny worlds, the bundled
     world's training files): $FR_JAX_HOME, else ~/.cache/fr_jax."""
     return os.environ.get("FR_JAX_HOME", os.path.join(os.path.expanduser("~"), ".cache", "fr_jax"))
+
+
+@contextlib.contextmanager
+def generating(folder: str):
+    """Held while `folder` (generated once under fr_jax's home, then reused) is written:
+    a second process that wants the same folder waits here, then finds it complete,
+    instead of reading half-written files or writing the same files beside the first."""
+    os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+    with filelock.FileLock(os.path.abspath(folder) + ".lock"):
+        yield
 
 
 def bundled_world(path: str = BUNDLE) -> dict:

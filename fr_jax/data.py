@@ -61,12 +61,12 @@ def load_records(path: str, split: Optional[str] = None):
         raise DataError(f"cannot read {path!r} as {kind}: {e}") from None
 
 
-def read_prompts(path: str) -> List[str]:
-    """Prompts from a JSONL file with a string "prompt" field on every line."""
+def jsonl_objects(path: str, what: str, expected: str):
+    """(line number, JSON object) for every non-blank line of the JSONL file of `what`; a
+    missing file, a line that is not JSON or not an object is a DataError naming the file
+    (or file:line) and `expected`, the records it should hold."""
     if not os.path.isfile(path):
-        raise DataError(f"prompts file {path!r} not found (expected JSONL, one "
-                        '{"prompt": "..."} object per line)')
-    prompts = []
+        raise DataError(f"{what} {path!r} not found (expected JSONL, {expected})")
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -75,9 +75,18 @@ def read_prompts(path: str) -> List[str]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise DataError(f'{path}:{n}: expected an object with a string "prompt" field')
-            prompts.append(rec["prompt"])
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object ({expected})")
+            yield n, rec
+
+
+def read_prompts(path: str) -> List[str]:
+    """Prompts from a JSONL file with a string "prompt" field on every line."""
+    prompts = []
+    for n, rec in jsonl_objects(path, "prompts file", 'one {"prompt": "..."} object per line'):
+        if not isinstance(rec.get("prompt"), str):
+            raise DataError(f'{path}:{n}: expected an object with a string "prompt" field')
+        prompts.append(rec["prompt"])
     if not prompts:
         raise DataError(f"prompts file {path!r} has no prompts")
     return prompts

@@ -17,8 +17,8 @@ from fr_jax.eval.sandbox import Limits
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import eval_fixtures as F  # noqa: E402
+from cli_env import REPO, one_device_env  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = Limits(timeout_s=3.0, memory_mb=512)
 
 
@@ -208,15 +208,12 @@ def test_ifeval_checker_without_its_resource_is_skipped_not_passed(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the harness
-def _env(tmp_path):
-    env = dict(os.environ, PYTHONPATH=REPO, FR_JAX_HOME=str(tmp_path / "home"))
-    env["XLA_FLAGS"] = ""  # one CPU device, as a user would run it
-    return env
 
 
 def _cli(tmp_path, *args, **kw):
     return subprocess.Popen([sys.executable, "-m", "fr_jax.eval", "--config=configs/tiny.py",
-                             *args], cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE,
+                             *args], cwd=REPO, env=one_device_env(tmp_path / "home"),
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 

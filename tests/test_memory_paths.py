@@ -14,7 +14,7 @@ from fr_jax import sharding as sh
 from fr_jax.config import base_config
 from fr_jax.data import Batcher, PrefExample, SFTExample
 from fr_jax.router import Router
-from fr_jax.training import build_stage, init_state, make_train_step
+from fr_jax.training import build_stage, init_state
 from test_fused import build_world
 
 
@@ -56,11 +56,12 @@ def test_blocked_token_stats_equal_whole_logits(block):
         st = losses.blocked_token_stats(lambda x: head(w, x), h, y, block)
         return st.logprob, st.argmax
 
-    (lp_f, am_f), (lp_b, am_b) = full(w, h), blocked(w, h)
+    # Jitted: op by op, every primitive of the blocked loop compiles on its own.
+    (lp_f, am_f), (lp_b, am_b) = jax.jit(full)(w, h), jax.jit(blocked)(w, h)
     np.testing.assert_allclose(lp_b, lp_f, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(am_b, am_f)
-    g_f = jax.grad(lambda w, h: full(w, h)[0].sum(), argnums=(0, 1))(w, h)
-    g_b = jax.grad(lambda w, h: blocked(w, h)[0].sum(), argnums=(0, 1))(w, h)
+    g_f = jax.jit(jax.grad(lambda w, h: full(w, h)[0].sum(), argnums=(0, 1)))(w, h)
+    g_b = jax.jit(jax.grad(lambda w, h: blocked(w, h)[0].sum(), argnums=(0, 1)))(w, h)
     for a, b in zip(g_b, g_f):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -112,9 +113,12 @@ def test_grad_accumulation_applies_the_mean_of_micro_batch_gradients():
     *_, stage, r_params, frozen = _stage_loss_and_grads("sft", 0, accum=2, batch=batch)
     assert stage.accum == 2
     halves = [jax.tree.map(lambda x: x[i::2], batch) for i in range(2)]
-    grads = [jax.grad(lambda p, b: stage.loss_fn(p, frozen, b)[0])(r_params, h) for h in halves]
+    # The reference, jitted once (op by op it compiles every primitive of the model).
+    half_loss = jax.jit(lambda p, b: stage.loss_fn(p, frozen, b)[0])
+    half_grad = jax.jit(jax.grad(half_loss))
+    grads = [half_grad(r_params, h) for h in halves]
     mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
-    updates, _ = stage.tx.update(mean, stage.tx.init(r_params), r_params)
+    updates, _ = jax.jit(stage.tx.update)(mean, stage.tx.init(r_params), r_params)
     want = jax.tree.map(lambda p, u: p + u, r_params, updates)
 
     state = init_state(stage, r_params, seed=0)
@@ -124,7 +128,7 @@ def test_grad_accumulation_applies_the_mean_of_micro_batch_gradients():
     assert int(state.step) == 1 and int(state.micro) == 2
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  jax.device_get(state.params), want)
-    per_half = [float(stage.loss_fn(r_params, frozen, h)[0]) for h in halves]
+    per_half = [float(half_loss(r_params, h)) for h in halves]
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(per_half), rtol=1e-5)
 
 

@@ -63,7 +63,8 @@ def test_mesh_decode_with_more_tensor_shards_than_kv_heads(tmp_path):
     sharded, params = _decode(router_path, paths, mesh)
     np.testing.assert_array_equal(single.tokens, sharded.tokens)
     np.testing.assert_array_equal(single.chosen, sharded.chosen)
-    np.testing.assert_allclose(single.route_probs, sharded.route_probs, atol=1e-5)
+    # 4-way sharded head sums add in another order: probabilities move by up to ~2e-5.
+    np.testing.assert_allclose(single.route_probs, sharded.route_probs, atol=1e-4)
     router, _ = load_router(router_path)
     cache = jax.eval_shape(lambda: router.init_cache(4, 16))
     assert router.cfg.num_kv_heads == 2 and router.cfg.num_heads == 4

@@ -27,6 +27,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("seqroute_cli")  # one worker trains the shared net
 def test_cli_writes_probes_trunk_and_report(trained):
     root, _, report = trained
     run = root / "run"
@@ -48,6 +49,7 @@ def test_cli_writes_probes_trunk_and_report(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("seqroute_cli")  # one worker trains the shared net
 def test_rerun_reuses_the_labels_and_decodes_with_the_trained_net(trained, tmp_path):
     from fr_jax.decode import main as decode
     from fr_jax.seqroute import main

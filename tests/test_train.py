@@ -20,8 +20,8 @@ from fr_jax.config import base_config
 from fr_jax.data import Batcher, SFTExample
 from fr_jax.training import build_stage, init_state
 from test_fused import build_world
+from cli_env import REPO, one_device_env  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _sft_setup(mesh, n_experts=2):
@@ -175,10 +175,6 @@ def _train_cmd(workdir, steps=24):
             "--config.train.eval_every=0", "--config.train.log_every=4"]
 
 
-def _env(home):
-    env = dict(os.environ, FR_JAX_HOME=str(home), PYTHONPATH=REPO)
-    env["XLA_FLAGS"] = ""  # one CPU device, as a user would run it
-    return env
 
 
 def _final(workdir):
@@ -195,9 +191,9 @@ def _final(workdir):
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     home = tmp_path / "home"
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_train_cmd(straight), cwd=REPO, env=_env(home), check=True,
+    subprocess.run(_train_cmd(straight), cwd=REPO, env=one_device_env(home), check=True,
                    capture_output=True, timeout=600)
-    proc = subprocess.Popen(_train_cmd(killed), cwd=REPO, env=_env(home),
+    proc = subprocess.Popen(_train_cmd(killed), cwd=REPO, env=one_device_env(home),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = killed / "sft" / "checkpoints"
     deadline = time.time() + 300
@@ -207,7 +203,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     proc.wait()
     done = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
     assert done and max(done) < 24, "the run was not interrupted before its end"
-    out = subprocess.run(_train_cmd(killed), cwd=REPO, env=_env(home), check=True,
+    out = subprocess.run(_train_cmd(killed), cwd=REPO, env=one_device_env(home), check=True,
                          capture_output=True, text=True, timeout=600)
     assert "resumed from step" in out.stdout
     w_a, meta_a, _ = _final(straight)

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fr_jax.baselines import probes as P
-from fr_jax.data import encode_prompt
+from fr_jax.data import encode_prompt, jsonl_objects
 from fr_jax.decoding import left_pad
 from fr_jax.errors import DataError
 from fr_jax.eval.generation import generate
@@ -136,23 +136,14 @@ def default_costs(lineup, targets: Sequence[str]) -> List[float]:
 def read_labelled(path: str) -> List[dict]:
     """Labelled prompts: JSONL with a string "prompt" and a reference "answer" (or
     "response", the SFT field) per line; an optional "domain" groups the report."""
-    if not os.path.isfile(path):
-        raise DataError(f"labelled prompts {path!r} not found (expected JSONL, one "
-                        '{"prompt": ..., "answer": ...} object per line)')
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            answer = rec.get("answer", rec.get("response")) if isinstance(rec, dict) else None
-            if not isinstance(answer, str) or not isinstance(rec.get("prompt"), str):
-                raise DataError(f'{path}:{n}: expected string "prompt" and "answer" fields')
-            out.append({"prompt": rec["prompt"], "answer": answer,
-                        "domain": rec.get("domain", "all")})
+    for n, rec in jsonl_objects(path, "labelled prompts",
+                                'one {"prompt": ..., "answer": ...} object per line'):
+        answer = rec.get("answer", rec.get("response"))
+        if not isinstance(answer, str) or not isinstance(rec.get("prompt"), str):
+            raise DataError(f'{path}:{n}: expected string "prompt" and "answer" fields')
+        out.append({"prompt": rec["prompt"], "answer": answer,
+                    "domain": rec.get("domain", "all")})
     if not out:
         raise DataError(f"labelled prompts {path!r} is empty")
     return out

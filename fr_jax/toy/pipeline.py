@@ -32,7 +32,7 @@ from tensorboardX import SummaryWriter
 
 from fr_jax.baselines import seqroute_pipeline as S
 from fr_jax.baselines.merging import merge_hf
-from fr_jax.bundle import bundled_world
+from fr_jax.bundle import bundled_world, generating
 from fr_jax.config import base_config, default_config_file
 from fr_jax.eval import harness, report
 from fr_jax.eval.benchmarks import toy_examples
@@ -393,16 +393,19 @@ def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,
              "labelled": os.path.join(folder, "data", "labelled.jsonl")}
     if all(os.path.isfile(p) for p in paths.values()):
         return paths
-    cfg = runpy.run_path(default_config_file("demo.py"))["get_config"]("quick")
-    cfg.seed, cfg.progress = seed, False
-    cfg.cdpo.prompts = n_pref_prompts
-    data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, seed)
-    W.write_jsonl(paths["sft"], [t.record() for t in W.mixture(
-        data.train, {d: 1.0 for d in W.EVAL_DOMAINS}, n_sft, seed + 30)])
-    world = bundled_world()
-    pool = [t for d in W.EVAL_DOMAINS for t in data.train[d]]
-    W.write_jsonl(paths["labelled"], labelled_records(pool, n_labelled, seed))
-    preference_pairs(cfg, folder, world["router"], world["experts"], pool)
+    with generating(folder):
+        if all(os.path.isfile(p) for p in paths.values()):  # another process wrote them
+            return paths
+        cfg = runpy.run_path(default_config_file("demo.py"))["get_config"]("quick")
+        cfg.seed, cfg.progress = seed, False
+        cfg.cdpo.prompts = n_pref_prompts
+        data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, seed)
+        W.write_jsonl(paths["sft"], [t.record() for t in W.mixture(
+            data.train, {d: 1.0 for d in W.EVAL_DOMAINS}, n_sft, seed + 30)])
+        world = bundled_world()
+        pool = [t for d in W.EVAL_DOMAINS for t in data.train[d]]
+        W.write_jsonl(paths["labelled"], labelled_records(pool, n_labelled, seed))
+        preference_pairs(cfg, folder, world["router"], world["experts"], pool)
     return paths
 
 

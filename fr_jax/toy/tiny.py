@@ -12,7 +12,7 @@ import os
 
 import jax
 
-from fr_jax.bundle import default_home
+from fr_jax.bundle import default_home, generating
 from fr_jax.hf import save_hf
 from fr_jax.models import Model, ModelConfig, RopeConfig
 from fr_jax.router import Router, save_router
@@ -71,8 +71,18 @@ def ensure_tiny_world(path: str | None = None, n_experts: int = 2, seed: int = 0
     path = path or os.path.join(default_home(), f"tiny-random-world-{n_experts}")
     world = {"router": os.path.join(path, "router"),
              "experts": [os.path.join(path, f"expert{i}") for i in range(n_experts)]}
-    if os.path.isfile(os.path.join(path, "DONE")):
+    done = os.path.join(path, "DONE")
+    if os.path.isfile(done):
         return world
+    with generating(path):
+        if not os.path.isfile(done):  # else another process wrote it while this one waited
+            _write_tiny_world(world, n_experts, seed)
+            with open(done, "w") as f:
+                f.write("complete\n")
+    return world
+
+
+def _write_tiny_world(world: dict, n_experts: int, seed: int):
     tokenizer = build_tokenizer()
     expert_cfg = tiny_config(tokenizer).replace(num_layers=3, layer_types=(), hidden_size=96,
                                                 intermediate_size=192)
@@ -87,6 +97,3 @@ def ensure_tiny_world(path: str | None = None, n_experts: int = 2, seed: int = 0
     r_params["head"]["kernel"] = r_params["head"]["kernel"] * 200.0  # routing that switches
     save_router(world["router"], router, r_params, tokenizer=tokenizer,
                 expert_names=[f"expert{i}" for i in range(n_experts)])
-    with open(os.path.join(path, "DONE"), "w") as f:
-        f.write("complete\n")
-    return world

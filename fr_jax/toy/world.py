@@ -180,7 +180,7 @@ def mixture(pools: Dict[str, List[Task]], weights: Dict[str, float], n: int,
 
 def write_jsonl(path: str, rows: Sequence[dict]):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".partial"
+    tmp = f"{path}.{os.getpid()}.partial"  # two writers never share a temporary file
     with open(tmp, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

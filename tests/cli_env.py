@@ -1,0 +1,19 @@
+"""The environment of the tests that run fr_jax's command lines as subprocesses."""
+
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# XLA's CPU backend without LLVM's optimisation passes: the suite is compile-bound (tiny
+# models, many programs), and this compiles ~1.4x faster. Every comparison in the suite is
+# between programs compiled the same way, or against PyTorch / recorded values with the
+# tolerances a reduction order explains.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def one_device_env(home) -> dict:
+    """os.environ for a CLI subprocess: one CPU device (as a user would run it), fr_jax's
+    home (bundled-world data, caches) in `home`, and this checkout on the path."""
+    env = dict(os.environ, FR_JAX_HOME=str(home), PYTHONPATH=REPO)
+    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS
+    return env
