@@ -23,11 +23,19 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))  # LRU b
 sys.path.insert(0, REPO)
 
 
+# The longest tests, longest first: each starts at once on a worker of its own.
+FIRST = ("test_quick_demo_end_to_end", "test_pipeline_is_deterministic")
+
+
 def pytest_collection_modifyitems(items):
-    """Longest first, so that neither worker is left with a long test at the end: the
-    reduced demo run (one fixture, ~10 minutes), then the other `slow` tests, then the rest,
-    each in file order."""
+    """Orders the tests for `--dist worksteal`, which gives worker i the i-th contiguous
+    share of this list and lets an idle worker steal from the end of a busy one's: longest
+    first within each share (FIRST, then the other `slow` tests, then the rest, in file
+    order), the long ones dealt out in turn, so no worker ends with a long test alone."""
     def rank(item):
-        return 0 if "quick_run" in item.fixturenames else 1 if item.get_closest_marker(
-            "slow") else 2
-    items.sort(key=rank)  # stable
+        if item.originalname in FIRST:
+            return FIRST.index(item.originalname)
+        return len(FIRST) + (0 if item.get_closest_marker("slow") else 1)
+    ordered = sorted(items, key=rank)  # stable
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    items[:] = [it for i in range(workers) for it in ordered[i::workers]]

@@ -9,11 +9,9 @@ import pytest
 from fr_jax.toy import world as W
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def _train(root):
     from fr_jax.seqroute import main
 
-    root = tmp_path_factory.mktemp("seqroute")
     data = W.make_world_data(300, 10, seed=5)
     tasks = [t for d in W.EVAL_DOMAINS for t in data.train[d][:40]]
     labelled = root / "labelled.jsonl"
@@ -27,9 +25,15 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("seqroute_cli")  # one worker trains the shared net
-def test_cli_writes_probes_trunk_and_report(trained):
-    root, _, report = trained
+def test_cli_writes_probes_trunk_and_report_and_a_rerun_reuses_them(tmp_path):
+    """One training run (labels, probes, the trunk, the sweep), then a re-run that decodes
+    nothing again, then decode mode `sequence` with the net it wrote."""
+    root, args, report = _train(tmp_path)
+    _writes_probes_trunk_and_report(root)
+    _rerun_reuses_the_labels_and_decodes_with_the_trained_net(root, args, report, tmp_path)
+
+
+def _writes_probes_trunk_and_report(root):
     run = root / "run"
     for name in ("probes.json", "probes.md", "probes.png", "report.json", "report.md",
                  "sweep.png", "trunk/seqroute.json", "trunk/trunk.json"):
@@ -48,13 +52,10 @@ def test_cli_writes_probes_trunk_and_report(trained):
         assert len((run / "labels" / f"{t}.jsonl").read_text().splitlines()) == 160
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("seqroute_cli")  # one worker trains the shared net
-def test_rerun_reuses_the_labels_and_decodes_with_the_trained_net(trained, tmp_path):
+def _rerun_reuses_the_labels_and_decodes_with_the_trained_net(root, args, report, tmp_path):
     from fr_jax.decode import main as decode
     from fr_jax.seqroute import main
 
-    root, args, report = trained
     labels = root / "run" / "labels" / "fusionroute.jsonl"
     before = os.path.getmtime(labels)
     again = main(args)
