@@ -23,7 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from fr_jax.bundle import bundled_world, default_home
-from fr_jax.config import default_config_file
+from fr_jax.config import check_ranges, default_config_file
 from fr_jax.errors import FrJaxError
 from fr_jax.toy.pipeline import ensure_world_data
 
@@ -161,6 +161,7 @@ def main(command: Command, body: Callable, argv=None):
     config = fv.config
     apply_shortcuts(config, fv, command.flags)
     try:
+        check_ranges(config)  # before any work: a NaN or negative knob never runs
         return body(config, fv)
     except command.errors as e:
         if os.environ.get("FR_JAX_TRACEBACK"):

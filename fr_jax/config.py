@@ -4,9 +4,12 @@ and override fields; the CLI overrides any field with `--config.<path>=value`.
 
 from __future__ import annotations
 
+import math
 import os
 
 import ml_collections
+
+from fr_jax.errors import ConfigError
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -98,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.loss_block = 0
     c.train.seed = 0  # routing-head init and the step RNG
     c.train.resume = True  # continue from the latest checkpoint of each stage
+    # A resume must find the run's settings and data unchanged (<workdir>/run.json); True
+    # resumes anyway and records the differences there.
+    c.train.accept_changes = False
     c.train.distributed = "auto"  # auto | yes | no: jax.distributed.initialize() multi-host
     c.train.log_every = 10
     c.train.eval_every = 100  # 0 = never
@@ -276,3 +282,62 @@ def frozen_dtype(config) -> str:
 
 def default_config_file(name: str = "tiny.py") -> str:
     return os.path.join(REPO_CONFIGS, name)
+
+
+# ---------------------------------------------------------------------------- value ranges
+# config field -> (lowest, highest): every listed number must be finite and within them;
+# a "(" marks an open end (the bound itself excluded). Lists (seqroute.lams) are checked
+# element by element. The merge config's fields share this table (configs/merge.py).
+RANGES = {
+    "decode.max_new_tokens": (1, None), "decode.chunk": (1, None),
+    "decode.catch_up_width": (1, None), "decode.cache_len": (0, None),
+    "decode.temperature": (0, None), "decode.top_k": (0, None), "decode.top_p": ("(0", 1),
+    "data.eval_fraction": (0, "1)"), "data.seq_len": (2, None),
+    "train.batch_size": (1, None), "train.grad_accum": (1, None), "train.loss_block": (0, None),
+    "train.log_every": (1, None), "train.eval_every": (0, None), "train.eval_batches": (1, None),
+    "train.sample_every": (0, None), "train.ckpt_every": (1, None), "train.keep": (1, None),
+    "train.clip": ("(0", None), "train.weight_decay": (0, None), "train.b1": (0, "1)"),
+    "train.b2": (0, "1)"), "train.sft.lm_weight": (0, None), "train.cdpo.beta": ("(0", None),
+    "train.cdpo.route_kl": (0, None), "train.cdpo.chosen_nll": (0, None),
+    **{f"train.{s}.{k}": r for s in ("sft", "cdpo", "lm") for k, r in (
+        ("steps", (1, None)), ("lr", ("(0", None)), ("warmup", (0, None)),
+        ("final_lr_frac", (0, 1)))},
+    "seqroute.lam": (0, None), "seqroute.lams": (0, None), "seqroute.costs": (0, None),
+    "seqroute.test_fraction": ("(0", "1)"), "seqroute.probe_reg": (0, None),
+    "seqroute.max_new_tokens": (1, None), "seqroute.batch_size": (1, None),
+    "seqroute.trunk.steps": (1, None), "seqroute.trunk.lr": ("(0", None),
+    "seqroute.trunk.weight_decay": (0, None), "seqroute.trunk.batch_size": (1, None),
+    "eval.limit": (0, None), "eval.batch_size": (1, None),
+    # configs/merge.py: a task vector scaled beyond +-10 is no longer a merge of the experts.
+    "lam": (-10, 10), "lambdas": (-10, 10), "weights": (0, None), "density": ("(0", 1),
+    "drop": (0, "1)"),
+}
+
+
+def _bound(b):
+    """(number, open) of one end of a RANGES entry."""
+    if isinstance(b, str):
+        return float(b.strip("()")), True
+    return (None, False) if b is None else (float(b), False)
+
+
+def check_ranges(config, ranges=None):
+    """Raises ConfigError naming the first field of `config` (of those in `ranges`, default
+    RANGES) that is not a finite number within its range."""
+    for key, (lo, hi) in (RANGES if ranges is None else ranges).items():
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if node is None or isinstance(node, str):
+            continue
+        (low, low_open), (high, high_open) = _bound(lo), _bound(hi)
+        for v in (node if isinstance(node, (list, tuple)) else [node]):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = ok and (low is None or v > low or (v == low and not low_open))
+            ok = ok and (high is None or v < high or (v == high and not high_open))
+            if not ok:
+                span = (("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}")
+                        + ", " + ("inf" if high is None else f"{high:g}")
+                        + (")" if high_open or high is None else "]"))
+                raise ConfigError(f"--config.{key}={v!r} is out of range: it must be a finite "
+                                  f"number in {span}")

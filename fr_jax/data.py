@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gzip
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -31,13 +32,52 @@ from fr_jax.errors import DataError
 
 
 # ---------------------------------------------------------------------------- records
-def load_records(path: str, split: Optional[str] = None):
-    """A `datasets.Dataset` from a local JSONL / JSON / Parquet file or a saved folder."""
-    import datasets
+class Records(list):
+    """The records of one data file, in order (a list of dicts), with `where[i]` naming
+    record i ("file:line" for JSON lines, "file[i]" otherwise) and `bad`, the (where,
+    reason) of every entry that is not a JSON object at all (read with strict=False)."""
 
+    def __init__(self, rows=(), where=(), bad=()):
+        super().__init__(rows)
+        self.where, self.bad = list(where), list(bad)
+
+
+def _json_entries(path: str):
+    """(where, object or None, reason) for every entry of a JSON-lines file or a JSON array,
+    each read as the JSON it is: a string stays a string however it looks ("62", "[108]")."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # a .json file holding one array of records
+        try:
+            array = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not a valid JSON array ({e.msg}, line {e.lineno}); "
+                            "write one JSON object per line (JSONL) instead") from None
+        for i, rec in enumerate(array):
+            yield f"{path}[{i}]", rec, None if isinstance(rec, dict) else "not_an_object"
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            yield f"{path}:{n}", None, "bad_json"
+            continue
+        yield f"{path}:{n}", rec, None if isinstance(rec, dict) else "not_an_object"
+
+
+def load_records(path: str, split: Optional[str] = None, strict: bool = True) -> Records:
+    """The records of a local JSONL / JSON (optionally .gz) / Parquet file or a folder saved
+    with `datasets`. JSON is read line by line as written (no type inference across the
+    file); an entry that is not a JSON object is a DataError naming file:line, or with
+    strict=False is kept in `Records.bad` for the caller to count."""
     if not path:
         raise DataError("no data path configured (set --config.data.train_path)")
     if os.path.isdir(path):
+        import datasets
+
         try:
             ds = datasets.load_from_disk(path)
         except Exception as e:  # datasets raises several types for a non-dataset folder
@@ -45,20 +85,36 @@ def load_records(path: str, split: Optional[str] = None):
                 from None
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split or "train"]
-        return ds
+        return Records(ds, (f"{path}[{i}]" for i in range(len(ds))))
     if not os.path.isfile(path):
         raise DataError(f"data file {path!r} not found (expected .jsonl, .json (optionally "
                         ".gz) or .parquet, or a folder saved with datasets)")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"data file {path!r} is empty")
     if path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-        kind = "json"
-    elif path.endswith(".parquet"):
-        kind = "parquet"
-    else:
+        out = Records()
+        for where, rec, reason in _json_entries(path):
+            if reason is None:
+                out.append(rec)
+                out.where.append(where)
+            elif strict:
+                raise DataError(f"{where}: " + ("not valid JSON" if reason == "bad_json" else
+                                                "not a JSON object") + " (one JSON object "
+                                "per line expected)")
+            else:
+                out.bad.append((where, reason))
+        if not out and not out.bad:
+            raise DataError(f"data file {path!r} is empty (no records, only blank lines)")
+        return out
+    if not path.endswith(".parquet"):
         raise DataError(f"{path!r}: unknown data format; use .jsonl, .json or .parquet")
+    import datasets
+
     try:
-        return datasets.load_dataset(kind, data_files=path, split="train")
+        ds = datasets.load_dataset("parquet", data_files=path, split="train")
     except Exception as e:
-        raise DataError(f"cannot read {path!r} as {kind}: {e}") from None
+        raise DataError(f"cannot read {path!r} as parquet: {e}") from None
+    return Records(ds, (f"{path}[{i}]" for i in range(len(ds))))
 
 
 def jsonl_objects(path: str, what: str, expected: str):
@@ -115,14 +171,29 @@ def _response_ids(tokenizer, text: str) -> List[int]:
 
 @dataclasses.dataclass
 class DataReport:
-    """How many records were kept, and why the others were skipped."""
+    """How many records were kept, and why (and where) the others were skipped."""
 
     kept: int = 0
     skipped: Dict[str, int] = dataclasses.field(default_factory=collections.Counter)
+    where: Dict[str, List[str]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(list))
+
+    def skip(self, reason: str, where: Optional[str] = None):
+        self.skipped[reason] += 1
+        if where:
+            self.where[reason].append(where)
 
     def __str__(self):
-        why = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+        def one(k):
+            shown = self.where.get(k, [])[:3]
+            more = "" if len(self.where.get(k, [])) <= 3 else ", ..."
+            return f"{k}: {self.skipped[k]}" + (f" at {', '.join(shown)}{more}" if shown else "")
+        why = ", ".join(one(k) for k in sorted(self.skipped)) or "none"
         return f"{self.kept} examples kept; skipped {sum(self.skipped.values())} ({why})"
+
+    def to_json(self) -> dict:
+        return {"kept": self.kept, "skipped": dict(self.skipped),
+                "where": {k: list(v) for k, v in self.where.items()}}
 
 
 @dataclasses.dataclass
@@ -146,34 +217,63 @@ class PrefExample:
     ref_route: Optional[tuple] = None
 
 
+def _is_messages(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in x)
+
+
 def _prompt_and_response(rec):
-    if "messages" in rec and rec["messages"]:
+    """(prompt, response, None) of an SFT record, or (None, None, the reason to skip it)."""
+    if rec.get("messages") is not None:
         msgs = rec["messages"]
-        if msgs[-1].get("role") != "assistant":
+        if not _is_messages(msgs):
+            return None, None, "bad_messages"  # not a list of {"role": str, "content": str}
+        if msgs[-1]["role"] != "assistant":
             return None, None, "last_message_not_assistant"
-        return msgs[:-1], msgs[-1].get("content"), None
-    if "prompt" not in rec or rec.get("prompt") is None:
+        if len(msgs) == 1:
+            return None, None, "missing_prompt"
+        return msgs[:-1], msgs[-1]["content"], None
+    if rec.get("prompt") is None:
         return None, None, "missing_prompt"
+    if not isinstance(rec["prompt"], str) and not _is_messages(rec["prompt"]):
+        return None, None, "prompt_not_text"
     resp = rec.get("response", rec.get("completion"))
     if resp is None:
         return None, None, "missing_response"
+    if not isinstance(resp, str):
+        return None, None, "response_not_text"
     return rec["prompt"], resp, None
+
+
+def _where(records, i: int) -> Optional[str]:
+    where = getattr(records, "where", None)
+    return where[i] if where else None
+
+
+def _start_report(records) -> DataReport:
+    report = DataReport()
+    for where, reason in getattr(records, "bad", ()):
+        report.skip(reason, where)
+    return report
 
 
 def tokenize_sft(records, tokenizer, seq_len: int, chat: bool = True):
     """SFT records -> ([SFTExample], DataReport). A sequence must fit seq_len + 1 tokens
-    (inputs and shifted targets are seq_len each)."""
-    report, out = DataReport(), []
-    for rec in records:
+    (inputs and shifted targets are seq_len each). A record that is not usable (wrong
+    types, missing fields, empty response, too long) is skipped and counted, with its
+    file:line when `records` is a `Records`."""
+    report, out = _start_report(records), []
+    for i, rec in enumerate(records):
         prompt, resp, err = _prompt_and_response(rec)
-        if err is None and (not isinstance(resp, str) or not resp.strip()):
+        if err is None and not resp.strip():
             err = "empty_response"
         if err:
-            report.skipped[err] += 1
+            report.skip(err, _where(records, i))
             continue
         p, r = encode_prompt(tokenizer, prompt, chat), _response_ids(tokenizer, resp)
         if len(p) + len(r) > seq_len + 1:
-            report.skipped["too_long"] += 1
+            report.skip("too_long", _where(records, i))
             continue
         out.append(SFTExample(np.asarray(p + r, np.int32),
                               np.asarray([0] * len(p) + [1] * len(r), np.int32)))
@@ -182,20 +282,27 @@ def tokenize_sft(records, tokenizer, seq_len: int, chat: bool = True):
 
 
 def tokenize_pref(records, tokenizer, seq_len: int, chat: bool = True):
-    """Preference records -> ([PrefExample], DataReport)."""
-    report, out = DataReport(), []
-    for rec in records:
+    """Preference records -> ([PrefExample], DataReport), skipping (and counting) what
+    tokenize_sft does."""
+    report, out = _start_report(records), []
+    for i, rec in enumerate(records):
         missing = [k for k in ("prompt", "chosen", "rejected") if rec.get(k) is None]
         if missing:
-            report.skipped["missing_" + missing[0]] += 1
+            report.skip("missing_" + missing[0], _where(records, i))
             continue
-        if not str(rec["chosen"]).strip() or not str(rec["rejected"]).strip():
-            report.skipped["empty_response"] += 1
+        if not isinstance(rec["prompt"], str) and not _is_messages(rec["prompt"]):
+            report.skip("prompt_not_text", _where(records, i))
+            continue
+        if not isinstance(rec["chosen"], str) or not isinstance(rec["rejected"], str):
+            report.skip("response_not_text", _where(records, i))
+            continue
+        if not rec["chosen"].strip() or not rec["rejected"].strip():
+            report.skip("empty_response", _where(records, i))
             continue
         p = encode_prompt(tokenizer, rec["prompt"], chat)
         c, r = _response_ids(tokenizer, rec["chosen"]), _response_ids(tokenizer, rec["rejected"])
         if len(p) + max(len(c), len(r)) > seq_len + 1:
-            report.skipped["too_long"] += 1
+            report.skip("too_long", _where(records, i))
             continue
         out.append(PrefExample(*(np.asarray(x, np.int32) for x in (p, c, r))))
         report.kept += 1

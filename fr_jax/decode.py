@@ -21,6 +21,7 @@ from fr_jax.decoding import DecodeResult, decode_slots
 from fr_jax.errors import CacheOverflowError
 from fr_jax.fusion import Mode
 from fr_jax.lineup import lineup_from_config
+from fr_jax.paths import check_output
 from fr_jax.sampling import Sampling
 
 COMMAND = cli.Command("decode", "tiny.py", (
@@ -51,16 +52,36 @@ def fit_prompts(ids, d):
     return [x[-room:] for x in ids]
 
 
+def warn_past_positions(ids, max_new_tokens: int, lineup):
+    """Warns (stderr) when a row can run past the models' max_position_embeddings: the
+    positions beyond it were never trained, so the answer degrades without an error."""
+    cfgs = ([lineup.router.cfg] if lineup.router is not None else []) + (
+        list(lineup.experts.cfgs) if lineup.experts is not None else []) + [
+        m.cfg for m, _ in (lineup.models or {}).values()]
+    limit = min((c.max_position_embeddings for c in cfgs), default=None)
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]), default=None)
+    if limit and longest is not None and len(ids[longest]) + max_new_tokens > limit:
+        print(f"warning: prompt {longest} has {len(ids[longest])} tokens; with "
+              f"{max_new_tokens} new ones it runs past the models' max_position_embeddings "
+              f"({limit}), where they were never trained: expect degraded answers (shorten "
+              "the prompt or lower decode.max_new_tokens)", file=sys.stderr)
+
+
 def decode_prompts(config, fv=None) -> DecodeResult:
     """Decodes the configured prompts with the configured mode; prints the coloured trace,
     writes JSONL / HTML if asked. Returns the DecodeResult."""
     d = config.decode
+    inputs = [d.prompts_file, config.router.path, *config.experts.paths]
+    for path, what in ((d.output, "decode.output"), (d.trace_html, "decode.trace_html")):
+        if path:
+            check_output(path, what, inputs)
     bundled = cli.use_bundled_world(config)
     mode = Mode.parse(d.mode, len(config.experts.paths) or None)
     lineup = lineup_from_config(config, [mode.name])
     prompts = read_prompts(d.prompts_file) if d.prompts_file else list(d.prompts)
     tok = lineup.tokenizer
     ids = fit_prompts([encode_prompt(tok, p, d.chat) for p in prompts], d)
+    warn_past_positions(ids, d.max_new_tokens, lineup)
     decoder, params = lineup.decoder(mode.name, Sampling(d.temperature, d.top_k, d.top_p),
                                      d.chunk)
     platform = jax.devices()[0].platform

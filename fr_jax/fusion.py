@@ -58,9 +58,12 @@ class Mode:
                 i = int(name.split(":", 1)[1])
             except ValueError:
                 raise ModeError(f"bad mode {name!r}: expected expert:<index>, e.g. expert:0") from None
-            if i < 0 or (n_experts is not None and i >= n_experts):
-                raise ModeError(f"mode {name!r}: expert index out of range "
-                                f"(there are {n_experts} experts, indices 0..{(n_experts or 1) - 1})")
+            if i < 0:
+                raise ModeError(f"mode {name!r}: an expert index counts from 0 (expert:0 is "
+                                "the first expert); negative indices are not accepted")
+            if n_experts is not None and i >= n_experts:
+                raise ModeError(f"mode {name!r}: expert index out of range (there are "
+                                f"{n_experts} experts, indices 0..{n_experts - 1})")
             return cls("expert", i)
         if name == "sequence:head":
             return cls("sequence_head")

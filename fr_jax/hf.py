@@ -139,6 +139,9 @@ def _check_safetensors_file(file: str) -> Dict[str, dict]:
         if len(head) < 8:
             raise CheckpointError(f"{file} is truncated or empty ({size} bytes): re-copy the shard")
         (n,) = struct.unpack("<Q", head)
+        if n > size - 8:  # a damaged length field: never try to read it
+            raise CheckpointError(f"{file} is truncated or damaged: its header declares {n} "
+                                  f"bytes but the file has {size}; re-copy the shard")
         raw = f.read(n)
     if len(raw) < n:
         raise CheckpointError(f"{file} is truncated inside its header ({size} bytes, header "
@@ -365,4 +368,9 @@ def load_tokenizer(path: str):
                for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise CheckpointError(f"no tokenizer in {path!r} (expected tokenizer.json or "
                               "tokenizer.model next to config.json)")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types, and names no file
+        raise CheckpointError(f"cannot load the tokenizer in {path!r} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else 'no message'}); "
+                              "check its tokenizer files and config.json") from None

@@ -20,7 +20,7 @@ import jax
 from fr_jax import sharding as sh
 from fr_jax.config import decode_mesh, frozen_dtype
 from fr_jax.decoding import Decoder, FusedDecoder
-from fr_jax.errors import CheckpointError, ModeError
+from fr_jax.errors import CheckpointError, ConfigError, ModeError
 from fr_jax.experts import Experts, load_experts
 from fr_jax.fusion import Mode
 from fr_jax.hf import load_config, load_hf, load_tokenizer
@@ -87,6 +87,12 @@ def end_ids(tokenizer, cfgs, eos_ids: Sequence[int] = ()) -> List[int]:
     """The ids that end a row: `eos_ids` when given, else every model's EOS ids and the
     tokenizer's EOS token."""
     if eos_ids:
+        vocab = len(tokenizer)
+        outside = [i for i in eos_ids if not 0 <= int(i) < vocab]
+        if outside:
+            raise ConfigError(f"decode.eos_ids {list(eos_ids)}: {outside[0]} is not a token id "
+                              f"of this tokenizer (0..{vocab - 1}), so it would never end a "
+                              "row; give ids inside the vocabulary, or () for the checkpoints'")
         return sorted(set(int(i) for i in eos_ids))
     out = set().union(*(c.eos_token_ids for c in cfgs))
     if tokenizer.eos_token_id is not None:

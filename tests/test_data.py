@@ -104,3 +104,58 @@ def test_preference_pairs():
     n_prompt = len(examples[0].prompt)
     np.testing.assert_array_equal(c["tokens"][0, :n_prompt], r["tokens"][0, :n_prompt])
     assert c["loss_mask"][0].sum() == len(examples[0].chosen)
+
+
+def test_every_record_is_read_as_the_text_it_is_and_bad_ones_are_counted_where_they_are(
+        tmp_path):
+    """Issue 16: one record with a number for a response used to make the JSON loader type
+    the whole column, dropping good answers that look like numbers or lists; one line that is
+    not JSON was fatal. Now every line is read as written and each bad one is skipped,
+    counted and located."""
+    good = [{"prompt": f"add {i}+{i}", "response": str(2 * i)} for i in range(97)]
+    good += [{"prompt": "wrap 108", "response": "[108]"},
+             {"messages": [{"role": "user", "content": "rev ab"},
+                           {"role": "assistant", "content": "ba"}]},
+             {"prompt": "say null", "response": "null"}]
+    lines = [json.dumps(r) for r in good]
+    lines.insert(10, json.dumps({"prompt": "add 1+2", "response": 3}))  # line 11
+    lines.insert(20, "this line is not JSON")  # line 21
+    lines.insert(30, json.dumps({"messages": "hello"}))  # line 31
+    lines.insert(40, json.dumps(["a", "list"]))  # line 41
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"sft.jsonl:21: not valid JSON"):
+        load_records(str(path))  # strict (benchmark files): the first bad line, located
+    records = load_records(str(path), strict=False)
+    answers = {r.get("prompt"): r.get("response") for r in records}
+    assert answers["add 31+31"] == "62" and answers["wrap 108"] == "[108]"
+    assert answers["say null"] == "null" and records[0] == good[0]
+    examples, report = tokenize_sft(records, TOK, seq_len=64)
+    assert report.kept == 100 and len(examples) == 100
+    assert dict(report.skipped) == {"response_not_text": 1, "bad_json": 1, "bad_messages": 1,
+                                    "not_an_object": 1}
+    assert report.where["response_not_text"] == [f"{path}:11"]
+    assert report.where["bad_json"] == [f"{path}:21"]
+    assert report.where["bad_messages"] == [f"{path}:31"]
+    assert f"{path}:41" in str(report)
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        load_records(str(empty))
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="is empty"):
+        load_records(str(tmp_path / "blank.jsonl"), strict=False)
+    (tmp_path / "array.json").write_text(json.dumps(good[:3] + [{"prompt": "x", "response": 1}]))
+    arr = load_records(str(tmp_path / "array.json"), strict=False)
+    _, rep = tokenize_sft(arr, TOK, seq_len=64)
+    assert rep.kept == 3 and rep.where["response_not_text"] == [f"{tmp_path / 'array.json'}[3]"]
+
+
+def test_preference_records_with_wrong_types_are_skipped():
+    recs = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+            {"prompt": "2+2?", "chosen": 4, "rejected": "5"},
+            {"prompt": 7, "chosen": "4", "rejected": "5"}]
+    _, report = tokenize_pref(recs, TOK, seq_len=32)
+    assert report.kept == 1
+    assert dict(report.skipped) == {"response_not_text": 1, "prompt_not_text": 1}

@@ -64,8 +64,8 @@ def _quick_run(root):
     """The reduced demo (smaller models, fewer steps), end to end through the CLI."""
     out = subprocess.run([sys.executable, "-m", "fr_jax.demo", *QUICK,
                           f"--config.workdir={root / 'run'}", "--config.progress=False"],
-                         cwd=REPO, env=one_device_env(root / "home"), capture_output=True,
-                         text=True, timeout=1500)
+                         cwd=REPO, env=one_device_env(root / "home", fast_compile=False),
+                         capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stderr[-3000:]
     return root / "run", json.load(open(root / "run" / "results.json")), out.stdout
 
@@ -202,7 +202,7 @@ def test_pipeline_is_deterministic(tmp_path):
         run = tmp_path / name
         subprocess.run([sys.executable, "-m", "fr_jax.demo", *args,
                         f"--config.workdir={run}"], cwd=REPO,
-                       env=one_device_env(tmp_path / "home"),
+                       env=one_device_env(tmp_path / "home", fast_compile=False),
                        check=True, capture_output=True, timeout=900)
         files = [run / "experts" / d / "model.safetensors" for d in W.DOMAINS] + [
             run / "train" / "router" / "cdpo" / "router" / f for f in

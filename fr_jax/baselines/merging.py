@@ -28,6 +28,7 @@ import numpy as np
 
 from fr_jax.errors import CheckpointError, MergeError
 from fr_jax.hf import load_hf, load_tokenizer, save_hf
+from fr_jax.paths import check_output
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare")
 Weights = Union[float, Sequence[float]]
@@ -194,6 +195,7 @@ def merge_hf(base_path: str, expert_paths: Sequence[str], out: str, method: str,
     """Merges HF folders (experts of one base) into the HF folder `out` (+ merge.json)."""
     if not expert_paths:
         raise MergeError("no expert folders given")
+    check_output(out, "merge output", [base_path, *expert_paths], makes_folders=True)
     base_cfg, base = load_hf(base_path)
     experts = []
     for p in expert_paths:

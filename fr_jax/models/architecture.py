@@ -158,6 +158,13 @@ class ModelConfig:
                 raise ConfigError(f"{source} is missing required key {key!r} for {model_type}")
             return cfg[key]
 
+        for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+                    "intermediate_size", "num_key_value_heads", "head_dim",
+                    "max_position_embeddings", "sliding_window"):
+            v = cfg.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"{source}: {key} must be a positive integer, got {v!r}; "
+                                  "fix the checkpoint's config.json")
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
         num_layers = int(need("num_hidden_layers"))

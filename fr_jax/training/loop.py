@@ -17,15 +17,16 @@ from tqdm.auto import tqdm
 
 from fr_jax import sharding as sh
 from fr_jax.checkpoint import Checkpointer, abstract_like
-from fr_jax.config import frozen_dtype
+from fr_jax.config import check_ranges, frozen_dtype
 from fr_jax.data import Batcher, load_records, tokenize_pref, tokenize_sft
-from fr_jax.errors import ConfigError, TrainError
+from fr_jax.errors import ConfigError, DataError, TrainError
 from fr_jax.experts import Experts
 from fr_jax.hf import load_config, load_hf, load_tokenizer, save_hf
 from fr_jax.lineup import Lineup, load_lineup
 from fr_jax.models import Model
 from fr_jax.router import Router, save_router
 from fr_jax.trace import render_text
+from fr_jax.training import record
 from fr_jax.training.precompute import precompute_reference, precompute_signals
 from fr_jax.training.stage import build_stage, init_state, micro_batch_size, trained_cfg, frozen_cfg
 
@@ -70,6 +71,31 @@ class _Writer:
             self.w.close()
 
 
+WATCHED = ("loss", "grad_norm")  # a non-finite value of either stops the stage
+
+
+def _check_finite(stage: str, pending, ckpt: Checkpointer):
+    """Raises TrainError at the first update in `pending` whose loss or gradient norm is
+    not finite; the newest checkpoint on disk is then the last finite state."""
+    for micro, values in jax.device_get(pending):
+        for k, v in values.items():
+            if not np.isfinite(v):
+                steps = ckpt.steps()
+                kept = (f"the latest checkpoint, step {steps[-1]}, is the last finite state "
+                        f"and training resumes from it" if steps else "no checkpoint was written")
+                raise TrainError(
+                    f"[{stage}] {k} is {float(v)} at step {micro}: training stopped and nothing "
+                    f"was exported; {kept}. Lower train.{stage}.lr (or lengthen its warmup, "
+                    f"lower train.clip) and re-run.")
+
+
+def _write_json(path: str, obj):
+    tmp = f"{path}.{os.getpid()}.partial"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
 def _tokens_in(batch) -> int:
     sides = [batch["chosen"], batch["rejected"]] if "chosen" in batch else [batch]
     return int(sum((s["segment_ids"] > 0).sum() for s in sides))
@@ -85,13 +111,17 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     stage_cfg = tc[name]
     vocab = len(tokenizer)
     workdir = os.path.join(tc.workdir, name)
-    if name in ("sft", "lm"):
-        examples, report = tokenize_sft(load_records(dc.sft_path), tokenizer, dc.seq_len, dc.chat)
-        kind = "sft"
-    else:
-        examples, report = tokenize_pref(load_records(dc.pref_path), tokenizer, dc.seq_len,
-                                         dc.chat)
-        kind = "pref"
+    record.check_or_write(config, name, jax.process_index() == 0)
+    kind = "sft" if name in ("sft", "lm") else "pref"
+    path = dc.sft_path if kind == "sft" else dc.pref_path
+    tokenize = tokenize_sft if kind == "sft" else tokenize_pref
+    examples, report = tokenize(load_records(path, strict=False), tokenizer, dc.seq_len, dc.chat)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "data_report.json"), "w") as f:
+        json.dump({"path": path, **report.to_json()}, f, indent=1)
+    if not examples:  # bad records are skipped and counted; only nothing usable is fatal
+        raise DataError(f"{path}: no usable {kind} records ({report}); see "
+                        f"{os.path.join(workdir, 'data_report.json')}")
     precomputed = name == "sft" and stage_cfg.expert_signals == "precompute"
     if precomputed:
         examples = precompute_signals(
@@ -126,11 +156,13 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     stage = build_stage(name, trainee, experts, mesh, stage_cfg, tc, params, frozen, vocab)
     state = init_state(stage, params, tc.seed)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep)
+    history = []  # one entry per logged update, kept across resumes (checkpoint meta)
     if tc.resume:
         restored = ckpt.restore_latest(abstract_like(state, stage.state_shardings))
         if restored is not None:
             state, meta, at = restored
             batcher.restore(meta["data"])
+            history = list(meta.get("history", []))
             _print(f"[{name}] resumed from step {at} (epoch {batcher.epoch}, "
                    f"example {batcher.index})")
     frozen = jax.device_put(frozen, stage.frozen_shardings)
@@ -148,43 +180,55 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     bar = tqdm(total=total, initial=micro, desc=name, disable=not progress or
                jax.process_index() != 0, dynamic_ncols=True)
     batch, t_last, tokens_since, micro_last = first, time.perf_counter(), 0, micro
-    history = []
-    while micro < total:
-        state, metrics = train_step(state, frozen, stage.put_batch(batch))
-        micro += 1
-        tokens_since += _tokens_in(batch)
-        bar.update(1)
-        if micro % tc.log_every == 0 or micro == total:
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            values = _scalars(metrics)
-            values.update(lr=float(stage.schedule(micro)),
-                          tokens_per_s=tokens_since / (now - t_last),
-                          step_time=(now - t_last) / (micro - micro_last))
-            if "route_share" in metrics:  # per-expert share of the tokens routed to it
-                writer.histogram("train/route_share", metrics["route_share"], micro)
-                values.update({f"route_share_{i}": float(v)
-                               for i, v in enumerate(metrics["route_share"])})
-            writer.scalars("train", values, micro)
-            history.append({"micro": micro, **values})
-            bar.set_postfix(loss=f"{values['loss']:.3f}")
-            t_last, tokens_since, micro_last = now, 0, micro
-        if tc.eval_every and eval_ex and (micro % tc.eval_every == 0 or micro == total):
-            ev = evaluate(stage, eval_step, state.params, frozen, eval_ex, tc, dc, kind)
-            writer.scalars("eval", ev, micro)
-            if history:
-                history[-1].update({f"eval_{k}": v for k, v in ev.items()})
-        if sampler is not None and (micro % tc.sample_every == 0 or micro == total):
-            writer.text("samples", sampler(state.params), micro)
-        if micro % tc.ckpt_every == 0 or micro == total:
-            ckpt.save(micro, state, {"data": batcher.state(), "stage": name, "micro": micro})
-        if micro < total:
-            batch = batcher.next()
-    bar.close()
-    writer.close()
-    ckpt.close()
-    with open(os.path.join(workdir, "history.json"), "w") as f:
-        json.dump(history, f, indent=1)
+    history_path = os.path.join(workdir, "history.json")
+    pending = []  # (update, watched metrics still on device): checked at the next boundary
+    try:
+        while micro < total:
+            state, metrics = train_step(state, frozen, stage.put_batch(batch))
+            micro += 1
+            tokens_since += _tokens_in(batch)
+            bar.update(1)
+            pending.append((micro, {k: metrics[k] for k in WATCHED if k in metrics}))
+            saving = micro % tc.ckpt_every == 0 or micro == total
+            if saving or micro % tc.log_every == 0:
+                # Before anything is logged or saved: a diverged step never reaches a checkpoint.
+                _check_finite(name, pending, ckpt)
+                pending = []
+            if micro % tc.log_every == 0 or micro == total:
+                metrics = jax.device_get(metrics)
+                now = time.perf_counter()
+                values = _scalars(metrics)
+                values.update(lr=float(stage.schedule(micro)),
+                              tokens_per_s=tokens_since / (now - t_last),
+                              step_time=(now - t_last) / (micro - micro_last))
+                if "route_share" in metrics:  # per-expert share of the tokens routed to it
+                    writer.histogram("train/route_share", metrics["route_share"], micro)
+                    values.update({f"route_share_{i}": float(v)
+                                   for i, v in enumerate(metrics["route_share"])})
+                writer.scalars("train", values, micro)
+                history.append({"micro": micro, **values})
+                bar.set_postfix(loss=f"{values['loss']:.3f}")
+                t_last, tokens_since, micro_last = now, 0, micro
+            if tc.eval_every and eval_ex and (micro % tc.eval_every == 0 or micro == total):
+                ev = evaluate(stage, eval_step, state.params, frozen, eval_ex, tc, dc, kind)
+                writer.scalars("eval", ev, micro)
+                if history:
+                    history[-1].update({f"eval_{k}": v for k, v in ev.items()})
+            if sampler is not None and (micro % tc.sample_every == 0 or micro == total):
+                writer.text("samples", sampler(state.params), micro)
+            if saving:
+                # The history up to this step travels with the step: a resume from any
+                # checkpoint continues the history that led to it.
+                ckpt.save(micro, state, {"data": batcher.state(), "stage": name,
+                                         "micro": micro, "history": history})
+                _write_json(history_path, history)
+            if micro < total:
+                batch = batcher.next()
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    _write_json(history_path, history)
     return state.params, history
 
 
@@ -263,6 +307,7 @@ def train(config, progress: bool = True) -> str:
     """The configured stages: sft and/or cdpo train the router of config.router.path for
     the experts of config.experts.paths (returns the exported router's folder); lm alone
     fine-tunes one plain model (see `finetune`; returns its folder)."""
+    check_ranges(config)
     maybe_initialize_distributed(config.train.distributed)
     tc = config.train
     if "lm" in tc.stages:
@@ -289,10 +334,6 @@ def train(config, progress: bool = True) -> str:
     samples = dataclasses.replace(lineup, router=router, experts=experts, mesh=None)
     r_params, e_params = lineup.params["router"], lineup.params["experts"]
     tokenizer = lineup.tokenizer
-    os.makedirs(tc.workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(tc.workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
     out = None
     for name in tc.stages:
         r_params, _ = run_stage(name, config, router, r_params, experts, e_params, tokenizer,
