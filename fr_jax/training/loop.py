@@ -89,13 +89,6 @@ def _check_finite(stage: str, pending, ckpt: Checkpointer):
                     f"lower train.clip) and re-run.")
 
 
-def _write_json(path: str, obj):
-    tmp = f"{path}.{os.getpid()}.partial"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _tokens_in(batch) -> int:
     sides = [batch["chosen"], batch["rejected"]] if "chosen" in batch else [batch]
     return int(sum((s["segment_ids"] > 0).sum() for s in sides))
@@ -117,8 +110,8 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     tokenize = tokenize_sft if kind == "sft" else tokenize_pref
     examples, report = tokenize(load_records(path, strict=False), tokenizer, dc.seq_len, dc.chat)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "data_report.json"), "w") as f:
-        json.dump({"path": path, **report.to_json()}, f, indent=1)
+    record.write_json(os.path.join(workdir, "data_report.json"),
+                      {"path": path, **report.to_json()})
     if not examples:  # bad records are skipped and counted; only nothing usable is fatal
         raise DataError(f"{path}: no usable {kind} records ({report}); see "
                         f"{os.path.join(workdir, 'data_report.json')}")
@@ -221,14 +214,14 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
                 # checkpoint continues the history that led to it.
                 ckpt.save(micro, state, {"data": batcher.state(), "stage": name,
                                          "micro": micro, "history": history})
-                _write_json(history_path, history)
+                record.write_json(history_path, history)
             if micro < total:
                 batch = batcher.next()
     finally:
         bar.close()
         writer.close()
         ckpt.close()
-    _write_json(history_path, history)
+    record.write_json(history_path, history)
     return state.params, history
 
 

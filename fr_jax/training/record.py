@@ -102,17 +102,18 @@ def check_or_write(config, stage: str, is_main: bool = True):
         if changed and is_main:
             record.setdefault("changes", []).append(
                 {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "differences": changed, "run": now})
-            _write(path, record)
+            write_json(path, record)
         return
     if is_main:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        _write(path, {"run": now, "config": json.loads(config.to_json_best_effort())})
+        write_json(path, {"run": now, "config": json.loads(config.to_json_best_effort())})
         original = os.path.join(tc.workdir, "config.json")
         if not os.path.isfile(original):
             _write_text(original, config.to_json_best_effort(indent=2))
 
 
-def _write(path, obj):
+def write_json(path, obj):
+    """Writes `obj` as JSON to `path` atomically (a per-process temporary file, renamed)."""
     _write_text(path, json.dumps(obj, indent=1))
 
 
