@@ -2,6 +2,7 @@
 
     python -m fr_jax.demo                                  # the full run (README's table)
     python -m fr_jax.demo --config=configs/demo.py:quick   # the reduced run the tests use
+                                                           # (from the bundled experts)
     python -m fr_jax.demo --config.workdir=/tmp/demo --config.seed=1
 
 Pipeline (fr_jax/toy/pipeline.py): world data -> a shared base model -> three domain experts
@@ -12,6 +13,7 @@ the baselines (fine-tuned with the router's budget, merged, SharedTrunkNet seque
 
 import ml_collections
 
+from fr_jax.bundle import BUNDLE
 from fr_jax.config import base_config
 
 
@@ -38,7 +40,13 @@ def get_config(arg: str = ""):
     c.progress = True
     c.bundle = ""  # a folder: also write the trained router + experts there (the package's)
 
+    # The reduced run adopts the bundled world's base models and experts (trained by this
+    # file's full run, same world) and trains everything from the router on; `''` trains
+    # them too (test_pipeline_is_deterministic runs that path).
+    c.start_from = BUNDLE if quick else ""
+
     c.world = ml_collections.ConfigDict()
+    c.world.seed = 0  # the tasks: held-out prompts and training pools (`seed`: the training)
     c.world.n_train = 3000  # distinct training tasks per domain
     c.world.n_test = 100 if quick else 200  # held-out prompts per domain
     c.world.seq_len = 64  # packed training rows

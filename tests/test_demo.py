@@ -176,7 +176,7 @@ def test_bundled_checkpoints_reproduce_their_table():
     cfg = runpy.run_path(default_config_file("demo.py"))["get_config"]("")
     cfg.progress = False
     cfg.eval.modes = ("expert_only", "fusionroute")
-    data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, cfg.seed)
+    data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, cfg.world.seed)
     tests = [t for d in W.EVAL_DOMAINS for t in data.test[d]]
     lineup = demo.load_world_lineup(world["router"], world["experts"], {})
     got = demo.evaluate(cfg, lineup, tests)
@@ -191,7 +191,7 @@ def test_bundled_checkpoints_reproduce_their_table():
 def test_pipeline_is_deterministic(tmp_path):
     """Two runs of a micro pipeline with one seed give bit-identical experts, router and
     table."""
-    args = [*QUICK, "--config.progress=False", "--config.world.n_test=16",
+    args = [*QUICK, "--config.start_from=", "--config.progress=False", "--config.world.n_test=16",
             "--config.base.steps=6", "--config.router_base.steps=6",
             "--config.experts.steps=6", "--config.experts.steps_by_domain.math=6",
             "--config.sft.steps=6", "--config.cdpo.steps=4", "--config.cdpo.prompts=24",

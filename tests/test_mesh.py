@@ -42,7 +42,9 @@ def test_mesh_decode_equals_single_device(tmp_path):
     sharded, params = _decode(router_path, paths, mesh)
     np.testing.assert_array_equal(single.tokens, sharded.tokens)
     np.testing.assert_array_equal(single.chosen, sharded.chosen)
-    np.testing.assert_allclose(single.route_probs, sharded.route_probs, atol=1e-5)
+    # Sharded matmuls sum in another order: fp32 routing probabilities move by ~1e-5 (seen in
+    # CI: 1.01e-5), while the tokens and the chosen experts must not move at all.
+    np.testing.assert_allclose(single.route_probs, sharded.route_probs, atol=1e-4)
 
     # The params really are split: stacked experts over `expert`, heads over `tensor`.
     q = params["experts"]["layers"]["attn"]["q_proj"]["kernel"]  # [expert, layers, E, H, D]

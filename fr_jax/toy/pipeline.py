@@ -37,7 +37,8 @@ from fr_jax.config import base_config, default_config_file
 from fr_jax.eval import harness, report
 from fr_jax.eval.benchmarks import toy_examples
 from fr_jax.eval.generation import generate
-from fr_jax.hf import save_hf
+from fr_jax.errors import ConfigError
+from fr_jax.hf import load_config, save_hf
 from fr_jax.lineup import load_lineup
 from fr_jax.models import Model, ModelConfig, RopeConfig
 from fr_jax.sampling import Sampling
@@ -114,7 +115,7 @@ def make_data(cfg, root: str) -> Dict[str, str]:
     paths["train_pool"] = os.path.join(d, "train_pool.jsonl")
     if _done(d):
         return paths
-    data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, cfg.seed)
+    data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, cfg.world.seed)
     n_rows = lambda st: st.steps * st.batch_size * 2  # ~2 examples per packed row
     W.write_jsonl(paths["test"], [t.record() for d_ in W.EVAL_DOMAINS for t in data.test[d_]])
     W.write_jsonl(paths["train_pool"], [t.record() for d_ in W.EVAL_DOMAINS
@@ -151,6 +152,51 @@ def train_lm(cfg, root: str, name: str, init: str, data_path: str, st) -> str:
     shutil.copytree(exported, out)
     _mark_done(out)
     return out
+
+
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim")
+
+
+def adopt_trained(cfg, root: str, tokenizer):
+    """With `cfg.start_from` (a bundled world's folder, `fr_jax.bundle`): its experts' base,
+    the router's base and the three experts are copied to where stages 2-3 would have
+    written theirs, so those stages are skipped. Refused unless that world was drawn as this
+    run's is (same world seed and training pools; this run's held-out prompts among its
+    held-out ones) and its models have this config's shapes: otherwise the adopted experts
+    could have trained on this run's test prompts."""
+    src = os.path.abspath(cfg.start_from)
+    world_file = os.path.join(src, "world.json")
+    if not os.path.isfile(world_file):
+        raise ConfigError(f"start_from={cfg.start_from!r} is not a bundled world (no "
+                          "world.json); leave start_from empty to train the experts")
+    with open(world_file) as f:
+        made = json.load(f)
+    want = {"seed": cfg.world.seed, "n_train": cfg.world.n_train}
+    diff = {k: (made.get(k), v) for k, v in want.items() if made.get(k) != v}
+    if made.get("n_test", -1) < cfg.world.n_test:
+        diff["n_test"] = (made.get("n_test"), cfg.world.n_test)
+    if diff:
+        raise ConfigError(
+            f"the world in {src} was drawn with different settings ({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in diff.items())}); "
+            "set world.seed / world.n_train to its values (world.n_test at most its), or "
+            "leave start_from empty")
+    names = {"base": "base", "router_base": "router_base",
+             **{f"experts/{x}": x for x in W.DOMAINS}}
+    for dest, name in names.items():
+        out = os.path.join(root, dest)
+        if _done(out):
+            continue
+        m = cfg.router_model if name == "router_base" else cfg.expert_model
+        have, want = load_config(os.path.join(src, name)), model_config(m, tokenizer)
+        if any(getattr(have, k) != getattr(want, k) for k in _SHAPE_FIELDS):
+            raise ConfigError(f"{os.path.join(src, name)} is not the model this config "
+                              f"describes ({'router_model' if name == 'router_base' else 'expert_model'}); "
+                              "leave start_from empty to train it")
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        shutil.copytree(os.path.join(src, name), out)
+        _mark_done(out)
 
 
 def init_models(cfg, root: str, tokenizer) -> Dict[str, str]:
@@ -296,7 +342,7 @@ def _tensorboard(results: dict, logdir: str):
     w.close()
 
 
-def bundle(paths: Dict[str, str], results: dict, target: str):
+def bundle(paths: Dict[str, str], results: dict, world, target: str):
     """Copies the trained router, its pretrained base, the experts and their base, the
     baselines (TIES-merged model, fine-tuned model, SharedTrunkNet) and the results table
     to `target`, with a manifest of file hashes."""
@@ -308,6 +354,8 @@ def bundle(paths: Dict[str, str], results: dict, target: str):
     for name, src in single + [(x, p) for x, p in zip(W.DOMAINS, paths["experts"])]:
         shutil.copytree(src, os.path.join(target, name),
                         ignore=shutil.ignore_patterns("DONE"))
+    with open(os.path.join(target, "world.json"), "w") as f:  # what start_from checks
+        json.dump(dict(world), f, indent=1, sort_keys=True)
     with open(os.path.join(target, "results.json"), "w") as f:
         json.dump({k: results[k] for k in ("domains", "modes", "expert_names", "n_test",
                                            "accuracy", "average", "shares")}, f, indent=1,
@@ -338,6 +386,8 @@ def run_pipeline(cfg) -> dict:
     tokenizer = W.build_tokenizer()
     data = make_data(cfg, root)
     inits = init_models(cfg, root, tokenizer)
+    if cfg.start_from:
+        adopt_trained(cfg, root, tokenizer)
     t = mark("world", t)
     base = train_lm(cfg, root, "base", inits["base"], data["base"], cfg.base)
     router_base = train_lm(cfg, root, "router_base", inits["router"], data["base"],
@@ -372,7 +422,7 @@ def run_pipeline(cfg) -> dict:
     if cfg.bundle:
         bundle({"router": router, "router_base": router_base, "experts": experts,
                 "base": base, "merged": merged["merged:ties"], "finetuned": finetuned,
-                "seqroute": trunk}, results, cfg.bundle)
+                "seqroute": trunk}, results, cfg.world, cfg.bundle)
         _log(cfg, f"[demo] bundled the trained world in {cfg.bundle}")
     print("\n" + report.markdown(results), flush=True)  # the product: always shown
     print(f"[demo] total {results['timings_s']['total']:.0f} s; wrote "

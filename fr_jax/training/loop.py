@@ -5,7 +5,6 @@ the router's sft / cdpo (`train`) and one plain model's lm (`finetune`)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Dict, Optional
