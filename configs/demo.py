@@ -76,6 +76,11 @@ def get_config(arg: str = ""):
     c.sft.mix = ml_collections.ConfigDict({"math": 1.0, "code": 1.0, "instr": 1.0, "mixed": 1.0})
     c.sft.lm_weight = 1.0
     c.sft.routing_loss = "mixture"
+    # The generator term (README, Training): the router's own LM (`router`), the fused
+    # policy (`fused`, on `lm_positions` all | informative) or a mix (`lm_mix` fused).
+    c.sft.lm_target = "router"
+    c.sft.lm_positions = "all"
+    c.sft.lm_mix = 0.5
     # Router stage 2 (CDPO): pairs from sampled FusionRoute answers of training prompts,
     # a correct one (or the reference answer) against an incorrect one.
     c.cdpo = _stage(80 if quick else 150, 2e-4, 10, 16)
@@ -85,6 +90,9 @@ def get_config(arg: str = ""):
     c.cdpo.prompts = 800 if quick else 2400  # training prompts sampled for pairs
     c.cdpo.samples = 4  # sampled answers per prompt (plus the greedy one)
     c.cdpo.temperature = 1.0
+    # The chosen answer of a pair: a correct sampled FusionRoute answer where there is one,
+    # else the reference (`sampled`); or always the reference answer (`reference`).
+    c.cdpo.chosen = "sampled"
     # The fine-tuned baseline: the experts' base, fine-tuned on the router's SFT data with
     # the router's SFT budget (steps x batch).
 
@@ -103,6 +111,10 @@ def get_config(arg: str = ""):
     c.seqroute.lam = 0.0  # the table's row: the most accurate choice, whatever it costs
     c.seqroute.trunk.steps = 600 if quick else 1000
     c.seqroute.trunk.batch_size = 128
+
+    # False: the router's side only (no fine-tuned, merged or SharedTrunkNet baselines; the
+    # ablation runner's runs), evaluated on the eval.modes that need none of them.
+    c.baselines = True
 
     c.eval = ml_collections.ConfigDict()
     c.eval.modes = ("expert:0", "expert:1", "expert:2", "router_only", "expert_only",

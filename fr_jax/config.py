@@ -122,6 +122,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.sft.final_lr_frac = 0.1  # cosine decays to lr * this
     c.train.sft.lm_weight = 1.0  # lambda_lm in L_SFT = L_route + lambda_lm * L_lm
     c.train.sft.routing_loss = "mixture"  # mixture | best_expert
+    # The generator term L_lm (README, Training): router = the router's own LM on every
+    # response token; fused = the fused policy log_softmax(lsm q + lsm p_k) with k from the
+    # routing head, on lm_positions (all | informative); mix = (1 - lm_mix) router + lm_mix
+    # fused. fused / mix run the experts in the step even with precomputed signals.
+    c.train.sft.lm_target = "router"
+    c.train.sft.lm_positions = "all"
+    c.train.sft.lm_mix = 0.5
     # online: experts run inside the step; precompute: their per-target log-prob and top-1
     # token are computed once, cached to disk (signals_cache) and fed with the batches.
     c.train.sft.expert_signals = "online"
@@ -280,6 +287,20 @@ def frozen_dtype(config) -> str:
     return config.model.frozen_dtype or config.model.dtype
 
 
+def nested(fields: dict) -> ml_collections.ConfigDict:
+    """{"a.b": 1, "a.c": 2} -> a ConfigDict with a.b = 1 and a.c = 2."""
+    out = ml_collections.ConfigDict()
+    for key, value in fields.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if p not in node:
+                node[p] = ml_collections.ConfigDict()
+            node = node[p]
+        node[leaf] = value
+    return out
+
+
 def default_config_file(name: str = "tiny.py") -> str:
     return os.path.join(REPO_CONFIGS, name)
 
@@ -297,7 +318,8 @@ RANGES = {
     "train.log_every": (1, None), "train.eval_every": (0, None), "train.eval_batches": (1, None),
     "train.sample_every": (0, None), "train.ckpt_every": (1, None), "train.keep": (1, None),
     "train.clip": ("(0", None), "train.weight_decay": (0, None), "train.b1": (0, "1)"),
-    "train.b2": (0, "1)"), "train.sft.lm_weight": (0, None), "train.cdpo.beta": ("(0", None),
+    "train.b2": (0, "1)"), "train.sft.lm_weight": (0, None),
+    "train.sft.lm_mix": (0, 1), "train.cdpo.beta": ("(0", None),
     "train.cdpo.route_kl": (0, None), "train.cdpo.chosen_nll": (0, None),
     **{f"train.{s}.{k}": r for s in ("sft", "cdpo", "lm") for k, r in (
         ("steps", (1, None)), ("lr", ("(0", None)), ("warmup", (0, None)),
@@ -311,6 +333,16 @@ RANGES = {
     # configs/merge.py: a task vector scaled beyond +-10 is no longer a merge of the experts.
     "lam": (-10, 10), "lambdas": (-10, 10), "weights": (0, None), "density": ("(0", 1),
     "drop": (0, "1)"),
+}
+
+
+# config field -> the words it accepts (checked with RANGES, before any work).
+CHOICES = {
+    "train.sft.routing_loss": ("mixture", "best_expert"),
+    "train.sft.lm_target": ("router", "fused", "mix"),
+    "train.sft.lm_positions": ("all", "informative"),
+    "train.sft.expert_signals": ("online", "precompute"),
+    "train.cdpo.reference": ("online", "precompute"),
 }
 
 
@@ -341,3 +373,11 @@ def check_ranges(config, ranges=None):
                         + (")" if high_open or high is None else "]"))
                 raise ConfigError(f"--config.{key}={v!r} is out of range: it must be a finite "
                                   f"number in {span}")
+    if ranges is None:
+        for key, words in CHOICES.items():
+            node = config
+            for part in key.split("."):
+                node = node.get(part) if hasattr(node, "get") else None
+            if node is not None and node not in words:
+                raise ConfigError(f"--config.{key}={node!r} is not one of "
+                                  f"{', '.join(map(repr, words))}")

@@ -132,17 +132,53 @@ def routing_loss(route_logits, signals: ExpertSignals, informative, kind: str = 
     return _masked_mean(per_t, informative)
 
 
+LM_TARGETS = ("router", "fused", "mix")
+LM_POSITIONS = ("all", "informative")
+
+
+def generator_loss(own: "TokenStats", fused, targets, loss_mask, informative,
+                   target: str = "router", mix: float = 0.5, positions: str = "all"):
+    """Stage 1's generator term L_lm (fr_jax's open reading, method.md), -> (L_lm, parts).
+
+    router: -mean_{t in R} log q_t(y_t)                  (the router as a stand-alone LM)
+    fused:  -mean_{t in S} log f_t(y_t), f_t = softmax(lsm q_t + lsm p_{k_t,t}), k_t the
+            routing head's choice, no gradient into the expert (the router as a complement)
+    mix:    (1 - mix) * router + mix * fused
+    R: the response positions; S = R (`positions="all"`) or I (`"informative"`, where the
+    experts' top-1 tokens differ). own / fused: TokenStats [B, T] of q and f (fused is None
+    for `router`). parts: the router's own NLL ("lm_loss") and, with fused, "fused_loss".
+    """
+    if target not in LM_TARGETS:
+        raise ValueError(f"unknown lm_target {target!r}; use one of {LM_TARGETS}")
+    if positions not in LM_POSITIONS:
+        raise ValueError(f"unknown lm_positions {positions!r}; use one of {LM_POSITIONS}")
+    l_own, _ = lm_loss_from_stats(own, targets, loss_mask)
+    parts = {"lm_loss": l_own}
+    if target == "router":
+        return l_own, parts
+    where = informative if positions == "informative" else loss_mask > 0
+    l_fused = -_masked_mean(fused.logprob, where)
+    parts["fused_loss"] = l_fused
+    if target == "fused":
+        return l_fused, parts
+    return (1.0 - mix) * l_own + mix * l_fused, parts
+
+
 def sft_loss(lm, route_logits, targets, loss_mask, signals: ExpertSignals,
-             lm_weight: float = 1.0, routing: str = "mixture"):
+             lm_weight: float = 1.0, routing: str = "mixture", fused=None,
+             lm_target: str = "router", lm_mix: float = 0.5, lm_positions: str = "all"):
     """L_SFT = L_route + lm_weight * L_lm, and the stage-1 metrics.
 
     lm: the router's LM logits [B, T, V], or their TokenStats [B, T] (formed blockwise);
-    route_logits [B, T, n], targets / loss_mask [B, T].
+    route_logits [B, T, n], targets / loss_mask [B, T]; fused: TokenStats [B, T] of the
+    fused policy (lm_target fused / mix; see generator_loss).
     Returns (loss, metrics dict of scalars + "route_share" [n]).
     """
     informative = informative_mask(signals.top1, loss_mask)
-    l_lm, _ = (lm_loss_from_stats(lm, targets, loss_mask) if isinstance(lm, TokenStats)
-               else lm_loss(lm, targets, loss_mask))
+    if not isinstance(lm, TokenStats):
+        lm = TokenStats(token_logprob(lm, targets), jnp.argmax(lm, axis=-1).astype(jnp.int32))
+    l_lm, parts = generator_loss(lm, fused, targets, loss_mask, informative, lm_target, lm_mix,
+                                 lm_positions)
     l_route = routing_loss(route_logits, signals, informative, routing)
     loss = l_route + lm_weight * l_lm
     w = jax.nn.softmax(route_logits.astype(jnp.float32), axis=-1)
@@ -152,7 +188,8 @@ def sft_loss(lm, route_logits, targets, loss_mask, signals: ExpertSignals,
     n_resp = jnp.maximum(jnp.sum(resp), 1)
     metrics: Dict[str, jax.Array] = {
         "loss": loss,
-        "lm_loss": l_lm,
+        **parts,
+        "generator_loss": l_lm,
         "route_loss": l_route,
         "informative_frac": jnp.sum(informative) / n_resp,
         "route_acc": _masked_mean((chosen == best).astype(jnp.float32), informative),

@@ -75,6 +75,50 @@ def test_sft_and_routing_loss_match_numpy(kind):
     np.testing.assert_allclose(float(np.sum(m["route_share"])), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("target,positions", [("fused", "all"), ("fused", "informative"),
+                                              ("mix", "all"), ("mix", "informative")])
+def test_generator_term_on_the_fused_policy_matches_numpy(target, positions):
+    """L_lm of the fused policy log_softmax(lsm q + lsm p_k), k the routing head's argmax,
+    over all response tokens or the informative ones; mix weighs it against q's own NLL."""
+    lm, route, expert, targets, mask = inputs()
+    sig = losses.expert_signals(jnp.asarray(expert), jnp.asarray(targets))
+    sel = jnp.argmax(jnp.asarray(route), axis=-1)
+    fused_lp = losses.fused_logprob(jnp.asarray(lm),
+                                    losses.select_per_token(jnp.asarray(expert), sel),
+                                    jnp.asarray(targets))
+    fused = losses.TokenStats(fused_lp, jnp.zeros_like(sel))
+    loss, m = losses.sft_loss(jnp.asarray(lm), jnp.asarray(route), jnp.asarray(targets),
+                              jnp.asarray(mask), sig, lm_weight=0.7, fused=fused,
+                              lm_target=target, lm_mix=0.25, lm_positions=positions)
+    q = np_log_softmax(lm)
+    top1 = expert.argmax(-1)
+    own, fused_terms = [], []
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t] == 0:
+                continue
+            y = targets[b, t]
+            own.append(-q[b, t, y])
+            if positions == "all" or len(set(top1[:, b, t])) > 1:
+                k = int(np.argmax(route[b, t]))
+                f = np_log_softmax(q[b, t] + np_log_softmax(expert[k, b, t]))
+                fused_terms.append(-f[y])
+    want_lm = np.mean(fused_terms) if target == "fused" else \
+        0.75 * np.mean(own) + 0.25 * np.mean(fused_terms)
+    np.testing.assert_allclose(float(m["fused_loss"]), np.mean(fused_terms), rtol=1e-5)
+    np.testing.assert_allclose(float(m["lm_loss"]), np.mean(own), rtol=1e-5)
+    np.testing.assert_allclose(float(m["generator_loss"]), want_lm, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(m["route_loss"]) + 0.7 * want_lm, rtol=1e-5)
+
+
+def test_an_unknown_generator_target_is_refused():
+    lm, route, expert, targets, mask = inputs()
+    sig = losses.expert_signals(jnp.asarray(expert), jnp.asarray(targets))
+    with pytest.raises(ValueError, match="lm_target"):
+        losses.sft_loss(jnp.asarray(lm), jnp.asarray(route), jnp.asarray(targets),
+                        jnp.asarray(mask), sig, lm_target="both")
+
+
 def _cdpo_numpy(pc, pr, rc, rr, beta):
     margin = beta * ((pc - rc) - (pr - rr))
     return np.mean(np.log1p(np.exp(-margin)))

@@ -66,11 +66,12 @@ def test_blocked_token_stats_equal_whole_logits(block):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _stage_loss_and_grads(name, block, remat="none", accum=1, batch=None, seed=0):
+def _stage_loss_and_grads(name, block, remat="none", accum=1, batch=None, seed=0, **stage):
     router, r_params, experts, e_list = build_world("gemma2", n_experts=2, seed=seed)
     router = Router(router.cfg.replace(remat=remat), router.n_experts)
     cfg = base_config()
     cfg.train.batch_size, cfg.train.grad_accum, cfg.train.loss_block = 4, accum, block
+    cfg.train[name].update(stage)
     e_params = experts.combine(e_list)
     frozen = {"experts": e_params}
     if name == "cdpo":
@@ -94,6 +95,35 @@ def test_blocked_stage_losses_equal_whole_sequence_losses(name):
     for k in m0:
         np.testing.assert_allclose(np.asarray(m1[k]), np.asarray(m0[k]), rtol=1e-5, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g0)
+
+
+@pytest.mark.parametrize("positions", ["all", "informative"])
+def test_the_fused_generator_term_in_the_step_equals_a_direct_computation(positions):
+    """Stage 1 with lm_target=fused (signals precomputed, experts in the step): the step's
+    fused NLL equals log_softmax(lsm q + lsm p_k) from whole-sequence logits of the router
+    and every expert, k the routing head's argmax; blocked (7) equals whole (0), values and
+    gradients."""
+    batch = _sft_batch(signals=True)
+    out = [_stage_loss_and_grads("sft", block, batch=batch, expert_signals="precompute",
+                                 lm_target="fused", lm_positions=positions, lm_weight=1.0)
+           for block in (0, 7)]
+    (l0, m0, g0, stage, r_params, frozen), (l1, m1, g1, *_) = out
+    args = (batch["tokens"], batch["positions"], batch["segment_ids"])
+    r = stage.trainee.forward(r_params, *args)
+    e_logits = stage.experts.forward(frozen["experts"], *args)  # [n, B, T, V]
+    sel = np.asarray(jnp.argmax(r.route_logits, -1))
+    e_k = np.take_along_axis(np.asarray(e_logits), sel[None, :, :, None], axis=0)[0]
+    lsm = lambda x: np.asarray(jax.nn.log_softmax(jnp.asarray(x, jnp.float32), -1))
+    f = lsm(lsm(np.asarray(r.logits)[..., :97]) + lsm(e_k[..., :97]))
+    nll = -np.take_along_axis(f, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+    where = np.asarray(batch["loss_mask"]) > 0
+    if positions == "informative":
+        top1 = np.moveaxis(np.asarray(batch["signal_top1"]), -1, 0)
+        where &= (top1 != top1[:1]).any(0)
+    np.testing.assert_allclose(float(m0["fused_loss"]), nll[where].mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g0)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0["backbone"])) > 0
 
 
 @pytest.mark.parametrize("remat", ["dots", "full"])

@@ -89,13 +89,15 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Pro
                                    n * forward_flops(ecfgs[0], micro * seq, (seq + 1) / 2),
                                    uses=("experts",),
                                    kernel_flops=n * splash_flops(ec, micro, seq, 1, False)))
-            frozen = {} if pre else {"experts": e_params}
+            in_step = training.sft_needs_experts(tc.sft)
+            frozen = {"experts": e_params} if in_step else {}
             batch = _sft_rows(tc.batch_size, seq, n if pre else 0)
             flops = 3 * forward_flops(rcfg, tokens, (seq + 1) / 2)
             kernel = splash_flops(rc, tc.batch_size, seq, trained_fwd, True)
-            if not pre:
-                flops += n * forward_flops(ecfgs[0], tokens, (seq + 1) / 2)
-                kernel += n * splash_flops(ec, tc.batch_size, seq, 1, False)
+            # Online signals and a fused generator term each run every expert forward.
+            runs = (not pre) + (tc.sft.lm_target != "router")
+            flops += runs * n * forward_flops(ecfgs[0], tokens, (seq + 1) / 2)
+            kernel += runs * n * splash_flops(ec, tc.batch_size, seq, 1, False)
         elif name == "cdpo":
             pre = tc.cdpo.reference == "precompute"
             if pre:

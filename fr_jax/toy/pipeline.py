@@ -43,7 +43,7 @@ from fr_jax.lineup import load_lineup
 from fr_jax.models import Model, ModelConfig, RopeConfig
 from fr_jax.sampling import Sampling
 from fr_jax.toy import world as W
-from fr_jax.training import finetune, train
+from fr_jax.training import finetune, record, train
 
 EXPERT_NAMES = W.DOMAINS
 
@@ -159,7 +159,8 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
 
 
 def adopt_trained(cfg, root: str, tokenizer):
-    """With `cfg.start_from` (a bundled world's folder, `fr_jax.bundle`): its experts' base,
+    """With `cfg.start_from` (a bundled world's folder, `fr_jax.bundle`, or another run's
+    root, `train_world`): its experts' base,
     the router's base and the three experts are copied to where stages 2-3 would have
     written theirs, so those stages are skipped. Refused unless that world was drawn as this
     run's is (same world seed and training pools; this run's held-out prompts among its
@@ -181,18 +182,29 @@ def adopt_trained(cfg, root: str, tokenizer):
             f"the world in {src} was drawn with different settings ({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in diff.items())}); "
             "set world.seed / world.n_train to its values (world.n_test at most its), or "
             "leave start_from empty")
-    names = {"base": "base", "router_base": "router_base",
-             **{f"experts/{x}": x for x in W.DOMAINS}}
-    for dest, name in names.items():
+    # A bundle keeps the experts at <src>/<domain>; a pipeline's root at experts/<domain>.
+    layout = "experts/{}" if os.path.isdir(os.path.join(src, "experts")) else "{}"
+    same = lambda folder, m: all(getattr(load_config(os.path.join(src, folder)), k) ==
+                                 getattr(model_config(m, tokenizer), k) for k in _SHAPE_FIELDS)
+    adopt = {"base": "base", **{f"experts/{x}": layout.format(x) for x in W.DOMAINS}}
+    for dest, name in adopt.items():
+        if not same(name, cfg.expert_model):
+            raise ConfigError(f"{os.path.join(src, name)} is not the model this config "
+                              "describes (expert_model); leave start_from empty to train it")
+    # The router's base: the bundled one, or the experts' base where the router is as
+    # large as an expert (both are the same pretraining, `say`, at the same budget); a
+    # router of another size gets its base trained here.
+    for name in ("router_base", "base"):
+        if same(name, cfg.router_model):
+            adopt["router_base"] = name
+            break
+    else:
+        _log(cfg, "[demo] no pretrained base of router_model's size in start_from: "
+                  "training one")
+    for dest, name in adopt.items():
         out = os.path.join(root, dest)
         if _done(out):
             continue
-        m = cfg.router_model if name == "router_base" else cfg.expert_model
-        have, want = load_config(os.path.join(src, name)), model_config(m, tokenizer)
-        if any(getattr(have, k) != getattr(want, k) for k in _SHAPE_FIELDS):
-            raise ConfigError(f"{os.path.join(src, name)} is not the model this config "
-                              f"describes ({'router_model' if name == 'router_base' else 'expert_model'}); "
-                              "leave start_from empty to train it")
         if os.path.isdir(out):
             shutil.rmtree(out)
         shutil.copytree(os.path.join(src, name), out)
@@ -234,6 +246,9 @@ def train_router_stage(cfg, root: str, stage: str, router_path: str, experts: Li
         c.train.sft.lm_weight = cfg.sft.lm_weight
         c.train.sft.routing_loss = cfg.sft.routing_loss
         c.train.sft.expert_signals = "precompute"
+        c.train.sft.lm_target = cfg.sft.lm_target
+        c.train.sft.lm_positions = cfg.sft.lm_positions
+        c.train.sft.lm_mix = cfg.sft.lm_mix
     else:
         c.train.cdpo.beta = cfg.cdpo.beta
         c.train.cdpo.route_kl = cfg.cdpo.route_kl
@@ -255,8 +270,11 @@ def preference_pairs(cfg, root: str, sft_router: str, experts: List[str],
                      pool: List[W.Task]) -> str:
     """CDPO pairs from FusionRoute's own answers: for sampled training prompts, the greedy
     answer and `samples` sampled ones are scored; a prompt with an incorrect answer gives
-    the pair (a correct sampled answer, else the reference answer; the incorrect answer the
-    policy produced most often)."""
+    the pair (chosen: a correct sampled answer, else the reference answer -- or always the
+    reference with cdpo.chosen=reference; rejected: the incorrect answer the policy
+    produced most often)."""
+    if cfg.cdpo.chosen not in ("sampled", "reference"):
+        raise ConfigError(f"cdpo.chosen={cfg.cdpo.chosen!r}: use 'sampled' or 'reference'")
     path = os.path.join(root, "data", "pref.jsonl")
     if os.path.isfile(path):
         return path
@@ -277,7 +295,8 @@ def preference_pairs(cfg, root: str, sft_router: str, experts: List[str],
         if not wrong:
             continue
         right = [o for o in outs if W.score(t.answer, o)]
-        rows.append({"prompt": t.prompt, "chosen": right[0] if right else t.answer,
+        chosen = right[0] if right and cfg.cdpo.chosen == "sampled" else t.answer
+        rows.append({"prompt": t.prompt, "chosen": chosen,
                      "rejected": wrong.most_common(1)[0][0], "domain": t.domain})
     W.write_jsonl(path, rows)
     _log(cfg, f"[pairs] {len(rows)} preference pairs from {len(tasks)} prompts "
@@ -370,18 +389,11 @@ def bundle(paths: Dict[str, str], results: dict, world, target: str):
         json.dump(manifest, f, indent=1, sort_keys=True)
 
 
-def run_pipeline(cfg) -> dict:
-    """The whole pipeline; returns the results dict (also written under cfg.workdir)."""
-    t0 = time.perf_counter()
-    root = os.path.abspath(cfg.workdir)
-    os.makedirs(root, exist_ok=True)
-    timings = {}
-
-    def mark(name, since):
-        timings[name] = round(time.perf_counter() - since, 1)
-        _log(cfg, f"[demo] {name} done in {timings[name]:.0f} s")
-        return time.perf_counter()
-
+def train_world(cfg, root: str, mark=lambda name, since: time.perf_counter()):
+    """Steps 1-3: the world's data, the two bases and the experts (adopted from
+    cfg.start_from where it names a bundled world), under `root`, which then also holds a
+    world.json: another run can start from it. mark(step name, its start time) is called
+    after each step. Returns (data paths, base, router base, expert folders)."""
     t = time.perf_counter()
     tokenizer = W.build_tokenizer()
     data = make_data(cfg, root)
@@ -395,7 +407,42 @@ def run_pipeline(cfg) -> dict:
     t = mark("base models", t)
     experts = [train_lm(cfg, root, f"experts/{x}", base, data[f"expert_{x}"],
                         _expert_stage(cfg, x)) for x in W.DOMAINS]
-    t = mark("experts", t)
+    mark("experts", t)
+    with open(os.path.join(root, "world.json"), "w") as f:  # what start_from checks
+        json.dump(dict(cfg.world), f, indent=1, sort_keys=True)
+    return data, base, router_base, experts
+
+
+def run_pipeline(cfg) -> dict:
+    """The whole pipeline; returns the results dict (also written under cfg.workdir)."""
+    if not cfg.baselines:  # refused before any work, not at the evaluation
+        needs = [m for m in cfg.eval.modes
+                 if m in ("finetuned", "sequence") or m.startswith("merged")]
+        if needs or cfg.bundle:
+            raise ConfigError(f"baselines=False trains no baseline model, but "
+                              f"{'eval.modes has ' + ', '.join(needs) if needs else 'bundle is set'}"
+                              "; drop those or leave baselines=True")
+    t0 = time.perf_counter()
+    root = os.path.abspath(cfg.workdir)
+    os.makedirs(root, exist_ok=True)
+    # Seconds spent in each step summed over every invocation of this run: a resumed run
+    # reports what its steps cost in all, not the ~0 s of skipping them the second time.
+    timings_file = os.path.join(root, "timings.json")
+    spent = {}
+    if os.path.isfile(timings_file):
+        with open(timings_file) as f:
+            spent = json.load(f)
+    timings = {}
+
+    def mark(name, since):
+        now = round(time.perf_counter() - since, 1)
+        timings[name] = round(spent.get(name, 0.0) + now, 1)
+        _log(cfg, f"[demo] {name} done in {now:.0f} s")
+        record.write_json(timings_file, {**spent, **timings})
+        return time.perf_counter()
+
+    data, base, router_base, experts = train_world(cfg, root, mark)
+    t = time.perf_counter()
     sft_router = train_router_stage(cfg, root, "sft", router_base, experts,
                                     sft_path=data["sft"])
     t = mark("router SFT", t)
@@ -404,18 +451,21 @@ def run_pipeline(cfg) -> dict:
     t = mark("preference pairs", t)
     router = train_router_stage(cfg, root, "cdpo", sft_router, experts, pref_path=pref)
     t = mark("router CDPO", t)
-    finetuned = train_lm(cfg, root, "finetuned", base, data["sft"], cfg.sft)
-    t = mark("fine-tuned baseline", t)
-    merged = merged_models(cfg, root, base, experts)
-    t = mark("merged baselines", t)
-    trunk = train_seqroute(cfg, root, router, experts, pool)
-    t = mark("sequence-level router (SharedTrunkNet)", t)
-
-    lineup = load_world_lineup(router, experts, {"finetuned": finetuned, **merged},
-                               seqroute=trunk)
+    if cfg.baselines:
+        finetuned = train_lm(cfg, root, "finetuned", base, data["sft"], cfg.sft)
+        t = mark("fine-tuned baseline", t)
+        merged = merged_models(cfg, root, base, experts)
+        t = mark("merged baselines", t)
+        trunk = train_seqroute(cfg, root, router, experts, pool)
+        t = mark("sequence-level router (SharedTrunkNet)", t)
+        lineup = load_world_lineup(router, experts, {"finetuned": finetuned, **merged},
+                                   seqroute=trunk)
+    else:
+        lineup = load_world_lineup(router, experts)
     results = evaluate(cfg, lineup, read_tasks(data["test"]), os.path.join(root, "eval"))
     t = mark("evaluation", t)
-    results["timings_s"] = dict(timings, total=round(time.perf_counter() - t0, 1))
+    results["timings_s"] = dict(timings, total=round(sum(timings.values()), 1))
+    results["wall_s"] = round(time.perf_counter() - t0, 1)  # this invocation's
     results["seed"] = cfg.seed
     paths = report.write(results, root)
     _tensorboard(results, os.path.join(root, "tensorboard", "eval"))

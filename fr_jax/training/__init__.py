@@ -12,6 +12,7 @@ objectives.py (losses per stage) -> stage.py (optimizer, pjit steps) -> precompu
 """
 
 from fr_jax.training.loop import finetune, run_stage, train  # noqa: F401
+from fr_jax.training.objectives import sft_needs_experts  # noqa: F401
 from fr_jax.training.precompute import (precompute_reference, precompute_signals,  # noqa: F401
                                         reference_program, signals_program)
 from fr_jax.training.stage import (Stage, TrainState, abstract_state, build_stage,  # noqa: F401

@@ -18,7 +18,7 @@ from fr_jax import sharding as sh
 from fr_jax.checkpoint import Checkpointer, abstract_like
 from fr_jax.config import check_ranges, frozen_dtype
 from fr_jax.data import Batcher, load_records, tokenize_pref, tokenize_sft
-from fr_jax.errors import ConfigError, DataError, TrainError
+from fr_jax.errors import DataError, TrainError
 from fr_jax.experts import Experts
 from fr_jax.hf import load_config, load_hf, load_tokenizer, save_hf
 from fr_jax.lineup import Lineup, load_lineup
@@ -26,6 +26,7 @@ from fr_jax.models import Model
 from fr_jax.router import Router, save_router
 from fr_jax.trace import render_text
 from fr_jax.training import record
+from fr_jax.training.objectives import sft_needs_experts
 from fr_jax.training.precompute import precompute_reference, precompute_signals
 from fr_jax.training.stage import build_stage, init_state, micro_batch_size, trained_cfg, frozen_cfg
 
@@ -120,13 +121,7 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
             examples, experts, e_params, vocab, dc.seq_len, micro_batch_size(tc),
             stage_cfg.signals_cache or os.path.join(workdir, "expert_signals.npz"), progress,
             mesh, tc.loss_block)
-    elif name == "sft" and stage_cfg.expert_signals != "online":
-        raise ConfigError(f"train.sft.expert_signals must be 'online' or 'precompute', got "
-                         f"{stage_cfg.expert_signals!r}")
     reference = name == "cdpo" and stage_cfg.reference == "precompute"
-    if name == "cdpo" and stage_cfg.reference not in ("online", "precompute"):
-        raise ConfigError(f"train.cdpo.reference must be 'online' or 'precompute', got "
-                         f"{stage_cfg.reference!r}")
     # The stage-1 router, frozen in the frozen models' dtype: CDPO's reference policy.
     ref_params = (jax.tree.map(lambda x: x.astype(frozen_dtype(config)), params)
                   if name == "cdpo" else None)
@@ -142,7 +137,8 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
 
     # Precomputed signals: the experts stay off the step (their HBM is free for it);
     # a precomputed reference: so does the stage-1 router.
-    frozen = {"experts": e_params} if name != "lm" and not precomputed else {}
+    needs_experts = name == "cdpo" or (name == "sft" and sft_needs_experts(stage_cfg))
+    frozen = {"experts": e_params} if needs_experts else {}
     if name == "cdpo" and not reference:
         frozen["ref"] = ref_params
     stage = build_stage(name, trainee, experts, mesh, stage_cfg, tc, params, frozen, vocab)

@@ -22,14 +22,15 @@ def _unroll(model) -> bool:
 
 
 def router_outputs(router: Router, params, side, vocab: int, block: int):
-    """(TokenStats of the router's own LM [B, T], routing logits [B, T, n]) with the LM
-    logits formed `block` positions at a time (losses.blocked_token_stats)."""
+    """(TokenStats of the router's own LM [B, T], routing logits [B, T, n], final hidden
+    states [B, T, E]) with the LM logits formed `block` positions at a time
+    (losses.blocked_token_stats)."""
     out = router.forward(params, side["tokens"], side["positions"], side["segment_ids"],
                          with_logits=False)
     stats = losses.blocked_token_stats(
         lambda h: router.lm_logits(params, h)[..., :vocab], out.hidden, side["targets"],
         block, _unroll(router))
-    return stats, out.route_logits
+    return stats, out.route_logits, out.hidden
 
 
 def model_token_stats(model, params, batch, vocab: int, block: int) -> losses.TokenStats:
@@ -72,10 +73,17 @@ def expert_signals_online(experts: Experts, e_params, batch, vocab: int, block: 
     return make_signals_fn(experts, vocab, block)(e_params, batch)
 
 
+def sft_needs_experts(stage_cfg) -> bool:
+    """Whether stage 1's step runs the experts: online signals, or a generator term on the
+    fused policy (it needs the selected expert's whole distribution at every position)."""
+    return stage_cfg.expert_signals == "online" or stage_cfg.lm_target != "router"
+
+
 def sft_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg, block: int = 0):
-    """(params, frozen, batch) -> (loss, metrics): L_route + lm_weight * L_lm."""
+    """(params, frozen, batch) -> (loss, metrics): L_route + lm_weight * L_lm, L_lm on the
+    router's own LM, the fused policy or a mix of both (stage_cfg.lm_target)."""
     def loss_fn(params, frozen, batch):
-        lm_stats, route_logits = router_outputs(router, params, batch, vocab, block)
+        lm_stats, route_logits, hidden = router_outputs(router, params, batch, vocab, block)
         targets = batch["targets"]
         if "signal_logprob" in batch:  # precomputed: [B, T, n] -> [n, B, T]
             target_lp = jnp.moveaxis(batch["signal_logprob"], -1, 0)
@@ -84,8 +92,18 @@ def sft_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg, block: 
             target_lp, top1 = expert_signals_online(experts, frozen["experts"], batch, vocab,
                                                     block)
         signals = losses.ExpertSignals(jax.lax.stop_gradient(target_lp), top1)
+        fused = None
+        if stage_cfg.lm_target != "router":
+            e_params = frozen["experts"]
+            e_hidden = experts.hidden(e_params, batch["tokens"], batch["positions"],
+                                      batch["segment_ids"])
+            # k_t as at decode time: the routing head's argmax (a choice, no gradient).
+            selected = jnp.argmax(jax.lax.stop_gradient(route_logits), axis=-1)
+            fused = fused_stats(router, params, hidden, experts, e_params, e_hidden, selected,
+                                targets, vocab, block)
         return losses.sft_loss(lm_stats, route_logits, targets, batch["loss_mask"], signals,
-                               stage_cfg.lm_weight, stage_cfg.routing_loss)
+                               stage_cfg.lm_weight, stage_cfg.routing_loss, fused,
+                               stage_cfg.lm_target, stage_cfg.lm_mix, stage_cfg.lm_positions)
     return loss_fn
 
 

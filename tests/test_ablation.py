@@ -1,0 +1,131 @@
+"""The router-training ablation (fr_jax.ablate): its summary and pick rule on given numbers,
+and a micro ablation through the CLI on the bundled experts (2 variants x 2 seeds, a few
+steps each) that trains only routers, writes the table and resumes run by run."""
+
+import hashlib
+import json
+import runpy
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from fr_jax import ablate
+from fr_jax.bundle import BUNDLE
+from fr_jax.config import default_config_file
+from fr_jax.errors import ConfigError
+from fr_jax.toy import ablation as A
+from fr_jax.toy import world as W
+from cli_env import REPO, one_device_env
+
+
+def _config(**changes):
+    c = runpy.run_path(default_config_file("ablation.py"))["get_config"]()
+    for k, v in changes.items():
+        c[k] = v
+    return c
+
+
+def _results(fr, eo, seconds=10.0):
+    """A run's results.json as the pipeline writes it: accuracy per mode and domain."""
+    acc = {"fusionroute": dict(zip(W.EVAL_DOMAINS, fr)),
+           "expert_only": dict(zip(W.EVAL_DOMAINS, eo)),
+           "router_only": dict(zip(W.EVAL_DOMAINS, [0.1] * 4))}
+    return {"accuracy": acc, "average": {m: statistics.fmean(a.values()) for m, a in acc.items()},
+            "timings_s": {"router SFT": seconds, "preference pairs": 1.0, "router CDPO": 2.0,
+                          "evaluation": 99.0}}
+
+
+def test_the_summary_gives_means_and_spreads_and_picks_by_the_rule():
+    """The pick: the highest FusionRoute average among variants within 1 point of
+    expert_only on every skill domain -- not the highest average overall."""
+    cfg = _config(variants=("router_lm", "fused_all", "mix"), seeds=(0, 1))
+    eo = [0.99, 1.0, 1.0, 0.0]
+    runs = {
+        # the best average, but 3 points lost on math: not eligible
+        "fused_all": [_results([0.96, 1.0, 1.0, 0.9], eo), _results([0.96, 1.0, 1.0, 0.8], eo)],
+        "mix": [_results([0.99, 1.0, 1.0, 0.3], eo), _results([0.985, 1.0, 1.0, 0.5], eo)],
+        "router_lm": [_results([0.99, 1.0, 1.0, 0.1], eo, 20.0),
+                      _results([0.99, 1.0, 1.0, 0.1], eo, 30.0)],
+    }
+    s = A.summarise(cfg, runs)
+    mix = s["variants"]["mix"]
+    assert mix["accuracy"]["fusionroute"]["mixed"]["values"] == [0.3, 0.5]
+    assert mix["accuracy"]["fusionroute"]["mixed"]["mean"] == pytest.approx(0.4)
+    assert mix["accuracy"]["fusionroute"]["mixed"]["std"] == pytest.approx(0.1414213, rel=1e-5)
+    assert s["variants"]["router_lm"]["router_time_s"]["mean"] == pytest.approx(28.0)
+    assert [s["variants"][n]["keeps_skills"] for n in ("fused_all", "mix", "router_lm")] == \
+        [False, True, True]
+    assert s["pick"] == "mix"
+    text = A.markdown(s)
+    assert "| **mix** | 98.8 ± 0.4 | 100.0 ± 0.0 | 100.0 ± 0.0 | 40.0 ± 14.1 |" in text
+    assert "| fused_all |" in text and text.rstrip().endswith("mix")
+
+
+def test_an_unknown_variant_or_field_is_refused_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="unknown variant 'fused'.*router_lm"):
+        ablate.main([f"--config.workdir={tmp_path}", "--config.variants=('fused',)"])
+    cfg = _config(variants=("router_lm",), workdir=str(tmp_path))
+    cfg.definitions.router_lm.sft.lm_targets = "fused"  # a typo must not run as the default
+    with pytest.raises(ConfigError, match="definitions.router_lm.sft.lm_targets is not a field"):
+        A.run_ablation(cfg)
+    assert not list(tmp_path.iterdir())
+
+
+MICRO = ["--config.common=('world.n_test=16', 'sft.steps=6', 'cdpo.steps=4', "
+         "'cdpo.prompts=24', 'cdpo.samples=1')"]
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.mark.slow
+def test_micro_ablation_trains_only_routers_writes_the_table_and_resumes(tmp_path):
+    work = tmp_path / "abl"
+    cmd = [sys.executable, "-m", "fr_jax.ablate", f"--config.workdir={work}",
+           "--config.variants=('fused_informative', 'router_expert_size')",
+           "--config.seeds=(0, 1)", "--config.progress=False", *MICRO]
+    env = one_device_env(tmp_path / "home")
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("[ablation] ") == 4
+    summary = json.load(open(work / "ablation.json"))
+    assert list(summary["variants"]) == ["fused_informative", "router_expert_size"]
+    for name, v in summary["variants"].items():
+        for mode in ("fusionroute", "expert_only", "router_only"):
+            for d in W.EVAL_DOMAINS:
+                cell = v["accuracy"][mode][d]
+                assert len(cell["values"]) == 2 and \
+                    cell["mean"] == pytest.approx(statistics.fmean(cell["values"]))
+        assert v["router_time_s"]["mean"] > 0 and "keeps_skills" in v
+    assert "| fused_informative |" in (work / "ablation.md").read_text()
+    bundled = {d: _sha(f"{BUNDLE}/{d}/model.safetensors") for d in W.DOMAINS}
+    for name in summary["variants"]:
+        for seed in (0, 1):
+            run = work / "runs" / name / f"seed{seed}"
+            # the experts are the bundle's, never retrained; only the router trained
+            assert {d: _sha(run / "experts" / d / "model.safetensors")
+                    for d in W.DOMAINS} == bundled
+            assert sorted(p.name for p in (run / "train").iterdir()) == ["router"]
+            fields = json.load(open(run / "train" / "router" / "sft" / "run.json"))["run"]["fields"]
+            fused = name == "fused_informative"
+            assert (fields["train.sft.lm_target"], fields["train.sft.lm_positions"]) == \
+                (("fused", "informative") if fused else ("router", "all"))
+    # The expert-sized router starts from the experts' base (same pretraining, same size).
+    big = work / "runs" / "router_expert_size" / "seed0"
+    assert _sha(big / "router_base" / "model.safetensors") == \
+        _sha(f"{BUNDLE}/base/model.safetensors")
+    assert json.load(open(big / "train" / "router" / "cdpo" / "router" /
+                          "config.json"))["hidden_size"] == 96
+
+    # Re-run: nothing is trained again; a run whose results.json is gone is finished
+    # from its own steps (training and pairs done, answers cached) and the table is equal.
+    (work / "runs" / "fused_informative" / "seed1" / "results.json").unlink()
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("[ablation] ") == 1 and "fused_informative, seed 1" in again.stdout
+    redone = json.load(open(work / "ablation.json"))
+    for name in summary["variants"]:
+        assert redone["variants"][name]["accuracy"] == summary["variants"][name]["accuracy"]
