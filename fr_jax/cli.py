@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from fr_jax.bundle import bundled_world, default_home
 from fr_jax.config import check_ranges, default_config_file
 from fr_jax.errors import FrJaxError
-from fr_jax.toy.pipeline import ensure_world_data
+from fr_jax.toy.world_data import ensure_world_data
 
 
 @dataclasses.dataclass(frozen=True)

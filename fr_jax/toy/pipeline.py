@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import runpy
 import shutil
 import time
 from collections import Counter
@@ -32,8 +31,7 @@ from tensorboardX import SummaryWriter
 
 from fr_jax.baselines import seqroute_pipeline as S
 from fr_jax.baselines.merging import merge_hf
-from fr_jax.bundle import bundled_world, generating
-from fr_jax.config import base_config, default_config_file
+from fr_jax.config import base_config
 from fr_jax.eval import harness, report
 from fr_jax.eval.benchmarks import toy_examples
 from fr_jax.eval.generation import generate
@@ -327,7 +325,7 @@ def train_seqroute(cfg, root: str, router: str, experts: List[str], pool: List[W
     if _done(workdir):
         return trunk_dir
     lineup = load_world_lineup(router, experts)
-    tasks = labelled_records(pool, cfg.seqroute.n_labelled, cfg.seed)
+    tasks = W.labelled_records(pool, cfg.seqroute.n_labelled, cfg.seed)
     report = S.build(lineup, tasks, cfg.seqroute, workdir,
                      ("router", lineup.router.cfg, lineup.params["router"]["backbone"]),
                      W.score, progress=cfg.progress)
@@ -479,38 +477,3 @@ def run_pipeline(cfg) -> dict:
               f"{', '.join(paths.values())}; TensorBoard: tensorboard --logdir "
               f"{root}", flush=True)
     return results
-
-
-# ---------------------------------------------------------------------------- the bundle's data
-def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,
-                      n_labelled: int = 1600, seed: int = 0) -> Dict[str, str]:
-    """Training files for the bundled world, written once under `home`: SFT records over
-    all four domains, CDPO pairs from the bundled router's own sampled FusionRoute answers
-    (see `preference_pairs`), and labelled prompts for the SharedTrunkNet baseline."""
-    folder = os.path.join(home, "toy-world-data")
-    paths = {"sft": os.path.join(folder, "data", "router_sft.jsonl"),
-             "pref": os.path.join(folder, "data", "pref.jsonl"),
-             "labelled": os.path.join(folder, "data", "labelled.jsonl")}
-    if all(os.path.isfile(p) for p in paths.values()):
-        return paths
-    with generating(folder):
-        if all(os.path.isfile(p) for p in paths.values()):  # another process wrote them
-            return paths
-        cfg = runpy.run_path(default_config_file("demo.py"))["get_config"]("quick")
-        cfg.seed, cfg.progress = seed, False
-        cfg.cdpo.prompts = n_pref_prompts
-        data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, seed)
-        W.write_jsonl(paths["sft"], [t.record() for t in W.mixture(
-            data.train, {d: 1.0 for d in W.EVAL_DOMAINS}, n_sft, seed + 30)])
-        world = bundled_world()
-        pool = [t for d in W.EVAL_DOMAINS for t in data.train[d]]
-        W.write_jsonl(paths["labelled"], labelled_records(pool, n_labelled, seed))
-        preference_pairs(cfg, folder, world["router"], world["experts"], pool)
-    return paths
-
-
-def labelled_records(pool: List[W.Task], n: int, seed: int) -> List[dict]:
-    """n training tasks of the four domains as labelled prompts (prompt, answer, domain)."""
-    rng = np.random.default_rng(seed + 50)
-    return [{"prompt": pool[i].prompt, "answer": pool[i].answer, "domain": pool[i].domain}
-            for i in rng.permutation(len(pool))[:n]]

@@ -185,3 +185,10 @@ def write_jsonl(path: str, rows: Sequence[dict]):
         for r in rows:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, path)
+
+
+def labelled_records(pool: List[Task], n: int, seed: int) -> List[dict]:
+    """n training tasks of the four domains as labelled prompts (prompt, answer, domain)."""
+    rng = np.random.default_rng(seed + 50)
+    return [{"prompt": pool[i].prompt, "answer": pool[i].answer, "domain": pool[i].domain}
+            for i in rng.permutation(len(pool))[:n]]

@@ -1,0 +1,41 @@
+"""The bundled world's training files: what `python -m fr_jax.train`, `fr_jax.eval`,
+`fr_jax.seqroute` and the tests train on by default, written once under fr_jax's home
+by the demo pipeline's own steps."""
+
+from __future__ import annotations
+
+import os
+import runpy
+from typing import Dict
+
+from fr_jax.bundle import bundled_world, generating
+from fr_jax.config import default_config_file
+from fr_jax.toy import pipeline as P
+from fr_jax.toy import world as W
+
+
+def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,
+                      n_labelled: int = 1600, seed: int = 0) -> Dict[str, str]:
+    """Training files for the bundled world, written once under `home`: SFT records over
+    all four domains, CDPO pairs from the bundled router's own sampled FusionRoute answers
+    (see `preference_pairs`), and labelled prompts for the SharedTrunkNet baseline."""
+    folder = os.path.join(home, "toy-world-data")
+    paths = {"sft": os.path.join(folder, "data", "router_sft.jsonl"),
+             "pref": os.path.join(folder, "data", "pref.jsonl"),
+             "labelled": os.path.join(folder, "data", "labelled.jsonl")}
+    if all(os.path.isfile(p) for p in paths.values()):
+        return paths
+    with generating(folder):
+        if all(os.path.isfile(p) for p in paths.values()):  # another process wrote them
+            return paths
+        cfg = runpy.run_path(default_config_file("demo.py"))["get_config"]("quick")
+        cfg.seed, cfg.progress = seed, False
+        cfg.cdpo.prompts = n_pref_prompts
+        data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, seed)
+        W.write_jsonl(paths["sft"], [t.record() for t in W.mixture(
+            data.train, {d: 1.0 for d in W.EVAL_DOMAINS}, n_sft, seed + 30)])
+        world = bundled_world()
+        pool = [t for d in W.EVAL_DOMAINS for t in data.train[d]]
+        W.write_jsonl(paths["labelled"], W.labelled_records(pool, n_labelled, seed))
+        P.preference_pairs(cfg, folder, world["router"], world["experts"], pool)
+    return paths
