@@ -72,8 +72,8 @@ def _quick_run(root):
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
-    """One reduced run (about ten minutes on two cores), checked three ways: its outputs,
-    the claim, the baselines' rows."""
+    """One reduced run (from the bundled experts, about six minutes on two cores), checked
+    three ways: its outputs, the claim, the baselines' rows."""
     run, results, stdout = _quick_run(tmp_path)
     _writes_the_table_plot_tensorboard_and_hf_experts(run, results, stdout)
     _shows_the_claim(results)
@@ -101,11 +101,10 @@ def _writes_the_table_plot_tensorboard_and_hf_experts(run, results, stdout):
 
 def _shows_the_claim(r):
     """The orderings the issue asks for, with margins every measured seed of the reduced run
-    reaches. Own-domain accuracy of the math / code / instr experts: seed 0 67 / 100 / 100,
-    seed 1 96 / 77 / 76, seed 2 99 / 100 / 94. FusionRoute against token routing
-    (`expert_only`): mixed 5 / 2 / 6 against 0; on the skill domains equal or better except
-    seed 0's math (62 against 67). The reduced run's router is small and briefly trained, so
-    these margins are small; README has the full run."""
+    reaches (README: seeds 0-2 from the bundled experts, 98 / 100 / 100 on their own
+    domains). FusionRoute against token routing (`expert_only`): mixed 6 / 5 / 8 against 0;
+    on the skill domains at most 2 points below. The reduced run's router is small and
+    briefly trained, so these margins are small; README has the full run."""
     acc, avg = r["accuracy"], r["average"]
     for i, d in enumerate(W.DOMAINS):  # each expert: best on its own domain, poor elsewhere
         own = acc[f"expert:{i}"][d]
