@@ -327,3 +327,29 @@ def test_sequence_mode_decodes_each_row_with_its_chosen_target():
         assert res.row(row) == one.row(0), (row, targets[choice[row]])
     with pytest.raises(Exception, match="needs a trained SharedTrunkNet"):
         FusedDecoder(Mode.parse("sequence"), router, experts)
+
+
+def test_lazy_catch_up_passes_and_the_cost_of_each_schedule():
+    """An expert reads its weights once per token it gives, plus one pass per catch-up chunk
+    of `width` over the tokens it missed; the routed target's cost counts the router and
+    those passes (lazy) or the router and every expert (eager)."""
+    from types import SimpleNamespace
+
+    from fr_jax.baselines.seqroute_pipeline import default_costs, lazy_passes
+
+    # t:      0  1  2  3  4  5  6  7  8  9 10 11
+    route = [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0]
+    # expert 1 missed 2 tokens at t=2 (one chunk of 4); expert 0 missed 9 at t=11 (3 chunks)
+    assert lazy_passes(route, 4) == [1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 4]
+    assert lazy_passes([2, 2, 2], 8) == [1, 1, 1]
+    params = {"router": {"w": np.zeros(10)},
+              "experts": [{"w": np.zeros(100)}, {"w": np.zeros(200)}]}
+    lineup = SimpleNamespace(params=params, router=object(),
+                             experts=SimpleNamespace(stacked=False, n=2))
+    targets = ["expert:0", "expert:1", "fusionroute"]
+    assert default_costs(lineup, targets) == [100.0, 200.0, 310.0]
+    reads = sum((100, 200)[e] * k for e, k in zip(route, lazy_passes(route, 4)))
+    lazy = default_costs(lineup, targets, {"fusionroute": [route, None]}, lazy=True, width=4)
+    assert lazy == [100.0, 200.0, 10 + reads / len(route)]
+    # no routing recorded (an older label cache): the selected expert once per token
+    assert default_costs(lineup, targets, {}, lazy=True)[2] == 10 + 150.0

@@ -42,8 +42,14 @@ def _writes_probes_trunk_and_report(root):
     assert saved["targets"] == ["expert:0", "expert:1", "expert:2", "fusionroute"]
     assert 0 <= saved["layer"] < 3 and saved["n_train"] + saved["n_test"] == 160
     assert [r["lam"] for r in saved["sweep"]] == [0.0, 0.5]
-    # FusionRoute reads every model: the most expensive target; lam 0.5 saves cost.
-    assert max(saved["costs"]) == saved["costs"][3]
+    # FusionRoute reads the router and (lazy experts, decode's default) the selected expert
+    # with its catch-up passes, counted on the labelled answers' routing: the most expensive
+    # target, yet below the three experts together (the eager schedule reads the router and
+    # all three every token); lam 0.5 saves cost.
+    assert saved["cost_schedule"] == "lazy" and max(saved["costs"]) == saved["costs"][3]
+    assert saved["costs"][3] < sum(saved["costs"][:3])
+    fused = [json.loads(line) for line in open(run / "labels" / "fusionroute.jsonl")]
+    assert all(len(r["chosen"]) > 0 for r in fused)  # the routing is cached with the answers
     assert saved["sweep"][1]["cost_saving"] >= saved["sweep"][0]["cost_saving"]
     m = saved["metrics"]
     assert m["oracle"] >= m["best_single_accuracy"] and 0 <= m["accuracy"] <= 1

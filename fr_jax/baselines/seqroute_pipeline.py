@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -68,11 +68,13 @@ def _key(prompt: str) -> str:
 def label_targets(lineup, targets: Sequence[str], tasks: Sequence[dict], scorer,
                   cache_dir: str, fingerprint: dict, max_new_tokens: int,
                   batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Runs each target over the labelled prompts and scores its answers -> correct [N, T].
+    """Runs each target over the labelled prompts and scores its answers -> (correct [N, T],
+    routes {target: the expert of each generated token, per prompt}).
 
-    tasks: [{"prompt", "answer"}]; scorer(answer, output) -> bool. Answers are cached per
-    target in `cache_dir/<target>.jsonl`; `fingerprint` (the models and decode settings)
-    is stored beside them, and a cache made with other models is an error, not reused.
+    tasks: [{"prompt", "answer"}]; scorer(answer, output) -> bool. Answers and their routing
+    are cached per target in `cache_dir/<target>.jsonl` (a record of an older cache without
+    routing gives None); `fingerprint` (the models and decode settings) is stored beside
+    them, and a cache made with other models is an error, not reused.
     """
     os.makedirs(cache_dir, exist_ok=True)
     fp_path = os.path.join(cache_dir, "fingerprint.json")
@@ -86,37 +88,59 @@ def label_targets(lineup, targets: Sequence[str], tasks: Sequence[dict], scorer,
         with open(fp_path, "w") as f:
             json.dump(fingerprint, f, indent=1, sort_keys=True)
     correct = np.zeros((len(tasks), len(targets)), bool)
+    routes = {}
     keys = [_key(t["prompt"]) for t in tasks]
     bar = tqdm(total=len(tasks) * len(targets), desc="label", disable=not progress)
     for j, target in enumerate(targets):
         path = os.path.join(cache_dir, target.replace(":", "_") + ".jsonl")
-        cached = {}
+        cached, chosen = {}, {}
         if os.path.isfile(path):
             with open(path) as f:
                 for line in f:
                     rec = json.loads(line)
                     cached[rec["key"]] = rec["output"]
+                    chosen[rec["key"]] = rec.get("chosen")
         todo = [i for i, k in enumerate(keys) if k not in cached]
         bar.update(len(tasks) - len(todo))
         if todo:
             gen = generate(lineup, target, [tasks[i]["prompt"] for i in todo], max_new_tokens,
                            batch_size, progress=bar)
             with open(path, "a") as f:
-                for i, text in zip(todo, gen.texts):
-                    cached[keys[i]] = text
-                    f.write(json.dumps({"key": keys[i], "output": text}) + "\n")
+                for i, text, row in zip(todo, gen.texts, gen.chosen):
+                    cached[keys[i]], chosen[keys[i]] = text, [int(e) for e in row]
+                    f.write(json.dumps({"key": keys[i], "output": text,
+                                        "chosen": chosen[keys[i]]}) + "\n")
         correct[:, j] = [bool(scorer(t["answer"], cached[k])) for t, k in zip(tasks, keys)]
+        routes[target] = [chosen.get(k) for k in keys]
     bar.close()
-    return correct
+    return correct, routes
 
 
 def param_count(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def default_costs(lineup, targets: Sequence[str]) -> List[float]:
-    """Weights read per generated token, in parameters: an expert alone reads its own; the
-    FusionRoute decoder (eager schedule) reads the router's and every expert's."""
+def lazy_passes(chosen: Sequence[int], width: int) -> List[int]:
+    """Per generated token, how many times the selected expert reads its weights under the
+    lazy schedule (fr_jax.decoding.lazy) at batch 1: once for the token, plus one pass per
+    catch-up chunk of `width` over the tokens it missed since it last ran (every expert is
+    in sync after the prompt)."""
+    synced, out = {}, []
+    for t, e in enumerate(chosen):
+        behind = t - synced.get(e, 0)
+        out.append(1 + -(-behind // width))
+        synced[e] = t + 1
+    return out
+
+
+def default_costs(lineup, targets: Sequence[str], routes=None, lazy: bool = False,
+                  width: int = 8) -> List[float]:
+    """Weights read per generated token, in parameters, by the decoder as it runs: an
+    expert alone reads its own. A routed target (FusionRoute, expert_only) reads the
+    router's and, eagerly, every expert's; lazily (`lazy`, decode's default), the router's
+    and the selected expert's, with its catch-up passes (`lazy_passes`) -- averaged over
+    the labelled answers' routing, `routes[target]` (lists of experts per token; where no
+    answer has routing, the selected expert counts once per token)."""
     experts = lineup.params["experts"]
     if lineup.experts.stacked:
         per = [param_count(experts) // lineup.experts.n] * lineup.experts.n
@@ -126,7 +150,18 @@ def default_costs(lineup, targets: Sequence[str]) -> List[float]:
     costs = []
     for t in targets:
         m = Mode.parse(t, lineup.experts.n)
-        costs.append(float(per[m.expert] if m.fixed_expert is not None else router + sum(per)))
+        if m.fixed_expert is not None:
+            costs.append(float(per[m.expert]))
+        elif not lazy:
+            costs.append(float(router + sum(per)))
+        else:
+            rows = [r for r in (routes or {}).get(t, []) if r]
+            if rows:
+                read = sum(sum(per[e] * k for e, k in zip(r, lazy_passes(r, width)))
+                           for r in rows)
+                costs.append(float(router + read / sum(len(r) for r in rows)))
+            else:
+                costs.append(float(router + sum(per) / len(per)))
     return costs
 
 
@@ -159,27 +194,31 @@ def split(n: int, test_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarr
 
 
 def build(lineup, tasks: Sequence[dict], s, workdir: str, encoder: Tuple[str, ModelConfig, dict],
-          scorer, progress: bool = False) -> dict:
+          scorer, progress: bool = False, lazy: Optional[bool] = None) -> dict:
     """The whole SharedTrunkNet pipeline over a Lineup (labels -> probes -> trunk -> sweep).
 
     s: the `seqroute` config section (targets, costs, layer, probe_reg, trunk, lams, lam,
     test_fraction, max_new_tokens, batch_size, seed). encoder: (name, cfg, params) -- name
     "router" for the router's backbone, else the encoder's folder. Writes under `workdir`:
     labels/, probes.{json,md,png}, trunk/ (+ seqroute.json), report.{json,md}, sweep.png.
-    Returns the report dict (also `report["trunk"]`, the trained Trunk).
+    Returns the report dict (also `report["trunk"]`, the trained Trunk). lazy: the schedule
+    the costs count (default: the lineup's, `lineup.lazy_experts`; see default_costs).
     """
     n_exp = lineup.experts.n
     targets = list(s.targets) or default_targets(n_exp)
     parse_targets(targets, n_exp)
-    costs = [float(c) for c in s.costs] or default_costs(lineup, targets)
-    if len(costs) != len(targets) or min(costs) <= 0:
+    if s.costs and (len(s.costs) != len(targets) or min(s.costs) <= 0):
         raise ValueError(f"seqroute.costs: expected {len(targets)} positive numbers (one per "
                          f"target {targets}), got {list(s.costs)}")
     os.makedirs(workdir, exist_ok=True)
     fingerprint = {"router": lineup.source.get("router"), "experts": lineup.source.get("experts"),
                    "max_new_tokens": int(s.max_new_tokens)}
-    correct = label_targets(lineup, targets, tasks, scorer, os.path.join(workdir, "labels"),
-                            fingerprint, s.max_new_tokens, s.batch_size, progress)
+    correct, routes = label_targets(lineup, targets, tasks, scorer,
+                                    os.path.join(workdir, "labels"), fingerprint,
+                                    s.max_new_tokens, s.batch_size, progress)
+    lazy = lineup.lazy_experts if lazy is None else lazy
+    costs = [float(c) for c in s.costs] or default_costs(lineup, targets, routes, lazy,
+                                                         lineup.catch_up_width)
 
     name, enc_cfg, enc_params = encoder
     ids = [encode_prompt(lineup.tokenizer, t["prompt"], True) for t in tasks]
@@ -211,6 +250,7 @@ def build(lineup, tasks: Sequence[dict], s, workdir: str, encoder: Tuple[str, Mo
     T.plot_sweep(sweep, os.path.join(workdir, "sweep.png"))
     at_lam = T.metrics(correct[test], T.route(p_test, costs, s.lam), costs, targets)
     report = {"targets": targets, "costs": costs, "layer": layer, "encoder": name,
+              "cost_schedule": "given" if s.costs else ("lazy" if lazy else "eager"),
               "n_train": int(len(train)), "n_test": int(len(test)), "lam": float(s.lam),
               "metrics": at_lam, "sweep": sweep, "probes": table.to_dict(),
               "train_history": history,

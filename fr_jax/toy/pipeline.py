@@ -328,7 +328,8 @@ def train_seqroute(cfg, root: str, router: str, experts: List[str], pool: List[W
     tasks = W.labelled_records(pool, cfg.seqroute.n_labelled, cfg.seed)
     report = S.build(lineup, tasks, cfg.seqroute, workdir,
                      ("router", lineup.router.cfg, lineup.params["router"]["backbone"]),
-                     W.score, progress=cfg.progress)
+                     W.score, progress=cfg.progress,
+                     lazy=True)  # the costs of decode's default schedule (same tokens)
     m = report["metrics"]
     _log(cfg, f"[seqroute] layer {report['layer'] + 1} chosen by the probes; held-out routed "
               f"accuracy {100 * m['accuracy']:.1f}% (best single {m['best_single']} "
