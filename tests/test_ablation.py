@@ -1,6 +1,7 @@
-"""The router-training ablation (fr_jax.ablate): its summary and pick rule on given numbers,
-and a micro ablation through the CLI on the bundled experts (2 variants x 2 seeds, a few
-steps each) that trains only routers, writes the table and resumes run by run."""
+"""The router-training ablation (fr_jax.ablate): its summary (means and spreads over seeds)
+and pick rule on given numbers, and a micro ablation through the CLI on the bundled experts
+(2 variants x 1 seed, a few steps each) that trains only routers, writes the table and
+resumes run by run."""
 
 import hashlib
 import json
@@ -86,24 +87,24 @@ def test_micro_ablation_trains_only_routers_writes_the_table_and_resumes(tmp_pat
     work = tmp_path / "abl"
     cmd = [sys.executable, "-m", "fr_jax.ablate", f"--config.workdir={work}",
            "--config.variants=('fused_informative', 'router_expert_size')",
-           "--config.seeds=(0, 1)", "--config.progress=False", *MICRO]
+           "--config.seeds=(1,)", "--config.modes=('fusionroute', 'expert_only')",
+           "--config.progress=False", *MICRO]
     env = one_device_env(tmp_path / "home")
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.count("[ablation] ") == 4
+    assert first.stdout.count("[ablation] ") == 2
     summary = json.load(open(work / "ablation.json"))
     assert list(summary["variants"]) == ["fused_informative", "router_expert_size"]
     for name, v in summary["variants"].items():
-        for mode in ("fusionroute", "expert_only", "router_only"):
+        for mode in ("fusionroute", "expert_only"):
             for d in W.EVAL_DOMAINS:
                 cell = v["accuracy"][mode][d]
-                assert len(cell["values"]) == 2 and \
-                    cell["mean"] == pytest.approx(statistics.fmean(cell["values"]))
+                assert len(cell["values"]) == 1 and cell["mean"] == cell["values"][0]
         assert v["router_time_s"]["mean"] > 0 and "keeps_skills" in v
     assert "| fused_informative |" in (work / "ablation.md").read_text()
     bundled = {d: _sha(f"{BUNDLE}/{d}/model.safetensors") for d in W.DOMAINS}
     for name in summary["variants"]:
-        for seed in (0, 1):
+        for seed in (1,):
             run = work / "runs" / name / f"seed{seed}"
             # the experts are the bundle's, never retrained; only the router trained
             assert {d: _sha(run / "experts" / d / "model.safetensors")
@@ -114,7 +115,7 @@ def test_micro_ablation_trains_only_routers_writes_the_table_and_resumes(tmp_pat
             assert (fields["train.sft.lm_target"], fields["train.sft.lm_positions"]) == \
                 (("fused", "informative") if fused else ("router", "all"))
     # The expert-sized router starts from the experts' base (same pretraining, same size).
-    big = work / "runs" / "router_expert_size" / "seed0"
+    big = work / "runs" / "router_expert_size" / "seed1"
     assert _sha(big / "router_base" / "model.safetensors") == \
         _sha(f"{BUNDLE}/base/model.safetensors")
     assert json.load(open(big / "train" / "router" / "cdpo" / "router" /
