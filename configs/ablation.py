@@ -54,9 +54,13 @@ def get_config(arg: str = ""):
     d.no_route_kl = _variant(**{"cdpo.route_kl": 0.0})
     d.pairs_x2 = _variant(**{"cdpo.prompts": 3200 if full else 1600})
     d.chosen_reference = _variant(**{"cdpo.chosen": "reference"})
+    # The two levers that moved `mixed` most, together: the 3 x 80 router with the mix.
+    d.mid_mix = _variant(**{"router_model.hidden_size": 80,
+                            "router_model.intermediate_size": 224,
+                            "sft.lm_target": "mix", "sft.lm_mix": 0.5})
     c.definitions = d
     # Which of `definitions` to run, in this order (the table's).
     c.variants = ("router_lm", "fused_all", "fused_informative", "mix", "router_mid",
                   "router_expert_size", "best_expert", "beta_0_1", "no_route_kl", "pairs_x2",
-                  "chosen_reference")
+                  "chosen_reference", "mid_mix")
     return c
