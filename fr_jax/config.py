@@ -343,6 +343,7 @@ CHOICES = {
     "train.sft.lm_positions": ("all", "informative"),
     "train.sft.expert_signals": ("online", "precompute"),
     "train.cdpo.reference": ("online", "precompute"),
+    "cdpo.chosen": ("sampled", "reference"),  # configs/demo.py
 }
 
 

@@ -65,13 +65,19 @@ def _parse_common(items) -> ml_collections.ConfigDict:
     return nested(fields)
 
 
+def _common_config(cfg):
+    """configs/demo.py:<cfg.demo> with `common` applied: what every run starts from."""
+    c = runpy.run_path(default_config_file("demo.py"))["get_config"](cfg.demo)
+    _update(c, _parse_common(cfg.common), "common")
+    return c
+
+
 def demo_config(cfg, variant: str, seed: int):
     """The demo config of one run: configs/demo.py:<cfg.demo>, `common`, the variant."""
     if variant not in cfg.definitions:
         raise ConfigError(f"unknown variant {variant!r}; defined: "
                           f"{', '.join(cfg.definitions.keys())}")
-    c = runpy.run_path(default_config_file("demo.py"))["get_config"](cfg.demo)
-    _update(c, _parse_common(cfg.common), "common")
+    c = _common_config(cfg)
     _update(c, cfg.definitions[variant], f"definitions.{variant}")
     c.seed, c.progress, c.baselines = seed, cfg.progress, False
     c.eval.modes = tuple(cfg.modes)
@@ -84,8 +90,7 @@ def shared_world(cfg) -> str:
     """The folder every run adopts its experts (and router base, where sizes match) from:
     the demo config's `start_from` when it names one, else a world trained here once (the
     pipeline's first steps, world seed and budgets of `common`, seed 0)."""
-    c = runpy.run_path(default_config_file("demo.py"))["get_config"](cfg.demo)
-    _update(c, _parse_common(cfg.common), "common")
+    c = _common_config(cfg)
     if c.start_from:
         return c.start_from
     root = os.path.join(os.path.abspath(cfg.workdir), "shared")

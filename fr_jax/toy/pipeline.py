@@ -31,7 +31,7 @@ from tensorboardX import SummaryWriter
 
 from fr_jax.baselines import seqroute_pipeline as S
 from fr_jax.baselines.merging import merge_hf
-from fr_jax.config import base_config
+from fr_jax.config import base_config, check_ranges
 from fr_jax.eval import harness, report
 from fr_jax.eval.benchmarks import toy_examples
 from fr_jax.eval.generation import generate
@@ -156,6 +156,12 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                  "num_kv_heads", "head_dim")
 
 
+def write_world(world, folder: str):
+    """folder/world.json: the settings the world was drawn with (what start_from checks)."""
+    with open(os.path.join(folder, "world.json"), "w") as f:
+        json.dump(dict(world), f, indent=1, sort_keys=True)
+
+
 def adopt_trained(cfg, root: str, tokenizer):
     """With `cfg.start_from` (a bundled world's folder, `fr_jax.bundle`, or another run's
     root, `train_world`): its experts' base,
@@ -271,8 +277,6 @@ def preference_pairs(cfg, root: str, sft_router: str, experts: List[str],
     the pair (chosen: a correct sampled answer, else the reference answer -- or always the
     reference with cdpo.chosen=reference; rejected: the incorrect answer the policy
     produced most often)."""
-    if cfg.cdpo.chosen not in ("sampled", "reference"):
-        raise ConfigError(f"cdpo.chosen={cfg.cdpo.chosen!r}: use 'sampled' or 'reference'")
     path = os.path.join(root, "data", "pref.jsonl")
     if os.path.isfile(path):
         return path
@@ -372,8 +376,7 @@ def bundle(paths: Dict[str, str], results: dict, world, target: str):
     for name, src in single + [(x, p) for x, p in zip(W.DOMAINS, paths["experts"])]:
         shutil.copytree(src, os.path.join(target, name),
                         ignore=shutil.ignore_patterns("DONE"))
-    with open(os.path.join(target, "world.json"), "w") as f:  # what start_from checks
-        json.dump(dict(world), f, indent=1, sort_keys=True)
+    write_world(world, target)
     with open(os.path.join(target, "results.json"), "w") as f:
         json.dump({k: results[k] for k in ("domains", "modes", "expert_names", "n_test",
                                            "accuracy", "average", "shares")}, f, indent=1,
@@ -407,13 +410,13 @@ def train_world(cfg, root: str, mark=lambda name, since: time.perf_counter()):
     experts = [train_lm(cfg, root, f"experts/{x}", base, data[f"expert_{x}"],
                         _expert_stage(cfg, x)) for x in W.DOMAINS]
     mark("experts", t)
-    with open(os.path.join(root, "world.json"), "w") as f:  # what start_from checks
-        json.dump(dict(cfg.world), f, indent=1, sort_keys=True)
+    write_world(cfg.world, root)
     return data, base, router_base, experts
 
 
 def run_pipeline(cfg) -> dict:
     """The whole pipeline; returns the results dict (also written under cfg.workdir)."""
+    check_ranges(cfg)  # numbers and words (cdpo.chosen) before any work, as the CLI does
     if not cfg.baselines:  # refused before any work, not at the evaluation
         needs = [m for m in cfg.eval.modes
                  if m in ("finetuned", "sequence") or m.startswith("merged")]
