@@ -310,7 +310,7 @@ def tokenize_pref(records, tokenizer, seq_len: int, chat: bool = True):
 
 
 # ---------------------------------------------------------------------------- batches
-def _empty_rows(batch: int, seq_len: int) -> Dict[str, np.ndarray]:
+def empty_rows(batch: int, seq_len: int) -> Dict[str, np.ndarray]:
     return {"tokens": np.zeros((batch, seq_len), np.int32),
             "targets": np.zeros((batch, seq_len), np.int32),
             "loss_mask": np.zeros((batch, seq_len), np.float32),
@@ -318,7 +318,7 @@ def _empty_rows(batch: int, seq_len: int) -> Dict[str, np.ndarray]:
             "segment_ids": np.zeros((batch, seq_len), np.int32)}
 
 
-def _place(rows, b, start, ids, response, segment, ex=None):
+def place_sequence(rows, b, start, ids, response, segment, ex=None):
     """Writes one sequence (inputs ids[:-1], targets ids[1:]) into row b at `start`
     (with its precomputed expert signals, when the rows carry them)."""
     n = len(ids) - 1
@@ -382,7 +382,7 @@ class Batcher:
             self._order = self._permutation(self.epoch)
         if self.kind == "pref":
             return self._next_pref()
-        rows = _empty_rows(self.batch_size, self.seq_len)
+        rows = empty_rows(self.batch_size, self.seq_len)
         sig = self.examples[0].signal_logprob if self.kind == "sft" else None
         if sig is not None:
             n_exp = sig.shape[-1]
@@ -395,12 +395,12 @@ class Batcher:
                 if n is None or start + n > self.seq_len or (segment > 1 and not self.pack):
                     break
                 ex = self._take()
-                start = _place(rows, b, start, ex.ids, ex.response, segment, ex)
+                start = place_sequence(rows, b, start, ex.ids, ex.response, segment, ex)
                 segment += 1
         return rows
 
     def _next_pref(self) -> Dict:
-        chosen, rejected = (_empty_rows(self.batch_size, self.seq_len) for _ in range(2))
+        chosen, rejected = (empty_rows(self.batch_size, self.seq_len) for _ in range(2))
         first = self.examples[0]
         if first.ref_logprob is not None:
             n_exp = first.ref_route[0].shape[-1]
@@ -415,7 +415,7 @@ class Batcher:
             for j, (rows, resp) in enumerate(((chosen, ex.chosen), (rejected, ex.rejected))):
                 ids = np.concatenate([ex.prompt, resp])
                 mask = np.concatenate([np.zeros_like(ex.prompt), np.ones_like(resp)])
-                _place(rows, b, 0, ids, mask, 1)
+                place_sequence(rows, b, 0, ids, mask, 1)
                 if "ref_logprob" in rows:
                     rows["ref_logprob"][b] = ex.ref_logprob[j]
                     rows["ref_route_logits"][b, :len(ids) - 1] = ex.ref_route[j]

@@ -201,7 +201,7 @@ def test_pipeline_is_deterministic(tmp_path):
         run = tmp_path / name
         subprocess.run([sys.executable, "-m", "fr_jax.demo", *args,
                         f"--config.workdir={run}"], cwd=REPO,
-                       env=one_device_env(tmp_path / "home", fast_compile=False),
+                       env=one_device_env(tmp_path / "home"),  # a few steps: compile-bound
                        check=True, capture_output=True, timeout=900)
         files = [run / "experts" / d / "model.safetensors" for d in W.DOMAINS] + [
             run / "train" / "router" / "cdpo" / "router" / f for f in

@@ -264,9 +264,14 @@ def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_pat
 
 
 def test_precomputed_signals_give_the_online_loss_and_are_cached(tmp_path):
+    from fr_jax.data import empty_rows, place_sequence
     from fr_jax.training import precompute_signals
+    from fr_jax.training.objectives import SFT_FIELDS
+    from fr_jax.training.precompute import signals_program
 
     router, r_params, experts, e_params, sft, _ = _token_toy(n_per_domain=6)
+    # lengths 9-16, so packed rows hold two or three examples and end at varied places
+    sft = [SFTExample(e.ids[:10 + i % 7], e.response[:10 + i % 7]) for i, e in enumerate(sft)]
     cfg = base_config()
     mesh = sh.make_mesh({}, devices=jax.devices()[:1])
     stage = build_stage("sft", router, experts, mesh, cfg.train.sft, cfg.train, r_params,
@@ -284,11 +289,26 @@ def test_precomputed_signals_give_the_online_loss_and_are_cached(tmp_path):
     b = jax.device_get(evaluate_pre(r_params, frozen, stage.put_batch(with_signals)))
     for k in ("loss", "route_loss", "informative_frac", "route_acc"):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
-    # A second run reads the cache instead of running the experts.
+    # Packed rows give each example what it gets alone in a
+    # row of its own: the reference path, one unpacked example per call.
+    one = signals_program(experts, 97, 0, None, 48, 1)
+    for e in pre:
+        rows = empty_rows(1, 48)
+        place_sequence(rows, 0, 0, e.ids, e.response, 1)
+        lp, top1 = jax.device_get(one(e_params, {k: rows[k] for k in SFT_FIELDS}))
+        n = len(e.ids) - 1
+        np.testing.assert_allclose(e.signal_logprob, lp[:, 0, :n].T, atol=1e-5)
+        np.testing.assert_array_equal(e.signal_top1, top1[:, 0, :n].T)
+    # A second run reads the cache instead of running the experts (there are none) ...
     fresh = [SFTExample(e.ids, e.response) for e in sft]
-    again = precompute_signals(fresh, None, None, 97, 48, batch_size=5, cache_file=cache,
+    again = precompute_signals(fresh, None, e_params, 97, 48, batch_size=5, cache_file=cache,
                                progress=False)
     np.testing.assert_array_equal(again[3].signal_top1, pre[3].signal_top1)
+    # ... but not with other experts' params: a cache shared between runs is keyed by them.
+    other = jax.tree.map(lambda x: x * 1.5, e_params)
+    moved = precompute_signals([SFTExample(e.ids, e.response) for e in sft], experts, other,
+                               97, 48, batch_size=5, cache_file=cache, progress=False)
+    assert not np.allclose(moved[3].signal_logprob, pre[3].signal_logprob)
 
 
 def test_precomputed_reference_gives_the_online_cdpo_loss_and_is_keyed_by_params(tmp_path,

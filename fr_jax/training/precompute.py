@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fr_jax import sharding as sh
-from fr_jax.data import Batcher
+from fr_jax.data import Batcher, empty_rows, place_sequence
 from fr_jax.experts import Experts
 from fr_jax.router import Router
 from fr_jax.training.objectives import SFT_FIELDS, make_signals_fn, reference_outputs
@@ -43,33 +43,62 @@ def _write_cache(cache_file: Optional[str], **arrays):
     os.replace(tmp, cache_file)
 
 
+def _packed_batches(examples, batch_size: int, seq_len: int, progress: bool, desc: str):
+    """(rows, placements) over `examples` in order, packed like training rows: each row
+    holds consecutive examples as segments (positions restart, attention stays within a
+    segment), so short examples do not pay for a whole row of padding. placements:
+    (example index, row, start) of every example in the batch."""
+    with tqdm(total=len(examples), desc=desc, disable=not progress) as bar:
+        i = 0
+        while i < len(examples):
+            rows, placements = empty_rows(batch_size, seq_len), []
+            for b in range(batch_size):
+                start, segment = 0, 1
+                while i < len(examples) and start + len(examples[i].ids) - 1 <= seq_len:
+                    placements.append((i, b, start))
+                    start = place_sequence(rows, b, start, examples[i].ids, examples[i].response,
+                                   segment)
+                    i, segment = i + 1, segment + 1
+                if i < len(examples) and start == 0:  # tokenize_sft keeps rows <= seq_len
+                    raise ValueError(f"example {i} is longer than seq_len={seq_len}")
+            bar.update(len(placements))
+            yield rows, placements
+
+
 def precompute_signals(examples, experts: Experts, e_params, vocab: int, seq_len: int,
                        batch_size: int, cache_file: Optional[str] = None, progress=True,
                        mesh=None, block: int = 0):
     """Attaches the frozen experts' per-target signals to every SFT example, reading them
-    from `cache_file` (.npz) when it matches, else computing and writing it. Reused across
-    epochs and restarts: the experts then never run inside the training step."""
+    from `cache_file` (.npz) when it matches the data and the experts' params, else
+    computing and writing it. Reused across epochs, restarts and runs that share experts
+    and data (`train.sft.signals_cache`): the experts then never run inside the training
+    step. Rows are packed, as in training: the experts' forward passes are most of the
+    precompute's time, and padding would multiply them."""
     lengths = np.array([len(e.ids) - 1 for e in examples])
     total = int(lengths.sum())
+    ids_sum = sum(int(e.ids.sum()) for e in examples)
+    fingerprint = params_fingerprint(e_params)
     if cache_file and os.path.isfile(cache_file):
         z = np.load(cache_file)
-        if z["lengths"].shape == lengths.shape and (z["lengths"] == lengths).all() and \
-                z["ids_sum"] == sum(int(e.ids.sum()) for e in examples):
+        if (z["lengths"].shape == lengths.shape and (z["lengths"] == lengths).all()
+                and z["ids_sum"] == ids_sum and "fingerprint" in z
+                and z["fingerprint"].shape == fingerprint.shape
+                and (z["fingerprint"] == fingerprint).all()):
             offsets = np.r_[0, np.cumsum(lengths)]
             for i, e in enumerate(examples):
                 e.signal_logprob = z["logprob"][offsets[i]:offsets[i + 1]]
                 e.signal_top1 = z["top1"][offsets[i]:offsets[i + 1]]
             return examples
-        log.warning("%s does not match the current data; recomputing", cache_file)
+        log.warning("%s does not match the current data or experts; recomputing", cache_file)
     fn = signals_program(experts, vocab, block, mesh, seq_len, batch_size)
-    for _, chunk, rows in _in_order_batches(examples, batch_size, seq_len, "sft", progress,
+    for rows, placements in _packed_batches(examples, batch_size, seq_len, progress,
                                             "expert signals"):
-        lp, top1 = jax.device_get(fn(e_params, rows))
-        for b, e in enumerate(chunk):
-            n = len(e.ids) - 1
-            e.signal_logprob = np.ascontiguousarray(lp[:, b, :n].T)
-            e.signal_top1 = np.ascontiguousarray(top1[:, b, :n].T)
-    _write_cache(cache_file, lengths=lengths, ids_sum=sum(int(e.ids.sum()) for e in examples),
+        lp, top1 = jax.device_get(fn(e_params, {k: rows[k] for k in SFT_FIELDS}))
+        for i, b, start in placements:  # lp, top1: [experts, batch, seq]
+            span = slice(start, start + lengths[i])
+            examples[i].signal_logprob = np.ascontiguousarray(lp[:, b, span].T)
+            examples[i].signal_top1 = np.ascontiguousarray(top1[:, b, span].T)
+    _write_cache(cache_file, lengths=lengths, ids_sum=ids_sum, fingerprint=fingerprint,
                  logprob=np.concatenate([e.signal_logprob for e in examples]) if total else
                  np.zeros((0, experts.n), np.float32),
                  top1=np.concatenate([e.signal_top1 for e in examples]) if total else
