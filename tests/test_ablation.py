@@ -74,8 +74,10 @@ def test_an_unknown_variant_or_field_is_refused_before_any_work(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+# router_base.steps: the study's 3 x 64 router has no bundled base of its size (the bundle's
+# router is the default 3 x 80), so its runs pretrain one.
 MICRO = ["--config.common=('world.n_test=16', 'sft.steps=6', 'cdpo.steps=4', "
-         "'cdpo.prompts=24', 'cdpo.samples=1')"]
+         "'cdpo.prompts=24', 'cdpo.samples=1', 'router_base.steps=6')"]
 
 
 def _sha(path):
@@ -120,6 +122,10 @@ def test_micro_ablation_trains_only_routers_writes_the_table_and_resumes(tmp_pat
         _sha(f"{BUNDLE}/base/model.safetensors")
     assert json.load(open(big / "train" / "router" / "cdpo" / "router" /
                           "config.json"))["hidden_size"] == 96
+    # The other variants keep the study's 3 x 64 router, whatever the demo's default.
+    small = work / "runs" / "fused_informative" / "seed1"
+    assert json.load(open(small / "train" / "router" / "cdpo" / "router" /
+                          "config.json"))["hidden_size"] == 64
 
     # Re-run: nothing is trained again; a run whose results.json is gone is finished
     # from its own steps (training and pairs done, answers cached) and the table is equal.

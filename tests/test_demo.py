@@ -102,9 +102,10 @@ def _writes_the_table_plot_tensorboard_and_hf_experts(run, results, stdout):
 def _shows_the_claim(r):
     """The orderings the issue asks for, with margins every measured seed of the reduced run
     reaches (README: seeds 0-2 from the bundled experts, 98 / 100 / 100 on their own
-    domains). FusionRoute against token routing (`expert_only`): mixed 6 / 5 / 8 against 0;
-    on the skill domains at most 2 points below. The reduced run's router is small and
-    briefly trained, so these margins are small; README has the full run."""
+    domains). FusionRoute against token routing (`expert_only`): mixed 16 / 18 / 15 against
+    0; on the skill domains at most 2 points below; 16-24 points above the router alone on
+    average. The margins asserted are smaller than measured (another machine's XLA kernels
+    give other numbers); README has the full run."""
     acc, avg = r["accuracy"], r["average"]
     for i, d in enumerate(W.DOMAINS):  # each expert: best on its own domain, poor elsewhere
         own = acc[f"expert:{i}"][d]
@@ -113,7 +114,7 @@ def _shows_the_claim(r):
                 assert acc[f"expert:{j}"][d] <= own - 0.1, (d, j, own)
                 assert acc[f"expert:{i}"][W.DOMAINS[j]] <= 0.05, (d, j)
     fr, eo = acc["fusionroute"], acc["expert_only"]
-    assert fr["mixed"] >= eo["mixed"] + 0.01, (fr, eo)
+    assert fr["mixed"] >= eo["mixed"] + 0.05, (fr, eo)
     for d in W.DOMAINS:
         assert fr[d] >= eo[d] - 0.08, (d, fr, eo)
     assert avg["fusionroute"] >= avg["sequence:head"] + 0.05
