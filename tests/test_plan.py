@@ -15,7 +15,6 @@ import pytest
 
 from fr_jax import plan as plan_cli
 from fr_jax import planning as plan
-from fr_jax.bundle import bundled_world
 from fr_jax.config import default_config_file
 
 SLICE = "v5e-8"
@@ -85,13 +84,8 @@ def test_plan_cli_reduced_depth_fits_and_reports(tmp_path, capsys):
 @pytest.mark.slow
 def test_plan_cli_plans_several_slices_in_one_run(tmp_path, capsys):
     """--topology=a,b plans each slice (the README's tables come from one command); an
-    unknown slice anywhere in the list is refused before anything is compiled. The lineup
-    is the bundled world's checkpoints (their config.json sets the shapes, as a user's
-    local checkpoints do): what is tested is the slices, so the programs are small."""
-    world = bundled_world()
-    base = ["--config=" + default_config_file("llama3.py"),
-            f"--config.router.path={world['router_base']}",
-            f"--config.experts.paths={tuple(world['experts'])!r}",
+    unknown slice anywhere in the list is refused before anything is compiled."""
+    base = ["--config=" + default_config_file("llama3.py"), f"--config.plan.depth={DEPTH}",
             "--config.plan.programs=('decode',)", "--config.plan.decode_batches=(1,)",
             "--config.plan.lazy=(True,)", "--config.plan.costs=False"]
     with pytest.raises(SystemExit, match="unknown TPU slice 'v9-1'.*v5e-8"):
@@ -106,8 +100,6 @@ def test_plan_cli_plans_several_slices_in_one_run(tmp_path, capsys):
         assert {r["program"] for r in s["results"]} == {
             "decode prefill, fusionroute lazy, batch 1, prompt 1024",
             "decode chunk, fusionroute lazy, batch 1, cache 2048"}
-        # the checkpoints' own shapes (a few MiB), not the llama-3 presets' (GiBs)
-        assert all(r["total"] < 2**28 for r in s["results"]), s["results"]
     assert "## v5e-8" in text and "## v4-8" in text and "30.75 GiB usable" in text
 
 

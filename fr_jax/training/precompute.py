@@ -56,8 +56,8 @@ def _packed_batches(examples, batch_size: int, seq_len: int, progress: bool, des
                 start, segment = 0, 1
                 while i < len(examples) and start + len(examples[i].ids) - 1 <= seq_len:
                     placements.append((i, b, start))
-                    start = place_sequence(rows, b, start, examples[i].ids, examples[i].response,
-                                   segment)
+                    start = place_sequence(rows, b, start, examples[i].ids,
+                                           examples[i].response, segment)
                     i, segment = i + 1, segment + 1
                 if i < len(examples) and start == 0:  # tokenize_sft keeps rows <= seq_len
                     raise ValueError(f"example {i} is longer than seq_len={seq_len}")
