@@ -19,11 +19,4 @@ def one_device_env(home, fast_compile: bool = True) -> dict:
     slower at level 0)."""
     env = dict(os.environ, FR_JAX_HOME=str(home), PYTHONPATH=REPO)
     env["XLA_FLAGS"] = FAST_COMPILE_FLAGS if fast_compile else ""
-    # A compilation cache of their own: JAX leaves the host device count out of the cache
-    # key, so a one-device process would otherwise load executables the 8-device test
-    # workers compiled, and vice versa (the likely cause of a worker's segfault in CI while
-    # it loaded a cached executable).
-    if env.get("JAX_COMPILATION_CACHE_DIR"):
-        env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(env["JAX_COMPILATION_CACHE_DIR"],
-                                                        "one_device")
     return env
