@@ -27,7 +27,6 @@ from typing import Dict, List
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from fr_jax.baselines import seqroute_pipeline as S
 from fr_jax.baselines.merging import merge_hf
@@ -40,6 +39,7 @@ from fr_jax.hf import load_config, save_hf
 from fr_jax.lineup import load_lineup
 from fr_jax.models import Model, ModelConfig, RopeConfig
 from fr_jax.sampling import Sampling
+from fr_jax.tensorboard import summary_writer
 from fr_jax.toy import world as W
 from fr_jax.training import finetune, record, train
 
@@ -355,7 +355,7 @@ def evaluate(cfg, lineup, tests: List[W.Task], workdir: str = None) -> dict:
 
 
 def _tensorboard(results: dict, logdir: str):
-    w = SummaryWriter(logdir)
+    w = summary_writer(logdir)
     for mode, acc in results["accuracy"].items():
         for d, v in acc.items():
             w.add_scalar(f"eval/{d}/{mode}", v, 0)

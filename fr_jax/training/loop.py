@@ -11,7 +11,6 @@ from typing import Dict, Optional
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from fr_jax import sharding as sh
@@ -24,6 +23,7 @@ from fr_jax.hf import load_config, load_hf, load_tokenizer, save_hf
 from fr_jax.lineup import Lineup, load_lineup
 from fr_jax.models import Model
 from fr_jax.router import Router, save_router
+from fr_jax.tensorboard import summary_writer
 from fr_jax.trace import render_text
 from fr_jax.training import record
 from fr_jax.training.objectives import sft_needs_experts
@@ -51,7 +51,7 @@ class _Writer:
     def __init__(self, logdir: str):
         self.w = None
         if jax.process_index() == 0:
-            self.w = SummaryWriter(logdir)
+            self.w = summary_writer(logdir)
 
     def scalars(self, prefix, values, step):
         if self.w:
