@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fr_jax.errors import CheckpointError
+from fr_jax.hub import checkpoint_dir
 from fr_jax.models.architecture import ModelConfig
 from fr_jax.models.model import Model
 
@@ -112,10 +113,13 @@ def _hf_shape(kind: str, flax_shape: Tuple[int, ...]) -> Tuple[int, ...]:
 
 # ---------------------------------------------------------------------------- reading
 def load_config(path: str, dtype: str = "float32", param_dtype: Optional[str] = None) -> ModelConfig:
-    """ModelConfig from `path/config.json`, with a clear error for a missing/odd file."""
+    """ModelConfig from `path/config.json` (`path`: a folder or a hub name, see hub.py), with
+    a clear error for a missing/odd file."""
+    path = checkpoint_dir(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint folder {path!r} does not exist (give a local folder "
-                              "holding config.json and *.safetensors; nothing is downloaded)")
+                              "holding config.json and *.safetensors, or a hub name such as "
+                              "google/gemma-2-2b-it)")
     cfg_file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cfg_file):
         raise CheckpointError(f"{cfg_file} not found: {path!r} is not an HF checkpoint folder "
@@ -228,7 +232,7 @@ def _resolve(reader: _ShardReader, name: str) -> Optional[str]:
 
 def load_hf(path: str, dtype: str = "float32", param_dtype: Optional[str] = None,
             shardings=None) -> Tuple[ModelConfig, dict]:
-    """Reads a local HF folder into (ModelConfig, params on device).
+    """Reads an HF folder (or hub name, see hub.py) into (ModelConfig, params on device).
 
     dtype: activation dtype; param_dtype: dtype the params are stored in (default: dtype).
     shardings: optional params-shaped pytree of `jax.sharding.Sharding`; each param is then
@@ -242,6 +246,7 @@ def load_hf(path: str, dtype: str = "float32", param_dtype: Optional[str] = None
 def read_hf(path: str, dtype: str = "float32",
             param_dtype: Optional[str] = None) -> Tuple[ModelConfig, dict]:
     """Like `load_hf` but leaves the params as host numpy arrays (for stacking, placing)."""
+    path = checkpoint_dir(path)
     cfg = load_config(path, dtype=dtype, param_dtype=param_dtype)
     reader = _ShardReader(_weight_map(path))
     shapes = Model(cfg).param_shapes()
@@ -359,9 +364,10 @@ def save_hf(path: str, cfg: ModelConfig, params, tokenizer=None, dtype: Optional
 
 
 def load_tokenizer(path: str):
-    """The tokenizer saved in a local checkpoint folder (transformers' AutoTokenizer)."""
+    """The tokenizer saved in a checkpoint folder or hub model (transformers' AutoTokenizer)."""
     from transformers import AutoTokenizer
 
+    path = checkpoint_dir(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"tokenizer folder {path!r} does not exist")
     if not any(os.path.isfile(os.path.join(path, f))

@@ -24,6 +24,7 @@ from fr_jax.errors import CheckpointError, ConfigError, ModeError
 from fr_jax.experts import Experts, load_experts
 from fr_jax.fusion import Mode
 from fr_jax.hf import load_config, load_hf, load_tokenizer
+from fr_jax.hub import checkpoint_dir
 from fr_jax.models import Model
 from fr_jax.router import Router, load_router
 from fr_jax.sampling import Sampling
@@ -115,20 +116,24 @@ def load_lineup(router: str = "", experts: Sequence[str] = (), *,
                 stacked: Optional[bool] = None, router_seed: int = 0,
                 n_experts: Optional[int] = None, eos_ids: Sequence[int] = (), lazy_experts: bool = False,
                 catch_up_width: int = 8) -> Lineup:
-    """Reads the lineup from local folders: the router (a fr_jax router, or a base
-    checkpoint that gets a fresh head for `n_experts` (default: one per expert) seeded by
-    `router_seed`), the experts (in the
-    router's order), stand-alone `models` {name: folder} and a trained SharedTrunkNet
-    folder `seqroute` (its encoder: `seqroute_encoder`, default the one the folder names;
-    "router" is the router's backbone).
+    """Reads the lineup from folders or hub names (hub.py): the router (a fr_jax router, or
+    a base checkpoint that gets a fresh head for `n_experts` (default: one per expert)
+    seeded by `router_seed`), the experts (in the router's order), stand-alone `models`
+    {name: folder} and a trained SharedTrunkNet folder `seqroute` (its encoder:
+    `seqroute_encoder`, default the one the folder names; "router" is the router's
+    backbone).
 
     dtype: activations; router_dtype: the router's params (default `frozen`); frozen: every
     other model's params (default dtype). Params are placed on `mesh` when given. Every
     folder is checked before anything heavy is read; the router, experts and models must
     share one tokenizer, and it must fit every model's vocabulary.
     """
-    models = dict(models or {})
-    experts = list(experts)
+    # Hub names become their cache snapshots here, so `source` (which the eval harness
+    # fingerprints) names the exact revision; expert names still come from what was given.
+    names = list(names) or [os.path.basename(os.path.normpath(p)) for p in experts]
+    router = checkpoint_dir(router)
+    experts = [checkpoint_dir(p) for p in experts]
+    models = {k: checkpoint_dir(v) for k, v in (models or {}).items()}
     frozen = frozen or dtype
     router_dtype = router_dtype or frozen
     if seqroute and not router:
@@ -179,7 +184,6 @@ def load_lineup(router: str = "", experts: Sequence[str] = (), *,
             enc_cfg, enc_params = load_hf(encoder, dtype, frozen)
         selector, params["selector"] = load_selector(seqroute, enc_cfg, enc_params,
                                                      seqroute_lam, mesh)
-    names = list(names) or [os.path.basename(os.path.normpath(p)) for p in experts]
     source = {"router": router, "experts": experts, "models": models, "seqroute": seqroute}
     return Lineup(r, e, params, tokenizer, names, loaded, selector, source,
                   end_ids(tokenizer, cfgs, eos_ids), pad_id(tokenizer, cfgs), mesh,
@@ -220,7 +224,7 @@ def lineup_from_config(config, modes: Sequence[str]) -> Lineup:
     models = {}
     for m in parsed:
         if m.standalone:
-            path = getattr(config.baselines, m.model)
+            path = checkpoint_dir(getattr(config.baselines, m.model))
             if not path or not os.path.isfile(os.path.join(path, "config.json")):
                 raise CheckpointError(
                     f"mode {m.name!r}: no model at {path!r}; write one with "

@@ -22,6 +22,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from fr_jax.hf import CheckpointError, place, read_hf, save_hf
+from fr_jax.hub import checkpoint_dir
 from fr_jax.models import KVCache, Model, ModelConfig
 
 HEAD_FILE = "routing_head.safetensors"
@@ -116,13 +117,14 @@ def save_router(path: str, router: Router, params, tokenizer=None,
 
 def load_router(path: str, n_experts: Optional[int] = None, seed: int = 0,
                 dtype: str = "float32", param_dtype: Optional[str] = None, shardings_fn=None):
-    """(Router, params) from `path`.
+    """(Router, params) from `path` (a folder or a hub name, see hub.py).
 
     A folder with a routing head (written by `save_router`) is restored as it is; a plain
     HF base checkpoint gets a fresh head for `n_experts` experts, seeded by `seed`.
     shardings_fn(router) -> params-shaped shardings (see `fr_jax.sharding.param_shardings`);
     each param is then placed shard by shard.
     """
+    path = checkpoint_dir(path)
     head_file = os.path.join(path, HEAD_FILE)
     has_head = os.path.isfile(head_file)
     if has_head:

@@ -293,6 +293,7 @@ def test_metrics_and_routing_rule_on_a_hand_made_table():
 
 
 # ---------------------------------------------------------------------------- decode mode
+@pytest.mark.slow
 def test_sequence_mode_decodes_each_row_with_its_chosen_target():
     """The jitted `sequence` mode against its reference: the SharedTrunkNet's choice computed
     offline (encode_features -> predict -> route), then that target decoded alone."""

@@ -97,6 +97,7 @@ def test_blocked_stage_losses_equal_whole_sequence_losses(name):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("positions", ["all", "informative"])
 def test_the_fused_generator_term_in_the_step_equals_a_direct_computation(positions):
     """Stage 1 with lm_target=fused (signals precomputed, experts in the step): the step's

@@ -3,6 +3,7 @@
 import numpy as np
 
 import jax
+import pytest
 
 from fr_jax import sharding as sh
 from fr_jax.decoding import FusedDecoder
@@ -56,6 +57,7 @@ def test_mesh_decode_equals_single_device(tmp_path):
     assert emb.shape[0] == 97 and emb.sharding.spec == sh.P(None, None)
 
 
+@pytest.mark.slow
 def test_mesh_decode_with_more_tensor_shards_than_kv_heads(tmp_path):
     """2 kv heads under 4-way tensor parallelism: the caches' rows go over `tensor`
     (sharding.FALLBACKS) and the queries follow them; the tokens do not change."""

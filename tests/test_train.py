@@ -76,6 +76,7 @@ def test_sharded_step_equals_single_device_step():
     assert mu.sharding.spec == q.sharding.spec  # optimizer state sharded like the params
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh_and_skips_a_corrupt_one(tmp_path, caplog):
     mesh_a = sh.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     stage, state, frozen, batch = _sft_setup(mesh_a)
@@ -311,6 +312,7 @@ def test_precomputed_signals_give_the_online_loss_and_are_cached(tmp_path):
     assert not np.allclose(moved[3].signal_logprob, pre[3].signal_logprob)
 
 
+@pytest.mark.slow
 def test_precomputed_reference_gives_the_online_cdpo_loss_and_is_keyed_by_params(tmp_path,
                                                                                 caplog):
     from fr_jax.data import PrefExample

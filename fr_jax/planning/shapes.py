@@ -8,6 +8,7 @@ import os
 
 from fr_jax.errors import PlanError
 from fr_jax.hf import load_config
+from fr_jax.hub import checkpoint_dir
 from fr_jax.models import ModelConfig
 from fr_jax.models.splash import block_size
 
@@ -47,7 +48,9 @@ PRESETS = {
 
 
 def model_config(path: str, arch: str, dtype: str, param_dtype: str, what: str):
-    """ModelConfig of a checkpoint: its config.json if the folder has one, else preset `arch`."""
+    """ModelConfig of a checkpoint: its config.json if the folder (or hub model: only its
+    config.json is fetched) has one, else preset `arch`."""
+    path = checkpoint_dir(path, files=("config.json",))
     if path and os.path.isfile(os.path.join(path, "config.json")):
         return load_config(path, dtype, param_dtype)
     if arch not in PRESETS:
