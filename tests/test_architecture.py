@@ -29,7 +29,7 @@ LAYERS = (
     ("toy world", ("fr_jax.toy",)),
     ("CLIs", ("fr_jax.cli", "fr_jax.decode", "fr_jax.train", "fr_jax.evaluate", "fr_jax.plan",
               "fr_jax.merge", "fr_jax.seqroute", "fr_jax.demo", "fr_jax.ablate",
-              "fr_jax.eval.__main__")),
+              "fr_jax.launch", "fr_jax.eval.__main__")),
 )
 MAX_LINES = 500
 

@@ -39,14 +39,30 @@ SLICES = {
     "v4-8": ("v4", "v4:2x2x1"), "v4-16": ("v4", "v4:2x2x2"), "v4-32": ("v4", "v4:2x2x4"),
     "v5e-4": ("v5e", "v5e:2x2"), "v5e-8": ("v5e", "v5e:2x4"), "v5e-16": ("v5e", "v5e:4x4"),
     "v5e-32": ("v5e", "v5e:4x8"), "v5e-64": ("v5e", "v5e:8x8"),
-    "v5p-8": ("v5p", "v5p:2x2x1"), "v5p-16": ("v5p", "v5p:2x2x2"),
+    "v5p-8": ("v5p", "v5p:2x2x1"), "v5p-16": ("v5p", "v5p:2x2x2"), "v5p-32": ("v5p", "v5p:2x2x4"),
     "v6e-8": ("v6e", "v6e:2x4"), "v6e-16": ("v6e", "v6e:4x4"),
 }
+
+
+# Chips one host (TPU VM worker) holds: up to 8 v5e / v6e chips in one VM (a v5e-8 is one
+# host), 4 per host in larger v5e / v6e slices and in every v4 / v5p slice.
+SINGLE_HOST_CHIPS = {"v4": 4, "v5p": 4, "v5e": 8, "v6e": 8}
+CHIPS_PER_HOST = 4
 
 
 def check_slice(slice_name: str):
     if slice_name not in SLICES:
         raise PlanError(f"unknown TPU slice {slice_name!r}; known: {', '.join(SLICES)}")
+
+
+def slice_size(slice_name: str):
+    """(chips, hosts) of a slice: its JAX devices, and the processes a launch starts."""
+    check_slice(slice_name)
+    chip, topo = SLICES[slice_name]
+    chips = 1
+    for d in topo.split(":")[1].split("x"):
+        chips *= int(d)
+    return chips, 1 if chips <= SINGLE_HOST_CHIPS[chip] else chips // CHIPS_PER_HOST
 
 
 def topology_devices(slice_name: str):
