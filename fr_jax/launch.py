@@ -21,7 +21,7 @@ from fr_jax import cli
 from fr_jax.config import decode_mesh, default_config_file
 from fr_jax.errors import ConfigError
 from fr_jax.planning.hardware import SLICES, slice_size
-from fr_jax.sharding import MESH_AXES
+from fr_jax.sharding import MESH_AXES, mesh_sizes
 
 COMMAND = cli.Command("launch", "tiny.py", (
     cli.Flag("slice", None, f"TPU slice (accelerator type), one of {', '.join(SLICES)}"),
@@ -56,26 +56,13 @@ def command_mesh(argv: Sequence[str]) -> Optional[dict]:
 
 
 def check_mesh(mesh: dict, chips: int, slice_name: str) -> dict:
-    """The mesh with -1 resolved; ConfigError unless it has exactly `chips` devices."""
-    sizes = dict(mesh)
-    free = [a for a, s in sizes.items() if s == -1]
-    known = 1
-    for s in sizes.values():
-        known *= s if s != -1 else 1
-    written = " x ".join(f"{a}={s}" for a, s in mesh.items())
-    fix = ("set --config.mesh.<axis> (or config.decode.mesh for decoding) so the sizes "
-           f"multiply to {chips}, or one axis to -1")
-    if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
-        raise ConfigError(f"mesh {written}: sizes must be positive, at most one -1; {fix}")
-    if free:
-        if chips % known:
-            raise ConfigError(f"mesh {written}: {slice_name}'s {chips} chips are not a "
-                              f"multiple of {known}; {fix}")
-        sizes[free[0]] = chips // known
-    elif known != chips:
-        raise ConfigError(f"mesh {written} has {known} devices but {slice_name} has {chips} "
-                          f"chips; {fix}")
-    return sizes
+    """The mesh with -1 resolved (sharding.mesh_sizes); ConfigError unless it has exactly
+    `chips` devices."""
+    try:
+        return mesh_sizes(mesh, chips)
+    except ValueError as e:
+        raise ConfigError(f"{slice_name} has {chips} chips: {e} (the fields: "
+                          "--config.mesh.<axis>, or config.decode.mesh for decoding)") from None
 
 
 def worker_lines(hosts: int, directory: str, setup: str, argv: Sequence[str]) -> List[str]:

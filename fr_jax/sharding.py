@@ -48,27 +48,37 @@ KV_CACHE_AXES = {
 }
 
 
+def mesh_sizes(shape: Optional[Dict[str, int]], n_devices: int) -> Dict[str, int]:
+    """{axis: size} over MESH_AXES for `n_devices` devices: missing axes 1, one axis may be
+    -1 (the rest). ValueError unless the sizes are positive and multiply to n_devices."""
+    shape = dict(shape or {})
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    written = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {written}: at most one mesh axis may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh {written}: sizes must be positive (or -1 for the rest)")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if n_devices % known:
+            raise ValueError(f"mesh {written} does not divide {n_devices} devices")
+        sizes[sizes.index(-1)] = n_devices // known
+    if int(np.prod(sizes)) != n_devices:
+        raise ValueError(f"mesh {written} needs {int(np.prod(sizes))} devices but "
+                         f"{n_devices} are available; set one axis to -1")
+    return dict(zip(MESH_AXES, sizes))
+
+
 def make_mesh(shape: Optional[Dict[str, int]] = None, devices=None) -> Mesh:
     """A mesh over MESH_AXES; `shape` gives each axis' size, one of them may be -1 (the rest).
 
     Missing axes have size 1. The product must equal the number of devices.
     """
     devices = list(devices if devices is not None else jax.devices())
-    shape = dict(shape or {})
-    unknown = set(shape) - set(MESH_AXES)
-    if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
-    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
-    if sizes.count(-1) > 1:
-        raise ValueError("at most one mesh axis may be -1")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh {shape} does not divide {len(devices)} devices")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
-                         f"devices but {len(devices)} are available; set one axis to -1")
+    sizes = list(mesh_sizes(shape, len(devices)).values())
     # Auto axes: shardings of params, caches and batches are given at the jit boundary and
     # XLA's partitioner propagates them through the model code, which stays mesh-agnostic.
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)

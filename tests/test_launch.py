@@ -34,9 +34,11 @@ def test_mesh_of_a_command_and_its_check():
     assert command_mesh(["bash", "-c", "nvidia-smi"]) is None
     assert check_mesh({"data": 2, "fsdp": -1, "tensor": 2, "expert": 1}, 16, "v5p-32") == {
         "data": 2, "fsdp": 4, "tensor": 2, "expert": 1}
-    with pytest.raises(ConfigError, match="has 32 devices but v5p-32 has 16 chips"):
+    with pytest.raises(ConfigError, match="v5p-32 has 16 chips: mesh data=4 x fsdp=4 x "
+                       "tensor=2 x expert=1 needs 32 devices but 16 are available"):
         check_mesh({"data": 4, "fsdp": 4, "tensor": 2, "expert": 1}, 16, "v5p-32")
-    with pytest.raises(ConfigError, match="not a multiple of 3"):
+    with pytest.raises(ConfigError, match="mesh data=3 x fsdp=-1 x tensor=1 x expert=1 "
+                       "does not divide 16 devices"):
         check_mesh({"data": 3, "fsdp": -1, "tensor": 1, "expert": 1}, 16, "v5p-32")
 
 
@@ -50,8 +52,9 @@ def test_launch_cli_prints_every_worker_and_refuses_a_mesh_that_does_not_fit(cap
     assert [w.split(":")[0] for w in workers] == [f"worker {i}" for i in range(4)]
     assert all(w.endswith("cd /w && pip install -e . && python -m fr_jax.train "
                           "--config=configs/gemma2.py --config.mesh.data=2") for w in workers)
-    with pytest.raises(SystemExit, match="error: mesh data=4 x fsdp=4 x tensor=2 x expert=1 "
-                       "has 32 devices but v5p-32 has 16 chips; set --config.mesh"):
+    with pytest.raises(SystemExit, match=r"error: v5p-32 has 16 chips: mesh data=4 x fsdp=4 "
+                       r"x tensor=2 x expert=1 needs 32 devices but 16 are available; set one "
+                       r"axis to -1 \(the fields: --config.mesh"):
         main(["--slice=v5p-32", "--", *TRAIN, "--config.mesh.data=4", "--config.mesh.fsdp=4"])
     with pytest.raises(SystemExit, match="unknown TPU slice 'v9-8'"):
         main(["--slice=v9-8", "--", *TRAIN])
@@ -77,7 +80,8 @@ def test_tpu_vm_dry_run_calls_no_gcloud_that_changes_anything(tmp_path):
     assert not calls.exists()
     bad = run("--dry-run", "--", *TRAIN, "--config.mesh.data=3")
     assert bad.returncode == 1, bad.stderr
-    assert "v5p-16's 8 chips are not a multiple of 6" in bad.stderr, bad.stderr
+    assert ("v5p-16 has 8 chips: mesh data=3 x fsdp=-1 x tensor=2 x expert=1 does not "
+            "divide 8 devices" in bad.stderr), bad.stderr
     assert calls.read_text().split()[:4] == ["compute", "tpus", "tpu-vm", "describe"]
     assert len(calls.read_text().splitlines()) == 1
     assert run("--bogus", "--", "true").returncode == 2
