@@ -86,12 +86,12 @@ def scored_answers(lineup: Lineup, source: Source, ps: PairSettings,
                    fingerprint: str = "") -> List[List[Tuple[str, Optional[bool]]]]:
     """[draw][example] -> (answer text, correct or None when unscored)."""
     fingerprint = fingerprint or harness.lineup_fingerprint(lineup)
-    out = []
+    out, runners = [], {}  # the sampled draws share one compiled decoder
     for name, sampling, seed in ps.draws():
         where = os.path.join(ps.workdir, source.name, name) if ps.workdir else None
         s = _harness_settings(ps, where, sampling, seed)
         gens = harness.cached_generations(lineup, source.benchmark, MODE, source.examples, s,
-                                          fingerprint)
+                                          fingerprint, runners)
         verdicts = harness.score(source.benchmark, MODE, source.examples, gens, s)
         out.append([(g["text"], v["correct"]) for g, v in zip(gens, verdicts)])
     return out

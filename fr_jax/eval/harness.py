@@ -135,9 +135,12 @@ def _path(s: Settings, kind: str, bench: str, mode: str) -> Optional[str]:
     return os.path.join(s.workdir, kind, bench, safe_name(mode) + ".jsonl") if s.workdir else None
 
 
-def cached_generations(lineup: Lineup, bench: str, mode: str, examples: Sequence[Example], s: Settings,
-             fingerprint: str) -> List[dict]:
-    """Each example's generation record, decoding only those not cached under their key."""
+def cached_generations(lineup: Lineup, bench: str, mode: str, examples: Sequence[Example],
+                       s: Settings, fingerprint: str,
+                       runners: Optional[Dict[tuple, ModeRunner]] = None) -> List[dict]:
+    """Each example's generation record, decoding only those not cached under their key.
+    `runners` (shapes and sampling -> ModeRunner), when given, keeps the compiled runners
+    for later calls: several draws of one mode at one sampling compile once."""
     cache = JsonlCache(_path(s, "generations", bench, mode))
     max_new = s.max_new_tokens[bench]
     keys = [_key(fingerprint, mode, e.prompt, max_new, s.chat, dataclasses.asdict(s.sampling),
@@ -152,8 +155,11 @@ def cached_generations(lineup: Lineup, bench: str, mode: str, examples: Sequence
         # and a resumed run decodes in the same shapes as a fresh one.
         ids = encode(lineup, [e.prompt for e in examples], s.chat)
         batch = min(s.batch_size, len(examples))
-        runner = ModeRunner(lineup, mode, max_new, batch, cache_slots(ids, max_new, s.chunk),
-                            s.sampling, s.chunk, width=max(len(x) for x in ids))
+        spec = (mode, max_new, batch, cache_slots(ids, max_new, s.chunk), s.sampling, s.chunk,
+                max(len(x) for x in ids))
+        runner = (runners or {}).get(spec) or ModeRunner(lineup, *spec[:-1], width=spec[-1])
+        if runners is not None:
+            runners[spec] = runner
         bar = _bar(len(examples), len(examples) - len(todo), f"{bench} {mode}", s.progress)
         for lo in range(0, len(todo), batch):
             part = todo[lo:lo + batch]
