@@ -22,6 +22,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from fr_jax import distributed
 from fr_jax.bundle import bundled_world, default_home
 from fr_jax.config import check_ranges, default_config_file
 from fr_jax.errors import FrJaxError
@@ -46,6 +47,9 @@ class Command:
     config_file: str  # default config, under configs/
     flags: Tuple[Flag, ...] = ()
     errors: Tuple[type, ...] = (FrJaxError, ValueError)  # -> one-line exits
+    # Runs on devices: joins a multi-process launch (fr_jax.distributed) before any JAX
+    # call, with config.train.distributed's mode (auto | yes | no) where the config has it.
+    devices: bool = True
 
 
 def split_list(value: str) -> Tuple[str, ...]:
@@ -162,6 +166,8 @@ def main(command: Command, body: Callable, argv=None):
     apply_shortcuts(config, fv, command.flags)
     try:
         check_ranges(config)  # before any work: a NaN or negative knob never runs
+        if command.devices:
+            distributed.initialize(config.train.distributed if "train" in config else "auto")
         return body(config, fv)
     except command.errors as e:
         if os.environ.get("FR_JAX_TRACEBACK"):

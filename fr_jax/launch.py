@@ -27,7 +27,7 @@ COMMAND = cli.Command("launch", "tiny.py", (
     cli.Flag("slice", None, f"TPU slice (accelerator type), one of {', '.join(SLICES)}"),
     cli.Flag("dir", None, "the checkout's folder on every worker"),
     cli.Flag("setup", None, "what every worker runs before the command"),
-))
+), devices=False)
 
 # fr_jax commands whose programs run on the decoding mesh (config.decode.mesh).
 DECODING = ("decode", "eval", "evaluate")

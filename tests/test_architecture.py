@@ -17,7 +17,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 LAYERS = (
     ("foundations", ("fr_jax.errors", "fr_jax.config", "fr_jax.sharding", "fr_jax.sampling",
                      "fr_jax.bundle", "fr_jax.paths", "fr_jax.hlo_traffic",
-                     "fr_jax.tensorboard", "fr_jax.hub")),
+                     "fr_jax.tensorboard", "fr_jax.hub", "fr_jax.distributed")),
     ("models", ("fr_jax.models", "fr_jax.hf")),
     ("router, experts, fusion", ("fr_jax.router", "fr_jax.experts", "fr_jax.fusion",
                                  "fr_jax.sequence")),

@@ -1,0 +1,102 @@
+"""Several JAX processes as one program (multi-controller JAX), set up from the environment.
+
+On a TPU pod slice every worker runs the same command and JAX finds its peers itself
+(`TPU_WORKER_HOSTNAMES`, the TPU metadata). Elsewhere (several processes on one machine,
+a GPU cluster without a scheduler JAX knows) the launcher names them:
+
+    JAX_COORDINATOR_ADDRESS=host:port   process 0's address, where the others meet
+    JAX_NUM_PROCESSES=N                 how many processes take part
+    JAX_PROCESS_ID=i                    this process, 0 <= i < N
+
+(JAX reads the first itself; fr_jax reads the other two and hands them to
+`jax.distributed.initialize`.) Cross-process collectives on CPU go through gloo, JAX's
+default.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from fr_jax.errors import ConfigError
+
+MODES = ("auto", "yes", "no")
+
+
+def requested() -> bool:
+    """Whether the environment describes a launch of several processes."""
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or len(hosts) > 1
+
+
+def _int_env(name: str):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer") from None
+
+
+def initialize(mode: str = "auto") -> bool:
+    """Joins the processes of a multi-process launch (`jax.distributed.initialize`), before
+    any device is touched: mode auto -- when the environment describes one (`requested`);
+    yes -- always (JAX's own cluster detection); no -- never. Returns whether this process
+    is part of a multi-process program. Calling it again is harmless."""
+    if mode not in MODES:
+        raise ConfigError(f"distributed mode {mode!r}: use one of {', '.join(MODES)}")
+    if jax.distributed.is_initialized():
+        return True
+    if mode == "no" or (mode == "auto" and not requested()):
+        return False
+    n, i = _int_env("JAX_NUM_PROCESSES"), _int_env("JAX_PROCESS_ID")
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") and not os.environ.get("TPU_WORKER_HOSTNAMES"):
+        if n is None or i is None:
+            raise ConfigError("JAX_COORDINATOR_ADDRESS is set but JAX_NUM_PROCESSES and "
+                              "JAX_PROCESS_ID are not: set all three on every process (or "
+                              "none, on a TPU slice)")
+        if not 0 <= i < n:
+            raise ConfigError(f"JAX_PROCESS_ID={i} is outside 0..{n - 1} "
+                              f"(JAX_NUM_PROCESSES={n})")
+    jax.distributed.initialize(num_processes=n, process_id=i)
+    return True
+
+
+def is_main() -> bool:
+    """Process 0: the one that writes logs, TensorBoard, exports and reports."""
+    return jax.process_index() == 0
+
+
+def all_agree(flag: bool) -> bool:
+    """True when `flag` holds on every process (each process's own answer otherwise):
+    the processes of a program must take the same branch into any collective."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([bool(flag)]))))
+
+
+def to_global(x: np.ndarray, sharding) -> jax.Array:
+    """A host array every process holds whole -> a jax.Array with `sharding`, each process
+    filling only its own devices' shards."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def fetch(tree):
+    """Device arrays -> numpy on every process, also when their shards live on several
+    processes (then gathered across them)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and \
+                not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(one, tree)
+
+
+def barrier(name: str):
+    """Every process waits here until all have arrived (a no-op in one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
