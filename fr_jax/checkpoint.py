@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fr_jax import distributed
 from fr_jax.errors import CheckpointError
 
 log = logging.getLogger("fr_jax.checkpoint")
@@ -109,8 +110,10 @@ class Checkpointer:
 
     def _set_aside(self, step: int, why: str):
         aside = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time())}")
-        os.makedirs(os.path.dirname(aside), exist_ok=True)
-        shutil.move(os.path.join(self.directory, str(step)), aside)
+        if distributed.is_main():  # one mover; the others wait for it
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), aside)
+        distributed.barrier(f"fr_jax-set-aside-{step}")
         self.manager.reload()
         log.warning("checkpoint step %d in %s is bad (%s); moved it to %s and trying the "
                     "previous one", step, self.directory, why, aside)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from fr_jax import distributed
 from fr_jax import sharding as sh
 from fr_jax.checkpoint import Checkpointer, abstract_like
 from fr_jax.config import check_ranges, frozen_dtype
@@ -110,8 +111,9 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     tokenize = tokenize_sft if kind == "sft" else tokenize_pref
     examples, report = tokenize(load_records(path, strict=False), tokenizer, dc.seq_len, dc.chat)
     os.makedirs(workdir, exist_ok=True)
-    record.write_json(os.path.join(workdir, "data_report.json"),
-                      {"path": path, **report.to_json()})
+    if distributed.is_main():  # every file of a run is written once, by process 0
+        record.write_json(os.path.join(workdir, "data_report.json"),
+                          {"path": path, **report.to_json()})
     if not examples:  # bad records are skipped and counted; only nothing usable is fatal
         raise DataError(f"{path}: no usable {kind} records ({report}); see "
                         f"{os.path.join(workdir, 'data_report.json')}")
@@ -209,14 +211,16 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
                 # checkpoint continues the history that led to it.
                 ckpt.save(micro, state, {"data": batcher.state(), "stage": name,
                                          "micro": micro, "history": history})
-                record.write_json(history_path, history)
+                if distributed.is_main():
+                    record.write_json(history_path, history)
             if micro < total:
                 batch = batcher.next()
     finally:
         bar.close()
         writer.close()
         ckpt.close()
-    record.write_json(history_path, history)
+    if distributed.is_main():
+        record.write_json(history_path, history)
     return state.params, history
 
 
@@ -262,14 +266,6 @@ def _print(msg):
         print(msg, flush=True)
 
 
-def maybe_initialize_distributed(mode: str = "auto"):
-    """`jax.distributed.initialize()` on multi-host launches (a no-op on one host)."""
-    multi = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or \
-        len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
-    if mode == "yes" or (mode == "auto" and multi):
-        jax.distributed.initialize()
-
-
 def finetune(config, progress: bool = True) -> str:
     """Stage `lm`: fine-tunes one ordinary model (no routing) from `train.lm.init` on the SFT
     data -- the direct fine-tuning baseline, and how the demo world trains its experts.
@@ -285,8 +281,9 @@ def finetune(config, progress: bool = True) -> str:
     _, params = load_hf(init, dtype, pdtype, shardings=sh.param_shardings(model, mesh))
     params, _ = run_stage("lm", config, model, params, None, None, tokenizer, mesh, progress)
     out = os.path.join(config.train.workdir, "lm", "model")
-    if jax.process_index() == 0:
-        save_hf(out, model.cfg, jax.device_get(params), tokenizer=tokenizer)
+    host = distributed.fetch(params)  # every process: a collective where params are sharded
+    if distributed.is_main():
+        save_hf(out, model.cfg, host, tokenizer=tokenizer)
         _print(f"[lm] exported model to {out}")
     return out
 
@@ -296,7 +293,7 @@ def train(config, progress: bool = True) -> str:
     the experts of config.experts.paths (returns the exported router's folder); lm alone
     fine-tunes one plain model (see `finetune`; returns its folder)."""
     check_ranges(config)
-    maybe_initialize_distributed(config.train.distributed)
+    distributed.initialize(config.train.distributed)
     tc = config.train
     if "lm" in tc.stages:
         if tuple(tc.stages) != ("lm",):
@@ -327,8 +324,9 @@ def train(config, progress: bool = True) -> str:
         r_params, _ = run_stage(name, config, router, r_params, experts, e_params, tokenizer,
                                 mesh, progress, samples)
         out = os.path.join(tc.workdir, name, "router")
-        if jax.process_index() == 0:
-            save_router(out, router, r_params, tokenizer=tokenizer,
+        host = distributed.fetch(r_params)  # every process: a collective where sharded
+        if distributed.is_main():
+            save_router(out, router, host, tokenizer=tokenizer,
                         expert_names=list(lineup.expert_names))
             _print(f"[{name}] exported router to {out}")
     return out

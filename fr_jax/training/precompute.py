@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from fr_jax import distributed
 from fr_jax import sharding as sh
 from fr_jax.data import Batcher, empty_rows, place_sequence
 from fr_jax.experts import Experts
@@ -25,7 +26,7 @@ def _in_order_batches(examples, batch_size: int, seq_len: int, kind: str, progre
                       desc: str):
     """(offset, chunk, rows) over `examples` in order, one unpacked row per example (row b =
     example offset + b; the last chunk is padded with repeats to a full batch)."""
-    for lo in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress):
+    for lo in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress or not distributed.is_main()):
         chunk = examples[lo:lo + batch_size]
         rows = Batcher(chunk + chunk[:batch_size - len(chunk)], batch_size, seq_len, 0,
                        kind=kind, pack=False)
@@ -43,12 +44,39 @@ def _write_cache(cache_file: Optional[str], **arrays):
     os.replace(tmp, cache_file)
 
 
+def _matching_cache(cache_file: Optional[str], lengths, ids_sum: int, fingerprint,
+                    what: str):
+    """The cache's arrays when `cache_file` holds this data's results for these params on
+    every process (else None: all of them compute it, as one program); a stale file is
+    named in the log."""
+    z = None
+    if cache_file and os.path.isfile(cache_file):
+        z = dict(np.load(cache_file))
+        if not (z["lengths"].shape == lengths.shape and (z["lengths"] == lengths).all()
+                and z["ids_sum"] == ids_sum and "fingerprint" in z
+                and z["fingerprint"].shape == fingerprint.shape
+                and (z["fingerprint"] == fingerprint).all()):
+            log.warning("%s does not match the current data or %s; recomputing", cache_file,
+                        what)
+            z = None
+    # A process without the file (a host-local workdir on another host) makes every
+    # process compute: the computation is one SPMD program, run by all or by none.
+    return z if distributed.all_agree(z is not None) else None
+
+
+def _put(mesh, rows):
+    """Host rows -> the program's inputs: global arrays sharded by rows on a mesh."""
+    if mesh is None:
+        return rows
+    return {k: distributed.to_global(v, sh.batch_sharding(mesh, v.shape)) for k, v in rows.items()}
+
+
 def _packed_batches(examples, batch_size: int, seq_len: int, progress: bool, desc: str):
     """(rows, placements) over `examples` in order, packed like training rows: each row
     holds consecutive examples as segments (positions restart, attention stays within a
     segment), so short examples do not pay for a whole row of padding. placements:
     (example index, row, start) of every example in the batch."""
-    with tqdm(total=len(examples), desc=desc, disable=not progress) as bar:
+    with tqdm(total=len(examples), desc=desc, disable=not progress or not distributed.is_main()) as bar:
         i = 0
         while i < len(examples):
             rows, placements = empty_rows(batch_size, seq_len), []
@@ -78,22 +106,17 @@ def precompute_signals(examples, experts: Experts, e_params, vocab: int, seq_len
     total = int(lengths.sum())
     ids_sum = sum(int(e.ids.sum()) for e in examples)
     fingerprint = params_fingerprint(e_params)
-    if cache_file and os.path.isfile(cache_file):
-        z = np.load(cache_file)
-        if (z["lengths"].shape == lengths.shape and (z["lengths"] == lengths).all()
-                and z["ids_sum"] == ids_sum and "fingerprint" in z
-                and z["fingerprint"].shape == fingerprint.shape
-                and (z["fingerprint"] == fingerprint).all()):
-            offsets = np.r_[0, np.cumsum(lengths)]
-            for i, e in enumerate(examples):
-                e.signal_logprob = z["logprob"][offsets[i]:offsets[i + 1]]
-                e.signal_top1 = z["top1"][offsets[i]:offsets[i + 1]]
-            return examples
-        log.warning("%s does not match the current data or experts; recomputing", cache_file)
+    z = _matching_cache(cache_file, lengths, ids_sum, fingerprint, "experts")
+    if z is not None:
+        offsets = np.r_[0, np.cumsum(lengths)]
+        for i, e in enumerate(examples):
+            e.signal_logprob = z["logprob"][offsets[i]:offsets[i + 1]]
+            e.signal_top1 = z["top1"][offsets[i]:offsets[i + 1]]
+        return examples
     fn = signals_program(experts, vocab, block, mesh, seq_len, batch_size)
     for rows, placements in _packed_batches(examples, batch_size, seq_len, progress,
                                             "expert signals"):
-        lp, top1 = jax.device_get(fn(e_params, {k: rows[k] for k in SFT_FIELDS}))
+        lp, top1 = distributed.fetch(fn(e_params, _put(mesh, {k: rows[k] for k in SFT_FIELDS})))
         for i, b, start in placements:  # lp, top1: [experts, batch, seq]
             span = slice(start, start + lengths[i])
             examples[i].signal_logprob = np.ascontiguousarray(lp[:, b, span].T)
@@ -144,7 +167,7 @@ def params_fingerprint(params) -> np.ndarray:
     f = jax.jit(lambda p: jnp.stack([jnp.stack([jnp.sum(x.astype(jnp.float32)),
                                                 jnp.sum(jnp.square(x.astype(jnp.float32)))])
                                      for x in jax.tree.leaves(p)]))
-    return np.asarray(jax.device_get(f(params))).ravel()
+    return distributed.fetch(f(params)).ravel()
 
 
 def precompute_reference(examples, router: Router, ref_params, experts: Experts, e_params,
@@ -169,14 +192,9 @@ def precompute_reference(examples, router: Router, ref_params, experts: Experts,
                                 for j in range(2))
         return examples
 
-    if cache_file and os.path.isfile(cache_file):
-        z = np.load(cache_file)
-        if (z["lengths"].shape == lengths.shape and (z["lengths"] == lengths).all()
-                and z["ids_sum"] == ids_sum and z["fingerprint"].shape == fingerprint.shape
-                and (z["fingerprint"] == fingerprint).all()):
-            return attach(z["logprob"], z["route"])
-        log.warning("%s does not match the current data or stage-1 router; recomputing",
-                    cache_file)
+    z = _matching_cache(cache_file, lengths, ids_sum, fingerprint, "stage-1 router")
+    if z is not None:
+        return attach(z["logprob"], z["route"])
     fn = reference_program(router, experts, vocab, block, mesh, seq_len, batch_size)
     logprob = np.zeros((len(examples), 2), np.float32)
     routes = [[None, None] for _ in examples]
@@ -184,7 +202,7 @@ def precompute_reference(examples, router: Router, ref_params, experts: Experts,
                                               "CDPO reference"):
         for j, s in enumerate(sides):
             side = {k: batch[s][k] for k in SFT_FIELDS}
-            lp, route = jax.device_get(fn(ref_params, e_params, side))
+            lp, route = distributed.fetch(fn(ref_params, e_params, _put(mesh, side)))
             for b in range(len(chunk)):
                 logprob[lo + b, j] = lp[b]
                 routes[lo + b][j] = np.asarray(route[b, :lengths[lo + b, j]], np.float32)
