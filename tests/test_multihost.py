@@ -1,0 +1,162 @@
+"""fr_jax as several JAX processes on this machine (tests/launcher.py), compared with one
+process holding all the devices: the launcher itself, the collectives fr_jax relies on,
+and training (SFT with precomputed expert signals, CDPO with the experts in the step,
+stage lm) giving the same losses, params and optimizer state as 2 x 4 devices as it does
+as 1 x 8, with every file written once.
+
+Tolerance: the two runs compile the same SPMD program for the same 8-device mesh, but a
+reduction across processes goes through gloo, which adds its partial sums in another
+order than XLA's in-process all-reduce. Float32 sums of the same terms in another order
+differ by a few ulps (measured: losses by <= 2e-6 at ~15, params by <= 2e-7 after Adam
+steps), so losses are compared to rtol 1e-5 and params / optimizer state to atol 1e-5.
+"""
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cli_env import REPO
+from launcher import LaunchError, run_processes
+
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+
+def test_the_launcher_kills_every_process_when_one_fails(tmp_path):
+    script = ("import os, sys, time\n"
+              "if os.environ['JAX_PROCESS_ID'] == '1':\n"
+              "    print('process 1 gives up'); sys.exit(3)\n"
+              "time.sleep(600)\n")
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError) as err:
+        run_processes(2, ["-c", script], tmp_path, devices=1, timeout=120)
+    assert time.monotonic() - t0 < 60  # process 0 did not run out its sleep
+    msg = str(err.value)
+    assert "2-process launch failed" in msg and "--- process 1 (rc 3):" in msg
+    assert "process 1 gives up" in msg and "--- process 0 (rc -9)" in msg
+    runs = run_processes(2, ["-c", "import time; time.sleep(600)"], tmp_path / "slow",
+                         devices=1, timeout=3, check=False)
+    assert [r.returncode for r in runs] == [-9, -9]  # the hard timeout kills them all
+
+
+COLLECTIVES = """
+import jax, numpy as np
+from fr_jax import distributed
+from fr_jax.sharding import NamedSharding, P
+assert distributed.initialize() and jax.process_count() == 2 and jax.device_count() == 4
+mesh = jax.make_mesh((4,), ("data",))
+x = np.arange(8.0).reshape(4, 2)
+g = distributed.to_global(x, NamedSharding(mesh, P("data")))
+total = jax.jit(lambda a: a.sum())(g)
+gathered = distributed.fetch(g * 2)
+agree = distributed.all_agree(jax.process_index() == 0)
+distributed.barrier("done")
+print("RESULT", jax.process_index(), float(total), gathered.tolist(), agree, flush=True)
+"""
+
+
+def test_two_processes_form_one_program(tmp_path):
+    runs = run_processes(2, ["-c", COLLECTIVES], tmp_path, devices=2, timeout=300)
+    for r in runs:
+        line = [x for x in r.log.splitlines() if x.startswith("RESULT")]
+        assert line == [f"RESULT {r.rank} 28.0 {(np.arange(8.0).reshape(4, 2) * 2).tolist()} "
+                        "False"], r.log[-2000:]
+
+
+# ------------------------------------------------------------------------------ training
+def _read_state(path):
+    """An Orbax state saved on any mesh, read whole onto this process's first device."""
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
+    return ckptr.restore(path, target)
+
+
+def _assert_same_state(a_dir, b_dir, step):
+    a, b = (_read_state(os.path.join(d, str(step), "state")) for d in (a_dir, b_dir))
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
+                                   rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def _assert_same_history(a, b):
+    ha, hb = (json.load(open(x)) for x in (a, b))
+    assert [h["micro"] for h in ha] == [h["micro"] for h in hb]
+    for x, y in zip(ha, hb):
+        for k in ("loss", "grad_norm"):
+            np.testing.assert_allclose(y[k], x[k], rtol=1e-5, err_msg=(k, x["micro"]))
+
+
+def _train_both(tmp_path, extra):
+    common = ["-m", "fr_jax.train", f"--config={TINY}", "--config.train.log_every=1",
+              "--config.train.eval_every=2", "--config.train.sample_every=0",
+              "--config.train.ckpt_every=2", "--config.train.batch_size=8",
+              "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *extra]
+    home = tmp_path / "home"
+    one = run_processes(1, common + [f"--config.train.workdir={tmp_path / 'one'}"],
+                        tmp_path / "log1", devices=8, home=home, timeout=900)
+    two = run_processes(2, common + [f"--config.train.workdir={tmp_path / 'two'}"],
+                        tmp_path / "log2", devices=4, home=home, timeout=900)
+    return one, two
+
+
+def _events(folder):
+    return [f for f in os.listdir(folder) if f.startswith("events.out.tfevents")]
+
+
+@pytest.mark.slow
+def test_router_training_as_two_processes_equals_one_process(tmp_path):
+    """SFT with precomputed expert signals (every process computes them as one program and
+    keeps them; process 0 writes the cache; nobody waits on the file), then CDPO with the
+    experts and the reference router in the step; FSDP and tensor axes span both
+    processes, so params, gradients and Adam state are split between them."""
+    from safetensors.numpy import load_file
+
+    one, two = _train_both(tmp_path, ["--config.train.sft.steps=4",
+                                      "--config.train.cdpo.steps=2",
+                                      "--config.train.cdpo.reference=online"])
+    for stage, last in (("sft", 4), ("cdpo", 2)):
+        a, b = tmp_path / "one" / stage, tmp_path / "two" / stage
+        _assert_same_history(a / "history.json", b / "history.json")
+        _assert_same_state(a / "checkpoints", b / "checkpoints", last)
+        for f in ("model.safetensors", "routing_head.safetensors"):
+            x, y = load_file(a / "router" / f), load_file(b / "router" / f)
+            assert x.keys() == y.keys()
+            for k in x:
+                np.testing.assert_allclose(y[k], x[k], rtol=0, atol=1e-5, err_msg=(stage, k))
+        assert len(_events(tmp_path / "two" / "tensorboard" / stage)) == 1
+    assert (tmp_path / "two" / "sft" / "expert_signals.npz").is_file()
+    # What a person reads comes from process 0 alone: no progress bar, no export line and no
+    # data report from process 1.
+    log0, log1 = two[0].log, two[1].log
+    assert "[sft] exported router" in log0 and "[cdpo] exported router" in log0
+    for line in ("exported router", "sft:", "cdpo:", "expert signals", "[sft] data"):
+        assert line not in log1, line
+
+
+@pytest.mark.slow
+def test_stage_lm_as_two_processes_equals_one_process(tmp_path):
+    from fr_jax.bundle import bundled_world
+    from safetensors.numpy import load_file
+
+    from fr_jax.toy import world as W
+
+    init = bundled_world()["experts"][0]
+    data = tmp_path / "sft.jsonl"
+    W.write_jsonl(str(data), [t.record() for t in W.make_world_data(100, 4, 3).train["math"]])
+    _train_both(tmp_path, ["--config.train.stages=('lm',)", f"--config.train.lm.init={init}",
+                           "--config.train.lm.steps=4", f"--config.data.sft_path={data}"])
+    a, b = tmp_path / "one" / "lm", tmp_path / "two" / "lm"
+    _assert_same_history(a / "history.json", b / "history.json")
+    _assert_same_state(a / "checkpoints", b / "checkpoints", 4)
+    x, y = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    for k in x:
+        np.testing.assert_allclose(y[k], x[k], rtol=0, atol=1e-5, err_msg=k)
