@@ -15,7 +15,7 @@ import sys
 
 import jax
 
-from fr_jax import cli, trace
+from fr_jax import cli, distributed, trace
 from fr_jax.data import encode_prompt, read_prompts
 from fr_jax.decoding import DecodeResult, decode_slots
 from fr_jax.errors import CacheOverflowError
@@ -86,17 +86,18 @@ def decode_prompts(config, fv=None) -> DecodeResult:
                                      d.chunk)
     platform = jax.devices()[0].platform
     mesh = dict(lineup.mesh.shape)
-    if mode.standalone:
-        names = [mode.model]
+    main = distributed.is_main()  # every process decodes; process 0 alone reports
+    names = [mode.model] if mode.standalone else list(lineup.expert_names)
+    if main and mode.standalone:
         print(f"mode {mode.name}: one stand-alone model; mesh {mesh} on {platform}")
-    else:
-        names = list(lineup.expert_names)
+    elif main:
         router = "(the bundled toy world)" if bundled else config.router.path
         print(f"mode {mode.name}: router {router}; experts {', '.join(names)}; mesh {mesh} "
               f"on {platform}")
     res = decoder.generate(params, ids, d.max_new_tokens, lineup.eos_ids, lineup.pad_id,
                            seed=d.seed, cache_len=d.cache_len or None)
-    show(res, prompts, tok, names, mode, d)
+    if main:
+        show(res, prompts, tok, names, mode, d)
     return res
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
-from fr_jax import cli
+from fr_jax import cli, distributed
 from fr_jax.errors import ConfigError
 from fr_jax.eval import benchmarks as B
 from fr_jax.eval import harness, report, scoring
@@ -58,8 +58,9 @@ def evaluate(config, fv=None) -> dict:
         workers=sb.workers, progress=e.progress, columns=e.columns)
     if any(B.get_benchmark(b).scorer in scoring.EXECUTES_CODE for b in benchmarks):
         active = [k for k, v in protections().items() if v is True]
-        print(f"sandbox for generated code: {', '.join(active) or 'no kernel protections'}",
-              flush=True)
+        if distributed.is_main():
+            print(f"sandbox for generated code: {', '.join(active) or 'no kernel protections'}",
+                  flush=True)
     results = harness.evaluate(lineup, examples, modes, settings)
     results.update(caption=caption(benchmarks, config), column_kind=(
         "benchmark" if e.columns == "benchmarks" else "group"),
@@ -67,9 +68,10 @@ def evaluate(config, fv=None) -> dict:
                                                 "sequence", "sequence:head")],
         metric_label="accuracy / pass@1 (%)", limit=e.limit, subset_seed=e.subset_seed)
     results["notes"] = notes(results)
-    paths = report.write(results, e.workdir)
-    print("\n" + report.markdown(results), flush=True)
-    print(f"wrote {', '.join(paths.values())}", flush=True)
+    if distributed.is_main():  # every process evaluates; process 0 alone reports
+        paths = report.write(results, e.workdir)
+        print("\n" + report.markdown(results), flush=True)
+        print(f"wrote {', '.join(paths.values())}", flush=True)
     return results
 
 

@@ -160,3 +160,47 @@ def test_stage_lm_as_two_processes_equals_one_process(tmp_path):
     x, y = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
     for k in x:
         np.testing.assert_allclose(y[k], x[k], rtol=0, atol=1e-5, err_msg=k)
+
+
+# ------------------------------------------------------------------------------ decoding
+PROMPTS = ["add 37+8", "rev kqzt", "please caps mild", "twice rev kqzt", "wrap rot mild",
+           "add 5+19", "caps rev mild", "rev add"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_fused_decoding_as_two_processes_gives_the_same_tokens(tmp_path, lazy):
+    """Eight prompts, their rows split over an 8-device data axis that spans both
+    processes; only process 0 prints and writes."""
+    args = ["-m", "fr_jax.decode", *(f"--prompt={p}" for p in PROMPTS),
+            f"--config.decode.lazy_experts={lazy}", "--config.decode.max_new_tokens=12"]
+    home = tmp_path / "home"
+    out = {}
+    for n in (1, 2):
+        runs = run_processes(n, args + [f"--output={tmp_path / f'{n}.jsonl'}"],
+                             tmp_path / f"log{n}", devices=8 // n, home=home, timeout=600)
+        out[n] = [json.loads(x) for x in open(tmp_path / f"{n}.jsonl")]
+    assert [r["token_ids"] for r in out[2]] == [r["token_ids"] for r in out[1]]
+    assert [r["experts"] for r in out[2]] == [r["experts"] for r in out[1]]
+    assert "wrote 8 records" in runs[0].log and "wrote" not in runs[1].log
+    assert "[0] add 37+8" not in runs[1].log
+
+
+@pytest.mark.slow
+def test_the_eval_harness_as_two_processes_gives_the_same_table(tmp_path):
+    args = ["-m", "fr_jax.eval", "--benchmarks=toy", "--modes=fusionroute,expert_only",
+            "--limit=16", "--config.eval.batch_size=8", "--config.eval.progress=False"]
+    home = tmp_path / "home"
+    runs = {}
+    for n in (1, 2):
+        runs[n] = run_processes(n, args + [f"--workdir={tmp_path / str(n)}"],
+                                tmp_path / f"log{n}", devices=8 // n, home=home, timeout=600)
+    res = {n: json.load(open(tmp_path / str(n) / "results.json")) for n in (1, 2)}
+    for k in ("accuracy", "shares", "average"):
+        assert res[2][k] == res[1][k], k
+    for mode in ("fusionroute", "expert_only"):  # one line per example: written once
+        a, b = ([{k: v for k, v in json.loads(x).items() if k != "seconds"}
+                 for x in open(tmp_path / str(n) / "generations" / "toy" / f"{mode}.jsonl")]
+                for n in (1, 2))
+        assert b == a and len(b) == 16
+    assert "| toy world |" in runs[2][0].log and "| toy world |" not in runs[2][1].log

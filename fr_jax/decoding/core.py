@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fr_jax import distributed
 from fr_jax import sharding as sh
 from fr_jax.errors import CacheOverflowError
 from fr_jax.models import Model
@@ -198,12 +199,13 @@ class ChunkedDecoder:
         caches = self._place_caches(self._init_caches(b, cache_len))
         state, first = prefill(params, jnp.asarray(tokens), jnp.asarray(mask),
                                jax.random.key(seed), caches, eos, pad)
-        records = [jax.tree.map(lambda x: np.asarray(x)[:, None], first)]
+        # distributed.fetch: rows sharded over several processes are gathered on each.
+        records = [jax.tree.map(lambda x: x[:, None], distributed.fetch(first))]
         t1 = time.perf_counter()
         steps = 0
-        while steps + 1 < max_new_tokens and not bool(np.all(np.asarray(state.done))):
+        while steps + 1 < max_new_tokens and not bool(np.all(distributed.fetch(state.done))):
             state, recs = chunk(params, state, eos, pad)
-            records.append(jax.tree.map(lambda x: np.swapaxes(np.asarray(x), 0, 1), recs))
+            records.append(jax.tree.map(lambda x: np.swapaxes(x, 0, 1), distributed.fetch(recs)))
             steps += self.chunk
         t2 = time.perf_counter()
         caches = self._finish(params, state.caches) if return_caches else None

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from fr_jax import distributed
 from fr_jax.eval import scoring
 from fr_jax.eval.benchmarks import Example, get_benchmark
 from fr_jax.eval.generation import ModeRunner, cache_slots, encode, token_shares
@@ -96,11 +97,12 @@ class JsonlCache:
     def __init__(self, path: Optional[str]):
         self.path = path
         self.records: Dict[str, dict] = {}
-        if path and os.path.isfile(path):
+        if path and os.path.isfile(path) and distributed.is_main():
             with open(path, "rb+") as f:  # drop a last line cut short, or the next append
                 data = f.read()           # would be glued to it
                 if data and not data.endswith(b"\n"):
                     f.truncate(data.rfind(b"\n") + 1)
+        if path and os.path.isfile(path):
             with open(path) as f:
                 for line in f:
                     try:
@@ -116,7 +118,7 @@ class JsonlCache:
     def add(self, recs: Sequence[dict]):
         for r in recs:
             self.records[r["id"]] = r
-        if not self.path:
+        if not self.path or not distributed.is_main():  # one writer per launch
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with open(self.path, "a") as f:
@@ -127,8 +129,8 @@ class JsonlCache:
 
 def _bar(total: int, initial: int, desc: str, on: bool):
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, disable=not on, dynamic_ncols=True,
-                unit="ex")
+    return tqdm(total=total, initial=initial, desc=desc,
+                disable=not on or not distributed.is_main(), dynamic_ncols=True, unit="ex")
 
 
 def _path(s: Settings, kind: str, bench: str, mode: str) -> Optional[str]:
@@ -146,7 +148,7 @@ def cached_generations(lineup: Lineup, bench: str, mode: str, examples: Sequence
     keys = [_key(fingerprint, mode, e.prompt, max_new, s.chat, dataclasses.asdict(s.sampling),
                  s.seed) for e in examples]
     todo = [i for i, (e, k) in enumerate(zip(examples, keys)) if cache.get(e.id, k) is None]
-    if s.progress:
+    if s.progress and distributed.is_main():
         print(f"[eval] {bench} {mode}: {len(examples) - len(todo)} cached, {len(todo)} to "
               "decode", flush=True)
     if todo:
