@@ -81,15 +81,20 @@ class Checkpointer:
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
             self.manager.wait_until_finished()
-        except Exception as e:  # disk full, permissions: Orbax raises several types
+        except Exception as e:  # disk full, permissions, a peer gone: several types
             done = [s for s in self.steps() if s != step]
+            text = str(e).splitlines()[0][:200] if str(e) else ""
+            # Several processes write a step together: a failed collective means another
+            # process of the launch died mid-save, not that this folder is at fault.
+            peer = any(w in text for w in ("Gloo", "Connection reset", "heartbeat"))
+            fix = ("another process of this launch stopped during the save; re-run the same "
+                   "command on every host to resume." if peer else
+                   "free space (or fix the folder) and re-run the same command to resume.")
             raise CheckpointError(
                 f"could not write checkpoint step {step} to {self.directory} "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                f"({type(e).__name__}: {text}). "
                 + (f"The last complete checkpoint, step {done[-1]}, is intact: " if done else
-                   "No earlier checkpoint exists: ")
-                + "free space (or fix the folder) and re-run the same command to resume."
-            ) from None
+                   "No earlier checkpoint exists: ") + fix) from None
 
     def restore_latest(self, abstract_state) -> Optional[Tuple[Any, dict, int]]:
         """(state, meta, step) of the newest good checkpoint, placed with the shardings in

@@ -9,13 +9,17 @@ a GPU cluster without a scheduler JAX knows) the launcher names them:
     JAX_PROCESS_ID=i                    this process, 0 <= i < N
 
 (JAX reads the first itself; fr_jax reads the other two and hands them to
-`jax.distributed.initialize`.) Cross-process collectives on CPU go through gloo, JAX's
+`jax.distributed.initialize`.) FR_JAX_HEARTBEAT_TIMEOUT_S (default 100) is how long the
+processes wait for one that stopped answering before they stop with a line naming it. Cross-process collectives on CPU go through gloo, JAX's
 default.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -62,8 +66,58 @@ def initialize(mode: str = "auto") -> bool:
         if not 0 <= i < n:
             raise ConfigError(f"JAX_PROCESS_ID={i} is outside 0..{n - 1} "
                               f"(JAX_NUM_PROCESSES={n})")
-    jax.distributed.initialize(num_processes=n, process_id=i)
+    # How long the others wait for a process that stopped answering (killed, its host
+    # gone) before they fail, instead of hanging in a collective.
+    heartbeat = _int_env("FR_JAX_HEARTBEAT_TIMEOUT_S") or 100
+    jax.distributed.initialize(num_processes=n, process_id=i,
+                               heartbeat_timeout_seconds=heartbeat)
+    _start_watchdog(heartbeat)
     return True
+
+
+def _stop(message: str):
+    """Ends this process at once with one line (no shutdown barrier: a peer is gone)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def _start_watchdog(timeout_s: float, interval_s: float = 1.0):
+    """A thread that beats a counter in the coordination service's key-value store and
+    watches the others' counters: a process whose counter stands still for `timeout_s`
+    (SIGKILLed, its host lost) stops this one with a line saying so. Without it a survivor
+    blocked in a cross-process collective can wait for its dead peer forever."""
+    from jax._src import distributed as jax_distributed  # the client JAX connected
+
+    client = jax_distributed.global_state.client
+    me, n = jax.process_index(), jax.process_count()
+
+    def watch():
+        beat, last = 0, {p: (None, time.monotonic()) for p in range(n) if p != me}
+        while True:
+            beat += 1
+            try:
+                client.key_value_set(f"fr_jax/alive/{me}", str(beat), allow_overwrite=True)
+                values = {}
+                for p in last:
+                    try:
+                        values[p] = client.key_value_try_get(f"fr_jax/alive/{p}")
+                    except Exception:  # not written yet
+                        values[p] = None
+            except Exception as e:  # the coordinator (process 0) is gone
+                _stop(f"process {me} lost the coordinator ({type(e).__name__}); the launch "
+                      "is broken: re-run the same command on every host to resume from the "
+                      "last complete checkpoint")
+            now = time.monotonic()
+            for p, v in values.items():
+                if v != last[p][0]:
+                    last[p] = (v, now)
+                elif now - last[p][1] > timeout_s:
+                    _stop(f"process {p} stopped answering {timeout_s:.0f} s ago (killed, or "
+                          f"its host lost); process {me} stops too. Re-run the same command "
+                          "on every host: training resumes from the last complete checkpoint")
+            time.sleep(interval_s)
+
+    threading.Thread(target=watch, name="fr_jax-watchdog", daemon=True).start()
 
 
 def is_main() -> bool:

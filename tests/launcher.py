@@ -63,12 +63,14 @@ def process_env(home, rank: int, n: int, devices: int, port: int, extra=None) ->
 def run_processes(n: int, args: Sequence[str], logdir, *, devices: int = 8, home=None,
                   timeout: float = 600, env: Optional[dict] = None,
                   on_start: Optional[Callable[[List[subprocess.Popen]], None]] = None,
-                  check: bool = True) -> List[Run]:
+                  check: bool = True, stop_on_failure: bool = True) -> List[Run]:
     """Runs `python <args>` as processes 0..n-1 of one JAX program (`devices` CPU devices
     each; n = 1: one plain process). Every process's output goes to <logdir>/proc<i>.log.
     The first failure (or the timeout) kills every process of the launch. With `check`,
     raises LaunchError quoting the failing processes' log tails; else returns the runs
-    (`on_start(procs)` may act on the live processes, e.g. kill one mid-run)."""
+    (`on_start(procs)` may act on the live processes, e.g. kill one mid-run;
+    `stop_on_failure=False` lets the others run on after a failure, until the timeout, to
+    see how they end)."""
     os.makedirs(logdir, exist_ok=True)
     home = home or os.path.join(logdir, "home")
     port = free_port()
@@ -86,7 +88,7 @@ def run_processes(n: int, args: Sequence[str], logdir, *, devices: int = 8, home
     failed = timed_out = False
     try:
         while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):
+            if stop_on_failure and any(p.poll() not in (None, 0) for p in procs):
                 failed = True
                 break
             if time.monotonic() > deadline:

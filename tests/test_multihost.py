@@ -95,11 +95,29 @@ def _assert_same_history(a, b):
             np.testing.assert_allclose(y[k], x[k], rtol=1e-5, err_msg=(k, x["micro"]))
 
 
+def _sft_file(tmp_path, n=400):
+    """A small SFT file of the toy world's four domains (the bundled one has 4,000)."""
+    from fr_jax.toy import world as W
+
+    path = tmp_path / "sft.jsonl"
+    data = W.make_world_data(200, 4, 3)
+    W.write_jsonl(str(path), [t.record() for t in W.mixture(
+        data.train, {d: 1.0 for d in W.EVAL_DOMAINS}, n, 3)])
+    return path
+
+
+def _train_args(tmp_path, *extra):
+    return ["-m", "fr_jax.train", f"--config={TINY}", "--config.train.log_every=1",
+            "--config.train.eval_every=0", "--config.train.sample_every=0",
+            "--config.train.ckpt_every=2", "--config.train.batch_size=8",
+            f"--config.data.sft_path={_sft_file(tmp_path)}", *extra]
+
+
+FSDP_TENSOR = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+
+
 def _train_both(tmp_path, extra):
-    common = ["-m", "fr_jax.train", f"--config={TINY}", "--config.train.log_every=1",
-              "--config.train.eval_every=2", "--config.train.sample_every=0",
-              "--config.train.ckpt_every=2", "--config.train.batch_size=8",
-              "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *extra]
+    common = _train_args(tmp_path, *FSDP_TENSOR, *extra)
     home = tmp_path / "home"
     one = run_processes(1, common + [f"--config.train.workdir={tmp_path / 'one'}"],
                         tmp_path / "log1", devices=8, home=home, timeout=900)
@@ -122,7 +140,8 @@ def test_router_training_as_two_processes_equals_one_process(tmp_path):
 
     one, two = _train_both(tmp_path, ["--config.train.sft.steps=4",
                                       "--config.train.cdpo.steps=2",
-                                      "--config.train.cdpo.reference=online"])
+                                      "--config.train.cdpo.reference=online",
+                                      "--config.train.eval_every=2"])
     for stage, last in (("sft", 4), ("cdpo", 2)):
         a, b = tmp_path / "one" / stage, tmp_path / "two" / stage
         _assert_same_history(a / "history.json", b / "history.json")
@@ -147,19 +166,64 @@ def test_stage_lm_as_two_processes_equals_one_process(tmp_path):
     from fr_jax.bundle import bundled_world
     from safetensors.numpy import load_file
 
-    from fr_jax.toy import world as W
-
     init = bundled_world()["experts"][0]
-    data = tmp_path / "sft.jsonl"
-    W.write_jsonl(str(data), [t.record() for t in W.make_world_data(100, 4, 3).train["math"]])
     _train_both(tmp_path, ["--config.train.stages=('lm',)", f"--config.train.lm.init={init}",
-                           "--config.train.lm.steps=4", f"--config.data.sft_path={data}"])
+                           "--config.train.lm.steps=4"])
     a, b = tmp_path / "one" / "lm", tmp_path / "two" / "lm"
     _assert_same_history(a / "history.json", b / "history.json")
     _assert_same_state(a / "checkpoints", b / "checkpoints", 4)
     x, y = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
     for k in x:
         np.testing.assert_allclose(y[k], x[k], rtol=0, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_save_leaves_the_last_complete_step_to_resume_from(tmp_path):
+    """Process 1 is SIGKILLed while the processes write step 4 together: process 0 stops
+    with a line naming the dead process (fr_jax.distributed's watchdog, within
+    FR_JAX_HEARTBEAT_TIMEOUT_S) instead of waiting in a collective forever, step 4 is never complete on disk, and a re-run -- as one process, on another
+    mesh -- resumes from step 2 and ends where an uninterrupted run ends."""
+    import signal
+    import threading
+
+    args = _train_args(tmp_path, "--config.train.stages=('sft',)", "--config.train.sft.steps=6")
+    home = tmp_path / "home"
+    run_processes(1, args + [f"--config.train.workdir={tmp_path / 'ref'}"],
+                  tmp_path / "log_ref", devices=8, home=home, timeout=600)
+    work = tmp_path / "run"
+    ckpts = work / "sft" / "checkpoints"
+
+    def kill_mid_save(procs):
+        def watch():
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                if any(f.name.startswith("4.") and "tmp" in f.name
+                       for f in (ckpts.iterdir() if ckpts.is_dir() else [])):
+                    os.kill(procs[1].pid, signal.SIGKILL)
+                    return
+                time.sleep(0.002)
+        threading.Thread(target=watch, daemon=True).start()
+
+    t0 = time.monotonic()
+    runs = run_processes(2, args + [*FSDP_TENSOR, f"--config.train.workdir={work}"],
+                         tmp_path / "log_kill", devices=4, home=home, timeout=600, check=False,
+                         stop_on_failure=False, on_start=kill_mid_save,
+                         env={"FR_JAX_HEARTBEAT_TIMEOUT_S": "10"})
+    assert runs[1].returncode == -signal.SIGKILL
+    assert runs[0].returncode not in (0, None), runs[0].log[-3000:]  # failed, did not hang
+    # Where process 0 was when its peer died decides who says so first: the save's
+    # collective (fr_jax's checkpoint error), fr_jax's watchdog, or JAX's heartbeat check.
+    said = ("another process of this launch stopped during the save",
+            "error: process 1 stopped answering", "another task died")
+    assert any(x in runs[0].log for x in said), runs[0].log[-3000:]
+    assert time.monotonic() - t0 < 240
+    assert sorted(int(f.name) for f in ckpts.iterdir() if f.name.isdigit()) == [2]
+
+    again = run_processes(1, args + [f"--config.train.workdir={work}", "--config.mesh.data=8"],
+                          tmp_path / "log_again", devices=8, home=home, timeout=600)
+    assert "[sft] resumed from step 2" in again[0].log
+    _assert_same_history(tmp_path / "ref" / "sft" / "history.json", work / "sft" / "history.json")
+    _assert_same_state(tmp_path / "ref" / "sft" / "checkpoints", ckpts, 6)
 
 
 # ------------------------------------------------------------------------------ decoding
