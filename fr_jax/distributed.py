@@ -16,6 +16,7 @@ default.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -28,6 +29,7 @@ from jax.experimental import multihost_utils
 from fr_jax.errors import ConfigError
 
 MODES = ("auto", "yes", "no")
+DONE = "done"  # the watchdog's beat of a process that finished
 
 
 def requested() -> bool:
@@ -90,10 +92,11 @@ def _start_watchdog(timeout_s: float, interval_s: float = 1.0):
 
     client = jax_distributed.global_state.client
     me, n = jax.process_index(), jax.process_count()
+    stop = threading.Event()
 
     def watch():
         beat, last = 0, {p: (None, time.monotonic()) for p in range(n) if p != me}
-        while True:
+        while not stop.is_set():
             beat += 1
             try:
                 client.key_value_set(f"fr_jax/alive/{me}", str(beat), allow_overwrite=True)
@@ -109,15 +112,31 @@ def _start_watchdog(timeout_s: float, interval_s: float = 1.0):
                       "last complete checkpoint")
             now = time.monotonic()
             for p, v in values.items():
-                if v != last[p][0]:
+                if v == DONE:  # that process finished its work and is exiting
+                    last[p] = (v, float("inf"))
+                elif v != last[p][0]:
                     last[p] = (v, now)
                 elif now - last[p][1] > timeout_s:
                     _stop(f"process {p} stopped answering {timeout_s:.0f} s ago (killed, or "
                           f"its host lost); process {me} stops too. Re-run the same command "
                           "on every host: training resumes from the last complete checkpoint")
-            time.sleep(interval_s)
+            stop.wait(interval_s)
 
-    threading.Thread(target=watch, name="fr_jax-watchdog", daemon=True).start()
+    thread = threading.Thread(target=watch, name="fr_jax-watchdog", daemon=True)
+    thread.start()
+
+    def finish():
+        # At exit, before JAX's own shutdown (atexit runs last-registered first): the
+        # others stop watching this process, which may now wait for them at JAX's
+        # shutdown barrier, and the thread is out of the client before it is torn down.
+        stop.set()
+        thread.join()
+        try:
+            client.key_value_set(f"fr_jax/alive/{me}", DONE, allow_overwrite=True)
+        except Exception:  # the coordinator is gone already: nothing to tell
+            pass
+
+    atexit.register(finish)
 
 
 def is_main() -> bool:

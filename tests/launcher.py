@@ -12,11 +12,13 @@ plain process (no coordinator), the reference the multi-process runs are compare
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, List, Optional, Sequence
 
@@ -72,6 +74,16 @@ def run_processes(n: int, args: Sequence[str], logdir, *, devices: int = 8, home
     `stop_on_failure=False` lets the others run on after a failure, until the timeout, to
     see how they end)."""
     os.makedirs(logdir, exist_ok=True)
+    # One launch at a time on this machine (the suite's workers share it): gloo's waiting
+    # processes poll, and beside another launch on two cores an 8-device process missed
+    # XLA's 40 s rendezvous deadline for its in-process collectives and aborted.
+    with open(os.path.join(tempfile.gettempdir(), "fr_jax_launch.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _launch(n, args, logdir, devices, home, timeout, env, on_start, check,
+                       stop_on_failure)
+
+
+def _launch(n, args, logdir, devices, home, timeout, env, on_start, check, stop_on_failure):
     home = home or os.path.join(logdir, "home")
     port = free_port()
     procs, runs = [], []

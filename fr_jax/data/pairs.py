@@ -20,7 +20,7 @@ import dataclasses
 import os
 from typing import List
 
-from fr_jax import cli
+from fr_jax import cli, distributed
 from fr_jax.data import preference as PR
 from fr_jax.errors import ConfigError
 from fr_jax.eval import benchmarks as B
@@ -87,9 +87,10 @@ def build(config, fv=None) -> dict:
     ps = settings(config)
     rows, stats = PR.build_pairs(lineup, sources, ps)
     stats["settings"] = {k: v for k, v in dataclasses.asdict(ps).items() if k != "limits"}
-    paths = PR.write_pairs(output, rows, stats)
-    print("\n" + PR.table(stats), flush=True)
-    print(f"wrote {len(rows)} pairs to {paths[0]} (statistics: {paths[1]})", flush=True)
+    if distributed.is_main():  # every process decodes and scores; process 0 writes
+        paths = PR.write_pairs(output, rows, stats)
+        print("\n" + PR.table(stats), flush=True)
+        print(f"wrote {len(rows)} pairs to {paths[0]} (statistics: {paths[1]})", flush=True)
     return stats
 
 

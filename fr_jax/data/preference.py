@@ -15,7 +15,7 @@ Unscored answers (a checker that cannot run here) count neither way; an empty an
 never a rejected one (it would carry no tokens to learn from).
 
 Every draw is one run of the eval harness's generation and scoring steps with its own
-cache folder (<workdir>/<source>/draw_<k>/...): a killed run resumes batch by batch, and
+cache folder (<workdir>/<source>/<draw>/..., draws `greedy`, `sample_0`, ...): a killed run resumes batch by batch, and
 a changed checkpoint, prompt or sampling setting is decoded anew.
 """
 
