@@ -30,10 +30,11 @@ def test_the_launcher_kills_every_process_when_one_fails(tmp_path):
               "if os.environ['JAX_PROCESS_ID'] == '1':\n"
               "    print('process 1 gives up'); sys.exit(3)\n"
               "time.sleep(600)\n")
-    t0 = time.monotonic()
+    started = []  # when the launch began (it may first wait for another launch to end)
     with pytest.raises(LaunchError) as err:
-        run_processes(2, ["-c", script], tmp_path, devices=1, timeout=120)
-    assert time.monotonic() - t0 < 60  # process 0 did not run out its sleep
+        run_processes(2, ["-c", script], tmp_path, devices=1, timeout=120,
+                      on_start=lambda procs: started.append(time.monotonic()))
+    assert time.monotonic() - started[0] < 60  # process 0 did not run out its sleep
     msg = str(err.value)
     assert "2-process launch failed" in msg and "--- process 1 (rc 3):" in msg
     assert "process 1 gives up" in msg and "--- process 0 (rc -9)" in msg
@@ -192,7 +193,11 @@ def test_a_process_killed_mid_save_leaves_the_last_complete_step_to_resume_from(
     work = tmp_path / "run"
     ckpts = work / "sft" / "checkpoints"
 
+    started = []
+
     def kill_mid_save(procs):
+        started.append(time.monotonic())  # the launch may have waited for another's end
+
         def watch():
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
@@ -203,7 +208,6 @@ def test_a_process_killed_mid_save_leaves_the_last_complete_step_to_resume_from(
                 time.sleep(0.002)
         threading.Thread(target=watch, daemon=True).start()
 
-    t0 = time.monotonic()
     runs = run_processes(2, args + [*FSDP_TENSOR, f"--config.train.workdir={work}"],
                          tmp_path / "log_kill", devices=4, home=home, timeout=600, check=False,
                          stop_on_failure=False, on_start=kill_mid_save,
@@ -215,7 +219,7 @@ def test_a_process_killed_mid_save_leaves_the_last_complete_step_to_resume_from(
     said = ("another process of this launch stopped during the save",
             "error: process 1 stopped answering", "another task died")
     assert any(x in runs[0].log for x in said), runs[0].log[-3000:]
-    assert time.monotonic() - t0 < 240
+    assert time.monotonic() - started[0] < 240
     assert sorted(int(f.name) for f in ckpts.iterdir() if f.name.isdigit()) == [2]
 
     again = run_processes(1, args + [f"--config.train.workdir={work}", "--config.mesh.data=8"],
