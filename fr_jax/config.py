@@ -88,6 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.pack = True  # pack several SFT examples per row (segment ids keep them apart)
     c.data.chat = True  # wrap prompts in the tokenizer's chat template
     c.data.seed = 0  # shuffling
+    # Streams the file is dealt into (fr_jax/data/streams.py): each fills its share of a
+    # batch's rows, and a process reads only the streams on its devices. 0: one per
+    # host's rows at the stage's first start (1 in one process); kept in run.json, so a
+    # resume on other hosts sees the same batches.
+    c.data.streams = 0
 
     c.train = ml_collections.ConfigDict()
     c.train.workdir = "runs/default"  # checkpoints, TensorBoard logs, exported router
@@ -353,7 +358,7 @@ RANGES = {
     "decode.max_new_tokens": (1, None), "decode.chunk": (1, None),
     "decode.catch_up_width": (1, None), "decode.cache_len": (0, None),
     "decode.temperature": (0, None), "decode.top_k": (0, None), "decode.top_p": ("(0", 1),
-    "data.eval_fraction": (0, "1)"), "data.seq_len": (2, None),
+    "data.eval_fraction": (0, "1)"), "data.seq_len": (2, None), "data.streams": (0, None),
     "train.batch_size": (1, None), "train.grad_accum": (1, None), "train.loss_block": (0, None),
     "train.log_every": (1, None), "train.eval_every": (0, None), "train.eval_batches": (1, None),
     "train.sample_every": (0, None), "train.ckpt_every": (1, None), "train.keep": (1, None),

@@ -17,6 +17,7 @@ default.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import sys
 import threading
@@ -173,3 +174,26 @@ def barrier(name: str):
     """Every process waits here until all have arrived (a no-op in one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def gather(obj) -> list:
+    """Every process's `obj` (anything JSON can carry), in process order, on every
+    process (a collective)."""
+    if jax.process_count() == 1:
+        return [obj]
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int64)).ravel()
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
+
+
+def local_view(x: jax.Array) -> np.ndarray:
+    """A global array's values on this process's devices, in an array of its global shape
+    (elsewhere zeros): what a process reads back of a computation over its own rows,
+    without gathering the others'."""
+    out = np.zeros(x.shape, x.dtype)
+    for shard in x.addressable_shards:
+        out[shard.index] = np.asarray(shard.data)
+    return out

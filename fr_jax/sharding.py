@@ -9,7 +9,7 @@ and on any mesh.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
@@ -148,6 +148,17 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int], rules=RULES) -> NamedShardi
     """[batch, ...] arrays: batch over data/fsdp, the rest replicated."""
     return NamedSharding(mesh, spec_for(("batch",) + (None,) * (len(shape) - 1), shape, mesh,
                                         rules))
+
+
+def row_holders(mesh: Mesh, rows: int, rules=RULES) -> List[Tuple[int, int, frozenset]]:
+    """How a batch of `rows` rows sharded by `batch_sharding` lies on the processes: its
+    row blocks (start, stop, the processes whose devices hold that block), in row order."""
+    placed = batch_sharding(mesh, (rows,), rules).devices_indices_map((rows,))
+    blocks: Dict[Tuple[int, int], set] = {}
+    for device, (index,) in placed.items():
+        start, stop, _ = index.indices(rows)
+        blocks.setdefault((start, stop), set()).add(device.process_index)
+    return [(a, b, frozenset(p)) for (a, b), p in sorted(blocks.items())]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -8,7 +8,7 @@ continues from the same example, and within an epoch no example is seen twice or
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -47,16 +47,33 @@ class Batcher:
     """
 
     def __init__(self, examples: Sequence, batch_size: int, seq_len: int, seed: int,
-                 kind: str = "sft", pack: bool = True):
-        if not examples:
+                 kind: str = "sft", pack: bool = True, stream: Optional[int] = None,
+                 signals: Optional[int] = None, reference: Optional[int] = None,
+                 allow_empty: bool = False):
+        """`stream`: this batcher is stream `stream` of several (its own shuffles, see
+        fr_jax.data.streams). `signals` / `reference`: the experts' count when the rows
+        carry precomputed expert signals (sft) / a CDPO reference (pref), 0 when not;
+        None reads it from the first example. `allow_empty`: a batcher without examples
+        gives padding rows (a stream whose records were all unusable) instead of failing."""
+        if not examples and not allow_empty:
             raise DataError("no usable training examples (see the data report)")
         self.examples, self.batch_size, self.seq_len = list(examples), batch_size, seq_len
         self.seed, self.kind, self.pack = seed, kind, pack and kind == "sft"
+        self.stream = stream
+        first = self.examples[0] if self.examples else None
+        if signals is None:
+            signals = (first.signal_logprob.shape[-1] if kind == "sft" and first is not None
+                       and first.signal_logprob is not None else 0)
+        if reference is None:
+            reference = (first.ref_route[0].shape[-1] if kind == "pref" and first is not None
+                         and first.ref_logprob is not None else 0)
+        self.signals, self.reference = signals, reference
         self.epoch, self.index = 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        key = [self.seed, epoch] if self.stream is None else [self.seed, self.stream, epoch]
+        return np.random.default_rng(key).permutation(len(self.examples))
 
     # -- position, saved with checkpoints
     def state(self) -> Dict[str, int]:
@@ -79,20 +96,35 @@ class Batcher:
             return None
         return len(self.examples[self._order[self.index]].ids) - 1
 
+    def empty(self) -> Dict:
+        """A batch of padding rows shaped like this batcher's batches."""
+        if self.kind == "pref":
+            sides = {}
+            for side in ("chosen", "rejected"):
+                rows = sides[side] = empty_rows(self.batch_size, self.seq_len)
+                if self.reference:
+                    rows["ref_logprob"] = np.zeros((self.batch_size,), np.float32)
+                    rows["ref_route_logits"] = np.zeros(
+                        (self.batch_size, self.seq_len, self.reference), np.float32)
+            return sides
+        rows = empty_rows(self.batch_size, self.seq_len)
+        if self.signals:
+            shape = (self.batch_size, self.seq_len, self.signals)
+            rows["signal_logprob"] = np.zeros(shape, np.float32)
+            rows["signal_top1"] = np.zeros(shape, np.int32)
+        return rows
+
     def next(self) -> Dict:
         """The next batch; a batch never spans two epochs (the tail is padding)."""
+        if not self.examples:
+            return self.empty()
         if self.index >= len(self._order):
             self.epoch += 1
             self.index = 0
             self._order = self._permutation(self.epoch)
         if self.kind == "pref":
             return self._next_pref()
-        rows = empty_rows(self.batch_size, self.seq_len)
-        sig = self.examples[0].signal_logprob if self.kind == "sft" else None
-        if sig is not None:
-            n_exp = sig.shape[-1]
-            rows["signal_logprob"] = np.zeros((self.batch_size, self.seq_len, n_exp), np.float32)
-            rows["signal_top1"] = np.zeros((self.batch_size, self.seq_len, n_exp), np.int32)
+        rows = self.empty()
         for b in range(self.batch_size):
             start, segment = 0, 1
             while True:
@@ -105,14 +137,8 @@ class Batcher:
         return rows
 
     def _next_pref(self) -> Dict:
-        chosen, rejected = (empty_rows(self.batch_size, self.seq_len) for _ in range(2))
-        first = self.examples[0]
-        if first.ref_logprob is not None:
-            n_exp = first.ref_route[0].shape[-1]
-            for rows in (chosen, rejected):
-                rows["ref_logprob"] = np.zeros((self.batch_size,), np.float32)
-                rows["ref_route_logits"] = np.zeros((self.batch_size, self.seq_len, n_exp),
-                                                    np.float32)
+        batch = self.empty()
+        chosen, rejected = batch["chosen"], batch["rejected"]
         for b in range(self.batch_size):
             ex = self._take()
             if ex is None:
@@ -124,7 +150,7 @@ class Batcher:
                 if "ref_logprob" in rows:
                     rows["ref_logprob"][b] = ex.ref_logprob[j]
                     rows["ref_route_logits"][b, :len(ids) - 1] = ex.ref_route[j]
-        return {"chosen": chosen, "rejected": rejected}
+        return batch
 
     def steps_per_epoch(self) -> int:
         """Batches in one epoch (exact for unpacked data, an estimate when packing)."""

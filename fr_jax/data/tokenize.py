@@ -67,6 +67,26 @@ class DataReport:
         return {"kept": self.kept, "skipped": dict(self.skipped),
                 "where": {k: list(v) for k, v in self.where.items()}}
 
+    @classmethod
+    def merged(cls, reports: List[dict]) -> "DataReport":
+        """One report from several `to_json()`s (parts of one file), places in file order."""
+        out = cls()
+        for r in reports:
+            out.kept += r["kept"]
+            for k, v in r["skipped"].items():
+                out.skipped[k] += v
+            for k, v in r["where"].items():
+                out.where[k].extend(v)
+        for v in out.where.values():
+            v.sort(key=_place_key)
+        return out
+
+
+def _place_key(where: str):
+    """"file:12" / "file[12]" -> (file, 12): places sorted as they lie in the file."""
+    head, sep, tail = where.rstrip("]").rpartition(":" if not where.endswith("]") else "[")
+    return (head, int(tail)) if sep and tail.isdigit() else (where, -1)
+
 
 @dataclasses.dataclass
 class SFTExample:

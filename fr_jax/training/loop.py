@@ -17,7 +17,7 @@ from fr_jax import distributed
 from fr_jax import sharding as sh
 from fr_jax.checkpoint import Checkpointer, abstract_like
 from fr_jax.config import check_ranges, frozen_dtype
-from fr_jax.data import Batcher, load_records, tokenize_pref, tokenize_sft
+from fr_jax.data.streams import StreamBatcher
 from fr_jax.errors import DataError, TrainError
 from fr_jax.experts import Experts
 from fr_jax.hf import load_config, load_hf, load_tokenizer, save_hf
@@ -27,21 +27,13 @@ from fr_jax.router import Router, save_router
 from fr_jax.tensorboard import summary_writer
 from fr_jax.trace import render_text
 from fr_jax.training import record
+from fr_jax.training.inputs import layout_for, load_stage_data
 from fr_jax.training.objectives import sft_needs_experts
 from fr_jax.training.precompute import precompute_reference, precompute_signals
 from fr_jax.training.stage import build_stage, init_state, micro_batch_size, trained_cfg, frozen_cfg
 
 
 # ---------------------------------------------------------------------------- the loop
-def _split(examples, fraction: float, seed: int):
-    """Deterministic (train, eval) split of a list of examples."""
-    if fraction <= 0 or len(examples) < 2:
-        return examples, []
-    order = np.random.default_rng([seed, 12345]).permutation(len(examples))
-    n_eval = max(1, int(round(len(examples) * fraction)))
-    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
-
-
 def _scalars(metrics) -> Dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
@@ -90,11 +82,6 @@ def _check_finite(stage: str, pending, ckpt: Checkpointer):
                     f"lower train.clip) and re-run.")
 
 
-def _tokens_in(batch) -> int:
-    sides = [batch["chosen"], batch["rejected"]] if "chosen" in batch else [batch]
-    return int(sum((s["segment_ids"] > 0).sum() for s in sides))
-
-
 def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_params,
               tokenizer, mesh, progress: bool = True, samples: Optional[Lineup] = None):
     """Trains one stage to its configured number of steps (resuming if a checkpoint exists)
@@ -105,37 +92,47 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     stage_cfg = tc[name]
     vocab = len(tokenizer)
     workdir = os.path.join(tc.workdir, name)
-    record.check_or_write(config, name, jax.process_index() == 0)
+    layout = layout_for(mesh, tc.batch_size, dc.streams)
+    n_streams = record.check_or_write(config, name, distributed.is_main(), layout.n_streams)
+    if n_streams != layout.n_streams:  # a resume keeps the stage's first stream count
+        layout = layout_for(mesh, tc.batch_size, n_streams)
     kind = "sft" if name in ("sft", "lm") else "pref"
     path = dc.sft_path if kind == "sft" else dc.pref_path
-    tokenize = tokenize_sft if kind == "sft" else tokenize_pref
-    examples, report = tokenize(load_records(path, strict=False), tokenizer, dc.seq_len, dc.chat)
+    data = load_stage_data(path, kind, tokenizer, dc, layout)
+    report = data.report
     os.makedirs(workdir, exist_ok=True)
     if distributed.is_main():  # every file of a run is written once, by process 0
         record.write_json(os.path.join(workdir, "data_report.json"),
                           {"path": path, **report.to_json()})
-    if not examples:  # bad records are skipped and counted; only nothing usable is fatal
-        raise DataError(f"{path}: no usable {kind} records ({report}); see "
+    if not data.n_train:  # bad records are skipped and counted; only nothing usable is fatal
+        why = (f"all {data.n_held} usable ones are held out for the eval loss; lower "
+               "data.eval_fraction" if data.n_held else f"{report}")
+        raise DataError(f"{path}: no usable {kind} records for training ({why}); see "
                         f"{os.path.join(workdir, 'data_report.json')}")
+    if jax.process_count() > 1:  # each process says what it read: its streams' records
+        print(f"[{name}] process {jax.process_index()} reads data streams {layout.mine()} of "
+              f"{layout.n_streams}: {data.n_read} of {data.n_entries} records", flush=True)
     precomputed = name == "sft" and stage_cfg.expert_signals == "precompute"
     if precomputed:
-        examples = precompute_signals(
-            examples, experts, e_params, vocab, dc.seq_len, micro_batch_size(tc),
+        data.attach(precompute_signals(
+            data.examples(), experts, e_params, vocab, dc.seq_len, micro_batch_size(tc),
             stage_cfg.signals_cache or os.path.join(workdir, "expert_signals.npz"), progress,
-            mesh, tc.loss_block)
+            mesh, tc.loss_block, layout=layout))
     reference = name == "cdpo" and stage_cfg.reference == "precompute"
     # The stage-1 router, frozen in the frozen models' dtype: CDPO's reference policy.
     ref_params = (jax.tree.map(lambda x: x.astype(frozen_dtype(config)), params)
                   if name == "cdpo" else None)
     if reference:
-        examples = precompute_reference(
-            examples, trainee, ref_params, experts, e_params, vocab, dc.seq_len,
+        data.attach(precompute_reference(
+            data.examples(), trainee, ref_params, experts, e_params, vocab, dc.seq_len,
             micro_batch_size(tc),
             stage_cfg.reference_cache or os.path.join(workdir, "reference.npz"), progress,
-            mesh, tc.loss_block)
-    train_ex, eval_ex = _split(examples, dc.eval_fraction, dc.seed)
-    _print(f"[{name}] data: {report}; {len(train_ex)} train / {len(eval_ex)} eval")
-    batcher = Batcher(train_ex, tc.batch_size, dc.seq_len, dc.seed, kind, dc.pack)
+            mesh, tc.loss_block, layout=layout))
+    streams = f"; {layout.n_streams} data streams" if layout.n_streams > 1 else ""
+    _print(f"[{name}] data: {report}; {data.n_train} train / {data.n_held} eval{streams}")
+    widths = dict(signals=experts.n if precomputed else 0,
+                  reference=trainee.n_experts if reference else 0)
+    batcher = StreamBatcher(layout, data.train, dc.seq_len, dc.seed, kind, dc.pack, **widths)
 
     # Precomputed signals: the experts stay off the step (their HBM is free for it);
     # a precomputed reference: so does the stage-1 router.
@@ -153,16 +150,19 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
             state, meta, at = restored
             batcher.restore(meta["data"])
             history = list(meta.get("history", []))
-            _print(f"[{name}] resumed from step {at} (epoch {batcher.epoch}, "
-                   f"example {batcher.index})")
+            _print(f"[{name}] resumed from step {at} ({batcher.describe()})")
     frozen = jax.device_put(frozen, stage.frozen_shardings)
     first = batcher.next()
     train_step, eval_step = stage.jitted(first)
     writer = _Writer(os.path.join(tc.workdir, "tensorboard", name))
     writer.text("config", "<pre>" + config.to_json_best_effort(indent=2) + "</pre>", 0)
 
-    sampler = (_make_sampler(samples, eval_ex or train_ex)
-               if tc.sample_every and samples is not None and name != "lm" else None)
+    # Sample decodes run on process 0, from its own streams' prompts, with the router's
+    # params gathered from every process.
+    sampling = bool(tc.sample_every) and samples is not None and name != "lm"
+    mine = [e for part in (data.held, data.train) for s in sorted(part) for e in part[s]]
+    sampler = (_make_sampler(samples, mine) if sampling and mine and distributed.is_main()
+               else None)
     # One loop iteration = one optimizer update over train.batch_size rows (grad_accum
     # micro-batches inside the step); logging, evaluation and checkpoints count updates.
     total = stage_cfg.steps
@@ -176,7 +176,7 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
         while micro < total:
             state, metrics = train_step(state, frozen, stage.put_batch(batch))
             micro += 1
-            tokens_since += _tokens_in(batch)
+            tokens_since += batcher.tokens(batch)
             bar.update(1)
             pending.append((micro, {k: metrics[k] for k in WATCHED if k in metrics}))
             saving = micro % tc.ckpt_every == 0 or micro == total
@@ -186,6 +186,7 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
                 pending = []
             if micro % tc.log_every == 0 or micro == total:
                 metrics = jax.device_get(metrics)
+                tokens_since = sum(distributed.gather(tokens_since))  # the global batch's
                 now = time.perf_counter()
                 values = _scalars(metrics)
                 values.update(lr=float(stage.schedule(micro)),
@@ -199,17 +200,23 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
                 history.append({"micro": micro, **values})
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
                 t_last, tokens_since, micro_last = now, 0, micro
-            if tc.eval_every and eval_ex and (micro % tc.eval_every == 0 or micro == total):
-                ev = evaluate(stage, eval_step, state.params, frozen, eval_ex, tc, dc, kind)
+            if tc.eval_every and data.n_held and (micro % tc.eval_every == 0 or micro == total):
+                ev = evaluate(stage, eval_step, state.params, frozen, data.held, layout, tc, dc,
+                              kind, widths)
                 writer.scalars("eval", ev, micro)
                 if history:
                     history[-1].update({f"eval_{k}": v for k, v in ev.items()})
-            if sampler is not None and (micro % tc.sample_every == 0 or micro == total):
-                writer.text("samples", sampler(state.params), micro)
+            if sampling and (micro % tc.sample_every == 0 or micro == total):
+                host = distributed.fetch(state.params) if jax.process_count() > 1 \
+                    else state.params
+                if sampler is not None:
+                    writer.text("samples", sampler(host), micro)
             if saving:
                 # The history up to this step travels with the step: a resume from any
                 # checkpoint continues the history that led to it.
-                ckpt.save(micro, state, {"data": batcher.state(), "stage": name,
+                position = StreamBatcher.state(layout.n_streams,
+                                               distributed.gather(batcher.positions()))
+                ckpt.save(micro, state, {"data": position, "stage": name,
                                          "micro": micro, "history": history})
                 if distributed.is_main():
                     record.write_json(history_path, history)
@@ -245,18 +252,20 @@ def _make_sampler(lineup: Lineup, examples, n: int = 2, max_new_tokens: int = 32
     return sample
 
 
-def evaluate(stage, eval_step, params, frozen, eval_ex, tc, dc, kind) -> Dict[str, float]:
-    """Mean metrics over the first `eval_batches` batches of the held-out split."""
-    batcher = Batcher(eval_ex, tc.batch_size, dc.seq_len, dc.seed, kind, dc.pack)
+def evaluate(stage, eval_step, params, frozen, held, layout, tc, dc, kind,
+             widths) -> Dict[str, float]:
+    """Mean metrics over the first `eval_batches` batches of the held-out examples (each
+    process filling its streams' rows with its own held-out examples)."""
+    batcher = StreamBatcher(layout, held, dc.seq_len, dc.seed, kind, dc.pack, **widths)
     sums: Dict[str, float] = {}
     n = 0
-    while n < tc.eval_batches and batcher.epoch == 0:
+    while n < tc.eval_batches:
         m = _scalars(jax.device_get(eval_step(params, frozen,
                                               stage.put_batch(batcher.next()))))
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1
-        if batcher.index >= len(eval_ex):
+        if distributed.all_agree(batcher.first_epoch_done()):
             break
     return {k: v / max(n, 1) for k, v in sums.items()}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from fr_jax import distributed
 from fr_jax import sharding as sh
-from fr_jax.data import Batcher, empty_rows, place_sequence
+from fr_jax.data import empty_rows, place_sequence
+from fr_jax.data.streams import Layout
 from fr_jax.experts import Experts
 from fr_jax.router import Router
 from fr_jax.training.objectives import SFT_FIELDS, make_signals_fn, reference_outputs
@@ -22,111 +23,168 @@ from fr_jax.training.objectives import SFT_FIELDS, make_signals_fn, reference_ou
 log = logging.getLogger("fr_jax.train")
 
 
-def _in_order_batches(examples, batch_size: int, seq_len: int, kind: str, progress: bool,
-                      desc: str):
-    """(offset, chunk, rows) over `examples` in order, one unpacked row per example (row b =
-    example offset + b; the last chunk is padded with repeats to a full batch)."""
-    for lo in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress or not distributed.is_main()):
-        chunk = examples[lo:lo + batch_size]
-        rows = Batcher(chunk + chunk[:batch_size - len(chunk)], batch_size, seq_len, 0,
-                       kind=kind, pack=False)
-        rows._order = np.arange(len(rows.examples))  # keep the order: row b = example b
-        yield lo, chunk, rows.next()
+def _stream_cache(cache_file: Optional[str], s: int, n_streams: int) -> Optional[str]:
+    """Stream s's cache file: `cache_file` itself for a single stream, else one file per
+    stream beside it (name.stream<s>of<n>.npz), each written by the stream's first
+    reader."""
+    if not cache_file or n_streams == 1:
+        return cache_file
+    root, ext = os.path.splitext(cache_file)
+    return f"{root}.stream{s}of{n_streams}{ext or '.npz'}"
 
 
 def _write_cache(cache_file: Optional[str], **arrays):
-    """Writes a precompute cache (.npz) atomically, from process 0 only."""
-    if not cache_file or jax.process_index() != 0:
+    """Writes a precompute cache (.npz) atomically."""
+    if not cache_file:
         return
     os.makedirs(os.path.dirname(cache_file) or ".", exist_ok=True)
-    tmp = cache_file + ".partial.npz"
+    tmp = f"{cache_file}.{os.getpid()}.partial.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, cache_file)
 
 
-def _matching_cache(cache_file: Optional[str], lengths, ids_sum: int, fingerprint,
-                    what: str):
-    """The cache's arrays when `cache_file` holds this data's results for these params on
-    every process (else None: all of them compute it, as one program); a stale file is
-    named in the log."""
-    z = None
-    if cache_file and os.path.isfile(cache_file):
-        z = dict(np.load(cache_file))
-        if not (z["lengths"].shape == lengths.shape and (z["lengths"] == lengths).all()
-                and z["ids_sum"] == ids_sum and "fingerprint" in z
-                and z["fingerprint"].shape == fingerprint.shape
-                and (z["fingerprint"] == fingerprint).all()):
-            log.warning("%s does not match the current data or %s; recomputing", cache_file,
-                        what)
-            z = None
-    # A process without the file (a host-local workdir on another host) makes every
-    # process compute: the computation is one SPMD program, run by all or by none.
-    return z if distributed.all_agree(z is not None) else None
+def _read_cache(cache_file: Optional[str], lengths, ids_sum: int, fingerprint, what: str):
+    """The arrays of `cache_file` when it holds this data's results for these params, else
+    None (a stale file is named in the log)."""
+    if not cache_file or not os.path.isfile(cache_file):
+        return None
+    z = dict(np.load(cache_file))
+    if not (z["lengths"].shape == lengths.shape and (z["lengths"] == lengths).all()
+            and z["ids_sum"] == ids_sum and "fingerprint" in z
+            and z["fingerprint"].shape == fingerprint.shape
+            and (z["fingerprint"] == fingerprint).all()):
+        log.warning("%s does not match the current data or %s; recomputing", cache_file, what)
+        return None
+    return z
+
+
+def _cached(cache_file, layout, keys, fingerprint, what):
+    """{stream: cache arrays} for this process's streams when every process finds all of
+    its streams' caches matching, else None: then every process computes (the computation
+    is one SPMD program, run by all or by none; a process without the file -- a
+    host-local workdir on another host -- makes all of them compute)."""
+    found = {s: _read_cache(_stream_cache(cache_file, s, layout.n_streams), *keys[s],
+                            fingerprint, what) for s in keys}
+    ok = all(z is not None for z in found.values())
+    return found if distributed.all_agree(ok) else None
 
 
 def _put(mesh, rows):
-    """Host rows -> the program's inputs: global arrays sharded by rows on a mesh."""
+    """Host rows -> the program's inputs: global arrays sharded by rows on a mesh (each
+    process placing its own devices' rows)."""
     if mesh is None:
         return rows
     return {k: distributed.to_global(v, sh.batch_sharding(mesh, v.shape)) for k, v in rows.items()}
 
 
-def _packed_batches(examples, batch_size: int, seq_len: int, progress: bool, desc: str):
-    """(rows, placements) over `examples` in order, packed like training rows: each row
-    holds consecutive examples as segments (positions restart, attention stays within a
-    segment), so short examples do not pay for a whole row of padding. placements:
-    (example index, row, start) of every example in the batch."""
-    with tqdm(total=len(examples), desc=desc, disable=not progress or not distributed.is_main()) as bar:
-        i = 0
-        while i < len(examples):
-            rows, placements = empty_rows(batch_size, seq_len), []
-            for b in range(batch_size):
-                start, segment = 0, 1
-                while i < len(examples) and start + len(examples[i].ids) - 1 <= seq_len:
-                    placements.append((i, b, start))
-                    start = place_sequence(rows, b, start, examples[i].ids,
-                                           examples[i].response, segment)
-                    i, segment = i + 1, segment + 1
-                if i < len(examples) and start == 0:  # tokenize_sft keeps rows <= seq_len
-                    raise ValueError(f"example {i} is longer than seq_len={seq_len}")
-            bar.update(len(placements))
-            yield rows, placements
+def _single(examples, mesh, batch_size):
+    """A list of examples as the one stream of a layout whose batches are `batch_size`
+    rows on `mesh` (one device without a mesh)."""
+    blocks = (tuple(sh.row_holders(mesh, batch_size)) if mesh is not None
+              else ((0, batch_size, frozenset({jax.process_index()})),))
+    return {0: examples}, Layout(1, batch_size, blocks, jax.process_index())
+
+
+def _rows_for(layout: Layout, mesh, batch_size: int) -> int:
+    """The rows of a precompute batch: `batch_size` when its row blocks lie on the
+    processes as a training batch's do (the work is assigned per block), else the
+    training batch's."""
+    if mesh is None:
+        return batch_size
+    same = [b[2] for b in sh.row_holders(mesh, batch_size)] == [b[2] for b in layout.blocks]
+    return batch_size if same else layout.batch_size
+
+
+def _plan(lengths, rows: int, seq_len: int, pack: bool):
+    """Batches of (item, row, start, segment) placing items of `lengths` tokens in `rows`
+    rows of seq_len: consecutive items packed as segments of a row (`pack`), or one per
+    row."""
+    batches, i = [], 0
+    while i < len(lengths):
+        batch = []
+        for r in range(rows):
+            start, segment = 0, 1
+            while i < len(lengths) and start + lengths[i] <= seq_len:
+                batch.append((i, r, start, segment))
+                start, segment, i = start + lengths[i], segment + 1, i + 1
+                if not pack:
+                    break
+            if i < len(lengths) and start == 0:  # tokenization keeps rows <= seq_len
+                raise ValueError(f"an example of {lengths[i]} tokens is longer than "
+                                 f"seq_len={seq_len}")
+        batches.append(batch)
+    return batches
+
+
+def _blocks_run(layout: Layout, streams: Dict[int, list], rows: int, seq_len: int,
+                length, pack: bool, progress: bool, desc: str):
+    """{block: its placements [(stream, example, row in the batch, start, segment)]}
+    for every global batch of a once-per-stage computation over this process's examples,
+    spread over the row blocks by `layout.work` (every process runs the same number of
+    batches: the most any block needs)."""
+    per_block = rows // len(layout.blocks)
+    work = layout.work({s: len(ex) for s, ex in streams.items()})
+    plans = {k: _plan([length(streams[s][i]) for s, i in items], per_block, seq_len, pack)
+             for k, items in work.items()}
+    n = max(distributed.gather(max([len(p) for p in plans.values()] + [0])))
+    for t in tqdm(range(n), desc=desc, disable=not progress or not distributed.is_main()):
+        yield {k: [(*work[k][j], k * per_block + r, start, seg) for j, r, start, seg in plan[t]]
+               for k, plan in plans.items() if t < len(plan)}
 
 
 def precompute_signals(examples, experts: Experts, e_params, vocab: int, seq_len: int,
                        batch_size: int, cache_file: Optional[str] = None, progress=True,
-                       mesh=None, block: int = 0):
+                       mesh=None, block: int = 0, layout: Optional[Layout] = None):
     """Attaches the frozen experts' per-target signals to every SFT example, reading them
     from `cache_file` (.npz) when it matches the data and the experts' params, else
     computing and writing it. Reused across epochs, restarts and runs that share experts
     and data (`train.sft.signals_cache`): the experts then never run inside the training
     step. Rows are packed, as in training: the experts' forward passes are most of the
-    precompute's time, and padding would multiply them."""
-    lengths = np.array([len(e.ids) - 1 for e in examples])
-    total = int(lengths.sum())
-    ids_sum = sum(int(e.ids.sum()) for e in examples)
+    precompute's time, and padding would multiply them.
+
+    `examples`: a list, or with `layout` {stream: examples} of this process's streams
+    (fr_jax.data.streams): each process then computes only its own examples, on its own
+    devices' rows, and one cache file per stream is kept."""
+    single = layout is None
+    streams, layout = _single(examples, mesh, batch_size) if single else (examples, layout)
+    keys = {s: (np.array([len(e.ids) - 1 for e in ex], dtype=np.int64),
+                sum(int(e.ids.sum()) for e in ex)) for s, ex in streams.items()}
     fingerprint = params_fingerprint(e_params)
-    z = _matching_cache(cache_file, lengths, ids_sum, fingerprint, "experts")
-    if z is not None:
-        offsets = np.r_[0, np.cumsum(lengths)]
-        for i, e in enumerate(examples):
-            e.signal_logprob = z["logprob"][offsets[i]:offsets[i + 1]]
-            e.signal_top1 = z["top1"][offsets[i]:offsets[i + 1]]
-        return examples
-    fn = signals_program(experts, vocab, block, mesh, seq_len, batch_size)
-    for rows, placements in _packed_batches(examples, batch_size, seq_len, progress,
-                                            "expert signals"):
-        lp, top1 = distributed.fetch(fn(e_params, _put(mesh, {k: rows[k] for k in SFT_FIELDS})))
-        for i, b, start in placements:  # lp, top1: [experts, batch, seq]
-            span = slice(start, start + lengths[i])
-            examples[i].signal_logprob = np.ascontiguousarray(lp[:, b, span].T)
-            examples[i].signal_top1 = np.ascontiguousarray(top1[:, b, span].T)
-    _write_cache(cache_file, lengths=lengths, ids_sum=ids_sum, fingerprint=fingerprint,
-                 logprob=np.concatenate([e.signal_logprob for e in examples]) if total else
-                 np.zeros((0, experts.n), np.float32),
-                 top1=np.concatenate([e.signal_top1 for e in examples]) if total else
-                 np.zeros((0, experts.n), np.int32))
-    return examples
+    found = _cached(cache_file, layout, keys, fingerprint, "experts")
+    if found is None:
+        rows = _rows_for(layout, mesh, batch_size)
+        fn = signals_program(experts, vocab, block, mesh, seq_len, rows)
+        for placed in _blocks_run(layout, streams, rows, seq_len, lambda e: len(e.ids) - 1,
+                                  True, progress, "expert signals"):
+            host = empty_rows(rows, seq_len)
+            for items in placed.values():
+                for s, i, r, start, segment in items:
+                    e = streams[s][i]
+                    place_sequence(host, r, start, e.ids, e.response, segment)
+            lp, top1 = (distributed.local_view(x) for x in
+                        fn(e_params, _put(mesh, {k: host[k] for k in SFT_FIELDS})))
+            for items in placed.values():
+                for s, i, r, start, _ in items:  # lp, top1: [experts, rows, seq]
+                    e = streams[s][i]
+                    span = slice(start, start + len(e.ids) - 1)
+                    e.signal_logprob = np.ascontiguousarray(lp[:, r, span].T)
+                    e.signal_top1 = np.ascontiguousarray(top1[:, r, span].T)
+        for s, ex in streams.items():
+            if layout.leads(s):
+                n = experts.n
+                _write_cache(_stream_cache(cache_file, s, layout.n_streams), lengths=keys[s][0],
+                             ids_sum=keys[s][1], fingerprint=fingerprint,
+                             logprob=np.concatenate([e.signal_logprob for e in ex] +
+                                                    [np.zeros((0, n), np.float32)]),
+                             top1=np.concatenate([e.signal_top1 for e in ex] +
+                                                 [np.zeros((0, n), np.int32)]))
+    else:
+        for s, ex in streams.items():
+            offsets = np.r_[0, np.cumsum(keys[s][0])]
+            for i, e in enumerate(ex):
+                e.signal_logprob = found[s]["logprob"][offsets[i]:offsets[i + 1]]
+                e.signal_top1 = found[s]["top1"][offsets[i]:offsets[i + 1]]
+    return streams[0] if single else streams
 
 
 def signals_program(experts: Experts, vocab: int, block: int, mesh, seq_len: int,
@@ -173,42 +231,60 @@ def params_fingerprint(params) -> np.ndarray:
 def precompute_reference(examples, router: Router, ref_params, experts: Experts, e_params,
                          vocab: int, seq_len: int, batch_size: int,
                          cache_file: Optional[str] = None, progress=True, mesh=None,
-                         block: int = 0):
+                         block: int = 0, layout: Optional[Layout] = None):
     """Attaches the stage-1 router's CDPO reference (sequence log-prob of each side and its
     routing logits) to every preference pair, from `cache_file` (.npz) when it matches the
     data and the router's params, else computed and written. The step then holds neither
-    the reference router nor its forward pass."""
+    the reference router nor its forward pass. `examples` and `layout`: as in
+    `precompute_signals` (one pair per row)."""
     sides = ("chosen", "rejected")
-    lengths = np.array([[len(e.prompt) + len(getattr(e, s)) - 1 for s in sides]
-                        for e in examples]).reshape(-1, 2)
-    ids_sum = sum(int(e.prompt.sum() + e.chosen.sum() + e.rejected.sum()) for e in examples)
+    single = layout is None
+    streams, layout = _single(examples, mesh, batch_size) if single else (examples, layout)
+    keys = {s: (np.array([[len(e.prompt) + len(getattr(e, side)) - 1 for side in sides]
+                          for e in ex], dtype=np.int64).reshape(-1, 2),
+                sum(int(e.prompt.sum() + e.chosen.sum() + e.rejected.sum()) for e in ex))
+            for s, ex in streams.items()}
     fingerprint = params_fingerprint(ref_params)
-
-    def attach(logprob, route):
-        offsets = np.r_[0, np.cumsum(lengths.ravel())]
-        for i, e in enumerate(examples):
-            e.ref_logprob = logprob[i]
-            e.ref_route = tuple(route[offsets[2 * i + j]:offsets[2 * i + j + 1]]
-                                for j in range(2))
-        return examples
-
-    z = _matching_cache(cache_file, lengths, ids_sum, fingerprint, "stage-1 router")
-    if z is not None:
-        return attach(z["logprob"], z["route"])
-    fn = reference_program(router, experts, vocab, block, mesh, seq_len, batch_size)
-    logprob = np.zeros((len(examples), 2), np.float32)
-    routes = [[None, None] for _ in examples]
-    for lo, chunk, batch in _in_order_batches(examples, batch_size, seq_len, "pref", progress,
-                                              "CDPO reference"):
-        for j, s in enumerate(sides):
-            side = {k: batch[s][k] for k in SFT_FIELDS}
-            lp, route = distributed.fetch(fn(ref_params, e_params, _put(mesh, side)))
-            for b in range(len(chunk)):
-                logprob[lo + b, j] = lp[b]
-                routes[lo + b][j] = np.asarray(route[b, :lengths[lo + b, j]], np.float32)
-    n = router.n_experts
-    route = np.concatenate([r for pair in routes for r in pair]) if routes else \
-        np.zeros((0, n), np.float32)
-    _write_cache(cache_file, lengths=lengths, ids_sum=ids_sum, fingerprint=fingerprint,
-                 logprob=logprob, route=route)
-    return attach(logprob, route)
+    found = _cached(cache_file, layout, keys, fingerprint, "stage-1 router")
+    if found is None:
+        rows = _rows_for(layout, mesh, batch_size)
+        fn = reference_program(router, experts, vocab, block, mesh, seq_len, rows)
+        longest = lambda e: len(e.prompt) + max(len(e.chosen), len(e.rejected)) - 1
+        for placed in _blocks_run(layout, streams, rows, seq_len, longest, False, progress,
+                                  "CDPO reference"):
+            items = [x for block_items in placed.values() for x in block_items]
+            out = []
+            for side in sides:
+                host = empty_rows(rows, seq_len)
+                for s, i, r, _, _ in items:
+                    e = streams[s][i]
+                    ids = np.concatenate([e.prompt, getattr(e, side)])
+                    mask = np.concatenate([np.zeros_like(e.prompt),
+                                           np.ones_like(getattr(e, side))])
+                    place_sequence(host, r, 0, ids, mask, 1)
+                out.append([distributed.local_view(x) for x in
+                            fn(ref_params, e_params,
+                               _put(mesh, {k: host[k] for k in SFT_FIELDS}))])
+            for s, i, r, _, _ in items:
+                e, n = streams[s][i], keys[s][0][i]
+                e.ref_logprob = np.array([out[j][0][r] for j in range(2)], np.float32)
+                e.ref_route = tuple(np.asarray(out[j][1][r, :n[j]], np.float32)
+                                    for j in range(2))
+        for s, ex in streams.items():
+            if layout.leads(s):
+                _write_cache(_stream_cache(cache_file, s, layout.n_streams),
+                             lengths=keys[s][0], ids_sum=keys[s][1], fingerprint=fingerprint,
+                             logprob=np.array([e.ref_logprob for e in ex],
+                                              np.float32).reshape(-1, 2),
+                             route=np.concatenate([r for e in ex for r in e.ref_route] +
+                                                  [np.zeros((0, router.n_experts),
+                                                            np.float32)]))
+    else:
+        for s, ex in streams.items():
+            z, lengths = found[s], keys[s][0]
+            offsets = np.r_[0, np.cumsum(lengths.ravel())]
+            for i, e in enumerate(ex):
+                e.ref_logprob = z["logprob"][i]
+                e.ref_route = tuple(z["route"][offsets[2 * i + j]:offsets[2 * i + j + 1]]
+                                    for j in range(2))
+    return streams[0] if single else streams

@@ -82,15 +82,26 @@ def differences(before: dict, now: dict) -> List[str]:
     return out
 
 
-def check_or_write(config, stage: str, is_main: bool = True):
+def check_or_write(config, stage: str, is_main: bool = True, streams: int = 1) -> int:
     """Writes the stage's record on its first run; on a re-run (train.resume) checks it,
-    raising TrainError with the differences unless train.accept_changes is set."""
+    raising TrainError with the differences unless train.accept_changes is set. Returns
+    the stage's data stream count (fr_jax.data.streams): `streams` on a first run, the
+    recorded one on a re-run (a run recorded before streams had one), so a resume on
+    other hosts reads the same batches."""
     tc = config.train
     path = os.path.join(tc.workdir, stage, "run.json")
     now = describe(config, stage)
     if os.path.isfile(path) and tc.resume:
         with open(path) as f:
             record = json.load(f)
+        recorded = int(record.get("streams", 1))
+        asked = int(config.data.get("streams", 0) or 0)
+        if asked and asked != recorded:
+            raise TrainError(
+                f"{os.path.join(tc.workdir, stage)} holds a run of stage {stage} whose data "
+                f"is read as {recorded} streams; data.streams={asked} would change its "
+                "batches. Drop the setting to resume (the recorded count is used), or use "
+                "another --config.train.workdir for a new run.")
         changed = differences(record["run"], now)
         if changed and not tc.accept_changes:
             raise TrainError(
@@ -103,13 +114,15 @@ def check_or_write(config, stage: str, is_main: bool = True):
             record.setdefault("changes", []).append(
                 {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "differences": changed, "run": now})
             write_json(path, record)
-        return
+        return recorded
     if is_main:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_json(path, {"run": now, "config": json.loads(config.to_json_best_effort())})
+        write_json(path, {"run": now, "streams": streams,
+                          "config": json.loads(config.to_json_best_effort())})
         original = os.path.join(tc.workdir, "config.json")
         if not os.path.isfile(original):
             _write_text(original, config.to_json_best_effort(indent=2))
+    return streams
 
 
 def write_json(path, obj):
