@@ -92,6 +92,8 @@ def test_the_processes_rows_together_are_one_process_batches_and_resume_on_eithe
         assert sum(p.tokens(x) for p in parts) == whole.tokens(y) == (y["segment_ids"] > 0).sum()
     state = StreamBatcher.state(4, [json.loads(json.dumps(p.positions())) for p in parts])
     assert state == StreamBatcher.state(4, [whole.positions()])
+    e, i = state["positions"][3]
+    assert StreamBatcher.describe(state).endswith(f"; 3: epoch {e}, example {i}")
     resumed = StreamBatcher(one, streams, 24, seed=7)
     resumed.restore(state)
     for p in parts:

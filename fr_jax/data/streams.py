@@ -187,10 +187,13 @@ class StreamBatcher:
             epoch, index = state["positions"][s]
             b.restore({"epoch": epoch, "index": index})
 
-    def describe(self) -> str:
-        pos = self.positions()
+    @staticmethod
+    def describe(state: Dict) -> str:
+        """A checkpoint's data position in words."""
+        if "streams" not in state:
+            state = {"streams": 1, "positions": [[state["epoch"], state["index"]]]}
+        pos = state["positions"]
         if len(pos) == 1:
-            (epoch, index), = pos.values()
-            return f"epoch {epoch}, example {index}"
-        return "streams " + ", ".join(f"{s}: epoch {e}, example {i}"
-                                      for s, (e, i) in sorted(pos.items()))
+            return f"epoch {pos[0][0]}, example {pos[0][1]}"
+        return "streams " + "; ".join(f"{s}: epoch {e}, example {i}"
+                                      for s, (e, i) in enumerate(pos))

@@ -150,7 +150,7 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
             state, meta, at = restored
             batcher.restore(meta["data"])
             history = list(meta.get("history", []))
-            _print(f"[{name}] resumed from step {at} ({batcher.describe()})")
+            _print(f"[{name}] resumed from step {at} ({batcher.describe(meta['data'])})")
     frozen = jax.device_put(frozen, stage.frozen_shardings)
     first = batcher.next()
     train_step, eval_step = stage.jitted(first)
