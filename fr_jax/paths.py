@@ -1,11 +1,13 @@
-"""Checks on what a command will write, made before it does any work: an output whose
-folder is missing (or not writable) fails at the start, not after an hour of decoding, and
-no command ever writes over one of its own inputs."""
+"""What a command writes: checks made before it does any work (an output whose folder is
+missing or not writable fails at the start, not after an hour of decoding, and no command
+ever writes over one of its own inputs), and whole-file writes that a crash never leaves
+half done."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Iterable
+from typing import Iterable, Union
 
 from fr_jax.errors import ConfigError
 
@@ -33,3 +35,26 @@ def check_output(path: str, what: str, inputs: Iterable[str] = (),
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"{what} {path!r}: folder {parent!r} is not writable")
     return path
+
+
+@contextlib.contextmanager
+def replacing(path: str, suffix: str = ".partial"):
+    """A temporary path beside `path` (this process's own: two writers never share one)
+    that replaces `path` when the block ends without an error, and is removed when it
+    does not: a crash or a kill never leaves half a file at `path`. Missing folders are
+    made. `suffix` ends the temporary name (np.savez insists on ".npz")."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}{suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_atomic(path: str, data: Union[str, bytes]):
+    """Writes text or bytes to `path` whole (see `replacing`)."""
+    with replacing(path) as tmp:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)

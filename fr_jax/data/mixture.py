@@ -29,7 +29,7 @@ from fr_jax.data.records import Records, load_records
 from fr_jax.errors import ConfigError, DataError
 from fr_jax.eval import benchmarks as B
 from fr_jax.eval import prompts as P
-from fr_jax.paths import check_output
+from fr_jax.paths import check_output, write_atomic
 
 FORMATS = ("prompt_response", "messages")
 ROLES = ("user", "assistant", "system")
@@ -415,19 +415,11 @@ def to_record(it: Item, fmt: str) -> dict:
     return {"prompt": prompt, "response": it.response, "source": it.source, "domain": it.domain}
 
 
-def write_atomic(path: str, lines) -> str:
-    """Writes text lines to `path` via a temporary file and a rename (a crash never leaves
-    half a file); returns the sha256 of the bytes written."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+def write_lines(path: str, lines) -> str:
+    """Writes text lines to `path` whole (fr_jax.paths.write_atomic); returns the sha256 of
+    the bytes written."""
     data = "".join(lines).encode("utf-8", "backslashreplace")  # lone surrogate -> \udcxx
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -465,7 +457,7 @@ def build_mixture(config, sources: Sequence[Source]) -> dict:
         chosen += sample(mine, want, config.seed, s.name)
         per_source[s.name] = _entry(s, inputs[s.name], tallies[s.name], len(mine), want)
     order = np.random.default_rng(config.seed).permutation(len(chosen))
-    sha = write_atomic(config.output, (json.dumps(to_record(chosen[i], config.format),
+    sha = write_lines(config.output, (json.dumps(to_record(chosen[i], config.format),
                                                   ensure_ascii=False) + "\n" for i in order))
     manifest = {
         "output": config.output, "sha256": sha, "records": len(chosen),
@@ -475,7 +467,7 @@ def build_mixture(config, sources: Sequence[Source]) -> dict:
             "enabled": bool(benches), "ngram": config.decontaminate.ngram,
             "compared": "prompt and response", "benchmarks": {
                 b: {"test_texts": tests[b][0], "data": tests[b][1]} for b in benches}}}
-    write_atomic(manifest_path(config.output),
+    write_lines(manifest_path(config.output),
                  [json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"])
     return manifest
 

@@ -31,6 +31,7 @@ from fr_jax.eval import harness
 from fr_jax.eval.benchmarks import Example
 from fr_jax.eval.sandbox import Limits
 from fr_jax.lineup import Lineup
+from fr_jax.paths import write_atomic
 from fr_jax.sampling import Sampling
 
 MODE = "fusionroute"
@@ -187,9 +188,5 @@ def write_pairs(path: str, rows: Sequence[dict], stats: dict) -> Tuple[str, str]
     stats_path = os.path.splitext(path)[0] + ".stats.json"
     for target, text in ((path, "".join(json.dumps(r) + "\n" for r in rows)),
                          (stats_path, json.dumps(stats, indent=1))):
-        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-        tmp = f"{target}.{os.getpid()}.partial"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, target)
+        write_atomic(target, text)
     return path, stats_path

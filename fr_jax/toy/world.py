@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import string
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from fr_jax.eval.scoring import exact_match
+from fr_jax.paths import write_atomic
 
 DOMAINS = ("math", "code", "instr")  # the experts' domains, in expert order
 EVAL_DOMAINS = DOMAINS + ("mixed",)
@@ -179,12 +179,7 @@ def mixture(pools: Dict[str, List[Task]], weights: Dict[str, float], n: int,
 
 
 def write_jsonl(path: str, rows: Sequence[dict]):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.partial"  # two writers never share a temporary file
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def labelled_records(pool: List[Task], n: int, seed: int) -> List[dict]:

@@ -17,6 +17,7 @@ from fr_jax import sharding as sh
 from fr_jax.data import empty_rows, place_sequence
 from fr_jax.data.streams import Layout
 from fr_jax.experts import Experts
+from fr_jax.paths import replacing
 from fr_jax.router import Router
 from fr_jax.training.objectives import SFT_FIELDS, make_signals_fn, reference_outputs
 
@@ -37,10 +38,8 @@ def _write_cache(cache_file: Optional[str], **arrays):
     """Writes a precompute cache (.npz) atomically."""
     if not cache_file:
         return
-    os.makedirs(os.path.dirname(cache_file) or ".", exist_ok=True)
-    tmp = f"{cache_file}.{os.getpid()}.partial.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, cache_file)
+    with replacing(cache_file, ".partial.npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def _read_cache(cache_file: Optional[str], lengths, ids_sum: int, fingerprint, what: str):

@@ -15,6 +15,7 @@ import time
 from typing import Dict, List
 
 from fr_jax.errors import TrainError
+from fr_jax.paths import write_atomic
 
 # Fields that change what a stage computes (its own train.<stage>.* fields are added). The
 # rest (logging, evaluation and checkpoint cadence, progress, memory layout knobs such as
@@ -131,7 +132,4 @@ def write_json(path, obj):
 
 
 def _write_text(path, text):
-    tmp = f"{path}.{os.getpid()}.partial"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
