@@ -224,7 +224,8 @@ def test_a_run_resumes_on_another_number_of_processes_where_it_stopped(tmp_path)
     JAX's heartbeat check) instead of waiting in a collective forever; step 4 is never
     complete on disk; the same command as one process resumes from step 2.
     1 -> 2: a one-process run killed after a checkpoint resumes as two processes, each
-    reading its own stream from the saved global position.
+    reading its own stream from the saved global position, and the finished run restores
+    as 2 processes onto another mesh.
     Both end with the uninterrupted run's losses and state (to the cross-process tolerance
     of the module docstring)."""
     import signal
@@ -279,6 +280,19 @@ def test_a_run_resumes_on_another_number_of_processes_where_it_stopped(tmp_path)
     assert f"[sft] resumed from step {at}" in again[0].log
     assert "reads data streams [1] of 2" in again[1].log
     same_as_ref(work)
+
+    # The finished run restored as 2 processes onto another mesh (data=8: params and Adam
+    # state now replicated, not split over fsdp x tensor) exports the same router.
+    from safetensors.numpy import load_file
+
+    other = run_processes(2, args + [f"--config.train.workdir={work}", "--config.mesh.data=8",
+                                     "--config.mesh.fsdp=1", "--config.mesh.tensor=1"],
+                          tmp_path / "log_mesh", devices=4, home=home, timeout=600)
+    assert "[sft] resumed from step 8" in other[0].log
+    for f in ("model.safetensors", "routing_head.safetensors"):
+        x, y = load_file(ref / "sft" / "router" / f), load_file(work / "sft" / "router" / f)
+        for k in x:
+            np.testing.assert_allclose(y[k], x[k], rtol=0, atol=1e-5, err_msg=k)
 
 
 # ------------------------------------------------------------------------------ decoding
