@@ -283,8 +283,11 @@ def test_a_run_resumes_on_another_number_of_processes_where_it_stopped(tmp_path)
 
     # The finished run restored as 2 processes onto another mesh (data=8: params and Adam
     # state now replicated, not split over fsdp x tensor) exports the same router.
+    import shutil
+
     from safetensors.numpy import load_file
 
+    shutil.rmtree(work / "sft" / "router")  # written again, from the restored state
     other = run_processes(2, args + [f"--config.train.workdir={work}", "--config.mesh.data=8",
                                      "--config.mesh.fsdp=1", "--config.mesh.tensor=1"],
                           tmp_path / "log_mesh", devices=4, home=home, timeout=600)
