@@ -132,6 +132,7 @@ def test_expert_mode_equals_single_model_decode_and_stacked_equals_list():
     np.testing.assert_allclose(a.route_probs, b.route_probs, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_batch_rows_equal_prompts_alone_eos_and_chunking():
     router, r_params, experts, e_list = build_world("llama")
     params = {"router": r_params, "experts": experts.combine(e_list)}

@@ -1,13 +1,9 @@
-"""Training: sharded step == single-device step, checkpoints (resume, other mesh, corrupt
-fallback), kill-and-resume of the CLI, and the tiny config end to end."""
+"""Training: sharded step == single-device step, checkpoints (other mesh, corrupt fallback),
+and the tiny config end to end. (The CLI killed and resumed: tests/test_faults.py.)"""
 
 import json
 import os
-import signal
 import struct
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +16,7 @@ from fr_jax.config import base_config
 from fr_jax.data import Batcher, SFTExample
 from fr_jax.training import build_stage, init_state
 from test_fused import build_world
-from cli_env import REPO, one_device_env  # noqa: E402
+from cli_env import REPO  # noqa: E402
 
 
 
@@ -169,51 +165,6 @@ def test_sft_learns_to_route_and_cdpo_prefers_chosen():
 
 
 # ------------------------------------------------------------------------------ CLI
-def _train_cmd(workdir, steps=24):
-    return [sys.executable, "-m", "fr_jax.train", "--config=configs/tiny.py",
-            f"--config.train.workdir={workdir}", "--config.train.stages=('sft',)",
-            f"--config.train.sft.steps={steps}", "--config.train.ckpt_every=4",
-            "--config.train.eval_every=0", "--config.train.log_every=4"]
-
-
-
-
-def _final(workdir):
-    from safetensors.numpy import load_file
-    weights = load_file(os.path.join(workdir, "sft", "router", "model.safetensors"))
-    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "sft", "checkpoints"))
-                   if d.isdigit())
-    meta = json.load(open(os.path.join(workdir, "sft", "checkpoints", str(steps[-1]), "meta",
-                                       "metadata")))
-    return weights, meta, steps
-
-
-@pytest.mark.slow
-def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
-    home = tmp_path / "home"
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_train_cmd(straight), cwd=REPO, env=one_device_env(home), check=True,
-                   capture_output=True, timeout=600)
-    proc = subprocess.Popen(_train_cmd(killed), cwd=REPO, env=one_device_env(home),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = killed / "sft" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (ckpts / "8").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
-    assert done and max(done) < 24, "the run was not interrupted before its end"
-    out = subprocess.run(_train_cmd(killed), cwd=REPO, env=one_device_env(home), check=True,
-                         capture_output=True, text=True, timeout=600)
-    assert "resumed from step" in out.stdout
-    w_a, meta_a, _ = _final(straight)
-    w_b, meta_b, _ = _final(killed)
-    assert meta_a["data"] == meta_b["data"] and meta_a["micro"] == meta_b["micro"] == 24
-    for k in w_a:
-        np.testing.assert_array_equal(w_a[k], w_b[k], err_msg=k)
-
-
 def _event_tags(folder):
     """Scalar/histogram/text tags in a TensorBoard event file (TFRecord of Event protos)."""
     from tensorboardX.proto import event_pb2
