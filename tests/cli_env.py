@@ -10,13 +10,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tolerances a reduction order explains.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
-# XLA's CPU collectives among the devices of one process end the process when a device's
-# thread is 40 s late at a rendezvous: on a 2-core machine running two test workers, an
-# 8-device process starved by its neighbour was (a resumed training run, twice in two
-# weeks). Ten minutes: the tests' own time limits end a process that is truly stuck.
-PATIENT_COLLECTIVES_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=600 "
-                             "--xla_cpu_collective_timeout_seconds=600")
-
 
 # One on-disk compilation cache for every CLI subprocess of the suite: each run of a command
 # line would otherwise compile the same small programs from scratch. It lives in the
@@ -36,6 +29,5 @@ def one_device_env(home, fast_compile: bool = True) -> dict:
     optimised code wins back far more than its compile time (its training steps ran ~5x
     slower at level 0)."""
     env = dict(os.environ, FR_JAX_HOME=str(home), PYTHONPATH=REPO, **COMPILATION_CACHE)
-    env["XLA_FLAGS"] = (FAST_COMPILE_FLAGS + " " if fast_compile else "") + \
-        PATIENT_COLLECTIVES_FLAGS
+    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS if fast_compile else ""
     return env

@@ -4,11 +4,10 @@ and the order in which the two xdist workers take the tests."""
 import os
 import sys
 
-from cli_env import FAST_COMPILE_FLAGS, PATIENT_COLLECTIVES_FLAGS, REPO
+from cli_env import FAST_COMPILE_FLAGS, REPO
 
 # Must happen before jax is imported anywhere in the test session.
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS} "
-                      f"{PATIENT_COLLECTIVES_FLAGS}")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
