@@ -127,7 +127,7 @@ def test_the_fused_generator_term_in_the_step_equals_a_direct_computation(positi
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0["backbone"])) > 0
 
 
-@pytest.mark.parametrize("remat", ["dots", "full"])
+@pytest.mark.parametrize("remat", [pytest.param("dots", marks=pytest.mark.slow), "full"])
 def test_rematerialised_layers_give_the_same_gradients(remat):
     batch = _sft_batch()
     l0, _, g0, *_ = _stage_loss_and_grads("sft", 0, batch=batch)
