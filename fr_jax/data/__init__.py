@@ -3,6 +3,8 @@
     records.py    data files -> records (fr_jax.data.records)
     tokenize.py   SFT / preference records -> token-id examples, with a DataReport
     batches.py    examples -> [batch, seq_len] rows (Batcher)
+    streams.py    the file dealt into streams, each filling its share of every batch's rows:
+                  a process reads and tokenizes only the streams on its devices
 
 The data engine that makes the training files sits beside them and above the evaluation
 harness (it decontaminates against the benchmarks and scores sampled answers):
