@@ -75,8 +75,9 @@ def run_processes(n: int, args: Sequence[str], logdir, *, devices: int = 8, home
     see how they end)."""
     os.makedirs(logdir, exist_ok=True)
     # One launch at a time on this machine (the suite's workers share it): gloo's waiting
-    # processes poll, and beside another launch on two cores an 8-device process missed
-    # XLA's 40 s rendezvous deadline for its in-process collectives and aborted.
+    # processes poll and starve a neighbouring launch. (An 8-device process aborting at
+    # XLA's 40 s in-process rendezvous, first blamed on two launches at once, was later
+    # reproduced beside mere busy loops: an XLA CPU collectives hang, see test_multihost.)
     with open(os.path.join(tempfile.gettempdir(), "fr_jax_launch.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _launch(n, args, logdir, devices, home, timeout, env, on_start, check,

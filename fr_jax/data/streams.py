@@ -115,6 +115,14 @@ class Layout:
         return out
 
 
+def _as_streams(state: Dict) -> Dict:
+    """A checkpoint's data position as {"streams", "positions"}; one saved before streams,
+    a single (epoch, index), is one stream."""
+    if "streams" in state:
+        return state
+    return {"streams": 1, "positions": [[state["epoch"], state["index"]]]}
+
+
 class StreamBatcher:
     """Batches of `layout.batch_size` rows in which this process fills the rows of its
     streams (one `Batcher` each, `examples[s]` its examples); other rows stay padding,
@@ -129,6 +137,7 @@ class StreamBatcher:
                        stream=None if single else s, signals=signals, reference=reference,
                        allow_empty=True)
             for s in layout.mine()}
+        self._led = [s for s in self.batchers if layout.leads(s)]  # counted by this process
         self._shape = Batcher([], layout.batch_size, seq_len, seed, kind, pack,
                               signals=signals, reference=reference, allow_empty=True)
 
@@ -148,10 +157,9 @@ class StreamBatcher:
         processes: the batch's tokens, each counted once)."""
         sides = [batch["chosen"], batch["rejected"]] if "chosen" in batch else [batch]
         total = 0
-        for s in self.batchers:
-            if self.layout.leads(s):
-                lo, hi = self.layout.rows(s)
-                total += int(sum((x["segment_ids"][lo:hi] > 0).sum() for x in sides))
+        for s in self._led:
+            lo, hi = self.layout.rows(s)
+            total += int(sum((x["segment_ids"][lo:hi] > 0).sum() for x in sides))
         return total
 
     def first_epoch_done(self) -> bool:
@@ -178,8 +186,7 @@ class StreamBatcher:
     def restore(self, state: Dict):
         """Continues from a checkpoint's data position (also one saved before streams: a
         single (epoch, index), which is one stream)."""
-        if "streams" not in state:
-            state = {"streams": 1, "positions": [[state["epoch"], state["index"]]]}
+        state = _as_streams(state)
         if state["streams"] != self.layout.n_streams:
             raise DataError(f"the checkpoint's data position has {state['streams']} streams, "
                             f"this run {self.layout.n_streams}")
@@ -190,9 +197,7 @@ class StreamBatcher:
     @staticmethod
     def describe(state: Dict) -> str:
         """A checkpoint's data position in words."""
-        if "streams" not in state:
-            state = {"streams": 1, "positions": [[state["epoch"], state["index"]]]}
-        pos = state["positions"]
+        pos = _as_streams(state)["positions"]
         if len(pos) == 1:
             return f"epoch {pos[0][0]}, example {pos[0][1]}"
         return "streams " + "; ".join(f"{s}: epoch {e}, example {i}"

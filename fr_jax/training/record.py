@@ -122,14 +122,10 @@ def check_or_write(config, stage: str, is_main: bool = True, streams: int = 1) -
                           "config": json.loads(config.to_json_best_effort())})
         original = os.path.join(tc.workdir, "config.json")
         if not os.path.isfile(original):
-            _write_text(original, config.to_json_best_effort(indent=2))
+            write_atomic(original, config.to_json_best_effort(indent=2))
     return streams
 
 
 def write_json(path, obj):
     """Writes `obj` as JSON to `path` atomically (a per-process temporary file, renamed)."""
-    _write_text(path, json.dumps(obj, indent=1))
-
-
-def _write_text(path, text):
-    write_atomic(path, text)
+    write_atomic(path, json.dumps(obj, indent=1))
