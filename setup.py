@@ -32,6 +32,8 @@ setup(
     install_requires=requirements("requirements.txt"),
     # tpu: the TPU build of jax (libtpu), which is also the TPU compiler `python -m fr_jax.plan`
     # runs on a CPU-only machine; the tests compile for TPU slices too.
+    # tensorboard: the viewer for the event files every training run and the demo write.
     extras_require={"test": requirements("requirements-test.txt"),
-                    "tpu": requirements("requirements-tpu.txt")},
+                    "tpu": requirements("requirements-tpu.txt"),
+                    "tensorboard": requirements("requirements-tensorboard.txt")},
 )

@@ -3,6 +3,8 @@
     python -m fr_jax.demo                                  # the full run (README's table)
     python -m fr_jax.demo --config=configs/demo.py:quick   # the reduced run the tests use
                                                            # (from the bundled experts)
+    python -m fr_jax.demo --config=configs/demo.py:smoke   # every step, a few updates each
+                                                           # (CI's first phase; a minute or two)
     python -m fr_jax.demo --config.workdir=/tmp/demo --config.seed=1
 
 Pipeline (fr_jax/toy/pipeline.py): world data -> a shared base model -> three domain experts
@@ -32,8 +34,8 @@ def _stage(steps, lr, warmup, batch):
 
 def get_config(arg: str = ""):
     quick = arg == "quick"
-    if arg not in ("", "full", "quick"):
-        raise ValueError(f"configs/demo.py takes '' (full) or 'quick', got {arg!r}")
+    if arg not in ("", "full", "quick", "smoke"):
+        raise ValueError(f"configs/demo.py takes '' (full), 'quick' or 'smoke', got {arg!r}")
     c = ml_collections.ConfigDict()
     c.workdir = "runs/demo-quick" if quick else "runs/demo"
     c.seed = 0
@@ -125,4 +127,18 @@ def get_config(arg: str = ""):
                     "finetuned", "fusionroute")
     c.eval.max_new_tokens = 16
     c.eval.batch_size = 256
+    return _smoke(c) if arg == "smoke" else c
+
+
+def _smoke(c):
+    """Every step of the full run -- world, base models, experts, router SFT, pairs, CDPO,
+    the baselines, every decode mode, the table -- with a few updates each: the whole
+    pipeline runs, nothing in it learns. CI runs it in a runtime-only install."""
+    c.workdir = "runs/demo-smoke"
+    c.world.n_train, c.world.n_test = 200, 8
+    for stage in (c.base, c.router_base, c.experts, c.sft):
+        stage.steps, stage.warmup = 4, 1
+    c.experts.steps_by_domain.math = 4
+    c.cdpo.steps, c.cdpo.warmup, c.cdpo.prompts, c.cdpo.samples = 2, 1, 16, 1
+    c.seqroute.n_labelled, c.seqroute.trunk.steps = 32, 4
     return c
