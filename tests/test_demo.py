@@ -101,11 +101,11 @@ def _writes_the_table_plot_tensorboard_and_hf_experts(run, results, stdout):
 
 def _shows_the_claim(r):
     """The orderings the issue asks for, with margins every measured seed of the reduced run
-    reaches (README: seeds 0-2 from the bundled experts, 98 / 100 / 100 on their own
+    reaches (docs/demo.md: seeds 0-2 from the bundled experts, 98 / 100 / 100 on their own
     domains). FusionRoute against token routing (`expert_only`): mixed 16 / 18 / 15 against
     0; on the skill domains at most 2 points below; 16-24 points above the router alone on
     average. The margins asserted are smaller than measured (another machine's XLA kernels
-    give other numbers); README has the full run."""
+    give other numbers); docs/demo.md has the full run."""
     acc, avg = r["accuracy"], r["average"]
     for i, d in enumerate(W.DOMAINS):  # each expert: best on its own domain, poor elsewhere
         own = acc[f"expert:{i}"][d]

@@ -94,7 +94,7 @@ def test_plan_cli_reduced_depth_fits_and_reports(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_plan_cli_plans_several_slices_in_one_run(tmp_path, capsys):
-    """--topology=a,b plans each slice (the README's tables come from one command); an
+    """--topology=a,b plans each slice (docs/planning.md's tables come from one command); an
     unknown slice anywhere in the list is refused before anything is compiled. The lineup
     is the bundled world's checkpoints (their config.json sets the shapes, as a user's
     local checkpoints do): what is tested is the slices, so the programs are small."""

@@ -30,7 +30,7 @@ from fr_jax.training import record
 # The router's share of a run's wall time: what a variant costs to train ("base models":
 # a router of a size no bundled base has gets its base pretrained in the run).
 ROUTER_STEPS = ("base models", "router SFT", "preference pairs", "router CDPO")
-# The default is chosen by this rule (README, Training): the highest FusionRoute average
+# The default is chosen by this rule (docs/training.md): the highest FusionRoute average
 # among the variants that lose at most this much on any skill domain against expert_only.
 SKILL_TOLERANCE = 0.01
 

@@ -195,7 +195,7 @@ def _audit_hook_works(limits: Limits) -> bool:
 
 
 def protections(limits: Limits = Limits(timeout_s=10.0, memory_mb=256)) -> dict:
-    """Which protection layers are active on this machine (for logs and the README).
+    """Which protection layers are active on this machine (for logs and docs/evaluation.md).
 
     Starts two short probe children, so it takes a fraction of a second.
     """
