@@ -9,7 +9,7 @@ Each variant is a set of changes to configs/demo.py (written as the demo config'
 nested fields); `common` ("field=value" strings) is applied to every run before it. The experts and their
 base are trained once (or adopted: the reduced world starts from the bundled ones) and only
 the router is trained per variant and seed (SFT, preference pairs, CDPO), then evaluated by
-the harness on the modes in `modes`. README's Training section states each variant as a
+the harness on the modes in `modes`. docs/training.md states each variant as a
 formula.
 """
 
@@ -19,7 +19,7 @@ from fr_jax.config import nested
 
 
 # The study ran on the 3 x 64 router (the demo's default then, 3 x 80 since): every variant
-# is written on it, so each reruns as README's table reports it; the capacity variants set
+# is written on it, so each reruns as docs/training.md's table reports it; the capacity variants set
 # their own size.
 STUDY_ROUTER = {"router_model.hidden_size": 64, "router_model.intermediate_size": 192}
 

@@ -1,6 +1,6 @@
 """The embedded demo world, end to end: `python -m fr_jax.demo` (this file is its default).
 
-    python -m fr_jax.demo                                  # the full run (README's table)
+    python -m fr_jax.demo                                  # the full run (docs/demo.md's table)
     python -m fr_jax.demo --config=configs/demo.py:quick   # the reduced run the tests use
                                                            # (from the bundled experts)
     python -m fr_jax.demo --config=configs/demo.py:smoke   # every step, a few updates each
@@ -21,14 +21,20 @@ from fr_jax.config import base_config
 
 def _model(hidden, layers, ff, heads, kv_heads):
     m = ml_collections.ConfigDict()
-    m.hidden_size, m.num_layers, m.intermediate_size = hidden, layers, ff
-    m.num_heads, m.num_kv_heads = heads, kv_heads
+    m.hidden_size = hidden  # model width
+    m.num_layers = layers  # transformer blocks
+    m.intermediate_size = ff  # MLP width
+    m.num_heads = heads  # attention heads
+    m.num_kv_heads = kv_heads  # key / value heads (grouped-query attention)
     return m
 
 
 def _stage(steps, lr, warmup, batch):
     s = ml_collections.ConfigDict()
-    s.steps, s.lr, s.warmup, s.batch_size = steps, lr, warmup, batch
+    s.steps = steps  # optimizer updates
+    s.lr = lr  # peak learning rate (linear warmup, then cosine decay)
+    s.warmup = warmup  # warmup steps
+    s.batch_size = batch  # rows per update
     return s
 
 
@@ -54,9 +60,9 @@ def get_config(arg: str = ""):
     c.world.seq_len = 64  # packed training rows
 
     # Experts: Llama-3 architecture, one shared base fine-tuned per domain. Router: smaller.
-    # 3 x 80 is the ablation's pick (README, Training): the highest FusionRoute average among
+    # 3 x 80 is the ablation's pick (docs/training.md): the highest FusionRoute average among
     # the variants within a point of expert_only on every skill domain (3 seeds, reduced
-    # world; on the full world it loses 1.5 +- 1.3 on math, README says so).
+    # world; on the full world it loses 1.5 +- 1.3 on math, docs/training.md says so).
     c.expert_model = _model(96, 3, 256, 4, 2)
     c.router_model = _model(80, 3, 224, 4, 2)
 
@@ -81,7 +87,7 @@ def get_config(arg: str = ""):
     c.sft.mix = ml_collections.ConfigDict({"math": 1.0, "code": 1.0, "instr": 1.0, "mixed": 1.0})
     c.sft.lm_weight = 1.0
     c.sft.routing_loss = "mixture"
-    # The generator term (README, Training): the router's own LM (`router`), the fused
+    # The generator term (docs/training.md): the router's own LM (`router`), the fused
     # policy (`fused`, on `lm_positions` all | informative) or a mix (`lm_mix` fused).
     c.sft.lm_target = "router"
     c.sft.lm_positions = "all"
@@ -94,7 +100,7 @@ def get_config(arg: str = ""):
     c.cdpo.chosen_nll = 0.0
     c.cdpo.prompts = 800 if quick else 2400  # training prompts sampled for pairs
     c.cdpo.samples = 4  # sampled answers per prompt (plus the greedy one)
-    c.cdpo.temperature = 1.0
+    c.cdpo.temperature = 1.0  # of the sampled answers
     # The chosen answer of a pair: a correct sampled FusionRoute answer where there is one,
     # else the reference (`sampled`); or always the reference answer (`reference`).
     c.cdpo.chosen = "sampled"

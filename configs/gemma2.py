@@ -18,7 +18,7 @@ def get_config():
     c.experts.names = ("math", "code", "instr")
     c.decode.eos_ids = (1, 107)  # <eos>, <end_of_turn>
     c.plan.router_arch, c.plan.expert_arch = "gemma-2-2b", "gemma-2-9b"
-    # `python -m fr_jax.plan` (README, "Will it fit?"): v5e-8 cannot hold the CDPO step
+    # `python -m fr_jax.plan` (docs/planning.md): v5e-8 cannot hold the CDPO step
     # (26.7 GiB per chip) nor decoding at batch 32 (the lineup's weights and 2048-slot
     # caches alone are 16 GiB per chip). v5p-8 (4 chips) fits every program, as does v4-16
     # (8 chips); v5p-8 is the smaller slice.

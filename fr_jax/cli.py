@@ -6,7 +6,8 @@ and the shortcuts, writes each shortcut into the config field it stands for, fil
 bundled toy world where the config names no checkpoints, runs the command's body and turns
 every `FrJaxError` (and the ValueErrors of bad arguments) into a one-line `error: ...`
 exit. Library code raises; only this module exits. Set FR_JAX_TRACEBACK=1 to see the
-traceback instead.
+traceback instead. `-h` / `--help` / `--helpfull` print the command's screen
+(fr_jax/usage.py); a command line that cannot be parsed exits with status 2 and one line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from fr_jax import distributed
+from fr_jax import distributed, usage
 from fr_jax.bundle import bundled_world, default_home
 from fr_jax.config import check_ranges, default_config_file
 from fr_jax.errors import FrJaxError
@@ -50,6 +51,21 @@ class Command:
     # Runs on devices: joins a multi-process launch (fr_jax.distributed) before any JAX
     # call, with config.train.distributed's mode (auto | yes | no) where the config has it.
     devices: bool = True
+    # --help: the config's sections shown field by field (() = all; the others by name;
+    # top-level fields always).
+    sections: Tuple[str, ...] = ()
+    doc: str = "README.md"  # --help's "more:" -- the page that explains the command
+
+
+HELP = ("-h", "--help", "--helpfull")
+
+
+class UsageError(SystemExit):
+    """A command line that cannot be parsed: one line, exit status 2 (str() is the line)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
 
 
 def split_list(value: str) -> Tuple[str, ...]:
@@ -72,17 +88,32 @@ def _config_fields(c, prefix=""):
 
 
 def _known_fields(config_file: str):
+    path, _, arg = config_file.partition(":")
     try:
-        return sorted(_config_fields(runpy.run_path(config_file)["get_config"]()))
+        get_config = runpy.run_path(path)["get_config"]
+        return sorted(_config_fields(get_config(arg) if arg else get_config()))
     except Exception:  # the file itself is the problem; the absl message says why
         return []
+
+
+def bundled_configs():
+    """The config files under configs/."""
+    root = os.path.dirname(default_config_file())
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+            if f.endswith(".py")]
+
+
+def config_file_of(argv, default: str) -> str:
+    """The config file (with its :ARG) a command line names, else `default`."""
+    files = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    return files[-1] if files else default
 
 
 def parse_flags(argv, config_file: str, extra: Sequence[Flag] = ()):
     """Defines `--config` (an ml_collections config file, overridable field by field) and
     the `extra` flags, parses argv (argv[0] is the program) and returns the absl
-    FlagValues. Config mistakes become one clear message instead of a traceback: an unknown
-    field lists the known ones, an ill-typed value names the type."""
+    FlagValues. A command line that does not parse raises UsageError: one line naming the
+    problem, with the closest known names for a mistyped flag or field."""
     flag_values = flags.FlagValues()
     try:
         config_flags.DEFINE_config_file("config", config_file, "ml_collections config file",
@@ -93,21 +124,35 @@ def parse_flags(argv, config_file: str, extra: Sequence[Flag] = ()):
         rest = flag_values(argv)
         list(flag_values.config.keys())  # the file loads lazily: make a bad path fail here
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-        msg = str(e).strip("\"'")
-        bad = [a for a in argv[1:] if a.startswith("--config")]
-        files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
-        known = _known_fields(files[-1] if files else config_file)
-        if known:
-            unknown = sorted({a[len("--config."):].split("=")[0] for a in bad
-                              if a.startswith("--config.")} - set(known))
-            if unknown:
-                msg = f"unknown config field(s) {', '.join(unknown)}"
-            msg += "\nknown fields: " + ", ".join(known)
-        raise SystemExit(f"bad command line ({' '.join(bad) or ' '.join(argv[1:])}): "
-                         f"{msg}") from None
+        raise UsageError(_parse_error(e, argv, config_file, extra)) from None
     if len(rest) > 1:
-        raise SystemExit(f"unexpected arguments: {rest[1:]} (flags are written --name=value)")
+        raise UsageError(f"unexpected arguments {' '.join(rest[1:])}: flags are written "
+                         "--name=value (see --help)")
     return flag_values
+
+
+def _parse_error(e: Exception, argv, config_file: str, extra: Sequence[Flag]) -> str:
+    """One line for an absl / config_flags parse error."""
+    args = argv[1:]
+    known = _known_fields(config_file_of(args, config_file))
+    unknown = [a[len("--config."):].split("=")[0] for a in args if a.startswith("--config.")]
+    unknown = [f for f in unknown if known and f not in known]
+    if unknown:
+        return (f"unknown config field {unknown[0]}{usage.did_you_mean(unknown[0], known)}; "
+                "--helpfull lists every field")
+    if isinstance(e, flags.UnrecognizedFlagError):
+        names = ["--config"] + [f"--{f.name}" for f in extra]
+        return (f"unknown flag --{e.flagname}{usage.did_you_mean('--' + e.flagname, names)}; "
+                f"the flags are {', '.join(names)} and --config.FIELD=VALUE (see --help)")
+    path = config_file_of(args, config_file).partition(":")[0]
+    if not os.path.isfile(path):
+        root = os.path.dirname(default_config_file())
+        return (f"config file {path} does not exist (fr_jax's own, in {os.path.relpath(root)}/: "
+                f"{', '.join(sorted(os.path.relpath(f, root) for f in bundled_configs()))})")
+    message = " ".join(str(e).strip("\"'").split())  # absl's multi-line messages, one line
+    if "Failed loading config file" in message:
+        return f"cannot load the config file {path}: {message}"
+    return f"bad command line ({' '.join(a for a in args if a.startswith('--'))}): {message}"
 
 
 def _set(config, field: str, value):
@@ -157,18 +202,27 @@ def bundled_world_data() -> dict:
 
 def main(command: Command, body: Callable, argv=None):
     """Parses argv for `command`, applies its shortcuts and runs body(config, flag values);
-    returns what body returns."""
+    returns what body returns. -h / --help / --helpfull print the command's screen."""
     logging.basicConfig(level=logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
-    fv = parse_flags([f"fr_jax.{command.name}"] + argv, default_config_file(command.config_file),
-                     command.flags)
-    config = fv.config
-    apply_shortcuts(config, fv, command.flags)
+    default = default_config_file(command.config_file)
     try:
+        fv = parse_flags([f"fr_jax.{command.name}"] + [a for a in argv if a not in HELP],
+                         default, command.flags)
+        config = fv.config
+        apply_shortcuts(config, fv, command.flags)
+        if any(a in HELP for a in argv):
+            usage.print_help(usage.render(
+                command, sys.modules[body.__module__].__doc__, config,
+                config_file_of(argv, default).partition(":")[0], full="--helpfull" in argv))
+            raise SystemExit(0)
         check_ranges(config)  # before any work: a NaN or negative knob never runs
         if command.devices:
             distributed.initialize(config.train.distributed if "train" in config else "auto")
         return body(config, fv)
+    except UsageError as e:  # also a command line that the body parses (fr_jax.launch's)
+        print(f"error: {e}", file=sys.stderr)
+        raise
     except command.errors as e:
         if os.environ.get("FR_JAX_TRACEBACK"):
             raise

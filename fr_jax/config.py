@@ -47,10 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention = "auto"
 
     c.mesh = ml_collections.ConfigDict()  # sizes of the mesh axes; one may be -1 (the rest)
-    c.mesh.data = 1
-    c.mesh.fsdp = 1
-    c.mesh.tensor = -1
-    c.mesh.expert = 1
+    c.mesh.data = 1  # batch rows split over devices (pure data parallelism)
+    c.mesh.fsdp = 1  # params, gradients and optimizer state sharded (FSDP)
+    c.mesh.tensor = -1  # tensor parallelism: heads, MLP width and vocabulary split
+    c.mesh.expert = 1  # stacked experts split over devices
 
     c.decode = ml_collections.ConfigDict()
     # The mesh of decoding (CLI, evaluation, fr_jax.plan's decode programs); all 0 = c.mesh.
@@ -60,23 +60,23 @@ def base_config() -> ml_collections.ConfigDict:
     # fusionroute | expert_only | router_only | expert:<i> | mixture | sequence |
     # sequence:head | merged | finetuned  (see fr_jax/fusion.py)
     c.decode.mode = "fusionroute"
-    c.decode.prompts = ("What is 12 plus 30?", "def add(a, b):")
+    c.decode.prompts = ("What is 12 plus 30?", "def add(a, b):")  # the prompts (--prompt)
     c.decode.prompts_file = ""  # JSONL with a "prompt" field per line (overrides prompts)
     c.decode.chat = True  # apply the tokenizer's chat template to each prompt
-    c.decode.max_new_tokens = 32
+    c.decode.max_new_tokens = 32  # tokens generated per prompt, at most
     c.decode.chunk = 8  # scan steps per jitted call; the host checks for EOS in between
     # Lazy experts: per step only the router and the selected expert run; a skipped expert
     # catches up on the tokens it missed when selected again, in chunks of catch_up_width
     # (same tokens as stepping every expert; see FusedDecoder).
     c.decode.lazy_experts = True
-    c.decode.catch_up_width = 8
+    c.decode.catch_up_width = 8  # tokens a skipped expert catches up per step
     c.decode.cache_len = 0  # 0 = just enough for the longest prompt + max_new_tokens
     c.decode.truncate_prompt = False  # True: keep the last tokens of a prompt that is too long
     c.decode.eos_ids = ()  # () = the checkpoints' eos ids and the tokenizer's eos token
     c.decode.temperature = 0.0  # 0 = greedy (the paper's protocol)
-    c.decode.top_k = 0
-    c.decode.top_p = 1.0
-    c.decode.seed = 0
+    c.decode.top_k = 0  # 0 = no top-k cut
+    c.decode.top_p = 1.0  # nucleus sampling; 1 = off
+    c.decode.seed = 0  # sampling RNG
     c.decode.output = ""  # JSONL path: one record per prompt (text, ids, per-token expert)
     c.decode.trace_html = ""  # HTML path: the coloured per-token routing trace
 
@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.sft_path = ""  # SFT records: JSONL / Parquet / saved datasets folder
     c.data.pref_path = ""  # preference records (prompt / chosen / rejected) for CDPO
     c.data.eval_fraction = 0.05  # held out from each file for the eval loss (by seed)
-    c.data.seq_len = 256
+    c.data.seq_len = 256  # tokens per training row
     c.data.pack = True  # pack several SFT examples per row (segment ids keep them apart)
     c.data.chat = True  # wrap prompts in the tokenizer's chat template
     c.data.seed = 0  # shuffling
@@ -96,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.workdir = "runs/default"  # checkpoints, TensorBoard logs, exported router
-    c.train.stages = ("sft", "cdpo")
+    c.train.stages = ("sft", "cdpo")  # in order: sft, cdpo (the router) or lm (one model)
     c.train.batch_size = 8  # global batch (rows) per optimizer update
     # The batch is split into grad_accum micro-batches whose gradients are summed inside the
     # step: activation memory is one micro-batch's (batch_size / grad_accum rows).
@@ -110,40 +110,40 @@ def base_config() -> ml_collections.ConfigDict:
     # resumes anyway and records the differences there.
     c.train.accept_changes = False
     c.train.distributed = "auto"  # auto | yes | no: jax.distributed.initialize() multi-host
-    c.train.log_every = 10
+    c.train.log_every = 10  # steps between logged losses (TensorBoard, console)
     c.train.eval_every = 100  # 0 = never
-    c.train.eval_batches = 4
+    c.train.eval_batches = 4  # held-out batches per evaluation
     c.train.sample_every = 0  # decode a few eval prompts to TensorBoard text; 0 = never
-    c.train.ckpt_every = 100
+    c.train.ckpt_every = 100  # steps between Orbax checkpoints
     c.train.keep = 3  # checkpoints kept per stage
     c.train.clip = 1.0  # global gradient norm
-    c.train.weight_decay = 0.0
-    c.train.b1 = 0.9
-    c.train.b2 = 0.95
+    c.train.weight_decay = 0.0  # AdamW's decoupled weight decay
+    c.train.b1 = 0.9  # Adam's first-moment decay
+    c.train.b2 = 0.95  # Adam's second-moment decay
     c.train.sft = ml_collections.ConfigDict()
-    c.train.sft.steps = 1000
-    c.train.sft.lr = 1e-5
-    c.train.sft.warmup = 50
+    c.train.sft.steps = 1000  # optimizer updates of stage 1
+    c.train.sft.lr = 1e-5  # peak learning rate (linear warmup, then cosine)
+    c.train.sft.warmup = 50  # warmup steps
     c.train.sft.final_lr_frac = 0.1  # cosine decays to lr * this
     c.train.sft.lm_weight = 1.0  # lambda_lm in L_SFT = L_route + lambda_lm * L_lm
     c.train.sft.routing_loss = "mixture"  # mixture | best_expert
-    # The generator term L_lm (README, Training): router = the router's own LM on every
+    # The generator term L_lm (docs/training.md): router = the router's own LM on every
     # response token; fused = the fused policy log_softmax(lsm q + lsm p_k) with k from the
     # routing head, on lm_positions (all | informative); mix = (1 - lm_mix) router + lm_mix
     # fused. fused / mix run the experts in the step even with precomputed signals.
     c.train.sft.lm_target = "router"
-    c.train.sft.lm_positions = "all"
-    c.train.sft.lm_mix = 0.5
+    c.train.sft.lm_positions = "all"  # all | informative: where fused / mix train
+    c.train.sft.lm_mix = 0.5  # mix: the fused term's share
     # online: experts run inside the step; precompute: their per-target log-prob and top-1
     # token are computed once, cached to disk (signals_cache) and fed with the batches.
     c.train.sft.expert_signals = "online"
     c.train.sft.signals_cache = ""  # "" = <workdir>/sft/expert_signals.npz
     c.train.cdpo = ml_collections.ConfigDict()
-    c.train.cdpo.steps = 300
-    c.train.cdpo.lr = 1e-6
-    c.train.cdpo.warmup = 20
-    c.train.cdpo.final_lr_frac = 0.1
-    c.train.cdpo.beta = 0.1
+    c.train.cdpo.steps = 300  # optimizer updates of stage 2
+    c.train.cdpo.lr = 1e-6  # peak learning rate (linear warmup, then cosine)
+    c.train.cdpo.warmup = 20  # warmup steps
+    c.train.cdpo.final_lr_frac = 0.1  # cosine decays to lr * this
+    c.train.cdpo.beta = 0.1  # DPO's beta: the strength of the KL to the reference
     # The routing head is frozen in CDPO but the backbone under it is not: this weight on
     # KL(stage-1 routing weights || current ones) keeps the routing decisions of stage 1.
     c.train.cdpo.route_kl = 1.0
@@ -159,36 +159,36 @@ def base_config() -> ml_collections.ConfigDict:
     # routing -- the direct fine-tuning baseline. Exported to <workdir>/lm/model.
     c.train.lm = ml_collections.ConfigDict()
     c.train.lm.init = ""  # HF folder of the model to fine-tune
-    c.train.lm.steps = 1000
-    c.train.lm.lr = 1e-5
-    c.train.lm.warmup = 50
-    c.train.lm.final_lr_frac = 0.1
+    c.train.lm.steps = 1000  # optimizer updates
+    c.train.lm.lr = 1e-5  # peak learning rate (linear warmup, then cosine)
+    c.train.lm.warmup = 50  # warmup steps
+    c.train.lm.final_lr_frac = 0.1  # cosine decays to lr * this
 
     # Sequence-level routing on prefill activations (SharedTrunkNet, arXiv 2603.20895):
     # `python -m fr_jax.seqroute` trains it; decode mode `sequence` uses it.
     c.seqroute = ml_collections.ConfigDict()
     c.seqroute.path = ""  # trained SharedTrunkNet folder; "" = the bundled toy world's
     c.seqroute.lam = 0.0  # cost weight of the routing rule: the report's row and decoding
-    c.seqroute.workdir = "runs/seqroute"
+    c.seqroute.workdir = "runs/seqroute"  # answers, probes, the trained net, the report
     c.seqroute.data = ""  # labelled prompts JSONL (prompt, answer); "" = the toy world's
     c.seqroute.scorer = "exact"  # how a target's answer is judged against the reference
     c.seqroute.test_fraction = 0.25  # held out from the labelled prompts (by seed)
-    c.seqroute.seed = 0
+    c.seqroute.seed = 0  # the train / test split
     c.seqroute.targets = ()  # () = every expert alone + fusionroute
     c.seqroute.costs = ()  # per target; () = parameters read per token (see fr_jax/baselines/seqroute_pipeline.py)
     c.seqroute.encoder = ""  # "" = the router's backbone; else an HF folder
     c.seqroute.layer = -1  # encoder layer (0-based); -1 = chosen by the probes
     c.seqroute.probe_reg = 1e-2  # shrinkage of the within-class scatter in Fisher's J
     c.seqroute.max_new_tokens = 32  # when the targets answer the labelled prompts
-    c.seqroute.batch_size = 64
+    c.seqroute.batch_size = 64  # rows decoded or encoded at once
     c.seqroute.lams = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # the accuracy-cost sweep
-    c.seqroute.trunk = ml_collections.ConfigDict()
-    c.seqroute.trunk.hidden = (256, 256)
-    c.seqroute.trunk.steps = 2000
-    c.seqroute.trunk.lr = 1e-3
-    c.seqroute.trunk.weight_decay = 1e-4
-    c.seqroute.trunk.batch_size = 256
-    c.seqroute.trunk.seed = 0
+    c.seqroute.trunk = ml_collections.ConfigDict()  # the SharedTrunkNet and its training
+    c.seqroute.trunk.hidden = (256, 256)  # widths of the shared trunk's layers
+    c.seqroute.trunk.steps = 2000  # optimizer updates
+    c.seqroute.trunk.lr = 1e-3  # Adam's learning rate
+    c.seqroute.trunk.weight_decay = 1e-4  # AdamW's weight decay
+    c.seqroute.trunk.batch_size = 256  # prompts per update
+    c.seqroute.trunk.seed = 0  # init and batch order
 
     # Stand-alone baseline models (HF folders) for decode modes `merged` / `finetuned`;
     # "" = the bundled toy world's.
@@ -203,10 +203,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.benchmarks = ("gsm8k", "math500", "mbpp", "humaneval", "ifeval")  # and "toy"
     c.eval.modes = ("fusionroute", "expert_only")  # any decode modes (see c.decode.mode)
     c.eval.limit = 0  # examples per benchmark; 0 = all (a seeded subset otherwise)
-    c.eval.subset_seed = 0
+    c.eval.subset_seed = 0  # which examples a limit keeps
     c.eval.batch_size = 16  # rows decoded at once
     c.eval.columns = "benchmarks"  # benchmarks | groups (MATH-500 subjects, toy domains)
-    c.eval.progress = True
+    c.eval.progress = True  # progress bars
+    # Per benchmark: tokens generated per answer, at most.
     c.eval.max_new_tokens = ml_collections.ConfigDict(dict(
         gsm8k=512, math500=1024, humaneval=512, mbpp=512, ifeval=1024, toy=16))
     # Per benchmark: a local file / saved datasets folder, or a hub name
@@ -218,11 +219,11 @@ def base_config() -> ml_collections.ConfigDict:
         for name in ("gsm8k", "math500", "humaneval", "mbpp", "ifeval", "toy")})
     # Generated code (HumanEval, MBPP) runs in fr_jax.eval.sandbox, `workers` at a time.
     c.eval.sandbox = ml_collections.ConfigDict()
-    c.eval.sandbox.timeout_s = 10.0
-    c.eval.sandbox.memory_mb = 1024
-    c.eval.sandbox.max_output_bytes = 1 << 20
+    c.eval.sandbox.timeout_s = 10.0  # wall-clock limit of one program
+    c.eval.sandbox.memory_mb = 1024  # address-space limit of one program
+    c.eval.sandbox.max_output_bytes = 1 << 20  # stdout + stderr kept per program
     c.eval.sandbox.user = "auto"  # auto: as root, run as `nobody`; none: keep the uid
-    c.eval.sandbox.workers = 2
+    c.eval.sandbox.workers = 2  # programs run at once
     # `python -m fr_jax.data.pairs`: CDPO pairs from the stage-1 router's own answers
     # (fr_jax/data/preference.py), for the router at router.path with experts.paths.
     c.pairs = ml_collections.ConfigDict()
@@ -230,11 +231,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.pairs.workdir = "runs/pairs"  # per-draw generation / score caches (resume)
     c.pairs.samples = 4  # sampled FusionRoute answers per prompt
     c.pairs.greedy = True  # and the greedy answer, looked at first for a chosen one
-    c.pairs.temperature = 1.0
-    c.pairs.top_p = 1.0
+    c.pairs.temperature = 1.0  # of the sampled answers
+    c.pairs.top_p = 1.0  # of the sampled answers
     c.pairs.chosen = "sampled"  # sampled: a correct answer, else the reference; reference
     c.pairs.batch_size = 16  # rows decoded at once
-    c.pairs.seed = 0
+    c.pairs.seed = 0  # sampling and the subset of prompts
     # Training prompts, by name: a benchmark kind (its record format, prompt template and
     # scorer: fr_jax.eval.benchmarks), a local file or hub name of *training* records in
     # that format, how many prompts (0 = all; a seeded subset) and the domain they count
@@ -245,16 +246,17 @@ def base_config() -> ml_collections.ConfigDict:
     # for a slice (fr_jax/plan.py): memory per chip, FLOPs, bytes, MFU, roofline.
     c.plan = ml_collections.ConfigDict()
     c.plan.topology = "v5e-8"  # a TPU slice (fr_jax.plan.SLICES)
-    # Architecture presets (fr_jax.plan.PRESETS) for checkpoint paths without a config.json.
-    c.plan.router_arch = ""
-    c.plan.expert_arch = ""
+    # Architecture presets (fr_jax.planning.shapes.PRESETS: llama-3.2-1b, gemma-2-9b, ...)
+    # for checkpoint paths without a config.json.
+    c.plan.router_arch = ""  # the router's preset
+    c.plan.expert_arch = ""  # every expert's preset
     c.plan.n_experts = 3  # when experts.paths is empty
-    c.plan.programs = ("train", "decode")
-    c.plan.decode_modes = ("fusionroute",)
-    c.plan.decode_batches = (1, 32)
+    c.plan.programs = ("train", "decode")  # which programs to compile: train, decode
+    c.plan.decode_modes = ("fusionroute",)  # decode modes planned
+    c.plan.decode_batches = (1, 32)  # decode batch sizes planned
     c.plan.lazy = (False, True)  # eager and/or lazy experts
-    c.plan.prompt_len = 1024
-    c.plan.cache_len = 2048
+    c.plan.prompt_len = 1024  # prompt tokens of the planned decode
+    c.plan.cache_len = 2048  # KV cache slots of the planned decode
     c.plan.headroom = 0.10  # a program fits if it leaves this share of the chip's HBM free
     c.plan.costs = True  # FLOPs / bytes / step time (extra compiles at depth 1 and 2)
     c.plan.depth = 0  # > 0: every model cut to this many layers (tests)
@@ -294,13 +296,13 @@ def real_family_config(workdir: str) -> ml_collections.ConfigDict:
     c.train.sample_every = 500
     c.train.ckpt_every = 500
     c.train.sft.steps = 3000
-    c.train.sft.lr = 1e-5
+    c.train.sft.lr = 1e-5  # peak learning rate (linear warmup, then cosine)
     c.train.sft.warmup = 100
     c.train.sft.expert_signals = "precompute"  # the experts run once, not every epoch
     c.train.cdpo.steps = 500
     c.train.cdpo.reference = "precompute"  # the stage-1 router never joins the step
     c.train.cdpo.lr = 5e-7
-    c.train.cdpo.beta = 0.1
+    c.train.cdpo.beta = 0.1  # DPO's beta: the strength of the KL to the reference
     # CDPO prompts: the training splits of the math and code benchmarks' sources, and
     # IFEval-format instructions (verifiable constraints the IFEval checkers can score).
     # Defaults a user edits; each hub name can be replaced by a local file (`path`).

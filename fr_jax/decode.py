@@ -30,7 +30,8 @@ COMMAND = cli.Command("decode", "tiny.py", (
     cli.Flag("prompts_file", "decode.prompts_file", "JSONL prompts"),
     cli.Flag("output", "decode.output", "JSONL output"),
     cli.Flag("trace_html", "decode.trace_html", "HTML routing trace"),
-))
+),
+    sections=("decode", "router", "experts"), doc="docs/decoding.md")
 
 
 def fit_prompts(ids, d):

@@ -26,7 +26,8 @@ COMMAND = cli.Command("eval", "tiny.py", (
     cli.Flag("modes", "eval.modes", "comma list of decode modes", "list"),
     cli.Flag("limit", "eval.limit", "examples per benchmark, a seeded subset", "integer"),
     cli.Flag("workdir", "eval.workdir", "caches and results"),
-))
+),
+    sections=("eval", "router", "experts"), doc="docs/evaluation.md")
 
 
 def evaluate(config, fv=None) -> dict:

@@ -27,7 +27,8 @@ COMMAND = cli.Command("launch", "tiny.py", (
     cli.Flag("slice", None, f"TPU slice (accelerator type), one of {', '.join(SLICES)}"),
     cli.Flag("dir", None, "the checkout's folder on every worker"),
     cli.Flag("setup", None, "what every worker runs before the command"),
-), devices=False)
+), devices=False,
+    sections=("mesh",), doc="launch/README.md")
 
 # fr_jax commands whose programs run on the decoding mesh (config.decode.mesh).
 DECODING = ("decode", "eval", "evaluate")

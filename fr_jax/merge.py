@@ -20,7 +20,8 @@ COMMAND = cli.Command("merge", "merge.py", (
     cli.Flag("out", "out", "output folder"),
     cli.Flag("base", "base", "the experts' base folder"),
     cli.Flag("experts", "experts", "comma-separated expert folders", "list"),
-))
+),
+    doc="docs/baselines.md")
 
 
 def merge(c, fv=None) -> str:

@@ -22,7 +22,8 @@ COMMAND = cli.Command("plan", "gemma2.py", (
     cli.Flag("topology", "plan.topology", f"TPU slice, one of {', '.join(SLICES)}; several, "
              "comma-separated, are planned one after the other"),
     cli.Flag("json", None, "also write the results as JSON here"),
-), devices=False)
+), devices=False,
+    sections=("plan", "mesh", "model"), doc="docs/planning.md")
 
 
 def plan(config, fv) -> int:

@@ -22,7 +22,8 @@ from fr_jax.eval.scoring import get_scorer
 from fr_jax.hf import load_hf
 from fr_jax.lineup import lineup_from_config
 
-COMMAND = cli.Command("seqroute", "tiny.py")
+COMMAND = cli.Command("seqroute", "tiny.py",
+                      sections=("seqroute", "router", "experts"), doc="docs/baselines.md")
 
 
 def train_seqroute(config, fv=None) -> dict:

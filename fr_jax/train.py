@@ -10,7 +10,8 @@ from __future__ import annotations
 from fr_jax import cli
 from fr_jax.training import train
 
-COMMAND = cli.Command("train", "tiny.py")
+COMMAND = cli.Command("train", "tiny.py",
+                      sections=("train", "data", "router", "experts"), doc="docs/training.md")
 
 
 def run_training(config, fv=None) -> str:

@@ -60,7 +60,7 @@ def test_prompt_longer_than_cache_is_a_clear_error():
 
 
 @pytest.mark.parametrize("arg,message", [
-    ("--config.decode.bogus=4", "(?s)unknown config field.*decode.bogus.*known fields: .*decode.max_new_tokens"),
+    ("--config.decode.bogus=4", "^unknown config field decode.bogus.*--helpfull lists every field$"),
     ("--config.decode.max_new_tokens=abc", "max_new_tokens=abc.*int"),
     ("--config=no/such/config.py", "no/such/config.py"),
     ("--config.experts.paths=('/no/such/ckpt',)",

@@ -33,7 +33,8 @@ COMMAND = cli.Command("data.pairs", "tiny.py", (
     cli.Flag("output", "pairs.output", "the pairs JSONL to write"),
     cli.Flag("samples", "pairs.samples", "sampled answers per prompt", "integer"),
     cli.Flag("workdir", "pairs.workdir", "answer and verdict caches (resume)"),
-))
+),
+    sections=("pairs", "router", "experts"), doc="docs/real-models.md")
 
 
 def read_sources(config, bundled: bool) -> List[PR.Source]:

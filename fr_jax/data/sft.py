@@ -29,7 +29,8 @@ from fr_jax.eval import benchmarks as B
 COMMAND = cli.Command("data.sft", "data/three_domains.py", (
     cli.Flag("output", "output", "the mixture JSONL to write (the manifest goes beside it)"),
     cli.Flag("seed", "seed", "sampling and shuffling seed", "integer"),
-), devices=False)
+), devices=False,
+    doc="docs/real-models.md")
 RANGES = {"seed": (0, None), "total": (0, None), "dedup.near_threshold": ("(0", 1),
           "dedup.shingle": (1, None), "dedup.num_perm": (1, None), "dedup.bands": (1, None),
           "decontaminate.ngram": (1, None)}

@@ -1,0 +1,122 @@
+"""Every `python -m fr_jax.<command>` answers -h / --help with one screen and --helpfull with
+every config field; a mistyped flag or field is one line with the closest names, status 2."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fr_jax import cli, usage
+from fr_jax.config import base_config, default_config_file
+from cli_env import REPO
+
+# Every command module (`python -m fr_jax.<name>`), found from the source, not listed by hand.
+COMMANDS = sorted(
+    os.path.relpath(os.path.join(root, f), REPO)[:-3].replace(os.sep, ".")
+    for root, _, files in os.walk(os.path.join(REPO, "fr_jax")) for f in files
+    if f.endswith(".py") and "COMMAND = cli.Command(" in open(os.path.join(root, f)).read())
+NAMES = {"fr_jax.evaluate": "eval"}  # module -> command, where they differ (fr_jax/eval/__main__)
+SCREEN = 60  # lines: one screen
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+
+
+def test_the_commands_are_found():
+    assert len(COMMANDS) >= 11 and "fr_jax.decode" in COMMANDS and "fr_jax.data.sft" in COMMANDS
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_help_is_one_screen_of_what_the_command_reads(module):
+    import importlib
+
+    command = importlib.import_module(module).COMMAND
+    name = NAMES.get(module, module[len("fr_jax."):])
+    out = _run("-m", f"fr_jax.{name}", "--help")
+    assert out.returncode == 0 and not out.stderr.strip(), out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) <= SCREEN and max(map(len, lines)) <= usage.WIDTH, (len(lines), name)
+    assert lines[0].startswith(f"usage: python -m fr_jax.{name} ")
+    for flag in command.flags:
+        assert f"  --{flag.name}=" in out.stdout, flag.name
+    assert os.path.exists(os.path.join(REPO, command.doc)) and f"more: {command.doc}" in out.stdout
+    # Every section the screen shows field by field has every field's value, and (base
+    # config's sections) a description.
+    docs = usage.field_docs(default_config_file(command.config_file))
+    for section in command.sections:
+        assert f"\n  {section}:" in out.stdout, section
+    for field in usage.fields(base_config()):
+        if field.split(".")[0] in command.sections and field.count(".") == 1:
+            assert usage.describe(field, docs), f"{field} has no comment in fr_jax/config.py"
+            leaf = field.split(".")[1]
+            assert re.search(rf"\n    {leaf} = .*\S {{2,}}\S", out.stdout), field
+
+
+def test_dash_h_and_a_config_s_own_values():
+    """-h is --help; the screen shows the config the command line would run, overrides in."""
+    out = _run("-m", "fr_jax.eval", "-h", "--config=configs/llama3.py", "--limit=7",
+               "--config.eval.batch_size=3")
+    assert out.returncode == 0, out.stderr
+    assert "config file (now configs/llama3.py)" in out.stdout
+    assert "    limit = 7 " in out.stdout and "    batch_size = 3 " in out.stdout
+    assert "    path = '/ckpt/Llama-3.2-" in out.stdout  # the router, from configs/llama3.py
+
+
+def test_helpfull_lists_every_field_with_its_description(capsys):
+    from fr_jax.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--helpfull"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    config = base_config()
+    for field in usage.fields(config):
+        section, rest = field.split(".", 1)
+        assert f"\n    {rest} = " in text, field
+    assert "also in this config" not in text
+    assert "lambda_lm in L_SFT = L_route + lambda_lm * L_lm" in text  # train.sft.lm_weight
+
+
+@pytest.mark.parametrize("args,line", [
+    (["-m", "fr_jax.decode", "--config.decode.mdoe=x"],
+     "error: unknown config field decode.mdoe (did you mean decode.mode"),
+    (["-m", "fr_jax.decode", "--promt=hi"], "error: unknown flag --promt (did you mean --prompt?)"),
+    (["-m", "fr_jax.train", "--config.train.lr=1"],
+     "error: unknown config field train.lr (did you mean train.lm.lr or train.sft.lr?)"),
+    (["-m", "fr_jax.demo", "--config.sft.stpes=3"],
+     "error: unknown config field sft.stpes (did you mean sft.steps?)"),
+    (["-m", "fr_jax.plan", "--config=configs/nosuch.py"],
+     "error: config file configs/nosuch.py does not exist (fr_jax's own, in configs/: "),
+    (["-m", "fr_jax.merge", "stray"], "error: unexpected arguments stray"),
+])
+def test_a_mistyped_command_line_is_one_line_with_the_closest_names(args, line):
+    out = _run(*args)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert out.stderr.startswith(line) and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not out.stdout.strip()
+
+
+def test_the_fields_a_help_screen_describes_come_from_the_comments_beside_them(tmp_path):
+    """The description parser: a comment on the line, else the comment block just above; a
+    dict written whole shares its comment; a field of the same name elsewhere lends its own."""
+    f = tmp_path / "c.py"
+    f.write_text(
+        "import ml_collections\n\n\ndef get_config():\n"
+        "    c = ml_collections.ConfigDict()\n"
+        "    # Knobs of the thing.\n"
+        "    # Two lines of them.\n"
+        "    c.knob = 1\n"
+        "    c.other = 2  # the other one; with more after\n"
+        "    c.mesh = ml_collections.ConfigDict(dict(a=1, b=2))  # per axis\n"
+        "    c.bare = 3\n"
+        "    return c\n")
+    docs = usage.field_comments(str(f))
+    assert docs["knob"] == "Knobs of the thing. Two lines of them."
+    assert usage.one_line(docs["other"], 80) == "the other one"
+    assert usage.describe("mesh.a", docs) == "per axis"
+    assert "bare" not in docs
+    assert usage.describe("cdpo.beta", usage.field_docs(str(f))).startswith("DPO's beta")
