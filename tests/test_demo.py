@@ -11,6 +11,7 @@ import pytest
 
 from fr_jax.bundle import bundled_world
 from fr_jax.toy import world as W
+from tb_events import read_events
 from cli_env import REPO, one_device_env  # noqa: E402
 
 
@@ -87,10 +88,16 @@ def _writes_the_table_plot_tensorboard_and_hf_experts(run, results, stdout):
     for ext in ("json", "md", "png"):
         assert (run / f"results.{ext}").stat().st_size > 0
     assert open(run / "results.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    tb = run / "tensorboard"
-    assert {"eval"} <= set(os.listdir(tb))
-    for stage in ("sft", "cdpo"):
-        assert os.listdir(run / "train" / "router" / "tensorboard" / stage)
+    # What `tensorboard --logdir <workdir>` shows, read with TensorBoard's own reader: the
+    # table as text and every accuracy as a scalar; the router's training curves.
+    ev = read_events(run / "tensorboard" / "eval")
+    assert "| FusionRoute (`fusionroute`) |" in ev["text"]["results"][0][1]
+    for mode, acc in results["accuracy"].items():
+        for d, v in acc.items():
+            assert ev["scalars"][f"eval/{d}/{mode}"] == [(0, pytest.approx(v))], (mode, d)
+    for stage, tag in (("sft", "train/route_loss"), ("cdpo", "train/reward_margin")):
+        scalars = read_events(run / "train" / "router" / "tensorboard" / stage)["scalars"]
+        assert {"train/loss", "train/lr", "train/grad_norm", tag} <= set(scalars), stage
     cfg, _ = load_hf(str(run / "experts" / "math"))  # a real HF folder, read back
     assert cfg.model_type == "llama"
     assert set(results["modes"]) >= {"expert:0", "expert:1", "expert:2", "router_only",

@@ -3,7 +3,6 @@ and the tiny config end to end. (The CLI killed and resumed: tests/test_faults.p
 
 import json
 import os
-import struct
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from fr_jax.config import base_config
 from fr_jax.data import Batcher, SFTExample
 from fr_jax.training import build_stage, init_state
 from test_fused import build_world
+from tb_events import read_events
 from cli_env import REPO  # noqa: E402
 
 
@@ -165,21 +165,6 @@ def test_sft_learns_to_route_and_cdpo_prefers_chosen():
 
 
 # ------------------------------------------------------------------------------ CLI
-def _event_tags(folder):
-    """Scalar/histogram/text tags in a TensorBoard event file (TFRecord of Event protos)."""
-    from tensorboardX.proto import event_pb2
-    tags = set()
-    for name in os.listdir(folder):
-        data = open(os.path.join(folder, name), "rb").read()
-        pos = 0
-        while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-            tags.update(v.tag for v in ev.summary.value)
-            pos += 12 + n + 4
-    return tags
-
-
 @pytest.mark.slow
 def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_path, capsys):
     from fr_jax.decode import main as decode_main
@@ -196,14 +181,26 @@ def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_pat
         assert sft[-1]["lm_loss"] < 0.8 * sft[0]["lm_loss"]
         assert sft[-1]["route_loss"] < sft[0]["route_loss"]
         assert cdpo[-1]["reward_margin"] > cdpo[0]["reward_margin"]
-        tags = _event_tags(tmp_path / "run" / "tensorboard" / "sft")
+        # What `tensorboard --logdir <workdir>/tensorboard` shows, read with its own reader.
+        sft_tb = read_events(tmp_path / "run" / "tensorboard" / "sft")
+        scalars = sft_tb["scalars"]
         assert {"train/loss", "train/lm_loss", "train/route_loss", "train/route_acc",
                 "train/informative_frac", "train/lr", "train/grad_norm", "train/tokens_per_s",
-                "train/step_time", "train/route_share", "eval/loss"} <= tags
-        assert any(t.startswith("samples") for t in tags)  # decoded samples as text
-        assert any(t.startswith("config") for t in tags)
-        assert {"train/loss", "train/pref_acc", "train/reward_margin"} <= _event_tags(
-            tmp_path / "run" / "tensorboard" / "cdpo")
+                "train/step_time", "train/route_share_0", "train/route_share_2",
+                "eval/loss"} <= set(scalars)
+        assert [s for s, _ in scalars["train/loss"]] == [h["micro"] for h in sft]
+        assert [v for _, v in scalars["train/loss"]] == pytest.approx([h["loss"] for h in sft])
+        assert scalars["train/lr"][-1][1] < max(v for _, v in scalars["train/lr"])  # cosine
+        assert all(v > 0 for _, v in scalars["train/grad_norm"])
+        shares = [sum(v[i][1] for v in (scalars[f"train/route_share_{k}"] for k in range(3)))
+                  for i in range(len(sft))]
+        assert shares == pytest.approx([1.0] * len(sft), abs=1e-5)
+        assert "train/route_share" in sft_tb["histograms"]
+        samples = sft_tb["text"]["samples"]  # decoded samples: steps 30 and 60
+        assert [s for s, _ in samples] == [30, 60] and all(t.strip() for _, t in samples)
+        assert '"sft"' in sft_tb["text"]["config"][0][1]
+        cdpo_tb = read_events(tmp_path / "run" / "tensorboard" / "cdpo")["scalars"]
+        assert {"train/loss", "train/pref_acc", "train/reward_margin"} <= set(cdpo_tb)
         assert json.load(open(tmp_path / "run" / "config.json"))["train"]["sft"]["steps"] == 60
 
         experts = bundled_world()["experts"]
