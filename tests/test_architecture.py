@@ -29,8 +29,8 @@ LAYERS = (
     # The data engine decontaminates against the benchmarks and scores sampled answers.
     ("data engine", ("fr_jax.data.mixture", "fr_jax.data.preference")),
     ("toy world", ("fr_jax.toy",)),
-    ("CLIs", ("fr_jax.cli", "fr_jax.decode", "fr_jax.train", "fr_jax.evaluate", "fr_jax.plan",
-              "fr_jax.merge", "fr_jax.seqroute", "fr_jax.demo", "fr_jax.ablate",
+    ("CLIs", ("fr_jax.cli", "fr_jax.usage", "fr_jax.decode", "fr_jax.train", "fr_jax.evaluate",
+              "fr_jax.plan", "fr_jax.merge", "fr_jax.seqroute", "fr_jax.demo", "fr_jax.ablate",
               "fr_jax.launch", "fr_jax.eval.__main__", "fr_jax.data.sft",
               "fr_jax.data.pairs")),
 )

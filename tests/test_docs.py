@@ -30,10 +30,12 @@ import pytest
 
 from cli_env import REPO, one_device_env
 
-DOCS = ["README.md"] + sorted(os.path.relpath(p, REPO)
-                              for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
-FENCE = re.compile(r"(?:<!-- doc-test: (?P<kind>\w+)(?:: (?P<reason>[^\n]*?))? -->\n)?"
-                   r"^```(?P<lang>[^\n]*)\n(?P<body>.*?)^```$", re.S | re.M)
+DOCS = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(
+    os.path.join(REPO, "docs", "*.md"))) + ["launch/README.md"]
+# A fence may be indented (inside a list item), its directive too.
+FENCE = re.compile(r"(?:^[ ]*<!-- doc-test: (?P<kind>\w+)(?:: (?P<reason>[^\n]*?))? -->\n)?"
+                   r"^(?P<indent>[ ]*)```(?P<lang>[^\n]*)\n(?P<body>.*?)^(?P=indent)```$",
+                   re.S | re.M)
 LANGS = ("bash", "python", "text")
 
 
@@ -56,8 +58,9 @@ def _blocks() -> List[Block]:
     for doc in DOCS:
         text = open(os.path.join(REPO, doc)).read()
         for m in FENCE.finditer(text):
+            body = "\n".join(line[len(m["indent"]):] for line in m["body"].splitlines())
             out.append(Block(doc, text[:m.start("lang")].count("\n") + 1, m["lang"].strip(),
-                             m["kind"], m["reason"] or "", m["body"]))
+                             m["kind"], m["reason"] or "", body))
     return out
 
 
@@ -144,10 +147,13 @@ def validate(words: List[str]):
     from fr_jax import cli
     from fr_jax.config import check_ranges, default_config_file
 
+    while words and re.match(r"^[A-Z_]+=", words[0]):  # VAR=value python -m ...
+        words = words[1:]
     if words[:2] == ["python", "-m"] and words[2].startswith("fr_jax."):
         name, args = words[2][len("fr_jax."):], words[3:]
         tail = args[args.index("--") + 1:] if "--" in args else []
         args = args[:args.index("--")] if "--" in args else args
+        args = [a for a in args if a not in cli.HELP]
         command = _module(name).COMMAND
         fv = cli.parse_flags([f"fr_jax.{name}"] + args,
                              default_config_file(command.config_file), command.flags)
@@ -169,8 +175,10 @@ def validate(words: List[str]):
                 assert f'"{e}": requirements(' in setup, f"no extra {e!r} in setup.py"
     elif words[0] == "tensorboard":
         assert '"tensorboard": requirements(' in open(os.path.join(REPO, "setup.py")).read()
-    elif words[0] in (".ci/run", "launch/tpu_vm.sh"):
-        assert os.access(os.path.join(REPO, words[0]), os.X_OK) or words[0].endswith(".sh")
+    elif words[0] == ".ci/run" or words[0].startswith("launch/"):
+        assert os.access(os.path.join(REPO, words[0]), os.X_OK), f"{words[0]} is not executable"
+        if "--" in words:  # launch/tpu_vm.sh's command for every worker
+            validate(words[words.index("--") + 1:])
     else:
         raise AssertionError(f"no rule to check {' '.join(words)!r}: add one to tests/test_docs.py")
 
@@ -223,6 +231,12 @@ def _labelled(path):
 
 
 def _run(words, tmp, home, tiny=True):
+    if words[0] == "launch/tpu_vm.sh":  # only its dry run, which starts nothing
+        assert "--dry-run" in words and any(w.startswith("--slice=") for w in words), words
+        out = subprocess.run(["bash", *words], cwd=REPO, env=one_device_env(home),
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, f"{' '.join(words)}:\n{out.stderr[-3000:]}"
+        return out.stdout
     name = words[2][len("fr_jax."):]
     if name == "seqroute":
         _labelled(tmp / "labelled.jsonl")
@@ -248,7 +262,8 @@ def test_every_runnable_command_line_runs(block, tmp_path):
     shown = [b for b in BLOCKS if b.doc == block.doc and b.line > block.line][:1]
     compare = shown and shown[0].kind == "output"
     for words in commands(block):
-        assert words[:2] == ["python", "-m"] and words[2].startswith("fr_jax."), words
+        assert words[:2] == ["python", "-m"] and words[2].startswith("fr_jax.") or (
+            words[0] == "launch/tpu_vm.sh"), f"{block.id}: {words}: mark the block `check`"
         stdout = _run(words, tmp_path, tmp_path / "home", tiny=not compare)
         if compare:  # the doc shows this output: exactly it, as written
             assert _normalise(stdout) == _normalise(shown[0].body), (
