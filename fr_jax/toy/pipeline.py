@@ -466,6 +466,6 @@ def run_pipeline(cfg) -> dict:
         _log(cfg, f"[demo] bundled the trained world in {cfg.bundle}")
     print("\n" + report.markdown(results), flush=True)  # the product: always shown
     print(f"[demo] total {results['timings_s']['total']:.0f} s; wrote "
-              f"{', '.join(paths.values())}; TensorBoard: tensorboard --logdir "
-              f"{root}", flush=True)
+          f"{', '.join(paths.values())}; TensorBoard (the viewer: pip install -e "
+          f"\".[tensorboard]\"): tensorboard --logdir {root}", flush=True)
     return results
