@@ -19,7 +19,6 @@ import runpy
 import sys
 from typing import Callable, Optional, Sequence, Tuple
 
-import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
@@ -79,28 +78,13 @@ def _define(flag: Flag, fv):
            flag_values=fv)
 
 
-def _config_fields(c, prefix=""):
-    for k, v in c.items():
-        if isinstance(v, ml_collections.ConfigDict):
-            yield from _config_fields(v, prefix + k + ".")
-        else:
-            yield prefix + k
-
-
 def _known_fields(config_file: str):
     path, _, arg = config_file.partition(":")
     try:
         get_config = runpy.run_path(path)["get_config"]
-        return sorted(_config_fields(get_config(arg) if arg else get_config()))
+        return sorted(usage.fields(get_config(arg) if arg else get_config()))
     except Exception:  # the file itself is the problem; the absl message says why
         return []
-
-
-def bundled_configs():
-    """The config files under configs/."""
-    root = os.path.dirname(default_config_file())
-    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files
-            if f.endswith(".py")]
 
 
 def config_file_of(argv, default: str) -> str:
@@ -147,8 +131,10 @@ def _parse_error(e: Exception, argv, config_file: str, extra: Sequence[Flag]) ->
     path = config_file_of(args, config_file).partition(":")[0]
     if not os.path.isfile(path):
         root = os.path.dirname(default_config_file())
+        ours = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root)
+                      for f in files if f.endswith(".py"))
         return (f"config file {path} does not exist (fr_jax's own, in {os.path.relpath(root)}/: "
-                f"{', '.join(sorted(os.path.relpath(f, root) for f in bundled_configs()))})")
+                f"{', '.join(ours)})")
     message = " ".join(str(e).strip("\"'").split())  # absl's multi-line messages, one line
     if "Failed loading config file" in message:
         return f"cannot load the config file {path}: {message}"
@@ -212,9 +198,9 @@ def main(command: Command, body: Callable, argv=None):
         config = fv.config
         apply_shortcuts(config, fv, command.flags)
         if any(a in HELP for a in argv):
-            usage.print_help(usage.render(
-                command, sys.modules[body.__module__].__doc__, config,
-                config_file_of(argv, default).partition(":")[0], full="--helpfull" in argv))
+            print(usage.render(command, sys.modules[body.__module__].__doc__, config,
+                               config_file_of(argv, default).partition(":")[0],
+                               full="--helpfull" in argv), end="", flush=True)
             raise SystemExit(0)
         check_ranges(config)  # before any work: a NaN or negative knob never runs
         if command.devices:

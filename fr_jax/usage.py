@@ -14,7 +14,6 @@ import difflib
 import inspect
 import io
 import os
-import sys
 import textwrap
 import tokenize
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -131,7 +130,7 @@ def one_line(text: str, width: int) -> str:
 
 # ------------------------------------------------------------------ the screens
 def fields(config, prefix: str = "") -> Iterable[str]:
-    """Every leaf field of a ConfigDict, dotted, in the config's order."""
+    """Every leaf field of a ConfigDict, dotted."""
     for key, value in config.items():
         if isinstance(value, ml_collections.ConfigDict):
             yield from fields(value, prefix + key + ".")
@@ -236,7 +235,3 @@ def did_you_mean(unknown: str, known: Iterable[str]) -> str:
         close = [k for k in known if k.split(".")[-1] == leaf][:3]
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
-
-def print_help(text: str):
-    sys.stdout.write(text)
-    sys.stdout.flush()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fr_jax import cli, usage
+from fr_jax import usage
 from fr_jax.config import base_config, default_config_file
 from cli_env import REPO
 
