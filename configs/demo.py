@@ -138,8 +138,8 @@ def get_config(arg: str = ""):
 
 def _smoke(c):
     """Every step of the full run -- world, base models, experts, router SFT, pairs, CDPO,
-    the baselines, every decode mode, the table -- with a few updates each: the whole
-    pipeline runs, nothing in it learns. CI runs it in a runtime-only install."""
+    the baselines, the evaluation, the table -- with a few updates each: the whole pipeline
+    runs, nothing in it learns. CI runs it in a runtime-only install."""
     c.workdir = "runs/demo-smoke"
     c.world.n_train, c.world.n_test = 200, 8
     for stage in (c.base, c.router_base, c.experts, c.sft):
@@ -147,4 +147,8 @@ def _smoke(c):
     c.experts.steps_by_domain.math = 4
     c.cdpo.steps, c.cdpo.warmup, c.cdpo.prompts, c.cdpo.samples = 2, 1, 16, 1
     c.seqroute.n_labelled, c.seqroute.trunk.steps = 32, 4
+    # A decoder is compiled per mode: one expert alone, token routing, FusionRoute and each
+    # baseline model's mode, each decoding path once.
+    c.eval.modes = ("expert:0", "expert_only", "sequence", "merged:ties", "finetuned",
+                    "fusionroute")
     return c

@@ -30,30 +30,40 @@ def test_the_commands_are_found():
     assert len(COMMANDS) >= 11 and "fr_jax.decode" in COMMANDS and "fr_jax.data.sft" in COMMANDS
 
 
+def _main(module: str, argv, capsys):
+    """(exit status, stdout, stderr) of the command's main(argv), in this process."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
 @pytest.mark.parametrize("module", COMMANDS)
-def test_help_is_one_screen_of_what_the_command_reads(module):
+def test_help_is_one_screen_of_what_the_command_reads(module, capsys):
     import importlib
 
     command = importlib.import_module(module).COMMAND
     name = NAMES.get(module, module[len("fr_jax."):])
-    out = _run("-m", f"fr_jax.{name}", "--help")
-    assert out.returncode == 0 and not out.stderr.strip(), out.stderr[-2000:]
-    lines = out.stdout.splitlines()
+    code, stdout, stderr = _main(module, ["--help"], capsys)
+    assert code == 0 and not stderr.strip(), stderr[-2000:]
+    lines = stdout.splitlines()
     assert len(lines) <= SCREEN and max(map(len, lines)) <= usage.WIDTH, (len(lines), name)
     assert lines[0].startswith(f"usage: python -m fr_jax.{name} ")
     for flag in command.flags:
-        assert f"  --{flag.name}=" in out.stdout, flag.name
-    assert os.path.exists(os.path.join(REPO, command.doc)) and f"more: {command.doc}" in out.stdout
+        assert f"  --{flag.name}=" in stdout, flag.name
+    assert os.path.exists(os.path.join(REPO, command.doc)) and f"more: {command.doc}" in stdout
     # Every section the screen shows field by field has every field's value, and (base
     # config's sections) a description.
     docs = usage.field_docs(default_config_file(command.config_file))
     for section in command.sections:
-        assert f"\n  {section}:" in out.stdout, section
+        assert f"\n  {section}:" in stdout, section
     for field in usage.fields(base_config()):
         if field.split(".")[0] in command.sections and field.count(".") == 1:
             assert usage.describe(field, docs), f"{field} has no comment in fr_jax/config.py"
             leaf = field.split(".")[1]
-            assert re.search(rf"\n    {leaf} = .*\S {{2,}}\S", out.stdout), field
+            assert re.search(rf"\n    {leaf} = .*\S {{2,}}\S", stdout), field
 
 
 def test_dash_h_and_a_config_s_own_values():
@@ -82,22 +92,31 @@ def test_helpfull_lists_every_field_with_its_description(capsys):
 
 
 @pytest.mark.parametrize("args,line", [
-    (["-m", "fr_jax.decode", "--config.decode.mdoe=x"],
+    (["fr_jax.decode", "--config.decode.mdoe=x"],
      "error: unknown config field decode.mdoe (did you mean decode.mode"),
-    (["-m", "fr_jax.decode", "--promt=hi"], "error: unknown flag --promt (did you mean --prompt?)"),
-    (["-m", "fr_jax.train", "--config.train.lr=1"],
+    (["fr_jax.decode", "--promt=hi"], "error: unknown flag --promt (did you mean --prompt?)"),
+    (["fr_jax.train", "--config.train.lr=1"],
      "error: unknown config field train.lr (did you mean train.lm.lr or train.sft.lr?)"),
-    (["-m", "fr_jax.demo", "--config.sft.stpes=3"],
+    (["fr_jax.demo", "--config.sft.stpes=3"],
      "error: unknown config field sft.stpes (did you mean sft.steps?)"),
-    (["-m", "fr_jax.plan", "--config=configs/nosuch.py"],
+    (["fr_jax.plan", "--config=configs/nosuch.py"],
      "error: config file configs/nosuch.py does not exist (fr_jax's own, in configs/: "),
-    (["-m", "fr_jax.merge", "stray"], "error: unexpected arguments stray"),
+    (["fr_jax.merge", "stray"], "error: unexpected arguments stray"),
 ])
-def test_a_mistyped_command_line_is_one_line_with_the_closest_names(args, line):
-    out = _run(*args)
-    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
-    assert out.stderr.startswith(line) and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert not out.stdout.strip()
+def test_a_mistyped_command_line_is_one_line_with_the_closest_names(args, line, capsys,
+                                                                     monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, stdout, stderr = _main(args[0], args[1:], capsys)
+    assert code == 2, (code, stderr[-2000:])
+    assert stderr.startswith(line) and len(stderr.strip().splitlines()) == 1, stderr
+    assert not stdout.strip()
+
+
+def test_a_mistyped_field_exits_with_status_2_from_the_command_line():
+    out = _run("-m", "fr_jax.seqroute", "--config.seqroute.lamb=0.1")
+    assert out.returncode == 2 and not out.stdout.strip()
+    assert out.stderr.strip() == ("error: unknown config field seqroute.lamb (did you mean "
+                                  "seqroute.lam or seqroute.lams?); --helpfull lists every field")
 
 
 def test_the_fields_a_help_screen_describes_come_from_the_comments_beside_them(tmp_path):

@@ -4,6 +4,9 @@ A block is fenced with its language; an HTML comment on the line before it says 
 test does with it (docs/development.md, "Documentation that runs"):
 - ```bash, no comment: every `python -m fr_jax.<command>` in it runs here on the bundled toy
   world, with tiny overrides appended (TINY: few steps, outputs in a temporary folder);
+- ```bash after `<!-- doc-test: run-by: tests/FILE.py::TEST -->`: that test runs the same
+  command lines (with its own overrides and the assertions of its own), so it is not run twice:
+  the test must exist, not be skipped, and invoke each command with each flag the block gives;
 - ```bash after `<!-- doc-test: check: REASON -->` (real checkpoints, the hub, a TPU, hours):
   every command line is parsed as its command would parse it -- flags, config fields, their
   types and ranges, the config file -- and scripts, test files and extras named exist;
@@ -33,7 +36,7 @@ from cli_env import REPO, one_device_env
 DOCS = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(
     os.path.join(REPO, "docs", "*.md"))) + ["launch/README.md"]
 # A fence may be indented (inside a list item), its directive too.
-FENCE = re.compile(r"(?:^[ ]*<!-- doc-test: (?P<kind>\w+)(?:: (?P<reason>[^\n]*?))? -->\n)?"
+FENCE = re.compile(r"(?:^[ ]*<!-- doc-test: (?P<kind>[\w-]+)(?:: (?P<reason>[^\n]*?))? -->\n)?"
                    r"^(?P<indent>[ ]*)```(?P<lang>[^\n]*)\n(?P<body>.*?)^(?P=indent)```$",
                    re.S | re.M)
 LANGS = ("bash", "python", "text")
@@ -44,7 +47,7 @@ class Block:
     doc: str
     line: int
     lang: str
-    kind: Optional[str]  # None (run) | check | output | example
+    kind: Optional[str]  # None (run) | run-by | check | output | example
     reason: str
     body: str
 
@@ -85,10 +88,10 @@ def test_every_code_block_is_fenced_with_a_language_and_what_the_test_does_with_
     assert len(BLOCKS) > 30 and len(DOCS) >= 12
     for b in BLOCKS:
         assert b.lang in LANGS, f"{b.id}: fence a block with one of {LANGS}, not {b.lang!r}"
-        assert b.kind in (None, "check", "output", "example"), f"{b.id}: {b.kind}"
+        assert b.kind in (None, "run-by", "check", "output", "example"), f"{b.id}: {b.kind}"
         if b.lang == "text":
             assert b.kind in ("output", "example"), f"{b.id}: a text block is output or example"
-        if b.kind in ("check", "example"):
+        if b.kind in ("check", "example", "run-by"):
             assert b.reason, f"{b.id}: say why it is not run or compared"
         if b.kind == "output":
             before = [x for x in BLOCKS if x.doc == b.doc and x.line < b.line][-1]
@@ -201,6 +204,24 @@ def test_every_python_block_compiles_and_imports_what_exists(block):
             module = importlib.import_module(node.module)
             for alias in node.names:
                 assert hasattr(module, alias.name), f"{block.id}: {node.module}.{alias.name}"
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.kind == "run-by"], ids=lambda b: b.id)
+def test_a_block_run_by_another_test_is_what_that_test_runs(block):
+    path, _, name = block.reason.partition("::")
+    source = open(os.path.join(REPO, path)).read()
+    tests = {n.name: n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)}
+    assert name in tests, f"{block.id}: {path} has no {name}"
+    marks = [ast.unparse(d) for d in tests[name].decorator_list]
+    assert not any("skip" in m or "xfail" in m for m in marks), f"{block.id}: {name} {marks}"
+    for words in commands(block):
+        assert words[:2] == ["python", "-m"], words
+        module = _module(words[2][len("fr_jax."):]).__name__
+        assert f'"{words[2]}"' in source or f"from {module} import main" in source, (
+            f"{block.id}: {path} does not run {words[2]}")
+        for flag in (w.split("=")[0] for w in words[3:] if w.startswith("--")):
+            assert f'"{flag}=' in source or f"'{flag}=" in source or f'"{flag}"' in source, (
+                f"{block.id}: {path} runs {words[2]} without {flag}")
 
 
 # --------------------------------------------------------------------- run

@@ -84,6 +84,7 @@ def _stage_loss_and_grads(name, block, remat="none", accum=1, batch=None, seed=0
     return loss, metrics, grads, stage, r_params, frozen
 
 
+@pytest.mark.slow  # 15-20 s each: the fast tier keeps under 6 min
 @pytest.mark.parametrize("name", ["sft", "cdpo"])
 def test_blocked_stage_losses_equal_whole_sequence_losses(name):
     """SFT (LM term, signals online) and CDPO (fused policy and reference) with loss_block

@@ -345,9 +345,10 @@ def evaluate(cfg, lineup, tests: List[W.Task], workdir: str = None) -> dict:
 def _tensorboard(results: dict, logdir: str):
     w = summary_writer(logdir)
     for mode, acc in results["accuracy"].items():
+        tag = mode.replace(":", "_")  # a tag holds no ':' (TensorBoard would rename it)
         for d, v in acc.items():
-            w.add_scalar(f"eval/{d}/{mode}", v, 0)
-        w.add_scalar(f"eval/average/{mode}", results["average"][mode], 0)
+            w.add_scalar(f"eval/{d}/{tag}", v, 0)
+        w.add_scalar(f"eval/average/{tag}", results["average"][mode], 0)
     w.add_text("results", report.markdown(results), 0)
     w.close()
 
