@@ -160,6 +160,7 @@ def _tiny_family(tmp_path):
     return cfg, base, experts, paths
 
 
+@pytest.mark.slow  # 15 s: the fast tier keeps under 6 min
 def test_merged_hf_folder_loads_in_transformers_and_fr_jax_with_equal_logits(tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM

@@ -31,7 +31,7 @@ def _scaled_params(model, seed=0):
     return jax.tree.map(lambda x: x * 5.0 if x.ndim > 1 else x, params)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+@pytest.mark.parametrize("model_type", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])
 def test_prefill_and_steps_match_forward(model_type):
     model = Model(tiny(model_type))
     params = _scaled_params(model)
@@ -65,7 +65,7 @@ def test_prefill_and_steps_match_forward(model_type):
         assert diff <= TOL, (b, diff)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+@pytest.mark.parametrize("model_type", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])
 def test_chunked_prefill_matches_single_prefill(model_type):
     """Appending a prompt in chunks (multi-turn, lazy-expert catch-up) == one prefill."""
     model = Model(tiny(model_type))

@@ -137,6 +137,7 @@ def test_rematerialised_layers_give_the_same_gradients(remat):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)
 
 
+@pytest.mark.slow  # 15-20 s: the fast tier keeps under 6 min
 def test_grad_accumulation_applies_the_mean_of_micro_batch_gradients():
     """grad_accum=2 over a batch of 4 rows: one update with the mean of the gradients of
     the two 2-row micro-batches, rows (0, 2) and (1, 3) (checked against an optimizer step
