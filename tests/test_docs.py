@@ -228,27 +228,11 @@ def test_a_block_run_by_another_test_is_what_that_test_runs(block):
 # Appended to each documented command line that runs here: a few steps, small subsets, every
 # output under the test's folder ({tmp}).
 TINY = {
-    "decode": ["--config.decode.max_new_tokens=4"],
     "train": ["--config.train.workdir={tmp}/train", "--config.train.sft.steps=2",
               "--config.train.cdpo.steps=2", "--config.train.eval_every=0",
               "--config.train.ckpt_every=2"],
-    "eval": ["--config.eval.workdir={tmp}/eval", "--limit=4", "--config.eval.progress=False"],
-    "seqroute": ["--config.seqroute.workdir={tmp}/seqroute", "--config.seqroute.trunk.steps=4",
-                 "--config.seqroute.max_new_tokens=4",
-                 "--config.seqroute.data={tmp}/labelled.jsonl"],
     "merge": ["--out={tmp}/merged"],
-    "data.pairs": ["--config.pairs.workdir={tmp}/pairs", "--output={tmp}/pref.jsonl",
-                   "--samples=1", "--config.pairs.sources.toy.limit=8"],
 }
-
-
-def _labelled(path):
-    """24 labelled prompts of the toy world (the bundled set is the full demo's)."""
-    from fr_jax.toy import world as W
-
-    data = W.make_world_data(100, 6, seed=1)
-    W.write_jsonl(str(path), [{"prompt": t.prompt, "answer": t.answer, "domain": t.domain}
-                              for d in W.EVAL_DOMAINS for t in data.test[d]])
 
 
 def _run(words, tmp, home, tiny=True):
@@ -259,9 +243,8 @@ def _run(words, tmp, home, tiny=True):
         assert out.returncode == 0, f"{' '.join(words)}:\n{out.stderr[-3000:]}"
         return out.stdout
     name = words[2][len("fr_jax."):]
-    if name == "seqroute":
-        _labelled(tmp / "labelled.jsonl")
-    assert name in TINY, f"{' '.join(words)}: add its tiny overrides to TINY, or mark the block"
+    assert name in TINY or not tiny, (f"{' '.join(words)}: add its tiny overrides to TINY, or "
+                                      "mark the block")
     argv = [sys.executable, *words[1:]] + ([a.format(tmp=tmp) for a in TINY[name]] if tiny
                                            else [])
     out = subprocess.run(argv, cwd=REPO, env=one_device_env(home), capture_output=True,
