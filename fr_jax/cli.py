@@ -12,11 +12,13 @@ traceback instead. `-h` / `--help` / `--helpfull` print the command's screen
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import logging
 import os
 import runpy
 import sys
+import traceback
 from typing import Callable, Optional, Sequence, Tuple
 
 from absl import flags
@@ -98,6 +100,9 @@ def parse_flags(argv, config_file: str, extra: Sequence[Flag] = ()):
     the `extra` flags, parses argv (argv[0] is the program) and returns the absl
     FlagValues. A command line that does not parse raises UsageError: one line naming the
     problem, with the closest known names for a mistyped flag or field."""
+    _refuse_repeats(argv[1:], extra)
+    loaded = _load_config_file(config_file_of(argv[1:], config_file))
+    argv = [argv[0]] + _comma_lists(argv[1:], loaded)
     flag_values = flags.FlagValues()
     try:
         config_flags.DEFINE_config_file("config", config_file, "ml_collections config file",
@@ -113,6 +118,95 @@ def parse_flags(argv, config_file: str, extra: Sequence[Flag] = ()):
         raise UsageError(f"unexpected arguments {' '.join(rest[1:])}: flags are written "
                          "--name=value (see --help)")
     return flag_values
+
+
+def _refuse_repeats(args, extra: Sequence[Flag]):
+    """A field set twice on one command line is refused: absl would append a tuple field's
+    second value to the first (five experts from two lists of three and two) and keep a
+    scalar's last, so either reading of the line is a guess."""
+    seen = {}
+    shortcuts = {f"--{f.name}": f for f in extra}
+    for arg in args:
+        if not arg.startswith("--") or arg == "--":
+            continue  # the value of a `--name value` pair
+        name = arg.split("=", 1)[0]
+        if name in shortcuts and shortcuts[name].kind == "multi":
+            continue  # repeatable by design (--prompt)
+        if name in shortcuts and shortcuts[name].field:
+            field = shortcuts[name].field
+        elif name.startswith("--config."):
+            field = name[len("--config."):]
+        else:
+            field = name
+        if field in seen and name == "--config":
+            raise UsageError("--config is given twice: name one config file (override its "
+                             "fields with --config.FIELD=VALUE)")
+        if field in seen and seen[field] == name:
+            raise UsageError(f"{name} is given twice: give each field once (a tuple field "
+                             "takes all its items in one value, e.g. "
+                             "--config.experts.paths=/ckpt/a,/ckpt/b)")
+        if field in seen:
+            raise UsageError(f"{field} is given twice ({seen[field]} and {name}): give it once")
+        seen[field] = name
+
+
+def _load_config_file(spec: str):
+    """The ConfigDict of a config file `path[:arg]`, loaded here first so that a broken file
+    is reported as file:line and its message (absl would print its own 30-line traceback);
+    None when the file does not exist (the parse error names it, with fr_jax's own)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            code = compile(f.read(), path, "exec")
+    except SyntaxError as e:
+        raise UsageError(f"config file {path}:{e.lineno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the config file {path}: {e}") from None
+    scope = {"__file__": path, "__name__": "fr_jax_config_file"}
+    try:
+        exec(code, scope)  # noqa: S102 -- a config file is Python by design
+        get_config = scope.get("get_config")
+        if not callable(get_config):
+            raise UsageError(f"config file {path} defines no get_config(): an ml_collections "
+                             "config file returns its ConfigDict from get_config()")
+        return get_config(arg) if arg else get_config()
+    except UsageError:
+        raise
+    except Exception as e:  # whatever the file's own code raised: point at its line
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+        where = f"{path}:{frames[-1].lineno}" if frames else path
+        raise UsageError(f"config file {where}: {type(e).__name__}: {e}") from None
+
+
+def _comma_lists(args, config) -> list:
+    """`--config.experts.paths=/a,/b` (the comma form merge's --experts takes) as the tuple
+    it means; absl reads a tuple field's value only as a Python literal."""
+    if config is None:
+        return list(args)
+    out = []
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        field = name[len("--config."):]
+        if (eq and name.startswith("--config.") and "," in value
+                and value.strip()[:1] not in "([\'\"" and field in set(usage.fields(config))):
+            default = config
+            for part in field.split("."):
+                default = default[part]
+            if isinstance(default, (tuple, list)):
+                arg = f"{name}={tuple(_item(x) for x in split_list(value))!r}"
+        out.append(arg)
+    return out
+
+
+def _item(text: str):
+    """One element of a comma list: a number where it reads as one, else the text."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return value if isinstance(value, (int, float, bool)) else text
 
 
 def _parse_error(e: Exception, argv, config_file: str, extra: Sequence[Flag]) -> str:

@@ -197,7 +197,8 @@ def render(command, module_doc: str, config, config_file: str, full: bool = Fals
     rel = os.path.relpath(config_file)
     out.append("flags:")
     rows = [("--config=FILE[:ARG]", f"config file (now {rel}); :ARG is passed to its "
-             "get_config"), ("--config.FIELD=VALUE", "any config field below")]
+             "get_config"),
+            ("--config.FIELD=VALUE", "any config field below, once; a tuple as a,b")]
     for flag in command.flags:
         rows.append((f"--{flag.name}=" + {"integer": "N", "list": "A,B"}.get(flag.kind, "X"),
                      flag.help + (" (repeatable)" if flag.kind == "multi" else "")

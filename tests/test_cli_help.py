@@ -139,3 +139,56 @@ def test_the_fields_a_help_screen_describes_come_from_the_comments_beside_them(t
     assert usage.describe("mesh.a", docs) == "per axis"
     assert "bare" not in docs
     assert usage.describe("cdpo.beta", usage.field_docs(str(f))).startswith("DPO's beta")
+
+
+@pytest.mark.parametrize("args,line", [
+    (["fr_jax.train", "--config.experts.paths=('/a', '/b', '/c')",
+      "--config.experts.paths=('/c', '/d')"],
+     "error: --config.experts.paths is given twice: give each field once (a tuple field takes "
+     "all its items in one value, e.g. --config.experts.paths=/ckpt/a,/ckpt/b)"),
+    (["fr_jax.decode", "--mode=expert_only", "--config.decode.mode=fusionroute"],
+     "error: decode.mode is given twice (--mode and --config.decode.mode): give it once"),
+    (["fr_jax.decode", "--config=configs/tiny.py", "--config=configs/llama3.py"],
+     "error: --config is given twice: name one config file (override its fields with "
+     "--config.FIELD=VALUE)"),
+])
+def test_a_field_given_twice_is_refused_not_appended(args, line, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, stdout, stderr = _main(args[0], args[1:], capsys)
+    assert code == 2 and stderr.strip() == line, stderr
+
+
+def test_a_repeatable_flag_repeats(capsys):
+    from fr_jax import cli
+    from fr_jax.decode import COMMAND
+
+    fv = cli.parse_flags(["fr_jax.decode", "--prompt=a", "--prompt=b"],
+                         default_config_file("tiny.py"), COMMAND.flags)
+    cli.apply_shortcuts(fv.config, fv, COMMAND.flags)
+    assert fv.config.decode.prompts == ("a", "b")
+
+
+@pytest.mark.parametrize("source, line", [
+    ("from fr_jax.config import base_config\n\ndef get_config():\n    c = base_config()\n"
+     "    c.train.sft.steps = (\n    return c\n", ":5: '(' was never closed"),
+    ("def get_config():\n    return {}['missing']\n", ":2: KeyError: 'missing'"),
+    ("CONFIG = 1\n", " defines no get_config(): an ml_collections config file returns its "
+                     "ConfigDict from get_config()"),
+])
+def test_a_broken_config_file_is_named_by_file_and_line(source, line, tmp_path, capsys):
+    path = tmp_path / "mine.py"
+    path.write_text(source)
+    code, _, stderr = _main("fr_jax.train", [f"--config={path}"], capsys)
+    assert code == 2 and stderr.strip() == f"error: config file {path}{line}", stderr
+
+
+def test_a_tuple_field_takes_the_comma_form(tmp_path):
+    from fr_jax import cli
+    from fr_jax.decode import COMMAND
+
+    fv = cli.parse_flags(["fr_jax.decode", "--config.experts.paths=/ckpt/math,/ckpt/code",
+                          "--config.decode.eos_ids=1,2", "--config.experts.names=a"],
+                         default_config_file("tiny.py"), COMMAND.flags)
+    assert fv.config.experts.paths == ("/ckpt/math", "/ckpt/code")
+    assert fv.config.decode.eos_ids == (1, 2)
+    assert fv.config.experts.names == ("a",)

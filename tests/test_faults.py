@@ -24,13 +24,13 @@ def sft_file(tmp_path_factory):
     return path
 
 
-def _train_args(workdir, sft_file, *extra, steps=8):
+def _train_args(workdir, sft_file, *extra, steps=8, ckpt_every=2):
     world = bundled_world()
     return ["--config=" + TINY, f"--config.router.path={world['router_base']}",
             f"--config.experts.paths={tuple(world['experts'])!r}",
             f"--config.data.sft_path={sft_file}", f"--config.train.workdir={workdir}",
             "--config.train.stages=('sft',)", f"--config.train.sft.steps={steps}",
-            "--config.train.ckpt_every=2", "--config.train.log_every=1",
+            f"--config.train.ckpt_every={ckpt_every}", "--config.train.log_every=1",
             "--config.train.eval_every=0", "--config.train.keep=10",
             "--config.train.sft.expert_signals=online", *extra]
 
@@ -243,7 +243,7 @@ def test_sigkill_at_several_points_including_mid_save_resumes_to_the_unbroken_ru
 
     def cmd(workdir):
         return [sys.executable, "-m", "fr_jax.train",
-                *_train_args(workdir, sft_file, "--config.train.ckpt_every=1", steps=8)]
+                *_train_args(workdir, sft_file, steps=8, ckpt_every=1)]
 
     env = one_device_env(tmp_path / "home")
     straight, killed = tmp_path / "straight", tmp_path / "killed"

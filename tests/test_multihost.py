@@ -292,7 +292,9 @@ def test_a_run_resumes_on_another_number_of_processes_where_it_stopped(tmp_path)
     from safetensors.numpy import load_file
 
     shutil.rmtree(work / "sft" / "router")  # written again, from the restored state
-    other = run_processes(2, args + [f"--config.train.workdir={work}", *FSDP_TENSOR],
+    # The first mesh's flag gives way to the new mesh's (a field given twice is refused).
+    moved = [a for a in args if a != "--config.mesh.data=8"] + FSDP_TENSOR
+    other = run_processes(2, moved + [f"--config.train.workdir={work}"],
                           tmp_path / "log_mesh", devices=4, home=home, timeout=600)
     assert "[sft] resumed from step 8" in other[0].log
     for f in ("model.safetensors", "routing_head.safetensors"):
