@@ -27,7 +27,7 @@ from ml_collections import config_flags
 from fr_jax import distributed, usage
 from fr_jax.bundle import bundled_world, default_home
 from fr_jax.config import check_ranges, default_config_file
-from fr_jax.errors import FrJaxError
+from fr_jax.errors import FrJaxError, Interrupted
 from fr_jax.toy.world_data import ensure_world_data
 
 
@@ -303,6 +303,9 @@ def main(command: Command, body: Callable, argv=None):
     except UsageError as e:  # also a command line that the body parses (fr_jax.launch's)
         print(f"error: {e}", file=sys.stderr)
         raise
+    except (Interrupted, KeyboardInterrupt) as e:  # Ctrl-C: where it stopped, no traceback
+        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except command.errors as e:
         if os.environ.get("FR_JAX_TRACEBACK"):
             raise

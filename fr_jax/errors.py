@@ -43,3 +43,7 @@ class PlanError(FrJaxError):
 
 class TrainError(FrJaxError):
     """A training run that cannot start (missing checkpoints, bad stage list)."""
+
+
+class Interrupted(FrJaxError):
+    """Ctrl-C during a long job: says where it stopped and how the same command goes on."""

@@ -4,6 +4,8 @@ and the order in which the two xdist workers take the tests."""
 import os
 import sys
 
+import pytest
+
 from cli_env import FAST_COMPILE_FLAGS, REPO
 
 # Must happen before jax is imported anywhere in the test session.
@@ -38,3 +40,16 @@ def pytest_collection_modifyitems(items):
     ordered = sorted(items, key=rank)  # stable
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     items[:] = [it for i in range(workers) for it in ordered[i::workers]]
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    """A small SFT file of the toy world's four domains (160 records): what the fault tests
+    train on for a few steps."""
+    from fr_jax.toy import world as W
+
+    data = W.make_world_data(200, 4, seed=11)
+    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
+    W.write_jsonl(str(path), [t.record() for t in W.mixture(
+        data.train, {d: 1.0 for d in W.EVAL_DOMAINS}, 160, 3)])
+    return path

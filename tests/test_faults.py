@@ -9,19 +9,9 @@ import numpy as np
 import pytest
 
 from fr_jax.bundle import bundled_world
-from fr_jax.toy import world as W
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                     "tiny.py")
-
-
-@pytest.fixture(scope="module")
-def sft_file(tmp_path_factory):
-    data = W.make_world_data(200, 4, seed=11)
-    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
-    W.write_jsonl(str(path), [t.record() for t in W.mixture(
-        data.train, {d: 1.0 for d in W.EVAL_DOMAINS}, 160, 3)])
-    return path
 
 
 def _train_args(workdir, sft_file, *extra, steps=8, ckpt_every=2):

@@ -8,7 +8,8 @@ from the latest good checkpoint, even onto another mesh. The experts are frozen 
 the step: never differentiated, never in the optimizer state.
 
 objectives.py (losses per stage) -> stage.py (optimizer, pjit steps) -> precompute.py
-(frozen models' outputs cached) -> loop.py (the loop, `train`, `finetune`).
+(frozen models' outputs cached) -> loop.py (the loop, `train`, `finetune`); record.py (what a
+resume must match) and workdir.py (one run per workdir) beside it.
 """
 
 from fr_jax.training.loop import finetune, run_stage, train  # noqa: F401
