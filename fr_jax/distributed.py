@@ -9,19 +9,28 @@ a GPU cluster without a scheduler JAX knows) the launcher names them:
     JAX_PROCESS_ID=i                    this process, 0 <= i < N
 
 (JAX reads the first itself; fr_jax reads the other two and hands them to
-`jax.distributed.initialize`.) FR_JAX_HEARTBEAT_TIMEOUT_S (default 100) is how long the
-processes wait for one that stopped answering before they stop with a line naming it. Cross-process collectives on CPU go through gloo, JAX's
-default.
+`jax.distributed.initialize`; the last two without the first are refused, since the process
+would run alone.) Two waits are bounded, each ending in one line that names who is missing:
+
+    FR_JAX_INIT_TIMEOUT_S (default 300, JAX's)  how long a process waits at the start for
+                                                the others to connect
+    FR_JAX_HEARTBEAT_TIMEOUT_S (default 100)    how long the processes wait for one that
+                                                stopped answering mid-run
+
+Cross-process collectives on CPU go through gloo, JAX's default.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
+import socket
 import sys
 import threading
 import time
+from typing import Optional
 
 import jax
 import numpy as np
@@ -49,18 +58,46 @@ def _int_env(name: str):
         raise ConfigError(f"{name}={value!r} is not an integer") from None
 
 
+def _seconds(name: str, default: int) -> int:
+    value = _int_env(name)
+    if value is None:
+        return default
+    if value <= 0:
+        raise ConfigError(f"{name}={value}: give a number of seconds above 0")
+    return value
+
+
+def _refuse_alone(n, i):
+    """JAX_NUM_PROCESSES / JAX_PROCESS_ID that describe one of several processes, with no
+    coordinator to meet the others at: refused, or this process would quietly run alone."""
+    if (n is None or n == 1) and (i is None or i == 0):
+        return
+    given = " and ".join(f"{k}={v}" for k, v in (("JAX_NUM_PROCESSES", n),
+                                                   ("JAX_PROCESS_ID", i)) if v is not None)
+    raise ConfigError(f"{given} without JAX_COORDINATOR_ADDRESS: this process would run alone. "
+                      "Set JAX_COORDINATOR_ADDRESS=host:port (process 0's address) on every "
+                      "process, or unset JAX_NUM_PROCESSES and JAX_PROCESS_ID to run one process")
+
+
 def initialize(mode: str = "auto") -> bool:
     """Joins the processes of a multi-process launch (`jax.distributed.initialize`), before
     any device is touched: mode auto -- when the environment describes one (`requested`);
     yes -- always (JAX's own cluster detection); no -- never. Returns whether this process
-    is part of a multi-process program. Calling it again is harmless."""
+    is part of a multi-process program. Calling it again is harmless. A launch whose
+    processes do not all connect within FR_JAX_INIT_TIMEOUT_S raises ConfigError naming
+    the missing ones."""
     if mode not in MODES:
         raise ConfigError(f"distributed mode {mode!r}: use one of {', '.join(MODES)}")
     if jax.distributed.is_initialized():
         return True
-    if mode == "no" or (mode == "auto" and not requested()):
+    if mode == "no":
         return False
     n, i = _int_env("JAX_NUM_PROCESSES"), _int_env("JAX_PROCESS_ID")
+    if mode == "auto" and not requested():
+        _refuse_alone(n, i)
+        return False
+    if n is not None and n < 1:
+        raise ConfigError(f"JAX_NUM_PROCESSES={n}: give the number of processes (1 or more)")
     if os.environ.get("JAX_COORDINATOR_ADDRESS") and not os.environ.get("TPU_WORKER_HOSTNAMES"):
         if n is None or i is None:
             raise ConfigError("JAX_COORDINATOR_ADDRESS is set but JAX_NUM_PROCESSES and "
@@ -71,11 +108,132 @@ def initialize(mode: str = "auto") -> bool:
                               f"(JAX_NUM_PROCESSES={n})")
     # How long the others wait for a process that stopped answering (killed, its host
     # gone) before they fail, instead of hanging in a collective.
-    heartbeat = _int_env("FR_JAX_HEARTBEAT_TIMEOUT_S") or 100
-    jax.distributed.initialize(num_processes=n, process_id=i,
-                               heartbeat_timeout_seconds=heartbeat)
+    heartbeat = _seconds("FR_JAX_HEARTBEAT_TIMEOUT_S", 100)
+    _join(_Launch(os.environ.get("JAX_COORDINATOR_ADDRESS"), n, i,
+                  _seconds("FR_JAX_INIT_TIMEOUT_S", 300)), heartbeat)
     _start_watchdog(heartbeat)
     return True
+
+
+def _processes(ids, some: bool = False) -> str:
+    """'process 2', 'processes 1 and 2', 'processes 1 to 7'; `some`: any of them may be
+    the missing one(s)."""
+    ids = list(ids)
+    if len(ids) == 1:
+        return f"process {ids[0]}"
+    if len(ids) > 3 and ids == list(range(ids[0], ids[-1] + 1)):
+        named = f"{ids[0]} to {ids[-1]}"
+    else:
+        named = ", ".join(map(str, ids[:-1])) + f" and {ids[-1]}"
+    return f"processes {named}" + (" (all or some of them: JAX does not say which)" * some)
+
+
+def _answers(address: str) -> bool:
+    """Whether anything accepts a connection at host:port."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """What this process knows of the launch it joins (None: left to JAX's cluster
+    detection, e.g. on a TPU slice)."""
+
+    address: Optional[str]
+    n: Optional[int]
+    i: Optional[int]
+    timeout: int
+
+    @property
+    def named(self) -> bool:
+        return bool(self.address) and self.n is not None and self.i is not None
+
+    def waiting(self) -> str:
+        wait = f"waiting up to {self.timeout} s (FR_JAX_INIT_TIMEOUT_S)"
+        if not self.named:
+            return f"joining a multi-process launch found by JAX: {wait} for every process"
+        if self.i == 0:
+            others = _processes(range(1, self.n)) if self.n > 1 else "no other process"
+            return (f"process 0 of {self.n}: coordinator at {self.address}, {wait} for "
+                    f"{others} to connect")
+        return (f"process {self.i} of {self.n}: {wait} for the coordinator at "
+                f"{self.address} (process 0) and the other processes")
+
+    def missing(self) -> str:
+        """The line for a launch that did not come together in time."""
+        within = f"within {self.timeout} s (FR_JAX_INIT_TIMEOUT_S)"
+        if not self.named:
+            return (f"the processes of this launch did not all connect {within}: run the "
+                    "same command on every host")
+        others = [p for p in range(1, self.n) if p != self.i]
+        if self.i == 0 and not others:
+            what = f"its own coordinator at {self.address} did not let it join {within}"
+        elif self.i == 0:
+            what = (f"{_processes(others, some=True)} never connected to the coordinator "
+                    f"at {self.address} {within}")
+        elif not _answers(self.address):
+            what = f"the coordinator at {self.address} (process 0) did not answer {within}"
+        elif others:
+            what = (f"the coordinator at {self.address} answers, but "
+                    f"{_processes(others, some=True)} never connected {within}")
+        else:
+            what = (f"something answers at {self.address} but did not let this process join "
+                    f"{within} (is it process 0 of this launch?)")
+        return (f"process {self.i} of {self.n}: {what}. Start every process with "
+                f"JAX_COORDINATOR_ADDRESS={self.address} and JAX_NUM_PROCESSES={self.n}, "
+                f"each with its own JAX_PROCESS_ID in 0..{self.n - 1}")
+
+
+def _join(launch: _Launch, heartbeat: int):
+    """`jax.distributed.initialize`, saying first what it waits for, and given up after
+    launch.timeout with ConfigError naming who is missing. It runs in a thread because
+    JAX's own timeout aborts the whole process with a C++ stack trace; JAX's limit stays
+    as a backstop, later than ours."""
+    print(launch.waiting(), file=sys.stderr, flush=True)
+    done, failed = threading.Event(), []
+
+    def connect():
+        try:
+            jax.distributed.initialize(num_processes=launch.n, process_id=launch.i,
+                                       initialization_timeout=launch.timeout + 60,
+                                       heartbeat_timeout_seconds=heartbeat)
+        except Exception as e:
+            failed.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=connect, name="fr_jax-join", daemon=True).start()
+    try:
+        joined = done.wait(launch.timeout)
+    except KeyboardInterrupt:
+        _abandon(130)
+        raise
+    if not joined:
+        _abandon(1)
+        raise ConfigError(launch.missing())
+    if failed and "Failed to start RPC server" in str(failed[0]):
+        raise ConfigError(f"process 0 cannot start the coordinator at {launch.address}: "
+                          "its port is taken (an earlier launch still running?) or the "
+                          "address is not this host's. Give every process the same free "
+                          "address") from None
+    if failed:
+        raise failed[0]
+
+
+def _abandon(code: int):
+    """Makes this process end without JAX's shutdown, which cannot undo a connection
+    attempt still running in its thread: it would wait for seconds and then print the
+    coordination service's logs below the one line that says what went wrong."""
+    def hard_exit():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    atexit.register(hard_exit)  # atexit runs last-registered first: before JAX's own
 
 
 def _stop(message: str):
