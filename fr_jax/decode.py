@@ -16,12 +16,12 @@ import sys
 import jax
 
 from fr_jax import cli, distributed, trace
-from fr_jax.data import encode_prompt, read_prompts
+from fr_jax.data import encode_prompt, prompt_lines
 from fr_jax.decoding import DecodeResult, decode_slots
-from fr_jax.errors import CacheOverflowError
+from fr_jax.errors import CacheOverflowError, DataError
 from fr_jax.fusion import Mode
 from fr_jax.lineup import lineup_from_config
-from fr_jax.paths import check_output
+from fr_jax.paths import check_output, write_atomic
 from fr_jax.sampling import Sampling
 
 COMMAND = cli.Command("decode", "tiny.py", (
@@ -68,6 +68,20 @@ def warn_past_positions(ids, max_new_tokens: int, lineup):
               "the prompt or lower decode.max_new_tokens)", file=sys.stderr)
 
 
+def labelled_prompts(d):
+    """(where, prompt) of the prompts to decode -- file:line of decode.prompts_file, else
+    the n-th --prompt -- read and checked before any model loads."""
+    if d.prompts_file:
+        return prompt_lines(d.prompts_file)
+    if not d.prompts:
+        raise DataError("no prompts: give --prompt=TEXT (repeatable) or --prompts_file=FILE")
+    out = [(f"--prompt number {i + 1}", p) for i, p in enumerate(d.prompts)]
+    for where, p in out:
+        if not p.strip():
+            raise DataError(f"{where} is empty; give it some text or leave it out")
+    return out
+
+
 def decode_prompts(config, fv=None) -> DecodeResult:
     """Decodes the configured prompts with the configured mode; prints the coloured trace,
     writes JSONL / HTML if asked. Returns the DecodeResult."""
@@ -75,13 +89,18 @@ def decode_prompts(config, fv=None) -> DecodeResult:
     inputs = [d.prompts_file, config.router.path, *config.experts.paths]
     for path, what in ((d.output, "decode.output"), (d.trace_html, "decode.trace_html")):
         if path:
-            check_output(path, what, inputs)
+            check_output(path, what, inputs, kind="file")
+    where, prompts = zip(*labelled_prompts(d))
     bundled = cli.use_bundled_world(config)
     mode = Mode.parse(d.mode, len(config.experts.paths) or None)
     lineup = lineup_from_config(config, [mode.name])
-    prompts = read_prompts(d.prompts_file) if d.prompts_file else list(d.prompts)
     tok = lineup.tokenizer
-    ids = fit_prompts([encode_prompt(tok, p, d.chat) for p in prompts], d)
+    ids = [encode_prompt(tok, p, d.chat) for p in prompts]
+    for w, x in zip(where, ids):
+        if not x:
+            raise DataError(f"{w}: the prompt encodes to no tokens with this tokenizer; "
+                            "write text it has tokens for")
+    ids = fit_prompts(ids, d)
     warn_past_positions(ids, d.max_new_tokens, lineup)
     decoder, params = lineup.decoder(mode.name, Sampling(d.temperature, d.top_k, d.top_p),
                                      d.chunk)
@@ -125,13 +144,10 @@ def show(res: DecodeResult, prompts, tok, names, mode: Mode, d):
     n_tok = int(res.lengths.sum())
     print(trace.summary(chosen_rows, names, n_tok, res.seconds_decode + res.seconds_prefill))
     if d.output:
-        with open(d.output, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        write_atomic(d.output, "".join(json.dumps(r) + "\n" for r in records))
         print(f"wrote {len(records)} records to {d.output}")
     if d.trace_html:
-        with open(d.trace_html, "w") as f:
-            f.write(trace.render_html(html_rows, names, mode=mode.name))
+        write_atomic(d.trace_html, trace.render_html(html_rows, names, mode=mode.name))
         print(f"wrote routing trace to {d.trace_html}")
 
 

@@ -13,11 +13,14 @@ from fr_jax.errors import ConfigError
 
 
 def check_output(path: str, what: str, inputs: Iterable[str] = (),
-                 makes_folders: bool = False) -> str:
+                 makes_folders: bool = False, kind: str = "") -> str:
     """Raises ConfigError when `path` (a file or folder to be written, named `what` in the
-    message) is (or holds, or lies inside) one of `inputs`, or, unless the writer creates
-    missing folders (`makes_folders`), lies in a folder that does not exist or is not
-    writable; returns the path."""
+    message) is empty, is (or holds, or lies inside) one of `inputs`, lies under a file or
+    in a folder that is not writable, or, unless the writer creates missing folders
+    (`makes_folders`), in a folder that does not exist; with `kind` "file" also when it is
+    an existing folder, with "folder" when it is an existing file. Returns the path."""
+    if not path:
+        raise ConfigError(f"{what} is empty: name the {kind or 'path'} to write")
     real = os.path.realpath(path)
     for src in inputs:
         if not src:
@@ -26,14 +29,26 @@ def check_output(path: str, what: str, inputs: Iterable[str] = (),
         if real == s or real.startswith(s + os.sep) or s.startswith(real + os.sep):
             raise ConfigError(f"{what} {path!r} is (or overlaps) the input {src!r}: it would "
                               "be overwritten; choose another output path")
+    # Found here, not by the writer after hours of work, whose error would lose that work.
+    if kind == "file" and os.path.isdir(path):
+        raise ConfigError(f"{what} {path!r} is an existing folder, not a file; choose "
+                          "another file name")
+    if kind == "folder" and os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{what} {path!r} is an existing file, not a folder; choose another "
+                          "path")
     parent = os.path.dirname(real) or "."
-    if makes_folders:
-        return path
-    if not os.path.isdir(parent):
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{what} {path!r}: {existing!r} is a file, not a folder; choose "
+                          "another path")
+    if not makes_folders and existing != parent:
         raise ConfigError(f"{what} {path!r}: folder {os.path.dirname(path) or '.'!r} does not "
                           "exist; create it first or choose another path")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"{what} {path!r}: folder {parent!r} is not writable")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path!r}: folder {existing!r} is not writable; choose a "
+                          "folder you can write to")
     return path
 
 

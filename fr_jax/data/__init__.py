@@ -13,11 +13,12 @@ harness (it decontaminates against the benchmarks and scores sampled answers):
 """
 
 from fr_jax.data.batches import Batcher, empty_rows, place_sequence
-from fr_jax.data.records import Records, jsonl_objects, load_records, read_prompts
+from fr_jax.data.records import (Records, jsonl_objects, load_records, prompt_lines,
+                                 read_prompts)
 from fr_jax.data.tokenize import (DataReport, PrefExample, SFTExample, encode_prompt,
                                   tokenize_pref, tokenize_sft)
 from fr_jax.errors import DataError
 
 __all__ = ["Batcher", "DataError", "DataReport", "PrefExample", "Records", "SFTExample",
            "empty_rows", "encode_prompt", "jsonl_objects", "load_records", "place_sequence",
-           "read_prompts", "tokenize_pref", "tokenize_sft"]
+           "prompt_lines", "read_prompts", "tokenize_pref", "tokenize_sft"]

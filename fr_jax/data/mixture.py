@@ -431,9 +431,11 @@ def build_mixture(config, sources: Sequence[Source]) -> dict:
     """The recipe `config` and its checked `sources` (fr_jax.data.sft.read_recipe) -> the
     mixture JSONL at config.output and its manifest beside it; returns the manifest."""
     benches = list(config.decontaminate.benchmarks)
-    check_output(config.output, "--config.output", [s.path for s in sources] + [
-        as_dict(config.decontaminate.data.get(b)).get("path", "") for b in benches],
-        makes_folders=True)
+    inputs = [s.path for s in sources] + [
+        as_dict(config.decontaminate.data.get(b)).get("path", "") for b in benches]
+    check_output(config.output, "--config.output", inputs, makes_folders=True, kind="file")
+    check_output(manifest_path(config.output), "--config.output's manifest", inputs,
+                 makes_folders=True, kind="file")
     # The test data first: a benchmark that cannot be loaded fails before any reading.
     grams, tests = benchmark_ngrams(benches, config.decontaminate.data, config.decontaminate.ngram)
     tallies, inputs, items = {s.name: Tally() for s in sources}, {}, []

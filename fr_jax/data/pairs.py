@@ -22,7 +22,7 @@ from typing import List
 
 from fr_jax import cli, distributed
 from fr_jax.data import preference as PR
-from fr_jax.errors import ConfigError
+from fr_jax.errors import ConfigError, DataError
 from fr_jax.eval import benchmarks as B
 from fr_jax.eval.sandbox import Limits
 from fr_jax.lineup import lineup_from_config
@@ -60,6 +60,13 @@ def read_sources(config, bundled: bool) -> List[PR.Source]:
                     f"{sc.benchmark}'s format: {', '.join(B.get_benchmark(sc.benchmark).fields)}"
                     f") or .hub=<owner/name:subset:split>")
             path = cli.bundled_world_data()["pool"]
+        elif path and not os.path.exists(path):
+            # load_examples' own message names eval's field and the benchmark's test split.
+            raise DataError(
+                f"--config.pairs.sources.{name}.path={path!r} does not exist; point it at the "
+                f"training prompts (records in {sc.benchmark}'s format: "
+                f"{', '.join(B.get_benchmark(sc.benchmark).fields)}; JSONL, JSON, Parquet or a "
+                "saved datasets folder)")
         examples = B.select(B.load_examples(sc.benchmark, path, sc.hub), sc.limit, p.seed)
         out.append(PR.Source(name, sc.benchmark, examples, sc.domain))
     return out
@@ -81,8 +88,13 @@ def build(config, fv=None) -> dict:
     output = (config.pairs.output or config.data.pref_path
               or os.path.join(config.pairs.workdir, "pref.jsonl"))
     bundled = cli.use_bundled_world(config)
-    check_output(output, "pairs.output", [config.router.path, *config.experts.paths],
-                 makes_folders=True)
+    models = [config.router.path, *config.experts.paths]
+    check_output(output, "pairs.output", models, makes_folders=True, kind="file")
+    check_output(PR.stats_path(output), "pairs.output's statistics file", models,
+                 makes_folders=True, kind="file")
+    if config.pairs.workdir:
+        check_output(config.pairs.workdir, "pairs.workdir", models, makes_folders=True,
+                     kind="folder")
     sources = read_sources(config, bundled)  # data first: a bad file fails before loading
     lineup = lineup_from_config(config, [PR.MODE])
     ps = settings(config)

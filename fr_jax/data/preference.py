@@ -181,12 +181,16 @@ def table(stats: dict) -> str:
 
 
 
+def stats_path(path: str) -> str:
+    """Where `write_pairs` puts the statistics of the pairs at `path`."""
+    return os.path.splitext(path)[0] + ".stats.json"
+
+
 def write_pairs(path: str, rows: Sequence[dict], stats: dict) -> Tuple[str, str]:
     """The pairs as JSONL at `path` and the statistics at <path stem>.stats.json, each
     written to a temporary file and renamed (a kill never leaves half a file); returns
     both paths."""
-    stats_path = os.path.splitext(path)[0] + ".stats.json"
     for target, text in ((path, "".join(json.dumps(r) + "\n" for r in rows)),
-                         (stats_path, json.dumps(stats, indent=1))):
+                         (stats_path(path), json.dumps(stats, indent=1))):
         write_atomic(target, text)
-    return path, stats_path
+    return path, stats_path(path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Tuple
 
 from fr_jax.errors import DataError
 
@@ -89,7 +89,7 @@ def load_records(path: str, split: Optional[str] = None, strict: bool = True,
     strict=False is kept in `Records.bad` for the caller to count. `select`: a function of
     the file's entry count returning the entry numbers to read (the rest is not decoded)."""
     if not path:
-        raise DataError("no data path configured (set --config.data.train_path)")
+        raise DataError("no data file given (an empty path); name the file to read")
     if os.path.isdir(path):
         import datasets
 
@@ -154,13 +154,23 @@ def jsonl_objects(path: str, what: str, expected: str):
             yield n, rec
 
 
-def read_prompts(path: str) -> List[str]:
-    """Prompts from a JSONL file with a string "prompt" field on every line."""
-    prompts = []
+def prompt_lines(path: str) -> List[Tuple[str, str]]:
+    """(file:line, prompt) for every prompt of a JSONL file with a string "prompt" field on
+    every non-blank line. An empty prompt is refused with its line: it is a mistake (a
+    template not filled in), and would otherwise fail, or decode noise, far from the file."""
+    out = []
     for n, rec in jsonl_objects(path, "prompts file", 'one {"prompt": "..."} object per line'):
         if not isinstance(rec.get("prompt"), str):
             raise DataError(f'{path}:{n}: expected an object with a string "prompt" field')
-        prompts.append(rec["prompt"])
-    if not prompts:
+        if not rec["prompt"].strip():
+            raise DataError(f'{path}:{n}: the prompt is empty; write one or delete the line '
+                            "(blank lines are skipped)")
+        out.append((f"{path}:{n}", rec["prompt"]))
+    if not out:
         raise DataError(f"prompts file {path!r} has no prompts")
-    return prompts
+    return out
+
+
+def read_prompts(path: str) -> List[str]:
+    """Prompts from a JSONL file with a string "prompt" field on every line (`prompt_lines`)."""
+    return [p for _, p in prompt_lines(path)]

@@ -5,6 +5,7 @@ gathered from the processes (each stream counted by one)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Dict, List
 
 import jax
@@ -14,6 +15,10 @@ from fr_jax import distributed
 from fr_jax import sharding as sh
 from fr_jax.data import DataReport, load_records, tokenize_pref, tokenize_sft
 from fr_jax.data.streams import Layout, auto_streams, split_entries
+from fr_jax.errors import DataError
+
+
+FORMATS = "JSONL, JSON, Parquet or a folder saved with datasets"
 
 
 @dataclasses.dataclass
@@ -50,6 +55,15 @@ def load_stage_data(path: str, kind: str, tokenizer, dc, layout: Layout) -> Stag
     """Reads and tokenizes the entries of `path` that this process's streams hold; the
     report and counts cover the whole file (a collective where there are several
     processes)."""
+    field = "data.sft_path" if kind == "sft" else "data.pref_path"
+    what = ("SFT examples (prompt, response)" if kind == "sft"
+            else "preference pairs (prompt, chosen, rejected)")
+    if not path:
+        raise DataError(f"no training data: --config.{field} is not set; point it at the "
+                        f"{what}: {FORMATS}")
+    if not os.path.exists(path):
+        raise DataError(f"--config.{field}={path!r} does not exist; point it at the {what}: "
+                        f"{FORMATS}")
     tokenize = tokenize_sft if kind == "sft" else tokenize_pref
     mine = layout.mine()
     parts = {}
