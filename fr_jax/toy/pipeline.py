@@ -29,7 +29,7 @@ import numpy as np
 
 from fr_jax.baselines import seqroute_pipeline as S
 from fr_jax.baselines.merging import merge_hf
-from fr_jax.config import base_config, check_ranges
+from fr_jax.config import base_config
 from fr_jax.data.preference import PairSettings, Source, build_pairs, write_pairs
 from fr_jax.eval import harness, report
 from fr_jax.eval.benchmarks import toy_examples
@@ -40,6 +40,7 @@ from fr_jax.models import Model, ModelConfig, RopeConfig
 from fr_jax.sampling import Sampling
 from fr_jax.tensorboard import summary_writer
 from fr_jax.toy import world as W
+from fr_jax.toy.checks import check_demo, start_world
 from fr_jax.training import finetune, record, train
 
 EXPERT_NAMES = W.DOMAINS
@@ -169,22 +170,7 @@ def adopt_trained(cfg, root: str, tokenizer):
     run's is (same world seed and training pools; this run's held-out prompts among its
     held-out ones) and its models have this config's shapes: otherwise the adopted experts
     could have trained on this run's test prompts."""
-    src = os.path.abspath(cfg.start_from)
-    world_file = os.path.join(src, "world.json")
-    if not os.path.isfile(world_file):
-        raise ConfigError(f"start_from={cfg.start_from!r} is not a bundled world (no "
-                          "world.json); leave start_from empty to train the experts")
-    with open(world_file) as f:
-        made = json.load(f)
-    want = {"seed": cfg.world.seed, "n_train": cfg.world.n_train}
-    diff = {k: (made.get(k), v) for k, v in want.items() if made.get(k) != v}
-    if made.get("n_test", -1) < cfg.world.n_test:
-        diff["n_test"] = (made.get("n_test"), cfg.world.n_test)
-    if diff:
-        raise ConfigError(
-            f"the world in {src} was drawn with different settings ({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in diff.items())}); "
-            "set world.seed / world.n_train to its values (world.n_test at most its), or "
-            "leave start_from empty")
+    src = start_world(cfg)
     # A bundle keeps the experts at <src>/<domain>; a pipeline's root at experts/<domain>.
     layout = "experts/{}" if os.path.isdir(os.path.join(src, "experts")) else "{}"
     same = lambda folder, m: all(getattr(load_config(os.path.join(src, folder)), k) ==
@@ -405,7 +391,7 @@ def train_world(cfg, root: str, mark=lambda name, since: time.perf_counter()):
 
 def run_pipeline(cfg) -> dict:
     """The whole pipeline; returns the results dict (also written under cfg.workdir)."""
-    check_ranges(cfg)  # numbers and words (cdpo.chosen) before any work, as the CLI does
+    check_demo(cfg)  # every setting, and where it writes, before any work
     if not cfg.baselines:  # refused before any work, not at the evaluation
         needs = [m for m in cfg.eval.modes
                  if m in ("finetuned", "sequence") or m.startswith("merged")]
