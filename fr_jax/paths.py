@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from typing import Iterable, Union
 
 from fr_jax.errors import ConfigError
@@ -46,10 +47,22 @@ def check_output(path: str, what: str, inputs: Iterable[str] = (),
     if not makes_folders and existing != parent:
         raise ConfigError(f"{what} {path!r}: folder {os.path.dirname(path) or '.'!r} does not "
                           "exist; create it first or choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not _can_create_in(existing):
         raise ConfigError(f"{what} {path!r}: folder {existing!r} is not writable; choose a "
                           "folder you can write to")
     return path
+
+
+def _can_create_in(folder: str) -> bool:
+    """Whether a file can be created in `folder`, tried rather than asked: os.access says
+    yes to root on a read-only mount or a pseudo-filesystem, where the real write fails."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fr_jax-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.remove(probe)
+    return True
 
 
 @contextlib.contextmanager

@@ -85,7 +85,7 @@ def test_cli_baseline_modes_name_what_is_missing(tmp_path):
 
 def test_cli_missing_checkpoint(world):
     with pytest.raises(SystemExit, match="checkpoint folder '/no/such/router' does not exist"):
-        main(_args(world, "--config.router.path=/no/such/router"))
+        main(["--config.router.path=/no/such/router", *_args(world)[1:]])
 
 
 def test_cli_tokenizer_mismatch(world, tmp_path):

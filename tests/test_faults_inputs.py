@@ -36,7 +36,7 @@ def _snapshot(root):
 
 def _place(tmp_path, case: str, name: str):
     """(a path to write to that cannot be written, the message's tail) for `case`: an
-    existing folder, a path under a regular file, or a file in a read-only folder."""
+    existing folder, a path under a regular file, or a file in a folder that takes none."""
     if case == "folder":
         folder = tmp_path / name
         folder.mkdir()
@@ -46,14 +46,9 @@ def _place(tmp_path, case: str, name: str):
         (tmp_path / "plain").write_text("a file, not a folder\n")
         return (str(tmp_path / "plain" / name),
                 f": {str(tmp_path / 'plain')!r} is a file, not a folder; choose another path")
-    folder = tmp_path / "read_only"
-    folder.mkdir()
-    folder.chmod(0o555)
-    if os.access(folder, os.W_OK):
-        pytest.skip("running as root: a read-only folder stays writable (the path under a "
-                    "file covers the impossible case)")
-    return (str(folder / name),
-            f": folder {str(folder)!r} is not writable; choose a folder you can write to")
+    # /proc takes no new files, whoever asks (a chmod'ed folder stays writable for root)
+    return (os.path.join("/proc", name),
+            ": folder '/proc' is not writable; choose a folder you can write to")
 
 
 CASES = ("folder", "under_file", "read_only")
