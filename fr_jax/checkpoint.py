@@ -4,10 +4,12 @@ the latest good one, restore onto whatever mesh is current.
 Orbax writes each step into a temporary folder and renames it when complete, so a crash
 mid-save never leaves a step that looks finished. A step that is nevertheless bad (a file
 deleted or truncated, bytes flipped on disk) fails to restore, restores to non-finite
-values, or restores to values whose fingerprint (per-leaf sums saved with the step) no
-longer matches: it is moved aside into `<directory>.corrupt/` (never deleted), with a
-warning, and the previous step is tried. A save that fails (disk full) raises a
-CheckpointError that says the earlier steps are intact.
+values, or restores to values whose checksum (per-leaf, saved with the step: see
+`checksum`) no longer matches: it is moved aside into `<directory>.corrupt/` (never
+deleted), with a warning, and the previous step is tried. Resuming from an earlier step
+than the newest (`restore(upto=...)`) moves the later steps aside into
+`<directory>.abandoned/`, so nothing a run saved is ever deleted by going back. A save that
+fails (disk full) raises a CheckpointError that says the earlier steps are intact.
 """
 
 from __future__ import annotations
@@ -41,8 +43,42 @@ def fingerprint(tree) -> List[List[float]]:
     return [[float(a), float(b)] for a, b in jax.device_get(_sums(tree))]
 
 
+def _words(x):
+    """The leaf's bytes as uint32 words: narrower types widened, 8-byte ones split in two
+    (bitcast, so every bit of the stored value is in some word)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).ravel()
+    size = x.dtype.itemsize
+    if size < 4:
+        return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]) \
+            .astype(jnp.uint32).ravel()
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
+
+
+@jax.jit
+def _checksums(tree):
+    out = []
+    for x in jax.tree.leaves(tree):
+        w = _words(x)
+        odd = jnp.arange(w.size, dtype=jnp.uint32) * 2 + 1
+        out.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * odd, dtype=jnp.uint32)]))
+    return out
+
+
+def checksum(tree) -> List[List[int]]:
+    """Per leaf [sum of its words, sum of word i times (2i+1)], both modulo 2**32, over the
+    logical array's bits (`_words`). Integer addition modulo 2**32 is exact and
+    order-free, so any mesh, sharding or process count gives the same numbers (float sums
+    do not, hence the old tolerance that let small flips through). A single flipped bit
+    changes one word by +-2**k (k < 32), which moves the first sum by +-2**k and the
+    second by +-(2i+1) * 2**k, neither 0 modulo 2**32: every single-bit flip is caught, by
+    both; the odd weights also catch most swaps of words, which the plain sum cannot."""
+    return [[int(a), int(b)] for a, b in jax.device_get(_checksums(tree))]
+
+
 def _mismatch(saved, got) -> Optional[str]:
-    """Why `got` is not the state whose fingerprint is `saved` (None when it is)."""
+    """Why `got` is not the state whose fingerprint is `saved` (None when it is): the
+    check of steps saved before `checksum` existed."""
     if len(saved) != len(got):
         return f"{len(got)} arrays where {len(saved)} were saved"
     for i, ((s, s_abs), (g, g_abs)) in enumerate(zip(saved, got)):
@@ -52,6 +88,23 @@ def _mismatch(saved, got) -> Optional[str]:
         if abs(g_abs - s_abs) > tol or abs(g - s) > tol:
             return f"array {i}'s sums ({g:.6g}, {g_abs:.6g}) differ from the saved " \
                    f"({s:.6g}, {s_abs:.6g})"
+    return None
+
+
+def _verify(meta, state) -> Optional[str]:
+    """Why a restored `state` is not the one saved with `meta` (None when it is): the exact
+    checksum where the step has one, else the float fingerprint of older steps."""
+    if "checksum" in meta:
+        got = checksum(state)
+        if len(got) != len(meta["checksum"]):
+            return f"{len(got)} arrays where {len(meta['checksum'])} were saved"
+        leaves = jax.tree_util.tree_leaves_with_path(state)
+        for (path, _), s, g in zip(leaves, meta["checksum"], got):
+            if list(s) != g:
+                return f"{jax.tree_util.keystr(path)}'s checksum {g} differs from the saved {s}"
+        return None
+    if "fingerprint" in meta:
+        return _mismatch(meta["fingerprint"], fingerprint(state))
     return None
 
 
@@ -69,7 +122,9 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict):
         """Saves (state pytree, JSON meta) as `step`; returns once it is on disk."""
-        meta = dict(meta, fingerprint=fingerprint(state))
+        # The float sums find non-finite values (kept for that); the checksum is what a
+        # restore must reproduce exactly.
+        meta = dict(meta, fingerprint=fingerprint(state), checksum=checksum(state))
         bad = [i for i, sums in enumerate(meta["fingerprint"]) if not np.all(np.isfinite(sums))]
         if bad:
             done = self.steps()
@@ -96,32 +151,43 @@ class Checkpointer:
                 + (f"The last complete checkpoint, step {done[-1]}, is intact: " if done else
                    "No earlier checkpoint exists: ") + fix) from None
 
-    def restore_latest(self, abstract_state) -> Optional[Tuple[Any, dict, int]]:
-        """(state, meta, step) of the newest good checkpoint, placed with the shardings in
-        `abstract_state` (ShapeDtypeStructs); None when there is none. Bad steps are moved
-        aside on the way (see the module docstring)."""
-        for step in reversed(self.steps()):
+    def restore_latest(self, abstract_state, upto: Optional[int] = None
+                       ) -> Optional[Tuple[Any, dict, int]]:
+        """(state, meta, step) of the newest good checkpoint (of those at or before step
+        `upto`, when given), placed with the shardings in `abstract_state`
+        (ShapeDtypeStructs); None when there is none. Bad steps are moved aside on the way,
+        and so are the steps after the one restored (see the module docstring)."""
+        for step in reversed([s for s in self.steps() if upto is None or s <= upto]):
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-                why = _mismatch(out.meta["fingerprint"], fingerprint(out.state)) \
-                    if "fingerprint" in out.meta else None
+                why = _verify(out.meta, out.state)
             except Exception as e:  # any unreadable step: fall back to the previous one
                 why = f"unreadable: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             if why is None:
+                later = [s for s in self.steps() if s > step]
+                if later:
+                    self._move(later, ".abandoned")
+                    log.warning("resuming %s from step %d: the steps after it (%s) were moved to "
+                                "%s.abandoned/ (kept, not deleted)", self.directory, step,
+                                ", ".join(map(str, later)), self.directory)
                 return out.state, out.meta, step
-            self._set_aside(step, why)
+            aside = self._move([step], ".corrupt")
+            log.warning("checkpoint step %d in %s is bad (%s); moved it to %s and trying the "
+                        "previous one", step, self.directory, why, aside)
         return None
 
-    def _set_aside(self, step: int, why: str):
-        aside = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time())}")
-        if distributed.is_main():  # one mover; the others wait for it
-            os.makedirs(os.path.dirname(aside), exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), aside)
-        distributed.barrier(f"fr_jax-set-aside-{step}")
+    def _move(self, steps, suffix: str) -> str:
+        """Moves `steps` into `<directory><suffix>/<step>-<time>`; returns the last one's."""
+        stamp = int(time.time())
+        for step in steps:
+            aside = os.path.join(self.directory + suffix, f"{step}-{stamp}")
+            if distributed.is_main():  # one mover; the others wait for it
+                os.makedirs(os.path.dirname(aside), exist_ok=True)
+                shutil.move(os.path.join(self.directory, str(step)), aside)
+        distributed.barrier(f"fr_jax-move-{suffix}-{steps[0]}")
         self.manager.reload()
-        log.warning("checkpoint step %d in %s is bad (%s); moved it to %s and trying the "
-                    "previous one", step, self.directory, why, aside)
+        return aside
 
     def close(self):
         self.manager.close()

@@ -109,6 +109,8 @@ def base_config() -> ml_collections.ConfigDict:
     # A resume must find the run's settings and data unchanged (<workdir>/run.json); True
     # resumes anyway and records the differences there.
     c.train.accept_changes = False
+    c.train.resume_step = 0  # resume from this step, not the newest (0); later steps are set aside
+    c.train.spike_factor = 100.0  # loss / grad norm this x its recent median: diverging; 0 = never
     c.train.distributed = "auto"  # auto | yes | no: jax.distributed.initialize() multi-host
     c.train.log_every = 10  # steps between logged losses (TensorBoard, console)
     c.train.eval_every = 100  # 0 = never
@@ -364,6 +366,7 @@ RANGES = {
     "train.batch_size": (1, None), "train.grad_accum": (1, None), "train.loss_block": (0, None),
     "train.log_every": (1, None), "train.eval_every": (0, None), "train.eval_batches": (1, None),
     "train.sample_every": (0, None), "train.ckpt_every": (1, None), "train.keep": (1, None),
+    "train.resume_step": (0, None), "train.spike_factor": (0, None),
     "train.clip": ("(0", None), "train.weight_decay": (0, None), "train.b1": (0, "1)"),
     "train.b2": (0, "1)"), "train.sft.lm_weight": (0, None),
     "train.sft.lm_mix": (0, 1), "train.cdpo.beta": ("(0", None),
@@ -425,6 +428,10 @@ def check_ranges(config, ranges=None):
                 raise ConfigError(f"--config.{key}={v!r} is out of range: it must be a finite "
                                   f"number in {span}")
     if ranges is None:
+        factor = config.get("train", {}).get("spike_factor", 0)
+        if 0 < factor <= 1:  # RANGES has no "0 or above 1"
+            raise ConfigError(f"--config.train.spike_factor={factor!r} would stop every run: "
+                              "it must be 0 (never) or above 1")
         for key, words in CHOICES.items():
             node = config
             for part in key.split("."):

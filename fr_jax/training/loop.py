@@ -120,8 +120,8 @@ class _Watch:
             return (f"No checkpoint predates the rise (step {start}): start anew in another "
                     f"--config.train.workdir with a lower lr ({lower}), a longer warmup or a "
                     "lower train.clip.")
-        return (f"Resume from step {good}, the last checkpoint saved before the rise (step "
-                f"{start}), with a lower lr (or a longer warmup, a lower train.clip): "
+        return (f"Resume from step {good}, the last checkpoint saved before the rise began "
+                f"(step {start}), with a lower lr (or a longer warmup, a lower train.clip): "
                 f"--config.train.resume_step={good} {lower} --config.train.accept_changes=True "
                 "(later checkpoints are moved aside, not deleted).")
 
@@ -141,7 +141,7 @@ class _Watch:
 
     def _spike(self, k, v, micro, median) -> str:
         start, good = self._good_step(k, micro, median)
-        recent = ", ".join(f"{x:.4g}" for _, x in self.recent[k][-5:])
+        recent = ", ".join(f"{x:.4g}" for _, x in self.recent[k][-5:] + [(micro, v)])
         return (f"[{self.stage}] {k} jumped to {v:.4g} at step {micro}, {v / median:.0f}x its "
                 f"median {median:.4g} over the last {len(self.recent[k])} updates (recent: "
                 f"{recent}): the run is diverging; training stopped and nothing was exported. "
