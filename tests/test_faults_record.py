@@ -22,9 +22,8 @@ TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """Models copied out of the package (a test replaces one), a data file, and a finished
-    4-step run with a checkpoint at every step."""
+def inputs(tmp_path_factory):
+    """Models copied out of the package (a test replaces one) and a data file."""
     root = tmp_path_factory.mktemp("record")
     world = bundled_world()
     models = {n: str(root / "models" / n) for n in ["router_base"] + world["names"]}
@@ -35,7 +34,13 @@ def setup(tmp_path_factory):
     sft = root / "sft.jsonl"
     W.write_jsonl(str(sft), [t.record() for t in W.mixture(
         data.train, {d: 1.0 for d in W.EVAL_DOMAINS}, 160, 3)])
-    s = {"root": root, "models": models, "sft": sft, "run": root / "run"}
+    return {"root": root, "models": models, "sft": sft}
+
+
+@pytest.fixture(scope="module")
+def setup(inputs):
+    """The inputs and a finished 4-step run on them, with a checkpoint at every step."""
+    s = dict(inputs, run=inputs["root"] / "run")
     _train(*_args(s, s["run"]))
     return s
 
@@ -206,12 +211,12 @@ def test_the_checksum_catches_every_single_bit_and_ignores_the_sharding(dtype):
 
 
 # ------------------------------------------------------------------ 4: divergence
-def test_a_run_diverging_while_finite_stops_and_resumes_from_before_the_rise(setup, tmp_path,
+def test_a_run_diverging_while_finite_stops_and_resumes_from_before_the_rise(inputs, tmp_path,
                                                                             caplog):
     """lr=30: the loss goes 13.8, 14.4, then ~1900 at step 3 (finite; NaN would come later
     from weights of ~1e8). The run stops there, naming step 1 (checkpoint 2's params gave
     the jump); the resume it prints moves step 2 aside, keeps it, and trains to the end."""
-    s = setup
+    s = inputs
     run = tmp_path / "run"
     msg = _refused(*_args(s, run, "--config.train.sft.lr=30", "--config.train.sft.warmup=4"))
     assert "[sft] loss jumped to" in msg and "at step 3" in msg and "(recent: 13." in msg, msg
