@@ -136,6 +136,7 @@ def test_training_names_the_data_field_that_is_missing(tmp_path, stage, argv, me
                         f"--config.train.workdir={tmp_path / 'run'}",
                         f"--config.train.stages=('{stage}',)", *args])
     assert got == "error: " + message.format(missing=missing)
+    assert not (tmp_path / "run").exists()  # checked before the workdir is touched
 
 
 # ------------------------------------------------------------------ 4. the demo's settings

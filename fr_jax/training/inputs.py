@@ -51,10 +51,9 @@ def layout_for(mesh, batch_size: int, n_streams: int) -> Layout:
                   jax.process_index())
 
 
-def load_stage_data(path: str, kind: str, tokenizer, dc, layout: Layout) -> StageData:
-    """Reads and tokenizes the entries of `path` that this process's streams hold; the
-    report and counts cover the whole file (a collective where there are several
-    processes)."""
+def check_data_path(path: str, kind: str):
+    """Raises DataError naming the config field when a stage's data file (kind sft | pref)
+    is not set or does not exist."""
     field = "data.sft_path" if kind == "sft" else "data.pref_path"
     what = ("SFT examples (prompt, response)" if kind == "sft"
             else "preference pairs (prompt, chosen, rejected)")
@@ -64,6 +63,13 @@ def load_stage_data(path: str, kind: str, tokenizer, dc, layout: Layout) -> Stag
     if not os.path.exists(path):
         raise DataError(f"--config.{field}={path!r} does not exist; point it at the {what}: "
                         f"{FORMATS}")
+
+
+def load_stage_data(path: str, kind: str, tokenizer, dc, layout: Layout) -> StageData:
+    """Reads and tokenizes the entries of `path` that this process's streams hold; the
+    report and counts cover the whole file (a collective where there are several
+    processes)."""
+    check_data_path(path, kind)
     tokenize = tokenize_sft if kind == "sft" else tokenize_pref
     mine = layout.mine()
     parts = {}

@@ -27,7 +27,7 @@ from fr_jax.router import Router, save_router
 from fr_jax.tensorboard import summary_writer
 from fr_jax.trace import render_text
 from fr_jax.training import record
-from fr_jax.training.inputs import layout_for, load_stage_data
+from fr_jax.training.inputs import check_data_path, layout_for, load_stage_data
 from fr_jax.training.objectives import sft_needs_experts
 from fr_jax.training.precompute import precompute_reference, precompute_signals
 from fr_jax.training.stage import build_stage, init_state, micro_batch_size, trained_cfg, frozen_cfg
@@ -374,6 +374,7 @@ def train(config, progress: bool = True) -> str:
     the experts of config.experts.paths (returns the exported router's folder); lm alone
     fine-tunes one plain model (see `finetune`; returns its folder)."""
     check_ranges(config)
+    check_run(config)
     distributed.initialize(config.train.distributed)
     with hold(config):
         try:
@@ -382,20 +383,33 @@ def train(config, progress: bool = True) -> str:
             raise Interrupted(resume_note(config)) from None
 
 
-def _train(config, progress: bool) -> str:
+def check_run(config):
+    """What a run needs before it touches its workdir: known stages (lm alone), the
+    checkpoints named, each stage's data file present."""
     tc = config.train
-    if "lm" in tc.stages:
-        if tuple(tc.stages) != ("lm",):
-            raise TrainError("stage lm trains one plain model and runs on its own "
-                             f"(train.stages=('lm',)), got {tuple(tc.stages)}")
-        return finetune(config, progress)
-    bad = [s for s in tc.stages if s not in ("sft", "cdpo")]
+    bad = [s for s in tc.stages if s not in ("sft", "cdpo", "lm")]
     if bad:
         raise TrainError(f"unknown training stage {bad[0]!r}; stages are 'sft', 'cdpo' "
                          "(the router) or 'lm' (one plain model, alone)")
-    router_path, expert_paths = config.router.path, list(config.experts.paths)
-    if not router_path or not expert_paths:
+    if "lm" in tc.stages and tuple(tc.stages) != ("lm",):
+        raise TrainError("stage lm trains one plain model and runs on its own "
+                         f"(train.stages=('lm',)), got {tuple(tc.stages)}")
+    if "lm" in tc.stages and not tc.lm.init:
+        raise TrainError("stage lm fine-tunes an existing model: set --config.train.lm.init "
+                         "to its HF folder")
+    if "lm" not in tc.stages and (not config.router.path or not config.experts.paths):
         raise TrainError("set both --config.router.path and --config.experts.paths")
+    for name in tc.stages:
+        kind = "pref" if name == "cdpo" else "sft"
+        check_data_path(config.data.pref_path if kind == "pref" else config.data.sft_path,
+                        kind)
+
+
+def _train(config, progress: bool) -> str:
+    tc = config.train
+    if "lm" in tc.stages:
+        return finetune(config, progress)
+    router_path, expert_paths = config.router.path, list(config.experts.paths)
     mesh = sh.mesh_from_config(config.mesh)
     dtype = config.model.dtype
     lineup = load_lineup(router_path, expert_paths, names=config.experts.names, mesh=mesh,
