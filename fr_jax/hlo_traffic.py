@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Tuple
 
+import numpy as np
+
 _ITEM = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
          "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}
@@ -141,6 +143,13 @@ def _root_op(lines: List[str]) -> str:
     return ""
 
 
+def _loop_trips(while_rest: str, cond: List[str]) -> int:
+    """Iterations of a loop: XLA's own count where the compiler recorded it (backend_config
+    known_trip_count), else read from its condition."""
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_rest)
+    return max(1, int(m.group(1))) if m else _trip_count(cond)
+
+
 def _trip_count(cond: List[str]) -> int:
     """Iterations of a loop whose condition is `counter < constant` (a scan, a fori_loop
     from 0); 1 when the condition has another form."""
@@ -161,20 +170,20 @@ def _trip_count(cond: List[str]) -> int:
     return max(1, consts.get(operands[1], 1)) if len(operands) == 2 else 1
 
 
-def hbm_bytes(hlo_text: str, trips: bool = False) -> float:
-    """Bytes read from and written to HBM by one run of the program. A loop body counts
-    once (XLA's cost analysis does the same), or with `trips` as many times as the loop
-    runs (a `counter < constant` condition); a conditional counts its costliest branch."""
+def _fold(hlo_text: str, trips: bool, leaf, zero, rank=lambda v: v):
+    """Sum of `leaf(op, type, rest, types, comps)` over the instructions one run executes:
+    the scheduled computations from the entry down, a loop's body and condition once or with
+    `trips` as many times as it runs, a call's callee, the conditional branch of highest
+    `rank`. Leaves may be numbers or numpy arrays (several totals in one walk)."""
     comps = _computations(hlo_text)
-    fused: Dict[str, Tuple[Dict[int, int], bool]] = {}
-    memo: Dict[str, float] = {}
+    memo: Dict[str, object] = {}
 
-    def cost(cname: str) -> float:
+    def cost(cname: str):
         if cname in memo:
             return memo[cname]
-        memo[cname] = 0.0  # a (malformed) recursive call counts nothing
+        memo[cname] = zero  # a (malformed) recursive call counts nothing
         types: Dict[str, str] = {}
-        total = 0.0
+        total = zero
         for line in comps.get(cname, []):
             m = _INSTR.match(line)
             if not m:
@@ -183,25 +192,38 @@ def hbm_bytes(hlo_text: str, trips: bool = False) -> float:
             types[name] = ty
             callees = lambda key: re.findall(key + r"=%([\w.\-]+)", rest)
             if op == "while":
-                n = _trip_count(comps.get(callees("condition")[0], [])) if trips else 1
-                total += n * sum(cost(c) for c in callees("body") + callees("condition"))
-                continue
-            if op == "call":
-                total += sum(cost(c) for c in callees("to_apply"))
-                continue
-            if op == "conditional":
+                n = _loop_trips(rest, comps.get(callees("condition")[0], [])) if trips else 1
+                for c in callees("body") + callees("condition"):
+                    total = total + n * cost(c)
+            elif op == "call":
+                for c in callees("to_apply"):
+                    total = total + cost(c)
+            elif op == "conditional":
                 b = re.search(r"branch_computations=\{([^}]*)\}", rest)
                 branches = (re.findall(r"%([\w.\-]+)", b.group(1)) if b else
                             callees("true_computation") + callees("false_computation"))
-                total += max((cost(c) for c in branches), default=0.0)
-                continue
-            if op in _FREE:
-                continue
-            total += _instruction_bytes(op, ty, rest, types, comps, fused)
+                if branches:
+                    total = total + max((cost(c) for c in branches), key=rank)
+            else:
+                total = total + leaf(op, ty, rest, types, comps)
         memo[cname] = total
         return total
 
-    return float(cost("ENTRY"))
+    return cost("ENTRY")
+
+
+def hbm_bytes(hlo_text: str, trips: bool = False) -> float:
+    """Bytes read from and written to HBM by one run of the program. A loop body counts
+    once (XLA's cost analysis does the same), or with `trips` as many times as the loop
+    runs; a conditional counts its costliest branch."""
+    fused: Dict[str, Tuple[Dict[int, int], bool]] = {}
+
+    def leaf(op, ty, rest, types, comps):
+        if op in _FREE:
+            return 0
+        return _instruction_bytes(op, ty, rest, types, comps, fused)
+
+    return float(_fold(hlo_text, trips, leaf, 0.0))
 
 
 def _instruction_bytes(op, ty, rest, types, comps, fused) -> int:
@@ -238,3 +260,87 @@ def _instruction_bytes(op, ty, rest, types, comps, fused) -> int:
         rest_ops = sum(_hbm(types.get(o, "")) for o in operands[1:])
         return min(src, out) + _hbm(ty) + rest_ops
     return sum(_hbm(types.get(o, "")) for o in operands) + _hbm(ty)
+
+
+# ---------------------------------------------------------------------------- collectives
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def ring_factor(kind: str, n: int) -> float:
+    """Bytes each of `n` participants sends, per byte of the collective's buffer, in a ring:
+    an all-reduce is a reduce-scatter then an all-gather of the whole buffer; an all-gather
+    or a reduce-scatter passes on n - 1 of the n shards of the whole (gathered, or not yet
+    scattered) buffer; an all-to-all keeps 1/n of its buffer; a permute sends it all."""
+    if kind == "collective-permute":
+        return 1.0
+    if n <= 1:
+        return 0.0
+    return (2.0 if kind == "all-reduce" else 1.0) * (n - 1) / n
+
+
+def group_size(rest: str, devices: int) -> int:
+    """Participants of each group of a collective, from its replica_groups in any of the
+    forms XLA prints: explicit {{0,1,..},..}, iota [groups,size]<=[..], mesh axes
+    mesh['a'=2,'b'=4] {'b'}; an empty list means every device."""
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=", rest)
+    if m:
+        return int(m.group(1).split(",")[-1])
+    m = re.search(r"replica_groups=\{\{([\d,\s]*)\}", rest)
+    if m:
+        return len([d for d in m.group(1).split(",") if d.strip()])
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", rest)
+    if m:
+        sizes = {a: int(s) for a, s in re.findall(r"'([^']+)'(?::\(\d+\))?=(\d+)", m.group(1))}
+        n = 1
+        for axis in re.findall(r"'([^']+)'", m.group(2)):
+            n *= sizes.get(axis, 1)
+        return n
+    return devices
+
+
+def _collective(op: str, rest: str, comps: Dict[str, List[str]]):
+    """(kind, the text holding its replica groups) of a collective, or None: the op itself,
+    its -start half, or an async-start wrapping one (its -done halves move nothing new)."""
+    for kind in KINDS:
+        if op in (kind, kind + "-start"):
+            return kind, rest
+    if op == "async-start":
+        callee = re.search(r"calls=%([\w.\-]+)", rest)
+        for line in comps.get(callee.group(1) if callee else "", []):
+            m = _INSTR.match(line)
+            if m and line.lstrip().startswith("ROOT") and m.group(3) in KINDS:
+                return m.group(3), m.group(4)
+    return None
+
+
+def collectives(hlo_text: str, trips: bool = False) -> Dict[str, Dict[str, float]]:
+    """Every collective one run of the program makes, per kind: {count, bytes (the whole
+    buffer: an all-gather's gathered result, a reduce-scatter's operand, the others'
+    operands), wire (bytes each participant sends, `ring_factor`)}. Loops count once or
+    with `trips` as many times as they run; a conditional counts the branch that sends
+    the most."""
+    head = re.search(r"num_partitions=(\d+)", hlo_text)
+    replicas = re.search(r"replica_count=(\d+)", hlo_text)
+    devices = int(head.group(1) if head else 1) * int(replicas.group(1) if replicas else 1)
+    zero = np.zeros((len(KINDS), 3))
+
+    def leaf(op, ty, rest, types, comps):
+        found = _collective(op, rest, comps)
+        if found is None:
+            return zero
+        kind, groups_text = found
+        n = group_size(groups_text, devices)
+        operands = sum(b for o in _split_operands(rest) for b, _ in _arrays(types.get(o, "")))
+        buffer = operands * (n if kind == "all-gather" else 1)
+        out = zero.copy()
+        out[KINDS.index(kind)] = (1, buffer, buffer * ring_factor(kind, n))
+        return out
+
+    total = _fold(hlo_text, trips, leaf, zero, rank=lambda v: v[:, 2].sum())
+    return {k: dict(count=float(c), bytes=float(b), wire=float(w))
+            for k, (c, b, w) in zip(KINDS, total)}
+
+
+def collective_seconds(stats: Dict[str, Dict[str, float]], ici_bw: float) -> float:
+    """Time on the wire of `collectives`' output at `ici_bw` bytes/s sent per chip."""
+    return sum(s["wire"] for s in stats.values()) / ici_bw
