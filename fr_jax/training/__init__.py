@@ -9,7 +9,7 @@ the step: never differentiated, never in the optimizer state.
 
 objectives.py (losses per stage) -> stage.py (optimizer, pjit steps) -> precompute.py
 (frozen models' outputs cached) -> loop.py (the loop, `train`, `finetune`); record.py (what a
-resume must match) and workdir.py (one run per workdir) beside it.
+resume must match), watch.py (divergence) and workdir.py (one run per workdir) beside it.
 """
 
 from fr_jax.training.loop import finetune, run_stage, train  # noqa: F401
