@@ -15,6 +15,11 @@ conditional counts its costliest branch. Per instruction it adds the operands an
 that live in HBM (memory space 0). A fusion operand that is only sliced or gathered (also
 through bitcasts and nested fusions) counts the slices it reads, and an in-place update
 (dynamic-update-slice, or a fusion with one at its root) counts the update only.
+
+`collectives` walks the same computations for what crosses the chips' interconnect: each
+all-reduce, all-gather, reduce-scatter, all-to-all and collective-permute, its buffer, its
+group size and the bytes a ring makes each participant send (`ring_factor`); the planner
+times them (fr_jax.planning.compile).
 """
 
 from __future__ import annotations

@@ -90,6 +90,8 @@ def test_plan_cli_reduced_depth_fits_and_reports(tmp_path, capsys):
     for r in results:
         assert r["fits"] and 0 < r["total"] <= 0.9 * r["usable"], r
     assert "| SFT step |" in text and "15.75 GiB usable" in text
+    assert "| step ms (overlap..no overlap) | MFU ceiling..no overlap |" in text
+    assert all(r["step_overlap_s"] is None and r["mfu_ceiling"] is None for r in results)
 
 
 @pytest.mark.slow
@@ -173,3 +175,32 @@ def test_activation_memory_and_what_remat_blocked_losses_and_fused_attention_sav
     # The fused kernel (what model.attention=auto runs on TPU) keeps no probabilities.
     fused, _, _ = _sft_step(rows, seq, "none", block, "auto")
     assert none - fused >= 0.9 * probs
+
+
+def test_collectives_time_bounds_and_the_calibration_program_on_cpu():
+    """Stage lm's step (fr_jax.planning.calibration) for the bundled toy router on the
+    8-device CPU mesh, timed as if on v6e chips: FSDP makes all-gathers and reduce-scatters
+    every step; the no-overlap step is the full-overlap one plus their time; the table shows
+    the bounds and ceilings under their own names. (The real-size row: docs/planning.md.)"""
+    import jax
+
+    from fr_jax.planning.calibration import calibration_config, lm_programs, row
+
+    c = calibration_config(8, seq_len=128, rows_per_chip=1)
+    c.router.path = bundled_world()["router_base"]
+    chip = plan.CHIPS["v6e"]
+    r, = plan.evaluate(c, chip, jax.devices()[:8], progress=False, build=lm_programs)
+    assert r.program == "LM step (calibration)" and r.flops > 0 and r.hbm_bytes > 0
+    assert r.collectives["all-gather"]["count"] >= 1, r.collectives
+    assert r.collective_s == pytest.approx(sum(
+        k["wire"] for k in r.collectives.values()) / chip.ici_send_bw)
+    assert r.step_no_overlap_s == pytest.approx(
+        max(r.flops / chip.peak_flops, r.hbm_bytes / chip.hbm_bw) + r.collective_s)
+    assert r.step_overlap_s < r.step_no_overlap_s
+    assert 0 < r.mfu_no_overlap < r.mfu_ceiling and r.roofline_ceiling is None
+    text = plan.table([r], "cpu", chip)
+    for column in ("collectives ms/step (count)", "step ms (overlap..no overlap)",
+                   "MFU ceiling..no overlap", "roofline ceiling..no overlap"):
+        assert column in text
+    assert re.search(r"\| \d+\.\d+ \(\d+\) \| [\d.]+\.\.[\d.]+ \| \d+%\.\.\d+% \| - \|", text)
+    assert "45.5% (MaxText)" in row(r)

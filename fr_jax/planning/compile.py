@@ -1,6 +1,19 @@
 """Compiling the programs for the slice and reading what the compiler says: memory per
 chip (the real program at full depth), FLOPs (the same program at depth 1 and 2, every scan
-unrolled, extrapolated in depth) and HBM bytes (fr_jax.hlo_traffic over the optimized HLO)."""
+unrolled, extrapolated in depth), HBM bytes and collectives (fr_jax.hlo_traffic over the
+optimized HLO).
+
+The time model: a step takes at least FLOPs / peak, HBM bytes / HBM bandwidth and its
+collectives' time on the wire, each alone. A collective costs each participant its ring
+bytes (`hlo_traffic.ring_factor`: an all-reduce 2(n-1)/n x its buffer, an all-gather or a
+reduce-scatter (n-1)/n x the whole buffer, an all-to-all (n-1)/n, a permute its buffer) sent
+at the chip's ICI rate, half its published bidirectional bandwidth (`Chip.ici_send_bw`):
+every port of the torus busy, no latency, no hops. That is optimistic for a group spanning
+one dimension of the torus (it has 2 of the chip's 4 or 6 ports), and for small collectives,
+which latency bounds. Two bounds come of it: full overlap, the largest of the three times,
+and no overlap, the larger of compute and memory plus the collectives. MFU and the
+roofline share at full overlap are ceilings; at no overlap they are not forecasts either,
+since every term is itself a lower bound."""
 
 from __future__ import annotations
 
@@ -19,7 +32,7 @@ import numpy as np
 from fr_jax import sharding as sh
 from fr_jax import training
 from fr_jax.config import decode_mesh, frozen_dtype
-from fr_jax.hlo_traffic import hbm_bytes
+from fr_jax.hlo_traffic import collectives, hbm_bytes
 from fr_jax.planning.hardware import Chip, GiB
 from fr_jax.planning.programs import Program, all_programs, decode_programs
 from fr_jax.planning.shapes import model_config
@@ -37,9 +50,15 @@ class Result:
     flops: Optional[float] = None  # per chip per step (compiler, extrapolated in depth)
     hbm_bytes: Optional[float] = None  # fr_jax.hlo_traffic's count
     xla_bytes: Optional[float] = None  # XLA's "bytes accessed" (counts on-chip copies too)
-    step_s: Optional[float] = None
-    mfu: Optional[float] = None
-    roofline: Optional[float] = None
+    # per chip per step, by kind: count, bytes (whole buffers), wire (ring bytes), seconds
+    collectives: Dict[str, Dict[str, float]] = dataclasses.field(default_factory=dict)
+    collective_s: Optional[float] = None  # their time on the wire
+    step_overlap_s: Optional[float] = None  # max(compute, memory, collectives): a floor
+    step_no_overlap_s: Optional[float] = None  # max(compute, memory) + collectives
+    mfu_ceiling: Optional[float] = None  # model FLOPs over the full-overlap step
+    mfu_no_overlap: Optional[float] = None
+    roofline_ceiling: Optional[float] = None  # bytes a decode step must read, same
+    roofline_no_overlap: Optional[float] = None
     error: str = ""
     largest: List[str] = dataclasses.field(default_factory=list)
 
@@ -103,21 +122,22 @@ def shallow(cfg, depth: int):
 
 
 def measure_costs(config, rcfg, ecfgs, meshes, programs: Sequence[Program],
-                  progress: bool = False) -> Dict[str, Tuple[float, float]]:
+                  progress: bool = False, build=all_programs) -> Dict[str, Tuple[float, float]]:
     """Per costed program: (FLOPs, XLA's bytes accessed) per chip per step at full depth,
     extrapolated from the program unrolled at router/expert depths (1, 1), (2, 1), (1, 2):
     cost = c11 + (Lr - 1)(c21 - c11) + (Le - 1)(c12 - c11); a program that runs only the
     router (or only the experts) needs two of the three. A training step is costed as one
     micro-batch times their number (unrolled, the micro-batches would all be alive at once
-    and the variant may not fit the chip)."""
+    and the variant may not fit the chip). `build` makes the programs (all_programs'
+    signature)."""
     want = {p.name: p for p in programs if p.costed}
     one_micro = config.copy_and_resolve_references()
     one_micro.train.batch_size = training.micro_batch_size(config.train)
     one_micro.train.grad_accum = 1
     variants: Dict[str, Dict[Tuple[int, int], np.ndarray]] = {}
     for dr, de in ((1, 1), (2, 1), (1, 2)):
-        progs = all_programs(one_micro, shallow(rcfg, dr), [shallow(c, de) for c in ecfgs],
-                             meshes, single_expert=True)
+        progs = build(one_micro, shallow(rcfg, dr), [shallow(c, de) for c in ecfgs], meshes,
+                      single_expert=True)
         for p in progs:
             full = want.get(p.name)
             if full is None or (dr == 2 and "router" not in full.uses) or (
@@ -158,18 +178,42 @@ def _memory(p: Program, compiled, err: str, dump: str, usable: float,
                   largest=[] if fits else largest_buffers(dump))
 
 
-def _traffic(dump: str, steps: int) -> Optional[float]:
-    """HBM bytes per step of the program XLA dumped to `dump`: every loop counted as many
-    times as it runs (fr_jax.hlo_traffic), over the `steps` one run makes."""
+def _traffic(dump: str, steps: int, ici_bw: float):
+    """(HBM bytes, collectives) per step of the program XLA dumped to `dump`: every loop
+    counted as many times as it runs (fr_jax.hlo_traffic), over the `steps` one run makes;
+    None where nothing was dumped. Collectives' seconds at `ici_bw` bytes/s sent per chip."""
     files = glob.glob(os.path.join(dump, "*after_optimizations.txt"))
     if not files:
         return None
     with open(max(files, key=os.path.getsize)) as f:
-        return hbm_bytes(f.read(), trips=True) / steps
+        text = f.read()
+    per_step = {kind: {k: v / steps for k, v in stats.items()}
+                for kind, stats in collectives(text, trips=True).items() if stats["count"]}
+    for stats in per_step.values():
+        stats["seconds"] = stats["wire"] / ici_bw
+    return hbm_bytes(text, trips=True) / steps, per_step
 
 
-def evaluate(config, chip: Chip, devices, progress: bool = True) -> List[Result]:
-    """Compiles every program of `config` for the slice and returns one Result each."""
+def step_time(r: Result, p: Program, chip: Chip, n_chips: int):
+    """Fills r's step-time bounds, MFU and roofline share from its FLOPs, bytes and
+    collectives (the model in this module's docstring)."""
+    r.collective_s = sum(c["seconds"] for c in r.collectives.values())
+    busy = max(r.flops / chip.peak_flops, r.hbm_bytes / chip.hbm_bw)
+    r.step_overlap_s = max(busy, r.collective_s)
+    r.step_no_overlap_s = busy + r.collective_s
+    if p.kind == "train" and p.model_flops:
+        useful = p.model_flops / n_chips / chip.peak_flops
+        r.mfu_ceiling, r.mfu_no_overlap = useful / r.step_overlap_s, useful / r.step_no_overlap_s
+    if p.roofline_bytes:
+        floor = p.roofline_bytes / n_chips / chip.hbm_bw
+        r.roofline_ceiling = floor / r.step_overlap_s
+        r.roofline_no_overlap = floor / r.step_no_overlap_s
+
+
+def evaluate(config, chip: Chip, devices, progress: bool = True,
+             build=all_programs) -> List[Result]:
+    """Compiles every program of `config` (made by `build`, all_programs' signature) for
+    the slice and returns one Result each."""
     pc = config.plan
     meshes = {kind: sh.make_mesh({a: int(m.get(a, 1)) for a in sh.MESH_AXES}, devices)
               for kind, m in (("train", config.mesh), ("decode", decode_mesh(config)))}
@@ -182,7 +226,7 @@ def evaluate(config, chip: Chip, devices, progress: bool = True) -> List[Result]
     if pc.depth:  # reduced depth (tests): real widths and vocabularies, fewer layers
         cut = lambda c: c.replace(num_layers=pc.depth, layer_types=c.layer_types[:pc.depth])
         rcfg, ecfgs = cut(rcfg), [cut(c) for c in ecfgs]
-    programs = all_programs(config, rcfg, ecfgs, meshes)
+    programs = build(config, rcfg, ecfgs, meshes)
     # A lazy decode step runs the router and the one selected expert (which one depends on
     # the data): its HBM traffic is that of a one-expert lineup's step, compiled as well.
     standins = {}
@@ -200,30 +244,26 @@ def evaluate(config, chip: Chip, devices, progress: bool = True) -> List[Result]
             compiled, err = compile_program(p, dump)
             results.append(_memory(p, compiled, err, dump, usable, pc.headroom))
             if compiled is not None and p.costed and pc.costs and p.name not in standins:
-                traffic[p.name] = _traffic(dump, p.steps)
+                traffic[p.name] = _traffic(dump, p.steps, chip.ici_send_bw)
         if p.name in standins:
             with tempfile.TemporaryDirectory() as dump:
                 if progress:
                     print(f"[plan] traffic of {p.name} (router + one expert)", file=sys.stderr,
                           flush=True)
                 if compile_program(standins[p.name], dump)[0] is not None:
-                    traffic[p.name] = _traffic(dump, p.steps)
+                    traffic[p.name] = _traffic(dump, p.steps, chip.ici_send_bw)
     if pc.costs:
         if progress:
             print("[plan] FLOPs (depth 1 and 2, unrolled)", file=sys.stderr, flush=True)
-        costs = measure_costs(config, rcfg, ecfgs, meshes, programs, progress)
+        costs = measure_costs(config, rcfg, ecfgs, meshes, programs, progress, build)
         n_chips = len(devices)
         for p, r in zip(programs, results):
             if p.name not in costs:
                 continue
             r.flops, r.xla_bytes = costs[p.name]
             r.flops += p.kernel_flops / n_chips
-            r.hbm_bytes = traffic.get(p.name)
-            if r.hbm_bytes is None:
+            if traffic.get(p.name) is None:
                 continue  # the program itself did not compile: no step time
-            r.step_s = max(r.flops / chip.peak_flops, r.hbm_bytes / chip.hbm_bw)
-            if p.kind == "train" and p.model_flops:
-                r.mfu = p.model_flops / n_chips / (r.step_s * chip.peak_flops)
-            if p.roofline_bytes:
-                r.roofline = p.roofline_bytes / n_chips / chip.hbm_bw / r.step_s
+            r.hbm_bytes, r.collectives = traffic[p.name]
+            step_time(r, p, chip, n_chips)
     return results

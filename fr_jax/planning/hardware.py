@@ -1,6 +1,6 @@
 """The TPU chips and slices fr_jax plans for: one table of chip specs (HBM, peak FLOP/s,
-HBM bandwidth), the slices' topologies, and their devices from `jax.experimental.topologies`
-(the TPU compiler of libtpu, on a machine with no TPU)."""
+HBM and inter-chip bandwidth), the slices' topologies, and their devices from
+`jax.experimental.topologies` (the TPU compiler of libtpu, on a machine with no TPU)."""
 
 from __future__ import annotations
 
@@ -23,13 +23,23 @@ class Chip:
     usable_gib: float  # what the compiler may allocate (its "available HBM")
     peak_flops: float  # bf16 FLOP/s
     hbm_bw: float  # bytes/s
+    ici_bw: float  # bytes/s over all the chip's ICI ports, both directions counted
+
+    @property
+    def ici_send_bw(self) -> float:
+        """Bytes/s a chip sends while it receives as much: the collectives' rate (every
+        port busy: a lower bound on a collective's time, see fr_jax.planning.compile)."""
+        return self.ici_bw / 2
 
 
+# ICI, bidirectional per chip, from Google Cloud's TPU pages (docs.cloud.google.com/tpu/docs/
+# v5e, v5p, v6e: 400, 1200 and 800 GBps). The v4 page gives no per-chip figure; the TPU v4
+# paper (Jouppi et al., ISCA 2023) has 6 links of 50 GB/s each way: 600 GB/s.
 CHIPS = {
-    "v4": Chip("TPU v4", 32, 30.75, 275e12, 1.228e12),
-    "v5e": Chip("TPU v5e", 16, 15.75, 197e12, 0.819e12),
-    "v5p": Chip("TPU v5p", 95, 95.74, 459e12, 2.765e12),
-    "v6e": Chip("TPU v6e", 32, 31.25, 918e12, 1.64e12),
+    "v4": Chip("TPU v4", 32, 30.75, 275e12, 1.228e12, 600e9),
+    "v5e": Chip("TPU v5e", 16, 15.75, 197e12, 0.819e12, 400e9),
+    "v5p": Chip("TPU v5p", 95, 95.74, 459e12, 2.765e12, 1200e9),
+    "v6e": Chip("TPU v6e", 32, 31.25, 918e12, 1.64e12, 800e9),
 }
 
 

@@ -14,12 +14,33 @@ def _gib(x):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x / GiB:.2f}"
 
 
+def _span(lo, hi, fmt) -> str:
+    """`lo..hi` of two bounds ("-" where there are none)."""
+    return "-" if lo is None else f"{fmt(lo)}..{fmt(hi)}"
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _collectives(r: Result) -> str:
+    if r.collective_s is None:
+        return "-"
+    count = sum(c["count"] for c in r.collectives.values())
+    return f"{r.collective_s * 1e3:.2f} ({count:.0f})"
+
+
 def table(results: Sequence[Result], slice_name: str, chip: Chip) -> str:
     head = (f"Per chip on {slice_name} ({chip.name}, {chip.usable_gib} GiB usable HBM, "
-            f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bw / 1e9:.0f} GB/s)")
+            f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bw / 1e9:.0f} GB/s HBM, "
+            f"{chip.ici_bw / 1e9:.0f} GB/s ICI both ways). Step times are bounds: full "
+            "overlap of compute, memory and collectives .. none; MFU and roofline share at "
+            "each, ceilings, not forecasts (docs/planning.md)")
     rows = ["| program | params | optimizer | frozen | caches | temporaries | total GiB "
-            "| HBM used | fits | TFLOPs/step | HBM GB/step | step (ms) | MFU | roofline |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| HBM used | fits | TFLOPs/step | HBM GB/step | collectives ms/step (count) "
+            "| step ms (overlap..no overlap) | MFU ceiling..no overlap "
+            "| roofline ceiling..no overlap |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         p = r.parts
         rows.append(
@@ -29,9 +50,10 @@ def table(results: Sequence[Result], slice_name: str, chip: Chip) -> str:
             f"{'yes' if r.fits else '**NO**'} | "
             f"{'-' if r.flops is None else f'{r.flops / 1e12:.2f}'} | "
             f"{'-' if r.hbm_bytes is None else f'{r.hbm_bytes / 1e9:.2f}'} | "
-            f"{'-' if r.step_s is None else f'{r.step_s * 1e3:.1f}'} | "
-            f"{'-' if r.mfu is None else f'{100 * r.mfu:.0f}%'} | "
-            f"{'-' if r.roofline is None else f'{100 * r.roofline:.0f}%'} |")
+            f"{_collectives(r)} | "
+            f"{_span(r.step_overlap_s, r.step_no_overlap_s, lambda t: f'{t * 1e3:.1f}')} | "
+            f"{_span(r.mfu_ceiling, r.mfu_no_overlap, _pct)} | "
+            f"{_span(r.roofline_ceiling, r.roofline_no_overlap, _pct)} |")
     return head + "\n\n" + "\n".join(rows)
 
 
