@@ -303,42 +303,83 @@ def group_size(rest: str, devices: int) -> int:
     return devices
 
 
-def _collective(op: str, rest: str, comps: Dict[str, List[str]]):
-    """(kind, the text holding its replica groups) of a collective, or None: the op itself,
-    its -start half, or an async-start wrapping one (its -done halves move nothing new)."""
+def _kind(op: str):
+    """The collective an op is (itself or its -start half; -done halves move nothing new)."""
     for kind in KINDS:
         if op in (kind, kind + "-start"):
-            return kind, rest
-    if op == "async-start":
-        callee = re.search(r"calls=%([\w.\-]+)", rest)
-        for line in comps.get(callee.group(1) if callee else "", []):
-            m = _INSTR.match(line)
-            if m and line.lstrip().startswith("ROOT") and m.group(3) in KINDS:
-                return m.group(3), m.group(4)
+            return kind
     return None
+
+
+def _operand_bytes(rest: str, types: Dict[str, str]) -> int:
+    return sum(b for o in _split_operands(rest) for b, _ in _arrays(types.get(o, "")))
+
+
+def _called(callee: str, comps: Dict[str, List[str]], cache: Dict) -> List[Tuple]:
+    """[(kind, text with its groups, operand bytes)] of the collectives inside a fused or
+    async-wrapped computation, nested ones too. An all-reduce of which the computation
+    returns one dynamic slice is a reduce-scatter: the TPU compiler's form of it (a custom
+    fusion `all-reduce-scatter`). The TPU compiler also splits a collective over several
+    fusions that each hold it: the start (custom-call AsyncCollectiveStart), compute
+    fusions it progresses alongside (`async_collective_fusion`) and the done
+    (AsyncCollectiveDone); it counts at its start only."""
+    if callee in cache:
+        return cache[callee]
+    cache[callee] = []  # a (malformed) recursive call finds nothing
+    lines = comps.get(callee, [])
+    if callee.startswith("async_collective_fusion") or any(
+            'custom_call_target="AsyncCollectiveDone"' in line for line in lines):
+        return []
+    types: Dict[str, str] = {}
+    found, root = [], None
+    for line in lines:
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, ty, op, rest = m.groups()
+        types[name] = ty
+        if line.lstrip().startswith("ROOT"):
+            root = (op, rest)
+        inner = re.search(r"calls=%([\w.\-]+)", rest)
+        if _kind(op):
+            found.append([_kind(op), rest, _operand_bytes(rest, types), name])
+        elif op in ("fusion", "async-start") and inner:
+            found += [[*f, ""] for f in _called(inner.group(1), comps, cache)]
+    if root and root[0] == "dynamic-slice":
+        sliced = _split_operands(root[1])[:1]
+        for f in found:
+            if f[0] == "all-reduce" and [f[3]] == sliced:
+                f[0] = "reduce-scatter"
+    cache[callee] = [tuple(f[:3]) for f in found]
+    return cache[callee]
 
 
 def collectives(hlo_text: str, trips: bool = False) -> Dict[str, Dict[str, float]]:
     """Every collective one run of the program makes, per kind: {count, bytes (the whole
     buffer: an all-gather's gathered result, a reduce-scatter's operand, the others'
-    operands), wire (bytes each participant sends, `ring_factor`)}. Loops count once or
-    with `trips` as many times as they run; a conditional counts the branch that sends
-    the most."""
+    operands), wire (bytes each participant sends, `ring_factor`)}. Collectives inside
+    fusions and async wrappers count, a -start/-done pair once. Loops count once or with
+    `trips` as many times as they run; a conditional counts the branch that sends the
+    most."""
     head = re.search(r"num_partitions=(\d+)", hlo_text)
     replicas = re.search(r"replica_count=(\d+)", hlo_text)
     devices = int(head.group(1) if head else 1) * int(replicas.group(1) if replicas else 1)
     zero = np.zeros((len(KINDS), 3))
+    cache: Dict[str, List[Tuple]] = {}
 
     def leaf(op, ty, rest, types, comps):
-        found = _collective(op, rest, comps)
-        if found is None:
+        inner = re.search(r"calls=%([\w.\-]+)", rest)
+        if _kind(op):
+            found = [(_kind(op), rest, _operand_bytes(rest, types))]
+        elif op in ("fusion", "async-start") and inner:
+            found = _called(inner.group(1), comps, cache)
+        else:
             return zero
-        kind, groups_text = found
-        n = group_size(groups_text, devices)
-        operands = sum(b for o in _split_operands(rest) for b, _ in _arrays(types.get(o, "")))
-        buffer = operands * (n if kind == "all-gather" else 1)
         out = zero.copy()
-        out[KINDS.index(kind)] = (1, buffer, buffer * ring_factor(kind, n))
+        for kind, groups_text, operands in found:
+            n = group_size(groups_text, devices)
+            buffer = operands * (n if kind == "all-gather" else 1)
+            out[KINDS.index(kind)] += (1, buffer, buffer * ring_factor(kind, n))
         return out
 
     total = _fold(hlo_text, trips, leaf, zero, rank=lambda v: v[:, 2].sum())

@@ -190,3 +190,66 @@ def test_async_pairs_iota_groups_loops_and_branches():
     assert stats["collective-permute"] == dict(count=1, bytes=y, wire=y)
     assert stats["all-to-all"] == dict(count=1, bytes=y, wire=y * 3 / 4)
     assert ring_factor("all-reduce", 1) == 0 and ring_factor("collective-permute", 1) == 1
+
+
+# The TPU compiler's fused forms: a reduce-scatter as an all-reduce of which a custom fusion
+# returns one slice, and an all-gather held by its start, a compute fusion it progresses
+# alongside and its done (the same collective: it counts once).
+_FUSED_HLO = """HloModule m, is_scheduled=true, num_partitions=8
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %s = bf16[] add(%a, %b)
+}
+
+%all-reduce-scatter (input: bf16[2048,128]) -> bf16[256,128] {
+  %input = bf16[2048,128]{1,0} parameter(0)
+  %ar = bf16[2048,128]{1,0} all-reduce(%input), channel_id=6, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+  %pid = u32[] partition-id()
+  %c = u32[] constant(256)
+  %m = u32[] multiply(%pid, %c)
+  %z = u32[] constant(0)
+  ROOT %ds = bf16[256,128]{1,0} dynamic-slice(%ar, %m, %z), dynamic_slice_sizes={256,128}
+}
+
+%start (p: bf16[16,128]) -> (bf16[16,128], bf16[128,128], u32[]) {
+  %p = bf16[16,128]{1,0} parameter(0)
+  %ag = bf16[128,128]{1,0} all-gather(%p), channel_id=8, replica_groups=[1,8]<=[8], dimensions={0}
+  ROOT %cc = (bf16[16,128]{1,0}, bf16[128,128]{1,0}, u32[]) custom-call(%ag), custom_call_target="AsyncCollectiveStart"
+}
+
+%async_collective_fusion.1 (p: bf16[16,128], q: bf16[128,128]) -> (bf16[128,128], bf16[128,128]) {
+  %p = bf16[16,128]{1,0} parameter(0)
+  %q = bf16[128,128]{1,0} parameter(1)
+  %ag = bf16[128,128]{1,0} all-gather(%p), channel_id=8, replica_groups=[1,8]<=[8], dimensions={0}
+  %t = bf16[128,128]{1,0} tanh(%q)
+  ROOT %out = (bf16[128,128]{1,0}, bf16[128,128]{1,0}) tuple(%t, %ag)
+}
+
+%done (p: bf16[16,128], q: bf16[128,128]) -> bf16[128,128] {
+  %p = bf16[16,128]{1,0} parameter(0)
+  %q = bf16[128,128]{1,0} parameter(1)
+  %ag = bf16[128,128]{1,0} all-gather(%p), channel_id=8, replica_groups=[1,8]<=[8], dimensions={0}
+  ROOT %cc = bf16[128,128]{1,0} custom-call(%p, %q, %ag), custom_call_target="AsyncCollectiveDone"
+}
+
+ENTRY %main (g: bf16[2048,128], w: bf16[16,128]) -> bf16[128,128] {
+  %g = bf16[2048,128]{1,0} parameter(0)
+  %w = bf16[16,128]{1,0} parameter(1)
+  %rs = bf16[256,128]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter
+  %s = (bf16[16,128]{1,0}, bf16[128,128]{1,0}, u32[]) fusion(%w), kind=kCustom, calls=%start
+  %s1 = bf16[128,128]{1,0} get-tuple-element(%s), index=1
+  %f = (bf16[128,128]{1,0}, bf16[128,128]{1,0}) fusion(%w, %s1), kind=kOutput, calls=%async_collective_fusion.1
+  %f1 = bf16[128,128]{1,0} get-tuple-element(%f), index=1
+  ROOT %d = bf16[128,128]{1,0} fusion(%w, %f1), kind=kCustom, calls=%done
+}
+"""
+
+
+def test_the_tpu_compilers_fused_reduce_scatter_and_async_collective_fusions():
+    stats = collectives(_FUSED_HLO, trips=True)
+    grads, shard = 2048 * 128 * 2, 16 * 128 * 2
+    assert stats["reduce-scatter"] == dict(count=1, bytes=grads, wire=grads * 7 / 8)
+    assert stats["all-reduce"]["count"] == 0
+    assert stats["all-gather"] == dict(count=1, bytes=8 * shard, wire=7 * shard)
