@@ -11,6 +11,7 @@ import jax
 
 from fr_jax import sharding as sh
 from fr_jax.checkpoint import Checkpointer, abstract_like
+from fr_jax.bundle import bundled_world
 from fr_jax.config import base_config
 from fr_jax.data import Batcher, SFTExample
 from fr_jax.training import build_stage, init_state
@@ -309,11 +310,19 @@ def test_precomputed_reference_gives_the_online_cdpo_loss_and_is_keyed_by_params
 
 
 @pytest.mark.parametrize("name", ["llama3", "gemma2"])
-def test_real_family_configs_parse_and_name_missing_checkpoints(name):
+def test_real_family_configs_parse_and_name_missing_checkpoints(name, tmp_path):
     from fr_jax.train import main as train_main
+    # The checkpoints, then the data file, are checked before the workdir is touched.
     with pytest.raises(SystemExit, match="(checkpoint|tokenizer) folder '/ckpt/.*' does not exist"):
         train_main([f"--config={os.path.join(REPO, 'configs', name + '.py')}",
-                    "--config.train.sft.lr=2e-5"])
+                    "--config.train.sft.lr=2e-5", f"--config.train.workdir={tmp_path}/run"])
+    bundled = bundled_world()
+    with pytest.raises(SystemExit, match="data.sft_path='/data/.*' does not exist"):
+        train_main([f"--config={os.path.join(REPO, 'configs', name + '.py')}",
+                    f"--config.router.path={bundled['router_base']}",
+                    f"--config.experts.paths={','.join(bundled['experts'])}",
+                    f"--config.train.workdir={tmp_path}/run"])
+    assert not os.path.exists(f"{tmp_path}/run")
     with pytest.raises(SystemExit, match="unknown config field.*train.sft.bogus"):
         train_main([f"--config={os.path.join(REPO, 'configs', name + '.py')}",
                     "--config.train.sft.bogus=1"])

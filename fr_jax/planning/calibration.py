@@ -5,8 +5,8 @@ the time model leaves out (latency, kernel efficiency, imperfect overlap) plus w
 programs do differently (MaxText offloads activations to the host instead of fr_jax's full
 rematerialisation, fuses its own kernels).
 
-    python -m fr_jax.planning.calibration             # the full model (minutes per compile)
-    python -m fr_jax.planning.calibration --depth=2   # 2 layers: the mechanism, quickly
+    python benchmarks/plan_calibration.py             # the full model (minutes per compile)
+    python benchmarks/plan_calibration.py --depth=2   # 2 layers: the mechanism, quickly
 
 `train_programs` plans the router stages (sft, cdpo) only; `lm_programs` builds stage lm's
 step the same way, for `evaluate(..., build=lm_programs)`.
@@ -14,10 +14,6 @@ step the same way, for `evaluate(..., build=lm_programs)`.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import sys
 from typing import List
 
 from fr_jax import sharding as sh
@@ -84,22 +80,3 @@ def row(r: Result, measured: float = MAXTEXT["mfu"]) -> str:
     return (f"| {r.program} | {r.total / 2**30:.2f} GiB | {ms(r.step_overlap_s)}.."
             f"{ms(r.step_no_overlap_s)} ms | {ms(r.collective_s)} ms | {pct(r.mfu_ceiling)} | "
             f"{pct(r.mfu_no_overlap)} | {pct(measured)} (MaxText) |")
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--topology", default=MAXTEXT["slice"])
-    ap.add_argument("--depth", type=int, default=0, help="layers (0: the model's own)")
-    ap.add_argument("--json", default="", help="also write the Result here")
-    args = ap.parse_args(argv)
-    r = calibrate(args.topology, args.depth)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dataclasses.asdict(r), f, indent=1)
-    print("| program | memory per chip | step (overlap..no overlap) | collectives | MFU ceiling "
-          "| MFU, no overlap | measured |\n|---|---|---|---|---|---|---|\n" + row(r))
-    return 0 if r.fits else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -164,6 +164,10 @@ def measure_costs(config, rcfg, ecfgs, meshes, programs: Sequence[Program],
 def _memory(p: Program, compiled, err: str, dump: str, usable: float,
             headroom: float) -> Result:
     parts = {k: _per_chip(v) for k, v in p.groups.items()}
+    # What the run holds beside the program's arguments (see Program.resident).
+    resident = sum(_per_chip(v) for v in p.resident.values())
+    if p.resident:
+        parts["resident"] = resident
     if compiled is None:
         m = re.search(r"HLO temporaries \(([\d.]+)G\)", err)
         temp = float(m.group(1)) * GiB if m else float("nan")
@@ -171,7 +175,7 @@ def _memory(p: Program, compiled, err: str, dump: str, usable: float,
                       dict(parts, temporaries=temp), error=err, largest=largest_buffers(dump))
     ma = compiled.memory_analysis()
     total = float(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-                  + ma.temp_size_in_bytes + ma.generated_code_size_in_bytes)
+                  + ma.temp_size_in_bytes + ma.generated_code_size_in_bytes) + resident
     fits = total <= usable * (1 - headroom)
     return Result(p.name, p.kind, fits, total, usable,
                   dict(parts, temporaries=float(ma.temp_size_in_bytes)),

@@ -20,6 +20,7 @@ from fr_jax.fusion import Mode
 from fr_jax.lineup import experts_layout
 from fr_jax.planning.shapes import forward_flops, splash_flops
 from fr_jax.router import Router
+from fr_jax.training import residency
 
 
 # ---------------------------------------------------------------------------- programs
@@ -39,6 +40,9 @@ class Program:
     accum: int = 1  # micro-batches of one training step (its cost: one micro-batch's x accum)
     uses: Tuple[str, ...] = ("router", "experts")  # whose depth its cost grows with
     costed: bool = True  # FLOPs / bytes / step time are measured (steps, not prefills)
+    # Buffers the run keeps on the devices beside this program's arguments while it runs
+    # (fr_jax.training.residency): {label: pytree of ShapeDtypeStructs}.
+    resident: Dict[str, object] = dataclasses.field(default_factory=dict)
 
 
 def _abstract(shapes, shardings):
@@ -79,6 +83,11 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Pro
     trained_fwd = 1 + (rc.remat != "none")  # a rematerialised layer runs forward twice
     out = []
     for name in stages:
+        # What the run holds beside each phase's arguments, from the run's own table.
+        held = residency.resident(name, config)
+        models = {"router": r_params, "experts": e_params, "ref": ref_params}
+        beside = lambda phase, args: {k: models[k] for k in sorted(held.get(phase, ()))
+                                      if k in models and k not in args}
         if name == "sft":
             pre = tc.sft.expert_signals == "precompute"
             if pre:
@@ -88,7 +97,8 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Pro
                                    {"frozen": e_params},
                                    n * forward_flops(ecfgs[0], micro * seq, (seq + 1) / 2),
                                    uses=("experts",),
-                                   kernel_flops=n * splash_flops(ec, micro, seq, 1, False)))
+                                   kernel_flops=n * splash_flops(ec, micro, seq, 1, False),
+                                   resident=beside("signals", {"experts"})))
             in_step = training.sft_needs_experts(tc.sft)
             frozen = {"experts": e_params} if in_step else {}
             batch = _sft_rows(tc.batch_size, seq, n if pre else 0)
@@ -110,7 +120,8 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Pro
                                    forward_flops(rcfg, micro * seq, (seq + 1) / 2)
                                    + n * forward_flops(ecfgs[0], micro * seq, (seq + 1) / 2),
                                    kernel_flops=splash_flops(rc, micro, seq, 1, False)
-                                   + n * splash_flops(ec, micro, seq, 1, False)))
+                                   + n * splash_flops(ec, micro, seq, 1, False),
+                                   resident=beside("reference", {"ref", "experts"})))
             frozen = {"experts": e_params} if pre else {"experts": e_params, "ref": ref_params}
             side = _sft_rows(tc.batch_size, seq)
             if pre:
@@ -129,12 +140,20 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Pro
         stage = training.build_stage(name, router, experts, mesh, tc[name], tc, r_params, frozen,
                                   vocab)
         state = training.abstract_state(stage, r_params)
-        step, _ = stage.jitted(batch)
+        step, evaluate = stage.jitted(batch)
+        args = {"state"} | set(frozen)
         out.append(Program(f"{name.upper()} step", "train", step, (state, frozen, batch),
                            {"params": state.params, "optimizer": state.opt_state,
                             "frozen": frozen}, flops,
                            uses=("router", "experts") if frozen else ("router",),
-                           kernel_flops=kernel, accum=max(tc.grad_accum, 1)))
+                           kernel_flops=kernel, accum=max(tc.grad_accum, 1),
+                           resident=beside("step", args)))
+        if tc.eval_every:  # evaluation runs beside the whole train state
+            out.append(Program(f"{name.upper()} eval", "train", evaluate,
+                               (state.params, frozen, batch),
+                               {"params": state.params, "frozen": frozen}, costed=False,
+                               resident=dict(beside("eval", args),
+                                             optimizer=state.opt_state)))
     return out
 
 

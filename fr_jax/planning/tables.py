@@ -36,16 +36,18 @@ def table(results: Sequence[Result], slice_name: str, chip: Chip) -> str:
             f"{chip.ici_bw / 1e9:.0f} GB/s ICI both ways). Step times are bounds: full "
             "overlap of compute, memory and collectives .. none; MFU and roofline share at "
             "each, ceilings, not forecasts (docs/planning.md)")
-    rows = ["| program | params | optimizer | frozen | caches | temporaries | total GiB "
+    rows = ["| program | params | optimizer | frozen | caches | resident | temporaries "
+            "| total GiB "
             "| HBM used | fits | TFLOPs/step | HBM GB/step | collectives ms/step (count) "
             "| step ms (overlap..no overlap) | MFU ceiling..no overlap "
             "| roofline ceiling..no overlap |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         p = r.parts
         rows.append(
             f"| {r.program} | {_gib(p.get('params'))} | {_gib(p.get('optimizer'))} | "
-            f"{_gib(p.get('frozen'))} | {_gib(p.get('caches'))} | {_gib(p.get('temporaries'))} | "
+            f"{_gib(p.get('frozen'))} | {_gib(p.get('caches'))} | {_gib(p.get('resident'))} | "
+            f"{_gib(p.get('temporaries'))} | "
             f"{_gib(r.total)} | {100 * r.total / r.usable:.0f}% | "
             f"{'yes' if r.fits else '**NO**'} | "
             f"{'-' if r.flops is None else f'{r.flops / 1e12:.2f}'} | "

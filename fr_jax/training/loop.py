@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import jax
 import numpy as np
@@ -15,12 +15,13 @@ from tqdm.auto import tqdm
 
 from fr_jax import distributed
 from fr_jax import sharding as sh
-from fr_jax.checkpoint import Checkpointer, abstract_like
+from fr_jax.checkpoint import Checkpointer
 from fr_jax.config import check_ranges, frozen_dtype
 from fr_jax.data.streams import StreamBatcher
 from fr_jax.errors import DataError, Interrupted, TrainError
 from fr_jax.experts import Experts
 from fr_jax.hf import load_config, load_hf, load_tokenizer, save_hf
+from fr_jax.hub import hub_name
 from fr_jax.lineup import Lineup, load_lineup
 from fr_jax.models import Model
 from fr_jax.router import Router, save_router
@@ -28,9 +29,10 @@ from fr_jax.tensorboard import summary_writer
 from fr_jax.trace import render_text
 from fr_jax.training import record
 from fr_jax.training.inputs import check_data_path, layout_for, load_stage_data
-from fr_jax.training.objectives import sft_needs_experts
 from fr_jax.training.precompute import precompute_reference, precompute_signals
-from fr_jax.training.stage import build_stage, init_state, micro_batch_size, trained_cfg, frozen_cfg
+from fr_jax.training.residency import Parked, after_precompute, copy_as, in_step, take_over
+from fr_jax.training.stage import (abstract_state, build_stage, frozen_cfg, init_state,
+                                  micro_batch_size, trained_cfg)
 from fr_jax.training.watch import WATCHED, Watch
 from fr_jax.training.workdir import hold, interrupt_after, resume_note
 
@@ -67,11 +69,23 @@ class _Writer:
 
 
 def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_params,
-              tokenizer, mesh, progress: bool = True, samples: Optional[Lineup] = None):
+              tokenizer, mesh, progress: bool = True, samples: Optional[Lineup] = None,
+              observe: Optional[Callable] = None):
     """Trains one stage to its configured number of steps (resuming if a checkpoint exists)
     and returns (params, history). `trainee` is the Router (sft, cdpo) or, for stage `lm`,
     the plain Model trained on the SFT data (no experts). `samples`: the lineup whose
-    FusionRoute answers are logged as text (train.sample_every)."""
+    FusionRoute answers are logged as text (train.sample_every).
+
+    The stage takes `params` over: they become the train state's buffers (or are freed
+    when a checkpoint is restored), so the caller must not use them again. `e_params`, the
+    experts' params, come as a `Parked` holder (or bare): the stage leaves them on the
+    devices only in the phases `residency.resident` names. `observe(stage, phase, program,
+    args)` is called before each phase's first program call (what tests check fr_jax.plan's
+    memory against: the run's live buffers then)."""
+    hook = observe
+    observe = ((lambda phase, fn, args: hook(name, phase, fn, args)) if hook
+               else (lambda *_: None))
+    held = e_params if e_params is None or isinstance(e_params, Parked) else Parked(e_params)
     tc, dc = config.train, config.data
     stage_cfg = tc[name]
     vocab = len(tokenizer)
@@ -99,43 +113,55 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     precomputed = name == "sft" and stage_cfg.expert_signals == "precompute"
     if precomputed:
         data.attach(precompute_signals(
-            data.examples(), experts, e_params, vocab, dc.seq_len, micro_batch_size(tc),
+            data.examples(), experts, held.get(), vocab, dc.seq_len, micro_batch_size(tc),
             stage_cfg.signals_cache or os.path.join(workdir, "expert_signals.npz"), progress,
-            mesh, tc.loss_block, layout=layout))
+            mesh, tc.loss_block, layout=layout, observe=observe))
     reference = name == "cdpo" and stage_cfg.reference == "precompute"
     # The stage-1 router, frozen in the frozen models' dtype: CDPO's reference policy.
-    ref_params = (jax.tree.map(lambda x: x.astype(frozen_dtype(config)), params)
+    ref_params = (copy_as(params, frozen_dtype(config), jax.tree.map(lambda x: x.sharding,
+                                                                       params))
                   if name == "cdpo" else None)
     if reference:
         data.attach(precompute_reference(
-            data.examples(), trainee, ref_params, experts, e_params, vocab, dc.seq_len,
+            data.examples(), trainee, ref_params, experts, held.get(), vocab, dc.seq_len,
             micro_batch_size(tc),
             stage_cfg.reference_cache or os.path.join(workdir, "reference.npz"), progress,
-            mesh, tc.loss_block, layout=layout))
+            mesh, tc.loss_block, layout=layout, observe=observe))
     streams = f"; {layout.n_streams} data streams" if layout.n_streams > 1 else ""
     _print(f"[{name}] data: {report}; {data.n_train} train / {data.n_held} eval{streams}")
     widths = dict(signals=experts.n if precomputed else 0,
                   reference=trainee.n_experts if reference else 0)
     batcher = StreamBatcher(layout, data.train, dc.seq_len, dc.seed, kind, dc.pack, **widths)
 
-    # Precomputed signals: the experts stay off the step (their HBM is free for it);
-    # a precomputed reference: so does the stage-1 router.
-    needs_experts = name == "cdpo" or (name == "sft" and sft_needs_experts(stage_cfg))
-    frozen = {"experts": e_params} if needs_experts else {}
-    if name == "cdpo" and not reference:
+    # What the steps do not take leaves the devices: precomputed signals free the experts'
+    # HBM for the step (to host memory when a sample decode or a later stage needs them
+    # again), a precomputed reference frees the reference router.
+    needs = in_step(name, stage_cfg)
+    if held is not None:
+        {"keep": lambda: None, "host": held.park, "drop": held.drop}[
+            after_precompute(name, config)]()
+    frozen = {"experts": held.get()} if "experts" in needs else {}
+    if "ref" in needs:
         frozen["ref"] = ref_params
+    elif ref_params is not None:
+        take_over(ref_params)
+    ref_params = None
     stage = build_stage(name, trainee, experts, mesh, stage_cfg, tc, params, frozen, vocab)
-    state = init_state(stage, params, tc.seed)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep)
     history = []  # one entry per logged update, kept across resumes (checkpoint meta)
-    if tc.resume:
-        restored = ckpt.restore_latest(abstract_like(state, stage.state_shardings),
-                                       upto=record.resume_upto(config, name))
-        if restored is not None:
-            state, meta, at = restored
-            batcher.restore(meta["data"])
-            history = list(meta.get("history", []))
-            _print(f"[{name}] resumed from step {at} ({batcher.describe(meta['data'])})")
+    # A resume restores into the state's shapes without building a fresh state first (its
+    # optimizer state alone is twice the params).
+    restored = ckpt.restore_latest(abstract_state(stage, params),
+                                   upto=record.resume_upto(config, name)) if tc.resume else None
+    if restored is not None:
+        state, meta, at = restored
+        take_over(params)
+        batcher.restore(meta["data"])
+        history = list(meta.get("history", []))
+        _print(f"[{name}] resumed from step {at} ({batcher.describe(meta['data'])})")
+    else:
+        state = init_state(stage, params, tc.seed, take=True)
+    del params
     watch = Watch(name, config, history, ckpt)
     frozen = jax.device_put(frozen, stage.frozen_shardings)
     first = batcher.next()
@@ -158,6 +184,8 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     batch, t_last, tokens_since, micro_last = first, time.perf_counter(), 0, micro
     history_path = os.path.join(workdir, "history.json")
     pending = []  # (update, watched metrics still on device): checked at the next boundary
+    if micro < total:
+        observe("step", train_step, (state, frozen, stage.put_batch(batch)))
     try:
         while micro < total:
             state, metrics = train_step(state, frozen, stage.put_batch(batch))
@@ -188,15 +216,20 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
                 t_last, tokens_since, micro_last = now, 0, micro
             if tc.eval_every and data.n_held and (micro % tc.eval_every == 0 or micro == total):
                 ev = evaluate(stage, eval_step, state.params, frozen, data.held, layout, tc, dc,
-                              kind, widths)
+                              kind, widths, observe)
+                observe = _once(observe, "eval")
                 writer.scalars("eval", ev, micro)
                 if history:
                     history[-1].update({f"eval_{k}": v for k, v in ev.items()})
             if sampling and (micro % tc.sample_every == 0 or micro == total):
                 host = distributed.fetch(state.params) if jax.process_count() > 1 \
                     else state.params
+                experts_now = held.get()  # back from host memory for the decode
                 if sampler is not None:
-                    writer.text("samples", sampler(host), micro)
+                    writer.text("samples", sampler(host, experts_now), micro)
+                del experts_now
+                if "experts" not in needs:
+                    held.park()
             if saving:
                 # The history up to this step travels with the step: a resume from any
                 # checkpoint continues the history that led to it.
@@ -221,17 +254,17 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
 
 
 def _make_sampler(lineup: Lineup, examples, n: int = 2, max_new_tokens: int = 32):
-    """router params -> Markdown text: greedy FusionRoute answers of `lineup` (its router
-    params replaced) to a few held-out prompts, each token tagged with the expert that
-    produced it (TensorBoard text)."""
+    """(router params, experts' params) -> Markdown text: greedy FusionRoute answers of
+    `lineup`'s models with those params to a few held-out prompts, each token tagged with
+    the expert that produced it (TensorBoard text)."""
     prompts = [(e.prompt if hasattr(e, "prompt") else e.ids[e.response == 0]).tolist()
                for e in examples[:n]]
-    decoder, params = lineup.decoder("fusionroute", chunk=8)
+    decoder, _ = lineup.decoder("fusionroute", chunk=8)
     tok = lineup.tokenizer
 
-    def sample(router_params) -> str:
-        res = decoder.generate(dict(params, router=router_params), prompts, max_new_tokens,
-                               lineup.eos_ids, lineup.pad_id)
+    def sample(router_params, expert_params) -> str:
+        res = decoder.generate({"router": router_params, "experts": expert_params}, prompts,
+                               max_new_tokens, lineup.eos_ids, lineup.pad_id)
         lines = []
         for row, p in enumerate(prompts):
             toks, chosen = res.row(row)
@@ -241,16 +274,23 @@ def _make_sampler(lineup: Lineup, examples, n: int = 2, max_new_tokens: int = 32
     return sample
 
 
+def _once(observe, phase: str):
+    """`observe`, silent from now on for `phase` (its first call has been seen)."""
+    return lambda p, *a: None if p == phase else observe(p, *a)
+
+
 def evaluate(stage, eval_step, params, frozen, held, layout, tc, dc, kind,
-             widths) -> Dict[str, float]:
+             widths, observe=None) -> Dict[str, float]:
     """Mean metrics over the first `eval_batches` batches of the held-out examples (each
     process filling its streams' rows with its own held-out examples)."""
     batcher = StreamBatcher(layout, held, dc.seq_len, dc.seed, kind, dc.pack, **widths)
     sums: Dict[str, float] = {}
     n = 0
     while n < tc.eval_batches:
-        m = _scalars(jax.device_get(eval_step(params, frozen,
-                                              stage.put_batch(batcher.next()))))
+        batch = stage.put_batch(batcher.next())
+        if observe is not None and n == 0:
+            observe("eval", eval_step, (params, frozen, batch))
+        m = _scalars(jax.device_get(eval_step(params, frozen, batch)))
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1
@@ -264,7 +304,7 @@ def _print(msg):
         print(msg, flush=True)
 
 
-def finetune(config, progress: bool = True) -> str:
+def finetune(config, progress: bool = True, observe: Optional[Callable] = None) -> str:
     """Stage `lm`: fine-tunes one ordinary model (no routing) from `train.lm.init` on the SFT
     data -- the direct fine-tuning baseline, and how the demo world trains its experts.
     Returns the folder of the exported HF checkpoint (<workdir>/lm/model)."""
@@ -276,8 +316,10 @@ def finetune(config, progress: bool = True) -> str:
     dtype, pdtype = config.model.dtype, config.model.param_dtype or None
     model = Model(trained_cfg(load_config(init, dtype, pdtype), config))
     tokenizer = load_tokenizer(init)
-    _, params = load_hf(init, dtype, pdtype, shardings=sh.param_shardings(model, mesh))
-    params, _ = run_stage("lm", config, model, params, None, None, tokenizer, mesh, progress)
+    # Loaded straight into the stage, which takes the params over (see run_stage).
+    shardings = sh.param_shardings(model, mesh)
+    params, _ = run_stage("lm", config, model, load_hf(init, dtype, pdtype, shardings=shardings)[1],
+                          None, None, tokenizer, mesh, progress, observe=observe)
     out = os.path.join(config.train.workdir, "lm", "model")
     host = distributed.fetch(params)  # every process: a collective where params are sharded
     if distributed.is_main():
@@ -286,16 +328,17 @@ def finetune(config, progress: bool = True) -> str:
     return out
 
 
-def train(config, progress: bool = True) -> str:
+def train(config, progress: bool = True, observe: Optional[Callable] = None) -> str:
     """The configured stages: sft and/or cdpo train the router of config.router.path for
     the experts of config.experts.paths (returns the exported router's folder); lm alone
-    fine-tunes one plain model (see `finetune`; returns its folder)."""
+    fine-tunes one plain model (see `finetune`; returns its folder). `observe`: see
+    `run_stage`."""
     check_ranges(config)
     check_run(config)
     distributed.initialize(config.train.distributed)
     with hold(config):
         try:
-            return _train(config, progress)
+            return _train(config, progress, observe)
         except KeyboardInterrupt:  # outside a stage's steps (loading, precomputing, export)
             raise Interrupted(resume_note(config)) from None
 
@@ -316,16 +359,20 @@ def check_run(config):
                          "to its HF folder")
     if "lm" not in tc.stages and (not config.router.path or not config.experts.paths):
         raise TrainError("set both --config.router.path and --config.experts.paths")
+    models = [tc.lm.init] if "lm" in tc.stages else [config.router.path, *config.experts.paths]
+    for path in models:  # local folders only: a hub name is resolved (maybe fetched) later
+        if hub_name(path) is None:
+            load_config(path)  # names a missing folder or one without config.json
     for name in tc.stages:
         kind = "pref" if name == "cdpo" else "sft"
         check_data_path(config.data.pref_path if kind == "pref" else config.data.sft_path,
                         kind)
 
 
-def _train(config, progress: bool) -> str:
+def _train(config, progress: bool, observe: Optional[Callable]) -> str:
     tc = config.train
     if "lm" in tc.stages:
-        return finetune(config, progress)
+        return finetune(config, progress, observe)
     router_path, expert_paths = config.router.path, list(config.experts.paths)
     mesh = sh.mesh_from_config(config.mesh)
     dtype = config.model.dtype
@@ -335,16 +382,20 @@ def _train(config, progress: bool) -> str:
     router = Router(trained_cfg(lineup.router.cfg, config), lineup.router.n_experts)
     experts = Experts([frozen_cfg(c, config) for c in lineup.experts.cfgs],
                       vocab=lineup.experts.vocab, stacked=lineup.experts.stacked)
-    # Sample decodes run the trained router on one device, as any decode of a lineup would.
-    samples = dataclasses.replace(lineup, router=router, experts=experts, mesh=None)
-    r_params, e_params = lineup.params["router"], lineup.params["experts"]
+    # Sample decodes run the trained router on one device, as any decode of a lineup would;
+    # the stages take the params over (the lineup must hold no second reference to them).
+    samples = dataclasses.replace(lineup, router=router, experts=experts, mesh=None,
+                                  params={})
+    # The router's params travel in `carry`, popped into each stage: no local here keeps
+    # the incoming copy alive beside the stage's own.
+    carry, held = {"router": lineup.params.pop("router")}, Parked(lineup.params.pop("experts"))
     tokenizer = lineup.tokenizer
     out = None
     for name in tc.stages:
-        r_params, _ = run_stage(name, config, router, r_params, experts, e_params, tokenizer,
-                                mesh, progress, samples)
+        carry["router"], _ = run_stage(name, config, router, carry.pop("router"), experts,
+                                       held, tokenizer, mesh, progress, samples, observe)
         out = os.path.join(tc.workdir, name, "router")
-        host = distributed.fetch(r_params)  # every process: a collective where sharded
+        host = distributed.fetch(carry["router"])  # every process: a collective where sharded
         if distributed.is_main():
             save_router(out, router, host, tokenizer=tokenizer,
                         expert_names=list(lineup.expert_names))

@@ -133,7 +133,8 @@ def _blocks_run(layout: Layout, streams: Dict[int, list], rows: int, seq_len: in
 
 def precompute_signals(examples, experts: Experts, e_params, vocab: int, seq_len: int,
                        batch_size: int, cache_file: Optional[str] = None, progress=True,
-                       mesh=None, block: int = 0, layout: Optional[Layout] = None):
+                       mesh=None, block: int = 0, layout: Optional[Layout] = None,
+                       observe=None):
     """Attaches the frozen experts' per-target signals to every SFT example, reading them
     from `cache_file` (.npz) when it matches the data and the experts' params, else
     computing and writing it. Reused across epochs, restarts and runs that share experts
@@ -160,8 +161,11 @@ def precompute_signals(examples, experts: Experts, e_params, vocab: int, seq_len
                 for s, i, r, start, segment in items:
                     e = streams[s][i]
                     place_sequence(host, r, start, e.ids, e.response, segment)
-            lp, top1 = (distributed.local_view(x) for x in
-                        fn(e_params, _put(mesh, {k: host[k] for k in SFT_FIELDS})))
+            args = (e_params, _put(mesh, {k: host[k] for k in SFT_FIELDS}))
+            if observe is not None:
+                observe("signals", fn, args)
+                observe = None
+            lp, top1 = (distributed.local_view(x) for x in fn(*args))
             for items in placed.values():
                 for s, i, r, start, _ in items:  # lp, top1: [experts, rows, seq]
                     e = streams[s][i]
@@ -230,7 +234,7 @@ def params_fingerprint(params) -> np.ndarray:
 def precompute_reference(examples, router: Router, ref_params, experts: Experts, e_params,
                          vocab: int, seq_len: int, batch_size: int,
                          cache_file: Optional[str] = None, progress=True, mesh=None,
-                         block: int = 0, layout: Optional[Layout] = None):
+                         block: int = 0, layout: Optional[Layout] = None, observe=None):
     """Attaches the stage-1 router's CDPO reference (sequence log-prob of each side and its
     routing logits) to every preference pair, from `cache_file` (.npz) when it matches the
     data and the router's params, else computed and written. The step then holds neither
@@ -261,9 +265,11 @@ def precompute_reference(examples, router: Router, ref_params, experts: Experts,
                     mask = np.concatenate([np.zeros_like(e.prompt),
                                            np.ones_like(getattr(e, side))])
                     place_sequence(host, r, 0, ids, mask, 1)
-                out.append([distributed.local_view(x) for x in
-                            fn(ref_params, e_params,
-                               _put(mesh, {k: host[k] for k in SFT_FIELDS}))])
+                args = (ref_params, e_params, _put(mesh, {k: host[k] for k in SFT_FIELDS}))
+                if observe is not None:
+                    observe("reference", fn, args)
+                    observe = None
+                out.append([distributed.local_view(x) for x in fn(*args)])
             for s, i, r, _, _ in items:
                 e, n = streams[s][i], keys[s][0][i]
                 e.ref_logprob = np.array([out[j][0][r] for j in range(2)], np.float32)

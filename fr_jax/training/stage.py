@@ -82,6 +82,26 @@ def make_train_step(loss_fn, tx, accum: int = 1, unroll: bool = False):
     return train_step
 
 
+def make_eval_step(loss_fn, accum: int = 1):
+    """The metrics of a global batch [B, ...] without gradients, over the same `accum`
+    micro-batches as the train step (one micro-batch's activations alive at once: a whole
+    batch's forward needs more memory than the train step), averaged as the train step
+    averages them."""
+    def eval_step(params, frozen, batch):
+        if accum == 1:
+            return loss_fn(params, frozen, batch)[1]
+        def body(acc, mb):
+            m = loss_fn(params, frozen, mb)[1]
+            return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, m), None
+        mbs = micro_batches(batch, accum)
+        zeros = jax.eval_shape(lambda b: loss_fn(params, frozen, b)[1],
+                               jax.tree.map(lambda x: x[0], mbs))
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), zeros)
+        sums, _ = jax.lax.scan(body, zeros, mbs)
+        return jax.tree.map(lambda x: x / accum, sums)
+    return eval_step
+
+
 # ---------------------------------------------------------------------------- sharded stage
 @dataclasses.dataclass
 class Stage:
@@ -117,8 +137,7 @@ class Stage:
         train = jax.jit(sh.traced_on(step, self.mesh),
                         in_shardings=(self.state_shardings, self.frozen_shardings, b_sh),
                         out_shardings=(self.state_shardings, None), donate_argnums=(0,))
-        evaluate = jax.jit(sh.traced_on(lambda params, frozen, batch:
-                                        self.loss_fn(params, frozen, batch)[1], self.mesh),
+        evaluate = jax.jit(sh.traced_on(make_eval_step(self.loss_fn, self.accum), self.mesh),
                            in_shardings=(self.state_shardings.params, self.frozen_shardings,
                                          b_sh))
         return train, evaluate
@@ -200,11 +219,24 @@ def frozen_cfg(cfg, config):
     return cfg.replace(attention=config.model.attention)
 
 
-def init_state(stage: Stage, params, seed: int) -> TrainState:
+def init_state(stage: Stage, params, seed: int, take: bool = False) -> TrainState:
     """A fresh state holding its own copy of `params` (the step donates the state; the
-    caller's arrays stay valid)."""
-    params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
-                     out_shardings=stage.state_shardings.params)(params)
+    caller's arrays stay valid), or with `take` the caller's arrays themselves (moved where
+    the state's shardings put them): the run's one copy of the params."""
+    if take:
+        shardings = jax.tree.leaves(stage.state_shardings.params)
+        leaves, tree = jax.tree.flatten(params)
+        moved = []
+        for x, s in zip(leaves, shardings):
+            if x.sharding.is_equivalent_to(s, x.ndim):
+                moved.append(x)
+            else:
+                moved.append(jax.device_put(x, s))
+                x.delete()
+        params = jax.tree.unflatten(tree, moved)
+    else:
+        params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                         out_shardings=stage.state_shardings.params)(params)
     opt_state = jax.jit(stage.tx.init, out_shardings=stage.state_shardings.opt_state)(params)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)),
                          stage.state_shardings.rng)
