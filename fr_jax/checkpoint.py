@@ -44,15 +44,25 @@ def fingerprint(tree) -> List[List[float]]:
 
 
 def _words(x):
-    """The leaf's bytes as uint32 words: narrower types widened, 8-byte ones split in two
-    (bitcast, so every bit of the stored value is in some word)."""
+    """The leaf's bits as uint32 words, in the leaf's own shape (8-byte types with a
+    trailing axis of 2): narrower types widened, by bitcast, so every bit of the stored
+    value is in some word. No reshape: on a sharded leaf a flatten could move data."""
     if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32).ravel()
+        return x.astype(jnp.uint32)
     size = x.dtype.itemsize
     if size < 4:
         return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]) \
-            .astype(jnp.uint32).ravel()
-    return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
+            .astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _odd_positions(shape):
+    """2i + 1 for each element's row-major index i (modulo 2**32), built from iotas in the
+    array's own shape."""
+    index = jnp.zeros(shape, jnp.uint32)
+    for axis, n in enumerate(shape):
+        index = index * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+    return index * 2 + 1
 
 
 @jax.jit
@@ -60,8 +70,8 @@ def _checksums(tree):
     out = []
     for x in jax.tree.leaves(tree):
         w = _words(x)
-        odd = jnp.arange(w.size, dtype=jnp.uint32) * 2 + 1
-        out.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * odd, dtype=jnp.uint32)]))
+        out.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32),
+                              jnp.sum(w * _odd_positions(w.shape), dtype=jnp.uint32)]))
     return out
 
 

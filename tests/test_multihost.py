@@ -108,10 +108,14 @@ def _sft_file(tmp_path, n=200):
 
 
 def _train_args(tmp_path, *extra):
-    return ["-m", "fr_jax.train", f"--config={TINY}", "--config.train.log_every=1",
-            "--config.train.eval_every=0", "--config.train.sample_every=0",
-            "--config.train.ckpt_every=2", "--config.train.batch_size=8",
-            f"--config.data.sft_path={_sft_file(tmp_path)}", *extra]
+    """The training command line; a field in `extra` replaces the default given here (a
+    field given twice is refused)."""
+    given = {a.split("=", 1)[0] for a in extra}
+    base = ["--config.train.log_every=1", "--config.train.eval_every=0",
+            "--config.train.sample_every=0", "--config.train.ckpt_every=2",
+            "--config.train.batch_size=8", f"--config.data.sft_path={_sft_file(tmp_path)}"]
+    return ["-m", "fr_jax.train", f"--config={TINY}",
+            *[a for a in base if a.split("=", 1)[0] not in given], *extra]
 
 
 FSDP_TENSOR = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]

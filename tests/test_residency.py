@@ -86,10 +86,11 @@ def test_each_phase_holds_its_arguments_and_what_residency_names_and_the_plan_pr
     extra = {k: v[0] - v[1] for k, v in seen.items()}
     # A step's arguments are everything alive: no experts in SFT (their signals are
     # precomputed), no second router copy, no reference in CDPO (precomputed too).
-    assert extra[("sft", "step")] == extra[("cdpo", "step")] == 0, seen
+    # (Up to 1 KiB of scalars other tests of this worker left alive: a router copy is 0.9 MB.)
+    assert extra[("sft", "step")] <= 1024 and extra[("cdpo", "step")] <= 1024, seen
     # Evaluation runs beside the train state: the same buffers as the step (its batch aside).
     for stage in ("sft", "cdpo"):
-        assert abs(live[(stage, "eval")] - live[(stage, "step")]) <= 64, seen
+        assert abs(live[(stage, "eval")] - live[(stage, "step")]) <= 1024, seen
     # The precomputes run beside the stage's incoming router (one copy of its params: half
     # the optimizer state that evaluation sees beside its arguments, Adam's mu and nu).
     router = extra[("sft", "eval")] / 2
