@@ -130,8 +130,9 @@ def _refuse_repeats(args, extra: Sequence[Flag]):
         if not arg.startswith("--") or arg == "--":
             continue  # the value of a `--name value` pair
         name = arg.split("=", 1)[0]
-        if name in shortcuts and shortcuts[name].kind == "multi":
-            continue  # repeatable by design (--prompt)
+        multi = name in shortcuts and shortcuts[name].kind == "multi"
+        if multi and seen.get(shortcuts[name].field) == name:
+            continue  # repeatable by design (--prompt), but not beside its field
         if name in shortcuts and shortcuts[name].field:
             field = shortcuts[name].field
         elif name.startswith("--config."):

@@ -148,6 +148,9 @@ def test_the_fields_a_help_screen_describes_come_from_the_comments_beside_them(t
      "all its items in one value, e.g. --config.experts.paths=/ckpt/a,/ckpt/b)"),
     (["fr_jax.decode", "--mode=expert_only", "--config.decode.mode=fusionroute"],
      "error: decode.mode is given twice (--mode and --config.decode.mode): give it once"),
+    (["fr_jax.decode", "--prompt=a", "--prompt=b", "--config.decode.prompts=('c',)"],
+     "error: decode.prompts is given twice (--prompt and --config.decode.prompts): give it "
+     "once"),
     (["fr_jax.decode", "--config=configs/tiny.py", "--config=configs/llama3.py"],
      "error: --config is given twice: name one config file (override its fields with "
      "--config.FIELD=VALUE)"),
