@@ -93,6 +93,7 @@ def _steps(run):
 
 
 # ------------------------------------------------------------------- 1: resume=False
+@pytest.mark.slow
 def test_resume_false_over_a_finished_run_is_refused_before_anything_is_touched(setup,
                                                                                tmp_path):
     s, run = setup, _copy(setup, tmp_path)
@@ -111,6 +112,7 @@ def test_resume_false_over_a_finished_run_is_refused_before_anything_is_touched(
 
 
 # ---------------------------------------------------------------- 2: a replaced model
+@pytest.mark.slow
 def test_an_expert_replaced_at_the_same_path_is_a_listed_difference(setup, tmp_path):
     s = setup
     run = _copy(s, tmp_path)
@@ -164,6 +166,7 @@ def _flip(path, offset, bit):
         f.write(bytes([b ^ (1 << bit)]))
 
 
+@pytest.mark.slow
 def test_single_bit_flips_in_the_newest_checkpoints_are_each_set_aside(setup, tmp_path,
                                                                         caplog, capsys):
     """One bit flipped in an array chunk of each of steps 4, 3 and 2 (at a quarter, a half and
@@ -211,6 +214,7 @@ def test_the_checksum_catches_every_single_bit_and_ignores_the_sharding(dtype):
 
 
 # ------------------------------------------------------------------ 4: divergence
+@pytest.mark.slow
 def test_a_run_diverging_while_finite_stops_and_resumes_from_before_the_rise(inputs, tmp_path,
                                                                             caplog):
     """lr=30: the loss goes 13.8, 14.4, then ~1900 at step 3 (finite; NaN would come later

@@ -40,6 +40,7 @@ def _steps(workdir):
         folder) else []
 
 
+@pytest.mark.slow
 def test_a_busy_workdir_is_refused_and_ctrl_c_says_where_the_run_goes_on(tmp_path, sft_file,
                                                                           capsys):
     run = tmp_path / "run"

@@ -4,7 +4,6 @@ Each process says at once what it waits for, and after FR_JAX_INIT_TIMEOUT_S sto
 one line naming who is missing and the fix; a launch described without a coordinator is
 refused instead of running as one process."""
 
-import os
 import subprocess
 import sys
 import threading
@@ -77,6 +76,7 @@ def assert_waits_then_fails(proc, waiting, error):
     assert t_error - t_wait >= TIMEOUT_S - 0.5, proc.lines  # said before waiting, not after
 
 
+@pytest.mark.slow
 def test_a_process_whose_peer_never_starts_says_what_it_waits_for_and_who_is_missing(
         tmp_path):
     # Each process of a 2-process launch alone, on a port of its own (both at once).
@@ -96,6 +96,7 @@ def test_a_process_whose_peer_never_starts_says_what_it_waits_for_and_who_is_mis
     assert not any((tmp_path / f"work{rank}").exists() for rank in (0, 1))
 
 
+@pytest.mark.slow
 def test_a_process_that_reaches_the_coordinator_names_the_process_still_missing(tmp_path):
     # 3 processes, process 2 never started: process 1, once the coordinator (process 0)
     # is up, says that it is process 2 that is missing.

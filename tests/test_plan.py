@@ -179,6 +179,7 @@ def test_activation_memory_and_what_remat_blocked_losses_and_fused_attention_sav
     assert none - fused >= 0.9 * probs
 
 
+@pytest.mark.slow
 def test_collectives_time_bounds_and_the_calibration_program_on_cpu():
     """Stage lm's step (fr_jax.planning.calibration) for the bundled toy router on the
     8-device CPU mesh, timed as if on v6e chips: FSDP makes all-gathers and reduce-scatters
