@@ -304,14 +304,19 @@ def _print(msg):
         print(msg, flush=True)
 
 
+def _require_init(config) -> str:
+    """Stage lm's init model folder (train.lm.init), which it must name."""
+    if not config.train.lm.init:
+        raise TrainError("stage lm fine-tunes an existing model: set --config.train.lm.init "
+                         "to its HF folder")
+    return config.train.lm.init
+
+
 def finetune(config, progress: bool = True, observe: Optional[Callable] = None) -> str:
     """Stage `lm`: fine-tunes one ordinary model (no routing) from `train.lm.init` on the SFT
     data -- the direct fine-tuning baseline, and how the demo world trains its experts.
     Returns the folder of the exported HF checkpoint (<workdir>/lm/model)."""
-    init = config.train.lm.init
-    if not init:
-        raise TrainError("stage lm fine-tunes an existing model: set --config.train.lm.init "
-                         "to its HF folder")
+    init = _require_init(config)
     mesh = sh.mesh_from_config(config.mesh)
     dtype, pdtype = config.model.dtype, config.model.param_dtype or None
     model = Model(trained_cfg(load_config(init, dtype, pdtype), config))
@@ -354,9 +359,8 @@ def check_run(config):
     if "lm" in tc.stages and tuple(tc.stages) != ("lm",):
         raise TrainError("stage lm trains one plain model and runs on its own "
                          f"(train.stages=('lm',)), got {tuple(tc.stages)}")
-    if "lm" in tc.stages and not tc.lm.init:
-        raise TrainError("stage lm fine-tunes an existing model: set --config.train.lm.init "
-                         "to its HF folder")
+    if "lm" in tc.stages:
+        _require_init(config)
     if "lm" not in tc.stages and (not config.router.path or not config.experts.paths):
         raise TrainError("set both --config.router.path and --config.experts.paths")
     models = [tc.lm.init] if "lm" in tc.stages else [config.router.path, *config.experts.paths]
