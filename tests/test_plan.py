@@ -75,13 +75,14 @@ def _sft_step(rows: int, seq: int, remat: str, block: int, attention: str = "xla
 def test_plan_cli_reduced_depth_fits_and_reports(tmp_path, capsys):
     """The CLI on configs/llama3.py for v5e-8 at depth 2: every program (expert signals, SFT,
     CDPO, eager and lazy decode at batch 1) fits with 10% headroom -> exit status 0, and the
-    table and the JSON say so program by program. (The evaluation steps are left out here,
-    two more TPU compiles: tests/test_residency.py plans them, on the CPU backend.)"""
+    table and the JSON say so program by program. (The evaluation steps and the sample
+    decode are left out here, four more TPU compiles: tests/test_residency.py plans them,
+    on the CPU backend.)"""
     out = tmp_path / "plan.json"
     code = plan_cli.main(["--config=" + default_config_file("llama3.py"), f"--topology={SLICE}",
                       f"--config.plan.depth={DEPTH}", "--config.plan.decode_batches=(1,)",
                       "--config.plan.costs=False", "--config.train.eval_every=0",
-                      f"--json={out}"])
+                      "--config.train.sample_every=0", f"--json={out}"])
     text = capsys.readouterr().out
     assert code == 0, text
     results = json.loads(out.read_text())["results"]
@@ -207,3 +208,37 @@ def test_collectives_time_bounds_and_the_calibration_program_on_cpu():
         assert column in text
     assert re.search(r"\| \d+\.\d+ \(\d+\) \| [\d.]+\.\.[\d.]+ \| \d+%\.\.\d+% \| - \|", text)
     assert "45.5% (MaxText)" in row(r)
+
+
+def test_a_multi_host_launch_plans_each_stage_s_export_beside_what_stays():
+    """A launch of several processes gathers each stage's trained router to every process
+    to export it, a leaf at a time (`distributed.fetch`): the plan compiles the largest
+    leaf's gather, with the rest of the router, and CDPO's experts (its steps took them),
+    resident beside it. One process has no such program."""
+    import jax
+    import numpy as np
+
+    from fr_jax import sharding as sh
+
+    world = bundled_world()
+    c = _config(**{"train.sample_every": 0, "train.eval_every": 0})
+    c.plan.depth = 0
+    mesh = sh.make_mesh({a: int(c.mesh[a]) for a in sh.MESH_AXES}, jax.devices()[:8])
+    rcfg = plan.model_config(world["router_base"], "", "float32", "float32", "router")
+    ecfgs = [plan.model_config(p, "", "float32", "float32", "expert") for p in world["experts"]]
+    one = plan.train_programs(c, rcfg, ecfgs, mesh, ("sft", "cdpo"))
+    two = plan.train_programs(c, rcfg, ecfgs, mesh, ("sft", "cdpo"), hosts=2)
+    assert not [p for p in one if "export" in p.name]
+    exports = {p.name: p for p in two if "export" in p.name}
+    assert set(exports) == {"SFT export (router gathered, largest tensor)",
+                            "CDPO export (router gathered, largest tensor)"}
+    nbytes = lambda t: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(t))
+    router = nbytes([p for p in two if p.name == "SFT step"][0].groups["params"])
+    experts = nbytes([p for p in two if p.name == "CDPO step"][0].groups["frozen"]["experts"])
+    for name, beside in (("SFT", router), ("CDPO", router + experts)):
+        p = exports[f"{name} export (router gathered, largest tensor)"]
+        assert nbytes(p.args) + nbytes(p.resident) == beside, name
+        compiled, err = plan.compile_program(p)
+        assert compiled is not None, err
+        # the gathered leaf is whole on each device
+        assert compiled.memory_analysis().output_size_in_bytes == nbytes(p.args)

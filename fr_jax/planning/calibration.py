@@ -32,7 +32,8 @@ from fr_jax.planning.shapes import forward_flops, splash_flops
 MAXTEXT = dict(slice="v6e-8", arch="llama-3.1-8b", rows_per_chip=3, seq_len=8192, mfu=0.455)
 
 
-def lm_programs(config, rcfg, ecfgs, meshes, single_expert: bool = False) -> List[Program]:
+def lm_programs(config, rcfg, ecfgs, meshes, single_expert: bool = False,
+                hosts: int = 1) -> List[Program]:
     """Stage lm's training step for the model `rcfg` (all_programs' signature; the experts
     play no part)."""
     tc, seq, mesh = config.train, config.data.seq_len, meshes["train"]

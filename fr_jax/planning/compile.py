@@ -116,9 +116,10 @@ def _costs(compiled) -> Tuple[float, float]:
 
 
 def shallow(cfg, depth: int):
-    """The same model at `depth` layers with its scans unrolled (cost analysis)."""
-    return cfg.replace(num_layers=depth, scan_unroll=True,
-                       layer_types=tuple(cfg.layer_types[:depth]))
+    """The same model at `depth` layers with its scans unrolled (cost analysis); a model
+    already cut shallower (plan.depth) repeats its layer pattern."""
+    types = tuple(cfg.layer_types) * -(-depth // len(cfg.layer_types))
+    return cfg.replace(num_layers=depth, scan_unroll=True, layer_types=types[:depth])
 
 
 def measure_costs(config, rcfg, ecfgs, meshes, programs: Sequence[Program],
@@ -215,9 +216,9 @@ def step_time(r: Result, p: Program, chip: Chip, n_chips: int):
 
 
 def evaluate(config, chip: Chip, devices, progress: bool = True,
-             build=all_programs) -> List[Result]:
+             build=all_programs, hosts: int = 1) -> List[Result]:
     """Compiles every program of `config` (made by `build`, all_programs' signature) for
-    the slice and returns one Result each."""
+    the slice, whose launch starts `hosts` processes, and returns one Result each."""
     pc = config.plan
     meshes = {kind: sh.make_mesh({a: int(m.get(a, 1)) for a in sh.MESH_AXES}, devices)
               for kind, m in (("train", config.mesh), ("decode", decode_mesh(config)))}
@@ -230,7 +231,7 @@ def evaluate(config, chip: Chip, devices, progress: bool = True,
     if pc.depth:  # reduced depth (tests): real widths and vocabularies, fewer layers
         cut = lambda c: c.replace(num_layers=pc.depth, layer_types=c.layer_types[:pc.depth])
         rcfg, ecfgs = cut(rcfg), [cut(c) for c in ecfgs]
-    programs = build(config, rcfg, ecfgs, meshes)
+    programs = build(config, rcfg, ecfgs, meshes, hosts=hosts)
     # A lazy decode step runs the router and the one selected expert (which one depends on
     # the data): its HBM traffic is that of a one-expert lineup's step, compiled as well.
     standins = {}

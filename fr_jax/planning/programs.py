@@ -20,7 +20,7 @@ from fr_jax.fusion import Mode
 from fr_jax.lineup import experts_layout
 from fr_jax.planning.shapes import forward_flops, splash_flops
 from fr_jax.router import Router
-from fr_jax.training import residency
+from fr_jax.training import residency, samples
 
 
 # ---------------------------------------------------------------------------- programs
@@ -65,9 +65,12 @@ def _nbytes(tree) -> int:
                for x in jax.tree.leaves(tree))
 
 
-def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Program]:
+def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str],
+                   hosts: int = 1) -> List[Program]:
     """The training programs of config.train.stages: the SFT step (and the expert-signal
-    precompute when signals are precomputed), the CDPO step."""
+    precompute when signals are precomputed), the CDPO step (and its reference's
+    precompute), their evaluation steps, the sample decode, and where the launch has
+    several processes each stage's export (its router gathered to every process)."""
     tc, seq = config.train, config.data.seq_len
     n, vocab = len(ecfgs), min(c.vocab_size for c in [rcfg, *ecfgs])
     micro = training.micro_batch_size(tc)
@@ -81,7 +84,7 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Pro
     tokens = tc.batch_size * seq
     rc, ec = router.cfg, experts.cfgs[0]
     trained_fwd = 1 + (rc.remat != "none")  # a rematerialised layer runs forward twice
-    out = []
+    out, sampled = [], []
     for name in stages:
         # What the run holds beside each phase's arguments, from the run's own table.
         held = residency.resident(name, config)
@@ -154,7 +157,44 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str]) -> List[Pro
                                {"params": state.params, "frozen": frozen}, costed=False,
                                resident=dict(beside("eval", args),
                                              optimizer=state.opt_state)))
+        if hosts > 1 and "export" in held:
+            out.append(_export_program(name, mesh, r_params, beside("export", set())))
+        if "sample" in held:
+            sampled.append((name, state, dict(beside("sample", {"state", "experts"}),
+                                              optimizer=state.opt_state)))
+    if sampled:
+        out += _sample_programs(router, experts, vocab, seq, state, e_params, sampled)
     return out
+
+
+def _export_program(name, mesh, r_params, resident) -> Program:
+    """The export of a stage's router from a multi-process run: `distributed.fetch` gathers
+    each leaf to every process, one at a time; the largest leaf's gather, with the rest of
+    the router (and what else stays, see residency) beside it."""
+    leaves = jax.tree.leaves(r_params)
+    big = max(range(len(leaves)), key=lambda i: _nbytes(leaves[i]))
+    resident = dict(resident, router=[x for i, x in enumerate(leaves) if i != big])
+    gather = jax.jit(lambda x: x, out_shardings=sh.replicated(mesh))
+    return Program(f"{name.upper()} export (router gathered, largest tensor)", "train", gather,
+                   (leaves[big],), {"params": leaves[big]}, costed=False, resident=resident)
+
+
+def _sample_programs(router, experts, vocab, seq, state, e_params, sampled) -> List[Program]:
+    """The sample decode a training run makes every train.sample_every updates (its
+    prefill and chunk, `fr_jax.training.samples`' decoder at its shapes), compiled once,
+    beside the largest of the sampling stages' resident buffers."""
+    _, state, resident = max(sampled, key=lambda s: _nbytes(s[2]))
+    dec = samples.sample_decoder(router, experts, vocab)
+    params = dec.prepare({"router": state.params, "experts": e_params})
+    slots = samples.cache_len(seq)
+    (pre, pre_args), (chunk, chunk_args) = dec.compiled_programs(params, samples.PROMPTS, seq,
+                                                                 slots)
+    caches = pre_args[4]
+    tag = f"batch {samples.PROMPTS}"
+    return [Program(f"sample decode prefill, {tag}, prompt {seq}", "decode", pre, pre_args,
+                    {"params": params, "caches": caches}, costed=False, resident=resident),
+            Program(f"sample decode chunk, {tag}, cache {slots}", "decode", chunk, chunk_args,
+                    {"params": params, "caches": caches}, costed=False, resident=resident)]
 
 
 def decode_programs(config, rcfg, ecfgs, mesh, modes: Sequence[str], batches: Sequence[int],
@@ -211,8 +251,10 @@ def decode_programs(config, rcfg, ecfgs, mesh, modes: Sequence[str], batches: Se
     return out
 
 
-def all_programs(config, rcfg, ecfgs, meshes, single_expert: bool = False) -> List[Program]:
-    """Every program of the config: meshes = {"train": mesh, "decode": mesh}."""
+def all_programs(config, rcfg, ecfgs, meshes, single_expert: bool = False,
+                 hosts: int = 1) -> List[Program]:
+    """Every program of the config: meshes = {"train": mesh, "decode": mesh}; `hosts`: the
+    processes of the launch (a multi-host run gathers its router to export it)."""
     pc = config.plan
     wanted = set(pc.programs)
     unknown = wanted - {"train", "decode"}
@@ -220,7 +262,8 @@ def all_programs(config, rcfg, ecfgs, meshes, single_expert: bool = False) -> Li
         raise PlanError(f"plan.programs: unknown {sorted(unknown)}; use 'train' and/or 'decode'")
     out = []
     if "train" in wanted:
-        out += train_programs(config, rcfg, ecfgs, meshes["train"], tuple(config.train.stages))
+        out += train_programs(config, rcfg, ecfgs, meshes["train"], tuple(config.train.stages),
+                              hosts)
     if "decode" in wanted:
         out += decode_programs(config, rcfg, ecfgs, meshes["decode"], tuple(pc.decode_modes),
                                tuple(pc.decode_batches), tuple(pc.lazy), single_expert)

@@ -6,7 +6,7 @@ import math
 from typing import List, Sequence, Tuple
 
 from fr_jax.planning.compile import Result, evaluate
-from fr_jax.planning.hardware import Chip, GiB, topology_devices
+from fr_jax.planning.hardware import Chip, GiB, slice_size, topology_devices
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -84,7 +84,7 @@ def advice(r: Result, config) -> str:
 def plan_slice(config, slice_name: str, progress: bool = True) -> Tuple[List[Result], str]:
     """Compiles every program of `config` for the slice -> (results, the report to print)."""
     chip, devices = topology_devices(slice_name)
-    results = evaluate(config, chip, devices, progress)
+    results = evaluate(config, chip, devices, progress, hosts=slice_size(slice_name)[1])
     report = table(results, slice_name, chip)
     bad = [r for r in results if not r.fits]
     if bad:

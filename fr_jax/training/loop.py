@@ -26,11 +26,11 @@ from fr_jax.lineup import Lineup, load_lineup
 from fr_jax.models import Model
 from fr_jax.router import Router, save_router
 from fr_jax.tensorboard import summary_writer
-from fr_jax.trace import render_text
 from fr_jax.training import record
 from fr_jax.training.inputs import check_data_path, layout_for, load_stage_data
 from fr_jax.training.precompute import precompute_reference, precompute_signals
 from fr_jax.training.residency import Parked, after_precompute, copy_as, in_step, take_over
+from fr_jax.training.samples import make_sampler
 from fr_jax.training.stage import (abstract_state, build_stage, frozen_cfg, init_state,
                                   micro_batch_size, trained_cfg)
 from fr_jax.training.watch import WATCHED, Watch
@@ -173,8 +173,8 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     # params gathered from every process.
     sampling = bool(tc.sample_every) and samples is not None and name != "lm"
     mine = [e for part in (data.held, data.train) for s in sorted(part) for e in part[s]]
-    sampler = (_make_sampler(samples, mine) if sampling and mine and distributed.is_main()
-               else None)
+    sampler = (make_sampler(samples, mine, dc.seq_len)
+               if sampling and mine and distributed.is_main() else None)
     # One loop iteration = one optimizer update over train.batch_size rows (grad_accum
     # micro-batches inside the step); logging, evaluation and checkpoints count updates.
     total = stage_cfg.steps
@@ -226,6 +226,9 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
                     else state.params
                 experts_now = held.get()  # back from host memory for the decode
                 if sampler is not None:
+                    if hook is not None:  # (tracing the prefill is for the observer only)
+                        observe("sample", *sampler.first_program(host, experts_now))
+                        observe = _once(observe, "sample")
                     writer.text("samples", sampler(host, experts_now), micro)
                 del experts_now
                 if "experts" not in needs:
@@ -251,27 +254,6 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     if distributed.is_main():
         record.write_json(history_path, history)
     return state.params, history
-
-
-def _make_sampler(lineup: Lineup, examples, n: int = 2, max_new_tokens: int = 32):
-    """(router params, experts' params) -> Markdown text: greedy FusionRoute answers of
-    `lineup`'s models with those params to a few held-out prompts, each token tagged with
-    the expert that produced it (TensorBoard text)."""
-    prompts = [(e.prompt if hasattr(e, "prompt") else e.ids[e.response == 0]).tolist()
-               for e in examples[:n]]
-    decoder, _ = lineup.decoder("fusionroute", chunk=8)
-    tok = lineup.tokenizer
-
-    def sample(router_params, expert_params) -> str:
-        res = decoder.generate({"router": router_params, "experts": expert_params}, prompts,
-                               max_new_tokens, lineup.eos_ids, lineup.pad_id)
-        lines = []
-        for row, p in enumerate(prompts):
-            toks, chosen = res.row(row)
-            pieces = [tok.decode([t]) for t in toks]
-            lines.append(f"**{tok.decode(p)}**\n\n`{render_text(pieces, chosen, lineup.expert_names)}`")
-        return "\n\n".join(lines)
-    return sample
 
 
 def _once(observe, phase: str):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from fr_jax.training.objectives import sft_needs_experts
 
-PHASES = ("signals", "reference", "step", "eval", "sample")
+PHASES = ("signals", "reference", "step", "eval", "sample", "export")
 
 
 def in_step(name: str, stage_cfg) -> FrozenSet[str]:
@@ -36,7 +36,8 @@ def resident(name: str, config) -> Dict[str, FrozenSet[str]]:
     """phase -> the models on the devices while that phase's program runs (its arguments
     included). Phases a stage does not have are left out. Sample decodes bring the experts
     back from host memory (where they wait between samples) and run beside the train
-    state."""
+    state. The export gathers the trained router to every process (a program only where
+    its params span several), leaf by leaf."""
     tc = config.train
     stage_cfg = tc[name]
     step = in_step(name, stage_cfg) | {"state"}
@@ -47,6 +48,8 @@ def resident(name: str, config) -> Dict[str, FrozenSet[str]]:
         out["reference"] = frozenset({"router", "experts", "ref"})
     if name != "lm" and tc.sample_every:
         out["sample"] = step | {"experts"}
+    if name != "lm":  # the stage's state is gone; experts the steps took are still here
+        out["export"] = frozenset({"router"}) | (in_step(name, stage_cfg) & {"experts"})
     return out
 
 
