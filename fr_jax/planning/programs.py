@@ -65,12 +65,13 @@ def _nbytes(tree) -> int:
                for x in jax.tree.leaves(tree))
 
 
-def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str],
-                   hosts: int = 1) -> List[Program]:
+def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str], hosts: int = 1,
+                   decode_mesh=None) -> List[Program]:
     """The training programs of config.train.stages: the SFT step (and the expert-signal
     precompute when signals are precomputed), the CDPO step (and its reference's
     precompute), their evaluation steps, the sample decode, and where the launch has
-    several processes each stage's export (its router gathered to every process)."""
+    several processes each stage's export (its router gathered to every process). The
+    sample decode runs on `decode_mesh` (default: `mesh`)."""
     tc, seq = config.train, config.data.seq_len
     n, vocab = len(ecfgs), min(c.vocab_size for c in [rcfg, *ecfgs])
     micro = training.micro_batch_size(tc)
@@ -160,10 +161,10 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str],
         if hosts > 1 and "export" in held:
             out.append(_export_program(name, mesh, r_params, beside("export", set())))
         if "sample" in held:
-            sampled.append((name, state, dict(beside("sample", {"state", "experts"}),
-                                              optimizer=state.opt_state)))
+            sampled.append((name, dict(beside("sample", {"state", "sampler"}),
+                                       state=state)))
     if sampled:
-        out += _sample_programs(router, experts, vocab, seq, state, e_params, sampled)
+        out += _sample_programs(router, experts, vocab, seq, decode_mesh or mesh, sampled)
     return out
 
 
@@ -179,17 +180,20 @@ def _export_program(name, mesh, r_params, resident) -> Program:
                    (leaves[big],), {"params": leaves[big]}, costed=False, resident=resident)
 
 
-def _sample_programs(router, experts, vocab, seq, state, e_params, sampled) -> List[Program]:
+def _sample_programs(router, experts, vocab, seq, mesh, sampled) -> List[Program]:
     """The sample decode a training run makes every train.sample_every updates (its
-    prefill and chunk, `fr_jax.training.samples`' decoder at its shapes), compiled once,
-    beside the largest of the sampling stages' resident buffers."""
-    _, state, resident = max(sampled, key=lambda s: _nbytes(s[2]))
-    dec = samples.sample_decoder(router, experts, vocab)
-    params = dec.prepare({"router": state.params, "experts": e_params})
+    prefill and chunk: `fr_jax.training.samples`' decoder at its shapes, on the decoding
+    `mesh`, with its copies of the router and the experts), compiled once, beside the
+    largest of the sampling stages' resident buffers (the train state)."""
+    _, resident = max(sampled, key=lambda s: _nbytes(s[1]))
+    dec = samples.sample_decoder(router, experts, vocab, mesh)
+    router_sh, experts_sh = samples.layouts(dec)
+    params = dec.prepare({"router": _abstract(router.param_shapes(), router_sh),
+                          "experts": _abstract(experts.param_shapes(), experts_sh)})
     slots = samples.cache_len(seq)
     (pre, pre_args), (chunk, chunk_args) = dec.compiled_programs(params, samples.PROMPTS, seq,
                                                                  slots)
-    caches = pre_args[4]
+    caches = _abstract(pre_args[4], dec._cache_shardings(pre_args[4]))
     tag = f"batch {samples.PROMPTS}"
     return [Program(f"sample decode prefill, {tag}, prompt {seq}", "decode", pre, pre_args,
                     {"params": params, "caches": caches}, costed=False, resident=resident),
@@ -263,7 +267,7 @@ def all_programs(config, rcfg, ecfgs, meshes, single_expert: bool = False,
     out = []
     if "train" in wanted:
         out += train_programs(config, rcfg, ecfgs, meshes["train"], tuple(config.train.stages),
-                              hosts)
+                              hosts, meshes["decode"])
     if "decode" in wanted:
         out += decode_programs(config, rcfg, ecfgs, meshes["decode"], tuple(pc.decode_modes),
                                tuple(pc.decode_batches), tuple(pc.lazy), single_expert)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from fr_jax import distributed
 from fr_jax import sharding as sh
 from fr_jax.checkpoint import Checkpointer
-from fr_jax.config import check_ranges, frozen_dtype
+from fr_jax.config import check_ranges, decode_mesh, frozen_dtype
 from fr_jax.data.streams import StreamBatcher
 from fr_jax.errors import DataError, Interrupted, TrainError
 from fr_jax.experts import Experts
@@ -30,7 +30,7 @@ from fr_jax.training import record
 from fr_jax.training.inputs import check_data_path, layout_for, load_stage_data
 from fr_jax.training.precompute import precompute_reference, precompute_signals
 from fr_jax.training.residency import Parked, after_precompute, copy_as, in_step, take_over
-from fr_jax.training.samples import make_sampler
+from fr_jax.training.samples import first_prompts, make_sampler
 from fr_jax.training.stage import (abstract_state, build_stage, frozen_cfg, init_state,
                                   micro_batch_size, trained_cfg)
 from fr_jax.training.watch import WATCHED, Watch
@@ -169,12 +169,13 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     writer = _Writer(os.path.join(tc.workdir, "tensorboard", name))
     writer.text("config", "<pre>" + config.to_json_best_effort(indent=2) + "</pre>", 0)
 
-    # Sample decodes run on process 0, from its own streams' prompts, with the router's
-    # params gathered from every process.
+    # Sample decodes run on every process as one program over the decoding mesh, on
+    # process 0's first prompts; process 0 writes them.
     sampling = bool(tc.sample_every) and samples is not None and name != "lm"
     mine = [e for part in (data.held, data.train) for s in sorted(part) for e in part[s]]
-    sampler = (make_sampler(samples, mine, dc.seq_len)
-               if sampling and mine and distributed.is_main() else None)
+    prompts = first_prompts(mine) if sampling else []
+    sampler = (make_sampler(samples, prompts, dc.seq_len,
+                            sh.mesh_from_config(decode_mesh(config))) if prompts else None)
     # One loop iteration = one optimizer update over train.batch_size rows (grad_accum
     # micro-batches inside the step); logging, evaluation and checkpoints count updates.
     total = stage_cfg.steps
@@ -221,18 +222,17 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
                 writer.scalars("eval", ev, micro)
                 if history:
                     history[-1].update({f"eval_{k}": v for k, v in ev.items()})
-            if sampling and (micro % tc.sample_every == 0 or micro == total):
-                host = distributed.fetch(state.params) if jax.process_count() > 1 \
-                    else state.params
-                experts_now = held.get()  # back from host memory for the decode
-                if sampler is not None:
-                    if hook is not None:  # (tracing the prefill is for the observer only)
-                        observe("sample", *sampler.first_program(host, experts_now))
-                        observe = _once(observe, "sample")
-                    writer.text("samples", sampler(host, experts_now), micro)
-                del experts_now
-                if "experts" not in needs:
-                    held.park()
+            if sampler is not None and (micro % tc.sample_every == 0 or micro == total):
+                # The decode takes the experts from host memory in the decoding layout;
+                # a step that uses them gets them back in its own afterwards.
+                held.park()
+                text = sampler(state.params, held, hook and (
+                    lambda fn, args: observe("sample", fn, args)))
+                observe = _once(observe, "sample")
+                if distributed.is_main():
+                    writer.text("samples", text, micro)
+                if "experts" in needs:
+                    frozen["experts"] = held.get()
             if saving:
                 # The history up to this step travels with the step: a resume from any
                 # checkpoint continues the history that led to it.
@@ -368,8 +368,8 @@ def _train(config, progress: bool, observe: Optional[Callable]) -> str:
     router = Router(trained_cfg(lineup.router.cfg, config), lineup.router.n_experts)
     experts = Experts([frozen_cfg(c, config) for c in lineup.experts.cfgs],
                       vocab=lineup.experts.vocab, stacked=lineup.experts.stacked)
-    # Sample decodes run the trained router on one device, as any decode of a lineup would;
-    # the stages take the params over (the lineup must hold no second reference to them).
+    # Sample decodes use the lineup's models and tokenizer (fr_jax.training.samples); the
+    # stages take the params over (the lineup must hold no second reference to them).
     samples = dataclasses.replace(lineup, router=router, experts=experts, mesh=None,
                                   params={})
     # The router's params travel in `carry`, popped into each stage: no local here keeps

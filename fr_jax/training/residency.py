@@ -7,7 +7,8 @@ buffers to each program's total, so the plan's memory is the run's and not one s
 
 The models a phase can hold: `router` (the stage's incoming router params, until the train
 state takes them over), `state` (the train state: params and optimizer state), `experts`
-(the frozen experts), `ref` (CDPO's reference router, in the frozen dtype).
+(the frozen experts), `ref` (CDPO's reference router, in the frozen dtype), `sampler` (a
+sample decode's copies of the trained router and the experts in the decoding layout).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ def in_step(name: str, stage_cfg) -> FrozenSet[str]:
 
 def resident(name: str, config) -> Dict[str, FrozenSet[str]]:
     """phase -> the models on the devices while that phase's program runs (its arguments
-    included). Phases a stage does not have are left out. Sample decodes bring the experts
-    back from host memory (where they wait between samples) and run beside the train
-    state. The export gathers the trained router to every process (a program only where
+    included). Phases a stage does not have are left out. A sample decode runs on the
+    decoding mesh (an FSDP layout in a token loop gathers the weights), beside the train
+    state: the experts leave the step's layout for host memory, and come back from there
+    in the decoding layout for the decode only. The export gathers the trained router to every process (a program only where
     its params span several), leaf by leaf."""
     tc = config.train
     stage_cfg = tc[name]
@@ -47,7 +49,7 @@ def resident(name: str, config) -> Dict[str, FrozenSet[str]]:
     if name == "cdpo" and stage_cfg.reference == "precompute":
         out["reference"] = frozenset({"router", "experts", "ref"})
     if name != "lm" and tc.sample_every:
-        out["sample"] = step | {"experts"}
+        out["sample"] = (step - {"experts"}) | {"sampler"}
     if name != "lm":  # the stage's state is gone; experts the steps took are still here
         out["export"] = frozenset({"router"}) | (in_step(name, stage_cfg) & {"experts"})
     return out
@@ -73,6 +75,13 @@ class Parked:
     def __init__(self, params):
         self._params = params
         self._device = None  # the shardings to come back to, while parked
+
+    def copy_to(self, shardings):
+        """A copy of the parked params on the devices in `shardings` (they stay parked):
+        the caller owns the copy and deletes it."""
+        if self._params is None or self._device is None:
+            raise RuntimeError("copy_to needs parked params (park them first)")
+        return jax.device_put(self._params, shardings)
 
     def get(self):
         """The params on the devices (moved back if parked)."""

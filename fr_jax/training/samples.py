@@ -2,11 +2,21 @@
 router being trained, logged to TensorBoard as text with each token's expert.
 
 The decoder and its shapes are defined here once: the training loop runs them and
-`fr_jax.plan` compiles the same program (prompts padded to the data's sequence length).
+`fr_jax.plan` compiles the same program. A sample decode runs on the decoding mesh, with
+copies of the router and the experts in the decoding layout made for it and deleted after
+it: in the training layout (FSDP) a token loop gathers the weights, which held 6.6 GiB of
+expert weights per v5e chip for Llama-3.1-8B experts.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fr_jax import distributed
+from fr_jax import sharding as sh
 from fr_jax.decoding import FusedDecoder, decode_slots
 from fr_jax.fusion import Mode
 from fr_jax.trace import render_text
@@ -21,29 +31,53 @@ def cache_len(width: int) -> int:
     return width + decode_slots(NEW_TOKENS, CHUNK)
 
 
-def sample_decoder(router, experts, vocab: int) -> FusedDecoder:
-    """Greedy FusionRoute of the trained router over the frozen experts, on whatever
-    devices their params live (no mesh of its own: it follows the train state's
-    shardings)."""
+def sample_decoder(router, experts, vocab: int, mesh) -> FusedDecoder:
+    """Greedy FusionRoute of the trained router over the frozen experts on `mesh` (the
+    decoding mesh)."""
     return FusedDecoder(Mode.parse("fusionroute", experts.n), router, experts, vocab=vocab,
-                        chunk=CHUNK)
+                        chunk=CHUNK, mesh=mesh)
 
 
-def make_sampler(lineup, examples, width: int):
-    """(router params, experts' params) -> Markdown text: greedy FusionRoute answers of
-    `lineup`'s models to the first held-out prompts of `examples`, each token tagged with
-    the expert that produced it. Prompts are left-padded to `width` (the data's sequence
-    length, which bounds them), the shape `fr_jax.plan` compiles."""
-    prompts = [(e.prompt if hasattr(e, "prompt") else e.ids[e.response == 0]).tolist()
-               for e in examples[:PROMPTS]]
-    decoder = sample_decoder(lineup.router, lineup.experts, len(lineup.tokenizer))
+def layouts(decoder: FusedDecoder):
+    """The router's and the experts' param shardings on the decoder's mesh."""
+    return (sh.param_shardings(decoder.router, decoder.mesh),
+            sh.param_shardings(decoder.experts, decoder.mesh))
+
+
+def first_prompts(examples) -> list:
+    """The prompts of the first PROMPTS examples, the same on every process (process 0's:
+    each process reads its own data streams)."""
+    mine = [(e.prompt if hasattr(e, "prompt") else e.ids[e.response == 0]).tolist()
+            for e in examples[:PROMPTS]]
+    return next((p for p in distributed.gather(mine) if p), [])
+
+
+def make_sampler(lineup, prompts: Sequence[Sequence[int]], width: int, mesh):
+    """sample(router params, experts' Parked holder, observe=None) -> Markdown text: greedy
+    FusionRoute answers of `lineup`'s models to `prompts`, each token tagged with the expert
+    that produced it. Every process runs it (one program over the mesh). Prompts are
+    left-padded to `width` (the data's sequence length, which bounds them): the shapes
+    `fr_jax.plan` compiles. `observe(prefill, args)` sees the prefill's first call."""
+    decoder = sample_decoder(lineup.router, lineup.experts, len(lineup.tokenizer), mesh)
+    router_sh, experts_sh = layouts(decoder)
+    # jnp.copy: new buffers even where a leaf's layouts agree (jit would hand the input
+    # back, and deleting the copy would delete the train state's leaf)
+    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=router_sh)
     tok = lineup.tokenizer
     slots = cache_len(width)
 
-    def sample(router_params, expert_params) -> str:
-        res = decoder.generate({"router": router_params, "experts": expert_params}, prompts,
-                               NEW_TOKENS, lineup.eos_ids, lineup.pad_id, width=width,
-                               cache_len=slots)
+    def sample(router_params, experts, observe: Optional[Callable] = None) -> str:
+        params = {"router": copy(router_params), "experts": experts.copy_to(experts_sh)}
+        try:
+            if observe is not None:
+                (prefill, args), _ = decoder.compiled_programs(params, len(prompts), width,
+                                                               slots)
+                observe(prefill, args)
+            res = decoder.generate(params, prompts, NEW_TOKENS, lineup.eos_ids, lineup.pad_id,
+                                   width=width, cache_len=slots)
+        finally:
+            for x in jax.tree.leaves(params):
+                x.delete()
         lines = []
         for row, p in enumerate(prompts):
             toks, chosen = res.row(row)
@@ -52,12 +86,4 @@ def make_sampler(lineup, examples, width: int):
                          f"`{render_text(pieces, chosen, lineup.expert_names)}`")
         return "\n\n".join(lines)
 
-    def first_program(router_params, expert_params):
-        """(the decode's prefill, its arguments: these params, the rest abstract): what a
-        test compares with the plan."""
-        params = decoder.prepare({"router": router_params, "experts": expert_params})
-        (prefill, args), _ = decoder.compiled_programs(params, len(prompts), width, slots)
-        return prefill, args
-
-    sample.first_program = first_program
     return sample
