@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from tb_events import read_events
 
 from cli_env import REPO
 from launcher import LaunchError, run_processes
@@ -150,7 +151,8 @@ def test_router_training_as_two_processes_equals_one_process(tmp_path):
     one, two = _train_both(tmp_path, ["--config.train.sft.steps=4",
                                       "--config.train.cdpo.steps=2",
                                       "--config.train.cdpo.reference=online",
-                                      "--config.train.eval_every=2"])
+                                      "--config.train.eval_every=2",
+                                      "--config.train.sample_every=4"])
     for stage, last in (("sft", 4), ("cdpo", 2)):
         a, b = tmp_path / "one" / stage, tmp_path / "two" / stage
         _assert_same_history(a / "history.json", b / "history.json")
@@ -161,6 +163,11 @@ def test_router_training_as_two_processes_equals_one_process(tmp_path):
             for k in x:
                 np.testing.assert_allclose(y[k], x[k], rtol=0, atol=1e-5, err_msg=(stage, k))
         assert len(_events(tmp_path / "two" / "tensorboard" / stage)) == 1
+        # The sample decode ran on both processes as one program: the same text as one
+        # process wrote (process 0's prompts in both runs: data stream 0's).
+        texts = [read_events(tmp_path / run / "tensorboard" / stage)["text"]["samples"]
+                 for run in ("one", "two")]
+        assert texts[0] == texts[1] and texts[0][-1][0] == last and texts[0][-1][1].strip()
     # Each process read and tokenized its own stream (half the file), computed its
     # examples' signals on its own devices and wrote its stream's cache.
     n = {}
