@@ -74,13 +74,15 @@ def _sft_step(rows: int, seq: int, remat: str, block: int, attention: str = "xla
 @pytest.mark.slow
 def test_plan_cli_reduced_depth_fits_and_reports(tmp_path, capsys):
     """The CLI on configs/llama3.py for v5e-8 at depth 2: every program (expert signals, SFT,
-    CDPO, eager and lazy decode at batch 1) fits with 10% headroom -> exit status 0, and the
-    table and the JSON say so program by program. (The evaluation steps and the sample
-    decode are left out here, four more TPU compiles: tests/test_residency.py plans them,
-    on the CPU backend.)"""
+    CDPO, lazy decode at batch 1) fits with 10% headroom -> exit status 0, and the table and
+    the JSON say so program by program. (Left out here, six more TPU compiles at real
+    widths: the evaluation steps and the sample decode, which tests/test_residency.py plans
+    on the CPU backend, and the eager decode, which the next test compiles for small
+    models.)"""
     out = tmp_path / "plan.json"
     code = plan_cli.main(["--config=" + default_config_file("llama3.py"), f"--topology={SLICE}",
                       f"--config.plan.depth={DEPTH}", "--config.plan.decode_batches=(1,)",
+                      "--config.plan.lazy=(True,)",
                       "--config.plan.costs=False", "--config.train.eval_every=0",
                       "--config.train.sample_every=0", f"--json={out}"])
     text = capsys.readouterr().out
@@ -89,7 +91,6 @@ def test_plan_cli_reduced_depth_fits_and_reports(tmp_path, capsys):
     names = [r["program"] for r in results]
     assert {"expert signals (precompute)", "SFT step", "CDPO step"} <= set(names)
     assert any("decode chunk, fusionroute lazy, batch 1" in n for n in names)
-    assert any("decode chunk, fusionroute eager, batch 1" in n for n in names)
     for r in results:
         assert r["fits"] and 0 < r["total"] <= 0.9 * r["usable"], r
     assert "| SFT step |" in text and "15.75 GiB usable" in text
@@ -102,13 +103,14 @@ def test_plan_cli_plans_several_slices_in_one_run(tmp_path, capsys):
     """--topology=a,b plans each slice (docs/planning.md's tables come from one command); an
     unknown slice anywhere in the list is refused before anything is compiled. The lineup
     is the bundled world's checkpoints (their config.json sets the shapes, as a user's
-    local checkpoints do): what is tested is the slices, so the programs are small."""
+    local checkpoints do): what is tested is the slices, so the programs are small (the
+    eager and the lazy decode, each compiled for the TPU here)."""
     world = bundled_world()
     base = ["--config=" + default_config_file("llama3.py"),
             f"--config.router.path={world['router_base']}",
             f"--config.experts.paths={tuple(world['experts'])!r}",
             "--config.plan.programs=('decode',)", "--config.plan.decode_batches=(1,)",
-            "--config.plan.lazy=(True,)", "--config.plan.costs=False"]
+            "--config.plan.costs=False"]
     with pytest.raises(SystemExit, match="unknown TPU slice 'v9-1'.*v5e-8"):
         plan_cli.main(base + ["--topology=v5e-8,v9-1"])
     out = tmp_path / "plan.json"
@@ -119,8 +121,8 @@ def test_plan_cli_plans_several_slices_in_one_run(tmp_path, capsys):
     assert [s["slice"] for s in slices] == ["v5e-8", "v4-8"]
     for s in slices:
         assert {r["program"] for r in s["results"]} == {
-            "decode prefill, fusionroute lazy, batch 1, prompt 1024",
-            "decode chunk, fusionroute lazy, batch 1, cache 2048"}
+            f"decode {p}, fusionroute {m}, batch 1, {at}" for m in ("eager", "lazy")
+            for p, at in (("prefill", "prompt 1024"), ("chunk", "cache 2048"))}
         # the checkpoints' own shapes (a few MiB), not the llama-3 presets' (GiBs)
         assert all(r["total"] < 2**28 for r in s["results"]), s["results"]
     assert "## v5e-8" in text and "## v4-8" in text and "30.75 GiB usable" in text
