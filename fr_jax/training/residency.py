@@ -38,8 +38,8 @@ def resident(name: str, config) -> Dict[str, FrozenSet[str]]:
     included). Phases a stage does not have are left out. A sample decode runs on the
     decoding mesh (an FSDP layout in a token loop gathers the weights), beside the train
     state: the experts leave the step's layout for host memory, and come back from there
-    in the decoding layout for the decode only. The export gathers the trained router to every process (a program only where
-    its params span several), leaf by leaf."""
+    in the decoding layout for the decode only. The export gathers the trained router to
+    every process, leaf by leaf (a program only where its params span several)."""
     tc = config.train
     stage_cfg = tc[name]
     step = in_step(name, stage_cfg) | {"state"}
