@@ -114,6 +114,7 @@ def test_zero_router_head_fusionroute_equals_expert_only():
     np.testing.assert_array_equal(runs[0].chosen, runs[1].chosen)
 
 
+@pytest.mark.slow  # 20-30 s, compile-bound: the fast tier keeps under 6 min
 def test_expert_mode_equals_single_model_decode_and_stacked_equals_list():
     router, r_params, experts, e_list = build_world("gemma2")
     stacked = {"router": r_params, "experts": experts.combine(e_list)}
@@ -178,6 +179,7 @@ def test_decoder_refuses_modes_it_cannot_run():
         FusedDecoder(Mode.parse("fusionroute"), router, Experts(experts.cfgs[:2]))
 
 
+@pytest.mark.slow  # 20-30 s, compile-bound: the fast tier keeps under 6 min
 def test_padded_vocab_tables_are_sliced_to_the_tokenizer():
     """A router whose embedding table is padded (101 rows) next to 97-row experts: logits are
     cut to the tokenizer's 97 ids, and the padding can never be emitted."""

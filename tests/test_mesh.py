@@ -34,6 +34,7 @@ def _decode(router_path, paths, mesh):
     return dec.generate(params, PROMPTS + [[7, 8]], 9, eos_ids=[]), params
 
 
+@pytest.mark.slow  # 20-30 s, compile-bound: the fast tier keeps under 6 min
 def test_mesh_decode_equals_single_device(tmp_path):
     assert jax.device_count() == 8
     router_path, paths = _write(tmp_path)

@@ -39,6 +39,7 @@ def _sft_setup(mesh, n_experts=2):
     return stage, state, frozen, batch
 
 
+@pytest.mark.slow  # 20-30 s, compile-bound: the fast tier keeps under 6 min
 def test_sharded_step_equals_single_device_step():
     """Two steps on a data x fsdp x tensor mesh equal two steps on one device: the loss, and
     the params after two AdamW steps.
@@ -213,6 +214,7 @@ def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_pat
         del os.environ["FR_JAX_HOME"]
 
 
+@pytest.mark.slow  # 20-30 s, compile-bound: the fast tier keeps under 6 min
 def test_precomputed_signals_give_the_online_loss_and_are_cached(tmp_path):
     from fr_jax.data import empty_rows, place_sequence
     from fr_jax.training import precompute_signals
