@@ -161,8 +161,7 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str], hosts: int 
         if hosts > 1 and "export" in held:
             out.append(_export_program(name, mesh, r_params, beside("export", set())))
         if "sample" in held:
-            sampled.append((name, dict(beside("sample", {"state", "sampler"}),
-                                       state=state)))
+            sampled.append(dict(beside("sample", {"state", "sampler"}), state=state))
     if sampled:
         out += _sample_programs(router, experts, vocab, seq, decode_mesh or mesh, sampled)
     return out
@@ -185,7 +184,7 @@ def _sample_programs(router, experts, vocab, seq, mesh, sampled) -> List[Program
     prefill and chunk: `fr_jax.training.samples`' decoder at its shapes, on the decoding
     `mesh`, with its copies of the router and the experts), compiled once, beside the
     largest of the sampling stages' resident buffers (the train state)."""
-    _, resident = max(sampled, key=lambda s: _nbytes(s[1]))
+    resident = max(sampled, key=_nbytes)
     dec = samples.sample_decoder(router, experts, vocab, mesh)
     router_sh, experts_sh = samples.layouts(dec)
     params = dec.prepare({"router": _abstract(router.param_shapes(), router_sh),
