@@ -38,12 +38,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fr_jax.decoding import Decoder, FusedDecoder  # noqa: E402
-from fr_jax.experts import Experts, load_experts  # noqa: E402
-from fr_jax.fusion import Mode  # noqa: E402
+from fr_jax.inference import Decoder, FusedDecoder  # noqa: E402
+from fr_jax.routing.experts import Experts, load_experts  # noqa: E402
+from fr_jax.routing.fusion import Mode  # noqa: E402
 from fr_jax.hf import save_hf  # noqa: E402
 from fr_jax.models import Model, ModelConfig, RopeConfig  # noqa: E402
-from fr_jax.router import Router, load_router, save_router  # noqa: E402
+from fr_jax.routing.router import Router, load_router, save_router  # noqa: E402
 
 # name -> (router shape, expert shape) as ModelConfig keyword arguments.
 _LLAMA_ROPE = RopeConfig(theta=500000.0, rope_type="llama3", factor=32.0, low_freq_factor=1.0,
@@ -291,9 +291,9 @@ def torch_rows(args, n_exp, expert_counts, r_path, paths, prompts, b, dtype, pla
 def toy_rows(args, batches, peak):
     """Eager vs lazy FusionRoute on the bundled world (3 experts) with its trained router's
     real routing, on its held-out mixed prompts (no EOS, so every step is timed)."""
-    from fr_jax.data import encode_prompt
-    from fr_jax.eval.benchmarks import default_toy_tasks
-    from fr_jax.bundle import bundled_world
+    from fr_jax.corpus import encode_prompt
+    from fr_jax.harness.benchmarks import default_toy_tasks
+    from fr_jax.runtime.bundle import bundled_world
     from fr_jax.toy.pipeline import load_world_lineup as load_lineup
 
     world = bundled_world()

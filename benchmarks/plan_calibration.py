@@ -1,4 +1,4 @@
-"""The plan against a measured system (fr_jax/planning/calibration.py): fr_jax's stage `lm`
+"""The plan against a measured system (fr_jax/aot/calibration.py): fr_jax's stage `lm`
 on Llama-3.1-8B at MaxText's v6e-8 recipe, compiled for the slice, its predicted MFU bounds
 next to MaxText's measured MFU. Prints the table row of docs/planning.md and writes the
 Result as JSON (--json).
@@ -14,7 +14,7 @@ import dataclasses
 import json
 import sys
 
-from fr_jax.planning.calibration import MAXTEXT, calibrate, row
+from fr_jax.aot.calibration import MAXTEXT, calibrate, row
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ the baselines (fine-tuned with the router's budget, merged, SharedTrunkNet seque
 
 import ml_collections
 
-from fr_jax.bundle import BUNDLE
+from fr_jax.runtime.bundle import BUNDLE
 from fr_jax.config import base_config
 
 

@@ -19,9 +19,9 @@ from typing import List, Optional, Sequence
 
 from fr_jax import cli
 from fr_jax.config import decode_mesh, default_config_file
-from fr_jax.errors import ConfigError
-from fr_jax.planning.hardware import SLICES, slice_size
-from fr_jax.sharding import MESH_AXES, mesh_sizes
+from fr_jax.runtime.errors import ConfigError
+from fr_jax.runtime.hardware import SLICES, slice_size
+from fr_jax.runtime.sharding import MESH_AXES, mesh_sizes
 
 COMMAND = cli.Command("launch", "tiny.py", (
     cli.Flag("slice", None, f"TPU slice (accelerator type), one of {', '.join(SLICES)}"),

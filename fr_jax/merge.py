@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from fr_jax import cli
 from fr_jax.baselines.merging import merge_hf
-from fr_jax.bundle import bundled_world
-from fr_jax.errors import MergeError
+from fr_jax.runtime.bundle import bundled_world
+from fr_jax.runtime.errors import MergeError
 
 COMMAND = cli.Command("merge", "merge.py", (
     cli.Flag("method", "method", "merge method"),

@@ -1,6 +1,6 @@
 """`python -m fr_jax.plan`: will it fit, and how fast will it run? Every program a config
 runs, compiled ahead of time by the TPU compiler for a TPU slice, on a machine with no TPU
-(fr_jax/planning).
+(fr_jax/aot).
 
     python -m fr_jax.plan --config=configs/gemma2.py --topology=v5e-8
     python -m fr_jax.plan --config=configs/llama3.py --topology=v4-16 --config.train.batch_size=64
@@ -16,7 +16,7 @@ import json
 import sys
 
 from fr_jax import cli
-from fr_jax.planning import SLICES, check_slice, plan_slice
+from fr_jax.aot import SLICES, check_slice, plan_slice
 
 COMMAND = cli.Command("plan", "gemma2.py", (
     cli.Flag("topology", "plan.topology", f"TPU slice, one of {', '.join(SLICES)}; several, "

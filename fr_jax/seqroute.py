@@ -18,9 +18,10 @@ import sys
 
 from fr_jax import cli
 from fr_jax.baselines import seqroute_pipeline as S
-from fr_jax.eval.scoring import get_scorer
+from fr_jax.harness.scoring import get_scorer
 from fr_jax.hf import load_hf
-from fr_jax.lineup import lineup_from_config
+from fr_jax.inference.lineup import lineup_from_config
+from fr_jax.toy.world_data import bundled_world_data
 
 COMMAND = cli.Command("seqroute", "tiny.py",
                       sections=("seqroute", "router", "experts"), doc="docs/baselines.md")
@@ -30,7 +31,7 @@ def train_seqroute(config, fv=None) -> dict:
     s = config.seqroute
     scorer = get_scorer(s.scorer)
     cli.use_bundled_world(config)
-    data = s.data or cli.bundled_world_data()["labelled"]
+    data = s.data or bundled_world_data()["labelled"]
     lineup = lineup_from_config(config, ["fusionroute"])
     tasks = S.read_labelled(data)
     if s.encoder:

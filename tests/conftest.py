@@ -46,7 +46,7 @@ def pytest_collection_modifyitems(items):
 def sft_file(tmp_path_factory):
     """A small SFT file of the toy world's four domains (160 records): what the fault tests
     train on for a few steps."""
-    from fr_jax.toy import world as W
+    from fr_jax.harness import toy_world as W
 
     data = W.make_world_data(200, 4, seed=11)
     path = tmp_path_factory.mktemp("data") / "sft.jsonl"

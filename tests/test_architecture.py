@@ -4,35 +4,31 @@ function), no module is over the size limit, and no two modules share a name."""
 
 import ast
 import collections
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fr_jax")
 
-# The floors, lowest first: a module may import its own floor and the floors below it. A
-# module's floor is that of the longest prefix listed here (fr_jax.toy.world is the toy
-# world's definition, which the eval harness's `toy` benchmark reads; the rest of fr_jax.toy
-# is the demo pipeline on top of everything).
+# The floors, lowest first: a module may import its own floor and the floors below it. Each
+# floor lists whole packages; the top floor also holds the command modules directly in fr_jax/
+# (COMMANDS: `python -m fr_jax.<command>`), and nothing else sits there.
+COMMANDS = "fr_jax.<command>"
 LAYERS = (
-    ("foundations", ("fr_jax.errors", "fr_jax.config", "fr_jax.sharding", "fr_jax.sampling",
-                     "fr_jax.bundle", "fr_jax.paths", "fr_jax.hlo_traffic",
-                     "fr_jax.tensorboard", "fr_jax.hub", "fr_jax.distributed")),
-    ("models", ("fr_jax.models", "fr_jax.hf")),
-    ("router, experts, fusion", ("fr_jax.router", "fr_jax.experts", "fr_jax.fusion",
-                                 "fr_jax.sequence")),
-    ("decoding", ("fr_jax.decoding", "fr_jax.trace")),
-    ("lineup loading", ("fr_jax.lineup",)),
-    ("training", ("fr_jax.data", "fr_jax.losses", "fr_jax.checkpoint", "fr_jax.training")),
-    ("eval, baselines, planning", ("fr_jax.eval", "fr_jax.baselines", "fr_jax.planning",
-                                   "fr_jax.toy.world")),
+    ("foundations", ("fr_jax.runtime", "fr_jax.config")),
+    ("models", ("fr_jax.models",)),
+    ("checkpoints and tokenizers", ("fr_jax.hf",)),
+    ("the method's parts", ("fr_jax.routing",)),
+    ("inference", ("fr_jax.inference",)),
+    ("training", ("fr_jax.corpus", "fr_jax.steps", "fr_jax.loop")),
+    ("evaluation and baselines", ("fr_jax.harness", "fr_jax.baselines")),
     # The data engine decontaminates against the benchmarks and scores sampled answers.
-    ("data engine", ("fr_jax.data.mixture", "fr_jax.data.preference")),
-    ("toy world", ("fr_jax.toy",)),
-    ("CLIs", ("fr_jax.cli", "fr_jax.usage", "fr_jax.decode", "fr_jax.train", "fr_jax.evaluate",
-              "fr_jax.plan", "fr_jax.merge", "fr_jax.seqroute", "fr_jax.demo", "fr_jax.ablate",
-              "fr_jax.launch", "fr_jax.eval.__main__", "fr_jax.data.sft",
-              "fr_jax.data.pairs")),
+    ("data engine", ("fr_jax.datagen",)),
+    ("the toy world and the planner", ("fr_jax.toy", "fr_jax.aot")),
+    ("commands", ("fr_jax.cli", "fr_jax.data", COMMANDS)),
 )
 MAX_LINES = 500
 
@@ -88,13 +84,19 @@ def _imports(module, path, modules):
     return out
 
 
+def _is_command_module(module):
+    """A module file directly in fr_jax/ (not a package)."""
+    return (module.count(".") == 1 and
+            os.path.isfile(os.path.join(ROOT, module.split(".")[1] + ".py")))
+
+
 def _layer(module):
-    best, floor = -1, None
-    for i, (_, prefixes) in enumerate(LAYERS):
-        for p in prefixes:
-            if (module == p or module.startswith(p + ".")) and len(p) > best:
-                best, floor = len(p), i
-    return floor
+    for i, (_, packages) in enumerate(LAYERS):
+        for p in packages:
+            if module == p or module.startswith(p + ".") or (
+                    p == COMMANDS and _is_command_module(module)):
+                return i
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,33 @@ def graph():
 def test_every_module_has_a_floor(graph):
     modules, _ = graph
     assert [m for m in modules if m != "fr_jax" and _layer(m) is None] == []
+
+
+def test_floors_name_whole_packages_each_once():
+    """A folder sits on one floor: LAYERS names top-level packages only, each once, and
+    every package of fr_jax is among them."""
+    named = [p for _, packages in LAYERS for p in packages if p != COMMANDS]
+    packages = sorted(f"fr_jax.{d}" for d in os.listdir(ROOT)
+                      if os.path.isfile(os.path.join(ROOT, d, "__init__.py")))
+    assert sorted(named) == packages
+
+
+def test_the_top_level_is_the_list_of_commands(graph):
+    """Every module file directly in fr_jax/ is a command (`python -m fr_jax.<name>`: a
+    module-level COMMAND and main()), named as its COMMAND says; the library lives in
+    packages."""
+    modules, _ = graph
+    not_commands = []
+    for m, p in modules.items():
+        if not (_is_command_module(m) or m.startswith("fr_jax.data.")):
+            continue
+        tree = ast.parse(open(p).read(), p)
+        assigned = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+                    if isinstance(t, ast.Name)}
+        functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        if "COMMAND" not in assigned or "main" not in functions:
+            not_commands.append(m)
+    assert not_commands == []
 
 
 def test_no_import_of_a_higher_floor(graph):
@@ -159,12 +188,55 @@ def test_modules_are_small_and_uniquely_named(graph):
 
 def test_library_code_never_exits():
     """Only the CLI layer turns errors into exits."""
-    cli_layer = dict(LAYERS)["CLIs"]
+    cli_layer = dict(LAYERS)["commands"]
     offenders = []
     for m, p in _modules().items():
-        if _layer(m) == len(LAYERS) - 1 or m.startswith("fr_jax.eval.sandbox"):
+        if _layer(m) == len(LAYERS) - 1 or m.startswith("fr_jax.harness.sandbox"):
             continue  # the sandbox's child-process source reports SystemExit, never raises it
         for n, line in enumerate(open(p), 1):
             if "raise SystemExit" in line or "sys.exit(" in line:
                 offenders.append(f"{m}:{n}")
     assert cli_layer and offenders == []
+
+
+# What each command must not import at start-up (`--help` included): the floors it never uses.
+# A command's own packages are everything else it reaches; those that use the bundled toy
+# world's training files (train, seqroute, data.pairs) reach the demo pipeline that writes them.
+_LOW = ("fr_jax.toy", "fr_jax.aot", "fr_jax.datagen", "fr_jax.baselines")
+UNUSED = {
+    "plan": ("fr_jax.toy", "fr_jax.harness", "fr_jax.loop", "fr_jax.corpus", "fr_jax.datagen",
+             "fr_jax.baselines", "fr_jax.data"),
+    "decode": _LOW + ("fr_jax.harness", "fr_jax.loop", "fr_jax.steps"),
+    "eval": _LOW + ("fr_jax.loop", "fr_jax.steps"),
+    "merge": ("fr_jax.toy", "fr_jax.aot", "fr_jax.datagen", "fr_jax.harness", "fr_jax.loop",
+              "fr_jax.steps", "fr_jax.inference", "fr_jax.routing", "fr_jax.corpus"),
+    "launch": ("fr_jax.models", "fr_jax.hf", "fr_jax.routing", "fr_jax.inference",
+               "fr_jax.corpus", "fr_jax.steps", "fr_jax.loop") + _LOW + ("fr_jax.harness",),
+    "data.sft": ("fr_jax.toy", "fr_jax.aot", "fr_jax.baselines", "fr_jax.loop", "fr_jax.steps",
+                 "fr_jax.inference", "fr_jax.models"),
+    "train": ("fr_jax.aot",), "seqroute": ("fr_jax.aot",), "demo": ("fr_jax.aot",),
+    "ablate": ("fr_jax.aot",), "data.pairs": ("fr_jax.aot",),
+}
+
+
+def test_each_command_imports_only_the_floors_it_uses():
+    """Each command module imported alone, as `python -m fr_jax.<command> --help` does: the
+    fr_jax packages in sys.modules afterwards include none of those the command never uses
+    (fr_jax.plan reaches no toy world, evaluation, training loop or data code)."""
+    commands = sorted(m.split(".", 1)[1] for m in _modules()
+                      if _is_command_module(m) or m.startswith("fr_jax.data."))
+    assert sorted(UNUSED) == commands
+    probe = ("import importlib, json, sys; importlib.import_module(sys.argv[1]); "
+             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('fr_jax.'))))")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = {c: subprocess.Popen([sys.executable, "-c", probe, f"fr_jax.{c}"], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in commands}
+    found = {}
+    for c, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        loaded = json.loads(out.strip().splitlines()[-1])
+        found[c] = sorted({p for p in UNUSED[c] for m in loaded
+                           if m == p or m.startswith(p + ".")})
+    assert found == {c: [] for c in commands}

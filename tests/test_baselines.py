@@ -14,9 +14,9 @@ import scipy.linalg
 
 from fr_jax.baselines import merging as M
 from fr_jax.baselines import probes as P
-from fr_jax.errors import CheckpointError
-from fr_jax.sequence import trunk as T
-from fr_jax.sequence.selector import Selector
+from fr_jax.runtime.errors import CheckpointError
+from fr_jax.routing import trunk as T
+from fr_jax.routing.selector import Selector
 
 
 # ---------------------------------------------------------------------------- merging
@@ -140,7 +140,7 @@ def _tiny_family(tmp_path):
 
     from fr_jax.hf import save_hf
     from fr_jax.models import Model
-    from fr_jax.toy import world as W
+    from fr_jax.harness import toy_world as W
     from fr_jax.toy.pipeline import model_config
 
     tok = W.build_tokenizer()
@@ -298,11 +298,11 @@ def test_metrics_and_routing_rule_on_a_hand_made_table():
 def test_sequence_mode_decodes_each_row_with_its_chosen_target():
     """The jitted `sequence` mode against its reference: the SharedTrunkNet's choice computed
     offline (encode_features -> predict -> route), then that target decoded alone."""
-    from test_fused import PROMPTS, build_world
+    from fixtures import PROMPTS, build_world
 
     from fr_jax.baselines import seqroute_pipeline as S
-    from fr_jax.decoding import FusedDecoder
-    from fr_jax.fusion import Mode
+    from fr_jax.inference import FusedDecoder
+    from fr_jax.routing.fusion import Mode
 
     router, r_params, experts, e_list = build_world("llama")
     params = {"router": r_params, "experts": experts.combine(e_list)}

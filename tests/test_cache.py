@@ -6,29 +6,10 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fr_jax.models import CacheOverflowError, Model, ModelConfig
-from fr_jax.models.architecture import RopeConfig
+from fixtures import scaled_params as _scaled_params, tiny
+from fr_jax.models import CacheOverflowError, Model
 
 TOL = 1e-5
-
-
-def tiny(model_type):
-    common = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_layers=3,
-                  num_heads=4, num_kv_heads=2, head_dim=12)
-    if model_type == "llama":
-        return ModelConfig("llama", **common, rope=RopeConfig(
-            theta=10000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-            high_freq_factor=4.0, original_max_position_embeddings=8))
-    return ModelConfig("gemma2", **common, tie_word_embeddings=True, norm_plus_one=True,
-                       sandwich_norms=True, scale_embeddings=True, query_pre_attn_scalar=20.0,
-                       attn_logit_softcap=5.0, final_logit_softcap=3.0, sliding_window=4,
-                       layer_types=("sliding_attention", "full_attention", "sliding_attention"))
-
-
-def _scaled_params(model, seed=0):
-    # Larger-than-init weights so attention is far from uniform and mistakes show.
-    params = model.init(jax.random.key(seed))
-    return jax.tree.map(lambda x: x * 5.0 if x.ndim > 1 else x, params)
 
 
 @pytest.mark.parametrize("model_type", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fr_jax import usage
+from fr_jax.cli import usage
 from fr_jax.config import base_config, default_config_file
 from cli_env import REPO
 
@@ -17,7 +17,7 @@ COMMANDS = sorted(
     os.path.relpath(os.path.join(root, f), REPO)[:-3].replace(os.sep, ".")
     for root, _, files in os.walk(os.path.join(REPO, "fr_jax")) for f in files
     if f.endswith(".py") and "COMMAND = cli.Command(" in open(os.path.join(root, f)).read())
-NAMES = {"fr_jax.evaluate": "eval"}  # module -> command, where they differ (fr_jax/eval/__main__)
+NAMES = {}  # module -> command, where they differ
 SCREEN = 60  # lines: one screen
 
 
@@ -61,7 +61,7 @@ def test_help_is_one_screen_of_what_the_command_reads(module, capsys):
         assert f"\n  {section}:" in stdout, section
     for field in usage.fields(base_config()):
         if field.split(".")[0] in command.sections and field.count(".") == 1:
-            assert usage.describe(field, docs), f"{field} has no comment in fr_jax/config.py"
+            assert usage.describe(field, docs), f"{field} has no comment in fr_jax/config/base.py"
             leaf = field.split(".")[1]
             assert re.search(rf"\n    {leaf} = .*\S {{2,}}\S", stdout), field
 

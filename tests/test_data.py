@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 
-from fr_jax.data import Batcher, DataError, load_records, tokenize_pref, tokenize_sft
+from fr_jax.corpus import Batcher, DataError, load_records, tokenize_pref, tokenize_sft
 from fr_jax.toy.tiny import build_tokenizer
 
 TOK = build_tokenizer()

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 
 from fr_jax.decode import main
-from fr_jax.decoding import Decoder
+from fr_jax.inference import Decoder
 from fr_jax.models import CacheOverflowError, Model
-from test_cache import _scaled_params, tiny
+from fixtures import scaled_params as _scaled_params, tiny
 
 
 def reference_greedy(model, params, prompt, n):

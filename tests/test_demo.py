@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from fr_jax.bundle import bundled_world
-from fr_jax.toy import world as W
+from fr_jax.runtime.bundle import bundled_world
+from fr_jax.harness import toy_world as W
 from tb_events import read_events
 from cli_env import REPO, one_device_env  # noqa: E402
 
@@ -149,7 +149,7 @@ def _has_the_baseline_rows(run, r):
 # ------------------------------------------------------------------------------ the bundle
 def test_bundled_world_matches_its_manifest_and_decodes_by_default(capsys):
     from fr_jax.decode import main as decode_main
-    from fr_jax.bundle import BUNDLE, bundled_world
+    from fr_jax.runtime.bundle import BUNDLE, bundled_world
 
     world = bundled_world()
     manifest = json.load(open(os.path.join(BUNDLE, "MANIFEST.json")))

@@ -141,7 +141,7 @@ def test_every_cited_file_link_and_anchor_exists():
 
 # --------------------------------------------------------------------- check
 def _module(name: str):
-    return importlib.import_module("fr_jax." + ("evaluate" if name == "eval" else name))
+    return importlib.import_module("fr_jax." + name)
 
 
 def validate(words: List[str]):
@@ -282,7 +282,7 @@ CKPT = re.compile(r"/ckpt/(router|math|code|instr)\b")
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.lang == "python" and b.kind is None],
                          ids=lambda b: b.id)
 def test_every_runnable_python_block_runs_on_the_bundled_world(block, tmp_path):
-    from fr_jax.bundle import bundled_world
+    from fr_jax.runtime.bundle import bundled_world
 
     world = bundled_world()
     folders = dict(zip(world["names"], world["experts"]), router=world["router"])

@@ -8,15 +8,15 @@ import sys
 
 import pytest
 
-from fr_jax.bundle import bundled_world
-from fr_jax.data import DataError
-from fr_jax.eval import benchmarks as B
-from fr_jax.eval import prompts as P
-from fr_jax.eval import scoring as S
-from fr_jax.eval.sandbox import Limits
+from fr_jax.runtime.bundle import bundled_world
+from fr_jax.corpus import DataError
+from fr_jax.harness import benchmarks as B
+from fr_jax.harness import prompts as P
+from fr_jax.harness import scoring as S
+from fr_jax.harness.sandbox import Limits
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import eval_fixtures as F  # noqa: E402
+import fixtures as F  # noqa: E402
 from cli_env import REPO, one_device_env  # noqa: E402
 
 FAST = Limits(timeout_s=3.0, memory_mb=512)
@@ -326,8 +326,8 @@ def test_harness_on_a_mesh_decodes_what_a_single_device_does(tmp_path):
     its greedy tokens equal the harness's on one device with the same checkpoints."""
     import jax
 
-    from fr_jax.eval import harness
-    from fr_jax.evaluate import main
+    from fr_jax.harness import runner as harness
+    from fr_jax.eval import main
     from fr_jax.toy import pipeline as demo
 
     assert jax.device_count() == 8
@@ -353,7 +353,7 @@ def test_hostile_programs_fail_their_samples_and_the_harness_keeps_going(tmp_pat
     """Generated 'solutions' that attack the machine, scored through the harness like any
     MBPP answer (several at once): each is a failed sample with its cause recorded, the
     side effects did not happen, and the honest answer after them still passes."""
-    from fr_jax.eval import harness
+    from fr_jax.harness import runner as harness
 
     sentinel = tmp_path / "keep.txt"
     sentinel.write_text("x")

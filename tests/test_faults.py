@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fr_jax.bundle import bundled_world
+from fr_jax.runtime.bundle import bundled_world
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                     "tiny.py")
@@ -200,7 +200,7 @@ def test_decode_refuses_bad_knobs_and_unwritable_outputs_before_decoding(argv, m
 
 
 def test_eval_refuses_a_negative_limit():
-    from fr_jax.evaluate import main
+    from fr_jax.eval import main
     with pytest.raises(SystemExit, match="--config.eval.limit=-4 is out of range"):
         main(["--limit=-4"])
 
@@ -279,7 +279,7 @@ def test_sigkill_at_several_points_including_mid_save_resumes_to_the_unbroken_ru
 
 # ------------------------------------------------------------------------------ unclear ends
 def test_damaged_checkpoint_files_name_the_file_and_the_fix(tmp_path):
-    from fr_jax.errors import CheckpointError, ConfigError
+    from fr_jax.runtime.errors import CheckpointError, ConfigError
     from fr_jax.hf import load_config, load_hf
 
     world = bundled_world()

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from fr_jax.bundle import bundled_world
+from fr_jax.runtime.bundle import bundled_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "configs", "data", "three_domains.py")
@@ -183,7 +183,7 @@ def test_demo_refuses_a_workdir_it_cannot_make(tmp_path):
 # ------------------------------------------------------------------ 5. prompts files
 def test_an_empty_prompt_is_named_by_file_and_line_and_blank_lines_are_skipped(tmp_path,
                                                                                  capsys):
-    from fr_jax.data import prompt_lines
+    from fr_jax.corpus import prompt_lines
     from fr_jax.decode import main
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "What is 2 plus 3?"}\n\n   \n{"prompt": "def f(x):"}\n\n')

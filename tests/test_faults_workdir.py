@@ -13,7 +13,7 @@ import time
 import pytest
 
 from cli_env import REPO, one_device_env
-from fr_jax.bundle import bundled_world
+from fr_jax.runtime.bundle import bundled_world
 
 TINY = os.path.join(REPO, "configs", "tiny.py")
 
@@ -110,7 +110,7 @@ def test_a_workdir_that_cannot_be_written_fails_before_any_work(where, tmp_path,
 
 
 def test_the_workdir_lock_names_its_holder_from_what_it_wrote(tmp_path):
-    from fr_jax.training.workdir import _holder
+    from fr_jax.loop.workdir import _holder
 
     assert _holder(json.dumps({"pid": 7, "host": "h", "since": "2026-12-05 12:00:00"})) == \
         "process 7 on h, since 2026-12-05 12:00:00"

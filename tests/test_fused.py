@@ -6,38 +6,14 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fr_jax.decoding import Decoder, FusedDecoder
-from fr_jax.experts import Experts
-from fr_jax.fusion import Mode, ModeError
-from fr_jax.router import Router
-from fr_jax.sampling import Sampling
-from test_cache import tiny
+from fr_jax.inference import Decoder, FusedDecoder
+from fr_jax.routing.experts import Experts
+from fr_jax.routing.fusion import Mode, ModeError
+from fr_jax.routing.router import Router
+from fr_jax.inference.sampling import Sampling
+from fixtures import N_EXPERTS, PROMPTS, build_world, tiny
 
 MODES = ["fusionroute", "expert_only", "router_only", "expert:1", "mixture", "sequence:head"]
-N_EXPERTS = 3
-PROMPTS = [[5, 9, 11, 40, 6], [17], [60, 61, 62]]
-
-
-def _scale(params, k=5.0):
-    return jax.tree.map(lambda x: x * k if x.ndim > 1 else x, params)
-
-
-def build_world(model_type, untied_router=False, seed=0, n_experts=N_EXPERTS):
-    """A router (2 layers) and n same-shape experts of one tiny family, random weights."""
-    cfg = tiny(model_type)
-    router_cfg = cfg.replace(num_layers=2, layer_types=cfg.layer_types[:2],
-                             tie_word_embeddings=False if untied_router else cfg.tie_word_embeddings)
-    router = Router(router_cfg, n_experts)
-    keys = jax.random.split(jax.random.key(seed), n_experts + 1)
-    r_params = router.init(keys[0])
-    r_params = {"backbone": _scale(r_params["backbone"]),
-                # A large head so the argmax expert changes from token to token.
-                "head": {"kernel": r_params["head"]["kernel"] * 400.0}}
-    experts = Experts([cfg] * n_experts)
-    e_list = [_scale(experts.models[0].init(k)) for k in keys[1:]]
-    return router, r_params, experts, e_list
-
-
 WIDTH = 24  # fixed reference buffer: one compile per model; causal attention ignores the tail
 
 

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from transformers import AutoModelForCausalLM
 
-from fr_jax.hf import CheckpointError, load_config, load_hf, save_hf
+from fr_jax.hf import load_config, load_hf, save_hf
+from fr_jax.runtime.errors import CheckpointError
 from fr_jax.models import ConfigError, Model, ModelConfig
 from tiny_models import build, gemma2_config, llama_config, torch_logits
 

@@ -1,4 +1,4 @@
-"""fr_jax.hlo_traffic against programs whose HBM traffic is known, compiled by the TPU
+"""fr_jax.aot.hlo_traffic against programs whose HBM traffic is known, compiled by the TPU
 compiler for one v5e chip: a matrix-vector product reads its weight once (XLA's own
 bytes-accessed counts the on-chip prefetch as well), a one-row embedding lookup reads one
 row, not the table, and a donated cache updated in place writes the update only. Its
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fr_jax import planning as plan
-from fr_jax.hlo_traffic import (collective_seconds, collectives, group_size, hbm_bytes,
+from fr_jax import aot as plan
+from fr_jax.aot.hlo_traffic import (collective_seconds, collectives, group_size, hbm_bytes,
                               ring_factor)
 
 MiB = 1 << 20
@@ -29,7 +29,7 @@ def _chip():
 
 
 def _traffic(fn, *shapes, donate=()):
-    """(fr_jax.hlo_traffic's bytes, XLA's bytes accessed) of fn compiled for one chip."""
+    """(fr_jax.aot.hlo_traffic's bytes, XLA's bytes accessed) of fn compiled for one chip."""
     mesh = _chip()
     args = [jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, P())) for s, d in shapes]
     with tempfile.TemporaryDirectory() as dump:

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from fr_jax.errors import CheckpointError
+from fr_jax.runtime.errors import CheckpointError
 from fr_jax.hf import load_config
-from fr_jax.hub import checkpoint_dir, hub_name
+from fr_jax.hf.hub import checkpoint_dir, hub_name
 from fr_jax.toy.tiny import ensure_tiny_world
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -77,7 +77,7 @@ def test_lineup_and_merge_take_hub_names(world, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     from fr_jax.baselines.merging import merge_hf
-    from fr_jax.lineup import load_lineup
+    from fr_jax.inference.lineup import load_lineup
 
     cache = str(tmp_path / "hub")
     for name, folder in [("router", world["router"]), ("math", world["experts"][0]),

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from fr_jax.errors import ConfigError
+from fr_jax.runtime.errors import ConfigError
 from fr_jax.launch import check_mesh, command_mesh, main
-from fr_jax.planning.hardware import slice_size
+from fr_jax.runtime.hardware import slice_size
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cli_env import REPO, one_device_env  # noqa: E402

@@ -8,11 +8,11 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fr_jax.sequence import trunk as T
-from fr_jax.sequence.selector import Selector
-from fr_jax.decoding import FusedDecoder, catch_up_widths
-from fr_jax.fusion import Mode
-from test_fused import N_EXPERTS, PROMPTS, build_world
+from fr_jax.routing import trunk as T
+from fr_jax.routing.selector import Selector
+from fr_jax.inference import FusedDecoder, catch_up_widths
+from fr_jax.routing.fusion import Mode
+from fixtures import N_EXPERTS, PROMPTS, build_world
 
 WIDTH = 2  # catch-up chunk width: real routing below leaves gaps both shorter and longer
 N_NEW = 14
@@ -115,7 +115,7 @@ def test_lazy_sequence_modes_and_listed_experts():
     or FusionRoute per prompt) with lazy experts; experts of different shapes (a list, not
     stacked) take the same path."""
     from fr_jax.baselines import seqroute_pipeline as S
-    from fr_jax.experts import Experts
+    from fr_jax.routing.experts import Experts
 
     router, r_params, experts, e_list = build_world("llama", seed=2)
     params = {"router": r_params, "experts": experts.combine(e_list)}

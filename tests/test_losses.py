@@ -6,7 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fr_jax import losses
+from fr_jax.steps import losses
 
 RNG = np.random.default_rng(0)
 N, B, T, V = 3, 2, 5, 7

@@ -9,13 +9,13 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fr_jax import losses
-from fr_jax import sharding as sh
+from fr_jax.steps import losses
+from fr_jax.runtime import sharding as sh
 from fr_jax.config import base_config
-from fr_jax.data import Batcher, PrefExample, SFTExample
-from fr_jax.router import Router
-from fr_jax.training import build_stage, init_state
-from test_fused import build_world
+from fr_jax.corpus import Batcher, PrefExample, SFTExample
+from fr_jax.routing.router import Router
+from fr_jax.steps import build_stage, init_state
+from fixtures import build_world
 
 
 def _sft_batch(n_experts=2, rows=4, seq=32, seed=0, signals=False):
@@ -202,7 +202,7 @@ def test_long_prefill_attends_in_query_blocks_exactly(model_type):
     """A prompt longer than attn_block goes into the cache block by block: the same
     logits and cache as attending all of its queries at once (left padding, Gemma's window)."""
     from fr_jax.models import Model
-    from test_cache import tiny
+    from fixtures import tiny
 
     cfg = tiny(model_type)
     params = Model(cfg).init(jax.random.key(0))

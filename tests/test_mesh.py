@@ -5,13 +5,13 @@ import numpy as np
 import jax
 import pytest
 
-from fr_jax import sharding as sh
-from fr_jax.decoding import FusedDecoder
-from fr_jax.experts import load_experts
-from fr_jax.fusion import Mode
+from fr_jax.runtime import sharding as sh
+from fr_jax.inference import FusedDecoder
+from fr_jax.routing.experts import load_experts
+from fr_jax.routing.fusion import Mode
 from fr_jax.hf import save_hf
-from fr_jax.router import load_router, save_router
-from test_fused import PROMPTS, build_world
+from fr_jax.routing.router import load_router, save_router
+from fixtures import PROMPTS, build_world
 
 
 def _write(tmp_path):

@@ -46,8 +46,8 @@ def test_the_launcher_kills_every_process_when_one_fails(tmp_path):
 
 COLLECTIVES = """
 import jax, numpy as np
-from fr_jax import distributed
-from fr_jax.sharding import NamedSharding, P
+from fr_jax.runtime import distributed
+from fr_jax.runtime.sharding import NamedSharding, P
 assert distributed.initialize() and jax.process_count() == 2 and jax.device_count() == 4
 mesh = jax.make_mesh((4,), ("data",))
 x = np.arange(8.0).reshape(4, 2)
@@ -99,7 +99,7 @@ def _assert_same_history(a, b):
 
 def _sft_file(tmp_path, n=200):
     """A small SFT file of the toy world's four domains (the bundled one has 4,000): the precompute stays short."""
-    from fr_jax.toy import world as W
+    from fr_jax.harness import toy_world as W
 
     path = tmp_path / "sft.jsonl"
     data = W.make_world_data(200, 4, 3)
@@ -191,7 +191,7 @@ def test_router_training_as_two_processes_equals_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_stage_lm_as_two_processes_equals_one_process(tmp_path):
-    from fr_jax.bundle import bundled_world
+    from fr_jax.runtime.bundle import bundled_world
     from safetensors.numpy import load_file
 
     init = bundled_world()["experts"][0]
@@ -231,7 +231,7 @@ def _steps_in(ckpts):
 def test_a_run_resumes_on_another_number_of_processes_where_it_stopped(tmp_path):
     """Against one uninterrupted run (1 x 8 devices, two data streams):
     2 -> 1: process 1 of a 2 x 4 run is SIGKILLed while both write step 4; process 0 stops
-    with a line saying a process died (the save's error, fr_jax.distributed's watchdog or
+    with a line saying a process died (the save's error, fr_jax.runtime.distributed's watchdog or
     JAX's heartbeat check) instead of waiting in a collective forever; step 4 is never
     complete on disk; the same command as one process resumes from step 2.
     1 -> 2: a one-process run killed after a checkpoint resumes as two processes, each

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from cli_env import REPO, one_device_env
-from fr_jax import distributed
-from fr_jax.errors import ConfigError
+from fr_jax.runtime import distributed
+from fr_jax.runtime.errors import ConfigError
 from launcher import free_port, process_env
 
 TIMEOUT_S = 2  # FR_JAX_INIT_TIMEOUT_S of these launches

@@ -1,4 +1,4 @@
-"""The CDPO preference-pair engine (fr_jax.data.preference, `python -m fr_jax.data.pairs`):
+"""The CDPO preference-pair engine (fr_jax.datagen.preference, `python -m fr_jax.data.pairs`):
 the pair rule on hand-made answers, the engine on the bundled toy world (every chosen answer
 scores correct and every rejected one incorrect under the benchmark's own scorer), resume
 by batch, and the command line end to end."""
@@ -11,12 +11,12 @@ import sys
 import pytest
 
 from cli_env import REPO, one_device_env
-from fr_jax.data.preference import PairSettings, Source, build_pairs, choose_pair
-from fr_jax.eval import harness
-from fr_jax.eval.benchmarks import toy_examples
-from fr_jax.eval.scoring import exact_match
-from fr_jax.sampling import Sampling
-from fr_jax.toy import world as W
+from fr_jax.datagen.preference import PairSettings, Source, build_pairs, choose_pair
+from fr_jax.harness import runner as harness
+from fr_jax.harness.benchmarks import toy_examples
+from fr_jax.harness.scoring import exact_match
+from fr_jax.inference.sampling import Sampling
+from fr_jax.harness import toy_world as W
 
 
 def test_the_pair_rule():
@@ -38,7 +38,7 @@ def test_the_pair_rule():
 
 @pytest.fixture(scope="module")
 def world():
-    from fr_jax.bundle import bundled_world
+    from fr_jax.runtime.bundle import bundled_world
     from fr_jax.toy import pipeline as demo
 
     w = bundled_world()
@@ -134,8 +134,8 @@ def test_pairs_cli_writes_pairs_that_stage_cdpo_reads(tmp_path):
     stats = json.loads((tmp_path / "out" / "pref.stats.json").read_text())
     assert stats["total"]["prompts"] == 12 and stats["total"]["pairs"] == len(rows)
     assert f"wrote {len(rows)} pairs to {out}" in res.stdout and "| mixed | 12 |" in res.stdout
-    from fr_jax.data import tokenize_pref
-    from fr_jax.toy.world import build_tokenizer
+    from fr_jax.corpus import tokenize_pref
+    from fr_jax.harness.toy_world import build_tokenizer
 
     examples, report = tokenize_pref(rows, build_tokenizer(), seq_len=64)
     assert report.kept == len(rows)

@@ -14,8 +14,8 @@ import runpy
 import pytest
 
 from fr_jax import plan as plan_cli
-from fr_jax import planning as plan
-from fr_jax.bundle import bundled_world
+from fr_jax import aot as plan
+from fr_jax.runtime.bundle import bundled_world
 from fr_jax.config import default_config_file
 
 SLICE = "v5e-8"
@@ -52,7 +52,7 @@ NARROW = dict(hidden_size=1024, intermediate_size=4096, num_heads=16, num_kv_hea
 def _sft_step(rows: int, seq: int, remat: str, block: int, attention: str = "xla"):
     """Per-chip temporaries and total of the SFT step (signals precomputed) with `rows`
     rows per micro-batch of `seq` tokens."""
-    from fr_jax import sharding as sh
+    from fr_jax.runtime import sharding as sh
 
     c = _config(**{"train.batch_size": rows * 2, "train.grad_accum": 2, "data.seq_len": seq,
                    "model.remat": remat, "train.loss_block": block,
@@ -184,13 +184,13 @@ def test_activation_memory_and_what_remat_blocked_losses_and_fused_attention_sav
 
 @pytest.mark.slow
 def test_collectives_time_bounds_and_the_calibration_program_on_cpu():
-    """Stage lm's step (fr_jax.planning.calibration) for the bundled toy router on the
+    """Stage lm's step (fr_jax.aot.calibration) for the bundled toy router on the
     8-device CPU mesh, timed as if on v6e chips: FSDP makes all-gathers and reduce-scatters
     every step; the no-overlap step is the full-overlap one plus their time; the table shows
     the bounds and ceilings under their own names. (The real-size row: docs/planning.md.)"""
     import jax
 
-    from fr_jax.planning.calibration import calibration_config, lm_programs, row
+    from fr_jax.aot.calibration import calibration_config, lm_programs, row
 
     c = calibration_config(8, seq_len=128, rows_per_chip=1)
     c.router.path = bundled_world()["router_base"]
@@ -220,7 +220,7 @@ def test_a_multi_host_launch_plans_each_stage_s_export_beside_what_stays():
     import jax
     import numpy as np
 
-    from fr_jax import sharding as sh
+    from fr_jax.runtime import sharding as sh
 
     world = bundled_world()
     c = _config(**{"train.sample_every": 0, "train.eval_every": 0})

@@ -11,8 +11,8 @@ import os
 import jax
 import pytest
 
-from fr_jax.bundle import bundled_world
-from fr_jax.training import residency
+from fr_jax.runtime.bundle import bundled_world
+from fr_jax.steps import residency
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +52,7 @@ def _pref_file(root, sft_file):
 def test_each_phase_holds_its_arguments_and_what_residency_names_and_the_plan_predicts_it(
         tmp_path, sft_file):
     from fr_jax.cli import parse_flags
-    from fr_jax.training import train
+    from fr_jax.loop import train
 
     world = bundled_world()
     fv = parse_flags(["t", "--config=" + os.path.join(REPO, "configs", "tiny.py")],
@@ -116,7 +116,7 @@ def test_each_phase_holds_its_arguments_and_what_residency_names_and_the_plan_pr
 
     # The plan for the same config on the same mesh (this CPU backend) predicts each
     # stage's peak per device, resident buffers included.
-    from fr_jax.planning import Chip, evaluate
+    from fr_jax.aot import Chip, evaluate
 
     with config.unlocked():
         config.plan.programs, config.plan.costs = ("train",), False

@@ -6,7 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fr_jax.sampling import Sampling, filter_logits, sample
+from fr_jax.inference.sampling import Sampling, filter_logits, sample
 
 # A distribution built for the test: probabilities 0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02.
 PROBS = np.array([0.05, 0.4, 0.02, 0.15, 0.25, 0.1, 0.03])

@@ -1,4 +1,4 @@
-"""Tests for fr_jax.eval.sandbox: real programs run in real sandboxed children."""
+"""Tests for fr_jax.harness.sandbox: real programs run in real sandboxed children."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import warnings
 
 import pytest
 
-from fr_jax.eval import sandbox
-from fr_jax.eval.sandbox import Limits, Outcome, protections, run_python
+from fr_jax.harness import sandbox
+from fr_jax.harness.sandbox import Limits, Outcome, protections, run_python
 
 SMALL = Limits(timeout_s=2, memory_mb=256)
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -392,7 +392,7 @@ def test_protections_report():
 
 def test_no_new_privileges_is_set_in_the_child():
     """PR_SET_NO_NEW_PRIVS: even past the hook, exec of a setuid binary gains nothing."""
-    from fr_jax.eval import sandbox
+    from fr_jax.harness import sandbox
 
     src = ("status = open('/proc/self/status').read()\n"
            "assert 'NoNewPrivs:\\t1' in status, status\n")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from fr_jax.toy import world as W
+from fr_jax.harness import toy_world as W
 
 
 def _train(root):

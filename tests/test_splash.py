@@ -10,11 +10,11 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fr_jax import sharding as sh
-from fr_jax.data import Batcher, SFTExample
+from fr_jax.runtime import sharding as sh
+from fr_jax.corpus import Batcher, SFTExample
 from fr_jax.models import Model
 from fr_jax.models.splash import use_splash
-from test_cache import _scaled_params, tiny
+from fixtures import scaled_params as _scaled_params, tiny
 
 SEQ = 128
 

@@ -1,4 +1,4 @@
-"""Data streams (fr_jax/data/streams.py): how a stage's file is split between processes,
+"""Data streams (fr_jax/corpus/streams.py): how a stage's file is split between processes,
 checked in one process by building the layouts of several. The processes' rows put
 together are the batches one process reads; positions gathered from them resume anywhere;
 a process reads only its streams' entries; the precompute spread over row blocks gives
@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from fr_jax import sharding as sh
-from fr_jax.data import Batcher, DataError, SFTExample, load_records, tokenize_sft
-from fr_jax.data.streams import Layout, StreamBatcher, auto_streams, split_entries
+from fr_jax.runtime import sharding as sh
+from fr_jax.corpus import Batcher, DataError, SFTExample, load_records, tokenize_sft
+from fr_jax.corpus.streams import Layout, StreamBatcher, auto_streams, split_entries
 from fr_jax.toy.tiny import build_tokenizer
 
 TOK = build_tokenizer()
@@ -144,7 +144,7 @@ def test_a_process_reads_only_its_streams_entries(tmp_path):
 def test_stage_data_holds_this_process_streams_and_counts_what_it_read(tmp_path):
     from ml_collections import ConfigDict
 
-    from fr_jax.training.inputs import load_stage_data
+    from fr_jax.loop.inputs import load_stage_data
 
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n"
@@ -164,8 +164,8 @@ def test_stage_data_holds_this_process_streams_and_counts_what_it_read(tmp_path)
 def test_precompute_over_row_blocks_gives_each_example_the_plain_signals(tmp_path):
     """Streams on an 8-device data axis (two blocks each, one process): every example's
     expert signals equal the single-stream precompute's, and each stream has a cache."""
-    from fr_jax.training import precompute_signals
-    from test_fused import build_world
+    from fr_jax.loop import precompute_signals
+    from fixtures import build_world
 
     _, _, experts, e_list = build_world("llama", n_experts=2)
     e_params = experts.combine(e_list)

@@ -3,12 +3,12 @@
 import pytest
 
 from benchmarks.torch_reference import TorchFusedReference
-from fr_jax.decoding import FusedDecoder
-from fr_jax.experts import load_experts
-from fr_jax.fusion import Mode
+from fr_jax.inference import FusedDecoder
+from fr_jax.routing.experts import load_experts
+from fr_jax.routing.fusion import Mode
 from fr_jax.hf import save_hf
-from fr_jax.router import load_router, save_router
-from test_fused import build_world
+from fr_jax.routing.router import load_router, save_router
+from fixtures import build_world
 
 
 def _write_world(tmp_path, model_type):

@@ -9,13 +9,13 @@ import pytest
 
 import jax
 
-from fr_jax import sharding as sh
-from fr_jax.checkpoint import Checkpointer, abstract_like
-from fr_jax.bundle import bundled_world
+from fr_jax.runtime import sharding as sh
+from fr_jax.loop.checkpoint import Checkpointer, abstract_like
+from fr_jax.runtime.bundle import bundled_world
 from fr_jax.config import base_config
-from fr_jax.data import Batcher, SFTExample
-from fr_jax.training import build_stage, init_state
-from test_fused import build_world
+from fr_jax.corpus import Batcher, SFTExample
+from fr_jax.steps import build_stage, init_state
+from fixtures import build_world
 from tb_events import read_events
 from cli_env import REPO  # noqa: E402
 
@@ -110,8 +110,8 @@ def test_checkpoint_restores_onto_another_mesh_and_skips_a_corrupt_one(tmp_path,
 def _token_toy(n_per_domain=24, n_new=10):
     """Two random experts; domain d's prompts start with marker token d+1 and its responses
     are expert d's own greedy continuation, so expert d is right at those positions."""
-    from fr_jax.data import PrefExample
-    from fr_jax.decoding import Decoder
+    from fr_jax.corpus import PrefExample
+    from fr_jax.inference import Decoder
 
     router, r_params, experts, e_list = build_world("llama", n_experts=2)
     r_params["head"] = router.init_head(jax.random.key(7))  # an untrained, unsaturated head
@@ -170,7 +170,7 @@ def test_sft_learns_to_route_and_cdpo_prefers_chosen():
 @pytest.mark.slow
 def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_path, capsys):
     from fr_jax.decode import main as decode_main
-    from fr_jax.bundle import bundled_world
+    from fr_jax.runtime.bundle import bundled_world
     from fr_jax.train import main as train_main
 
     os.environ["FR_JAX_HOME"] = str(tmp_path / "home")
@@ -216,10 +216,10 @@ def test_tiny_config_trains_both_stages_and_the_decoder_loads_the_result(tmp_pat
 
 @pytest.mark.slow  # 20-30 s, compile-bound: the fast tier keeps under 6 min
 def test_precomputed_signals_give_the_online_loss_and_are_cached(tmp_path):
-    from fr_jax.data import empty_rows, place_sequence
-    from fr_jax.training import precompute_signals
-    from fr_jax.training.objectives import SFT_FIELDS
-    from fr_jax.training.precompute import signals_program
+    from fr_jax.corpus import empty_rows, place_sequence
+    from fr_jax.loop import precompute_signals
+    from fr_jax.steps.objectives import SFT_FIELDS
+    from fr_jax.steps.precompute import signals_program
 
     router, r_params, experts, e_params, sft, _ = _token_toy(n_per_domain=6)
     # lengths 9-16, so packed rows hold two or three examples and end at varied places
@@ -266,8 +266,8 @@ def test_precomputed_signals_give_the_online_loss_and_are_cached(tmp_path):
 @pytest.mark.slow
 def test_precomputed_reference_gives_the_online_cdpo_loss_and_is_keyed_by_params(tmp_path,
                                                                                 caplog):
-    from fr_jax.data import PrefExample
-    from fr_jax.training import precompute_reference
+    from fr_jax.corpus import PrefExample
+    from fr_jax.loop import precompute_reference
 
     router, r_params, experts, e_params, _, pref = _token_toy(n_per_domain=6)
     # The policy moved away from the reference, so every term of the loss is non-trivial.

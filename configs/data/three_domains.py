@@ -9,7 +9,7 @@ build offline, download it and set its `path` (a local file or folder in the sam
 format; path wins over hub), e.g. --config.sources.gsm8k.path=/data/gsm8k/train.jsonl, and
 likewise --config.decontaminate.data.<benchmark>.path for each benchmark's test set.
 
-Recipe fields (fr_jax/data/mixture.py does the work):
+Recipe fields (fr_jax/datagen/mixture.py does the work):
   output          the JSONL to write; <output stem>.manifest.json goes beside it
   seed            per-source sampling and the final shuffle (dedup does not depend on it)
   format          "prompt_response": {"prompt", "response", "source", "domain"} records;
@@ -45,8 +45,8 @@ templates read only those.
 
 import ml_collections
 
-from fr_jax.data.mixture import TEST_DATA, source
-from fr_jax.eval import prompts as P
+from fr_jax.datagen.mixture import TEST_DATA, source
+from fr_jax.harness import prompts as P
 
 
 def get_config():

@@ -1,12 +1,12 @@
 """Sequence-level routing baseline (SharedTrunkNet, arXiv 2603.20895): the pipeline behind
 `python -m fr_jax.seqroute` (`build` below). The model side -- encoder pooling, targets, the
-net and the decode-time selector -- is fr_jax/sequence/.
+net and the decode-time selector -- is fr_jax/routing/.
 
   1. labels: every target answers a labelled prompt set; each answer is scored (correct or
      not) and cached per target on disk, so a rerun decodes nothing twice;
   2. probes (probes.py): Fisher separability J and effective dimensionality d_eff per layer,
      on the training split; the layer rule picks the encoder layer;
-  3. SharedTrunkNet (fr_jax/sequence/trunk.py): a shared MLP trunk with one P(target
+  3. SharedTrunkNet (fr_jax/routing/trunk.py): a shared MLP trunk with one P(target
      correct) head per target, trained with binary cross-entropy on that layer's pooled
      activations;
   4. routing: per prompt argmax_t P(correct_t) - lam * cost_t (costs relative to the most
@@ -27,14 +27,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fr_jax.baselines import probes as P
-from fr_jax.data import encode_prompt, jsonl_objects
-from fr_jax.decoding import left_pad
-from fr_jax.errors import DataError
-from fr_jax.eval.generation import generate
-from fr_jax.fusion import Mode
+from fr_jax.corpus import encode_prompt, jsonl_objects
+from fr_jax.inference import left_pad
+from fr_jax.runtime.errors import DataError
+from fr_jax.harness.generation import generate
+from fr_jax.routing.fusion import Mode
 from fr_jax.models import Model, ModelConfig
-from fr_jax.sequence import trunk as T
-from fr_jax.sequence.selector import META_FILE, default_targets, parse_targets, prefill_features
+from fr_jax.routing import trunk as T
+from fr_jax.routing.selector import META_FILE, default_targets, parse_targets, prefill_features
 
 
 def encode_features(model: Model, params, prompts: Sequence[Sequence[int]], pad_id: int,
@@ -122,7 +122,7 @@ def param_count(tree) -> int:
 
 def lazy_passes(chosen: Sequence[int], width: int) -> List[int]:
     """Per generated token, how many times the selected expert reads its weights under the
-    lazy schedule (fr_jax.decoding.lazy) at batch 1: once for the token, plus one pass per
+    lazy schedule (fr_jax.inference.lazy) at batch 1: once for the token, plus one pass per
     catch-up chunk of `width` over the tokens it missed since it last ran (every expert is
     in sync after the prompt)."""
     synced, out = {}, []

@@ -6,7 +6,7 @@
 
 For each source in config.pairs.sources (training prompts in a benchmark's record format),
 FusionRoute answers every prompt greedily and `pairs.samples` times sampled; the
-benchmark's scorer judges each answer and fr_jax.data.preference picks the pairs. Writes
+benchmark's scorer judges each answer and fr_jax.datagen.preference picks the pairs. Writes
 pairs.output (default data.pref_path, what stage `cdpo` trains on, else
 <pairs.workdir>/pref.jsonl) as JSONL
 {"prompt", "chosen", "rejected", "domain", "source", "id"} and <output stem>.stats.json,
@@ -20,14 +20,16 @@ import dataclasses
 import os
 from typing import List
 
-from fr_jax import cli, distributed
-from fr_jax.data import preference as PR
-from fr_jax.errors import ConfigError, DataError
-from fr_jax.eval import benchmarks as B
-from fr_jax.eval.sandbox import Limits
-from fr_jax.lineup import lineup_from_config
-from fr_jax.paths import check_output
-from fr_jax.sampling import Sampling
+from fr_jax import cli
+from fr_jax.runtime import distributed
+from fr_jax.datagen import preference as PR
+from fr_jax.runtime.errors import ConfigError, DataError
+from fr_jax.harness import benchmarks as B
+from fr_jax.harness.sandbox import Limits
+from fr_jax.inference.lineup import lineup_from_config
+from fr_jax.runtime.paths import check_output
+from fr_jax.inference.sampling import Sampling
+from fr_jax.toy.world_data import bundled_world_data
 
 COMMAND = cli.Command("data.pairs", "tiny.py", (
     cli.Flag("output", "pairs.output", "the pairs JSONL to write"),
@@ -59,7 +61,7 @@ def read_sources(config, bundled: bool) -> List[PR.Source]:
                     f"--config.pairs.sources.{name}.path=<file> (training records in "
                     f"{sc.benchmark}'s format: {', '.join(B.get_benchmark(sc.benchmark).fields)}"
                     f") or .hub=<owner/name:subset:split>")
-            path = cli.bundled_world_data()["pool"]
+            path = bundled_world_data()["pool"]
         elif path and not os.path.exists(path):
             # load_examples' own message names eval's field and the benchmark's test split.
             raise DataError(

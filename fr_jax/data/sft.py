@@ -9,7 +9,7 @@
 The recipe is checked here, every field before any data is read (`read_recipe`); then its
 sources (hub names or local files in their upstream formats) are mapped to chat examples,
 deduplicated, decontaminated against the evaluation benchmarks' test sets, sampled to
-their targets and shuffled (fr_jax.data.mixture). Writes the JSONL (what
+their targets and shuffled (fr_jax.datagen.mixture). Writes the JSONL (what
 `data.sft_path` points stage `sft` at) and <output stem>.manifest.json beside it, and
 prints what happened to each source. Without network, point every source's and
 benchmark's `path` at a local copy.
@@ -22,9 +22,9 @@ from typing import List
 
 from fr_jax import cli
 from fr_jax.config import check_ranges
-from fr_jax.data import mixture as M
-from fr_jax.errors import ConfigError, DataError
-from fr_jax.eval import benchmarks as B
+from fr_jax.datagen import mixture as M
+from fr_jax.runtime.errors import ConfigError, DataError
+from fr_jax.harness import benchmarks as B
 
 COMMAND = cli.Command("data.sft", "data/three_domains.py", (
     cli.Flag("output", "output", "the mixture JSONL to write (the manifest goes beside it)"),
@@ -73,7 +73,7 @@ def parse_source(name: str, cfg) -> M.Source:
     field, a path that does not exist a DataError."""
     key = f"sources.{name}"
     if not hasattr(cfg, "keys"):
-        raise ConfigError(f"{key} is {cfg!r}; a source is fr_jax.data.mixture.source(...)")
+        raise ConfigError(f"{key} is {cfg!r}; a source is fr_jax.datagen.mixture.source(...)")
     unknown = sorted(set(cfg.keys()) - set(M.SOURCE_DEFAULTS))
     if unknown:
         raise ConfigError(f"{key}: unknown field(s) {', '.join(unknown)}; a source has "

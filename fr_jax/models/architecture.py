@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import Any, Mapping, Optional, Tuple
 
-from fr_jax.errors import ConfigError
+from fr_jax.runtime.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "gemma2")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")

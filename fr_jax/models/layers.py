@@ -2,7 +2,7 @@
 
 Shapes use B=batch, T=query tokens, S=key slots, H=query heads, K=kv heads,
 G=H//K (queries per kv head), D=head_dim, E=hidden size, F=MLP size.
-Every parameter carries logical axis names (see `fr_jax.sharding`) so a rules table
+Every parameter carries logical axis names (see `fr_jax.runtime.sharding`) so a rules table
 can map it onto a mesh without touching this file.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 from fr_jax.models.cache import write_layer_slots
 from fr_jax.models.architecture import ModelConfig, RopeConfig
 from fr_jax.models.splash import splash_attention, use_splash
-from fr_jax.sharding import constrain
+from fr_jax.runtime.sharding import constrain
 
 # A finite "minus infinity": a fully masked row (a pad query) then gets a uniform, finite
 # softmax instead of NaNs that would poison the rest of the batch through reductions.

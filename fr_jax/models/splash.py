@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-from fr_jax import sharding as sh
+from fr_jax.runtime import sharding as sh
 
 # The kernel's tiles: T must be a multiple of the smallest (a TPU lane count).
 _BLOCKS = (512, 256, 128)

@@ -16,7 +16,7 @@ import numpy as np
 
 from fr_jax.models.architecture import ModelConfig
 from fr_jax.models.layers import MLP, Attention, RMSNorm, dense_init
-from fr_jax.sharding import constrain
+from fr_jax.runtime.sharding import constrain
 
 # model.remat -> what the backward pass keeps of a layer's forward (the rest is recomputed).
 REMAT_POLICIES = {
@@ -119,7 +119,7 @@ class Transformer(nn.Module):
         elif last_index is not None:
             x = jnp.take_along_axis(x, last_index[:, None, None].astype(jnp.int32), axis=1)
         hidden = self.final_norm(x)
-        # without logits: the caller forms them block by block (fr_jax.losses, blocked)
+        # without logits: the caller forms them block by block (fr_jax.steps.losses, blocked)
         logits = self.logits(hidden) if with_logits else None
         return TransformerOutput(logits, hidden), new_kv
 

@@ -4,7 +4,7 @@
 
 Steps, each reusing the product's own code paths and each skipped when its output exists
 (an interrupted run resumes; training stages also resume from their Orbax checkpoints):
-  1. world: tokenizer, train / held-out tasks (fr_jax.toy.world), JSONL files;
+  1. world: tokenizer, train / held-out tasks (fr_jax.harness.toy_world), JSONL files;
   2. bases: a Llama-3-architecture model and a smaller one for the router, "pretrained" on
      the general task (stage `lm`);
   3. experts: the base fine-tuned on each domain (stage `lm`), written as HF folders;
@@ -30,18 +30,18 @@ import numpy as np
 from fr_jax.baselines import seqroute_pipeline as S
 from fr_jax.baselines.merging import merge_hf
 from fr_jax.config import base_config
-from fr_jax.data.preference import PairSettings, Source, build_pairs, write_pairs
-from fr_jax.eval import harness, report
-from fr_jax.eval.benchmarks import toy_examples
-from fr_jax.errors import ConfigError
+from fr_jax.datagen.preference import PairSettings, Source, build_pairs, write_pairs
+from fr_jax.harness import runner as harness, report
+from fr_jax.harness.benchmarks import toy_examples
+from fr_jax.runtime.errors import ConfigError
 from fr_jax.hf import load_config, save_hf
-from fr_jax.lineup import load_lineup
+from fr_jax.inference.lineup import load_lineup
 from fr_jax.models import Model, ModelConfig, RopeConfig
-from fr_jax.sampling import Sampling
-from fr_jax.tensorboard import summary_writer
-from fr_jax.toy import world as W
+from fr_jax.inference.sampling import Sampling
+from fr_jax.loop.tensorboard import summary_writer
+from fr_jax.harness import toy_world as W
 from fr_jax.toy.checks import check_demo, start_world
-from fr_jax.training import finetune, record, train
+from fr_jax.loop import finetune, record, train
 
 EXPERT_NAMES = W.DOMAINS
 
@@ -163,7 +163,7 @@ def write_world(world, folder: str):
 
 
 def adopt_trained(cfg, root: str, tokenizer):
-    """With `cfg.start_from` (a bundled world's folder, `fr_jax.bundle`, or another run's
+    """With `cfg.start_from` (a bundled world's folder, `fr_jax.runtime.bundle`, or another run's
     root, `train_world`): its experts' base,
     the router's base and the three experts are copied to where stages 2-3 would have
     written theirs, so those stages are skipped. Refused unless that world was drawn as this
@@ -220,7 +220,7 @@ def init_models(cfg, root: str, tokenizer) -> Dict[str, str]:
 
 def train_router_stage(cfg, root: str, stage: str, router_path: str, experts: List[str],
                        sft_path: str = "", pref_path: str = "") -> str:
-    """Router stage `sft` or `cdpo` through fr_jax.training.train; returns the exported
+    """Router stage `sft` or `cdpo` through fr_jax.loop.train; returns the exported
     router."""
     st = cfg.sft if stage == "sft" else cfg.cdpo
     workdir = os.path.join(root, "train", "router")
@@ -249,7 +249,7 @@ def train_router_stage(cfg, root: str, stage: str, router_path: str, experts: Li
 
 def load_world_lineup(router_path: str, expert_paths: List[str], extra: Dict[str, str] = None,
                       seqroute: str = ""):
-    """The world's lineup (fr_jax.lineup): router, experts, stand-alone models `extra`
+    """The world's lineup (fr_jax.inference.lineup): router, experts, stand-alone models `extra`
     {name: folder} and the SharedTrunkNet folder `seqroute` (mode `sequence`) when given."""
     return load_lineup(router_path, expert_paths, names=EXPERT_NAMES, models=extra,
                        seqroute=seqroute, seqroute_encoder="router" if seqroute else "")
@@ -257,7 +257,7 @@ def load_world_lineup(router_path: str, expert_paths: List[str], extra: Dict[str
 
 def preference_pairs(cfg, root: str, sft_router: str, experts: List[str],
                      pool: List[W.Task]) -> str:
-    """CDPO pairs from FusionRoute's own answers (fr_jax.data.preference, the engine of
+    """CDPO pairs from FusionRoute's own answers (fr_jax.datagen.preference, the engine of
     `python -m fr_jax.data.pairs`): for `cdpo.prompts` sampled training prompts, the greedy
     answer and `cdpo.samples` sampled ones are scored by exact match; a prompt with an
     incorrect answer gives the pair (chosen: a correct answer, else the reference -- or

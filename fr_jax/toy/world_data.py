@@ -8,10 +8,10 @@ import os
 import runpy
 from typing import Dict
 
-from fr_jax.bundle import bundled_world, generating
+from fr_jax.runtime.bundle import bundled_world, default_home, generating
 from fr_jax.config import default_config_file
 from fr_jax.toy import pipeline as P
-from fr_jax.toy import world as W
+from fr_jax.harness import toy_world as W
 
 
 def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,
@@ -44,3 +44,9 @@ def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,
             W.write_jsonl(paths["labelled"], W.labelled_records(pool, n_labelled, seed))
             P.preference_pairs(cfg, folder, world["router"], world["experts"], pool)
     return paths
+
+
+def bundled_world_data() -> Dict[str, str]:
+    """The bundled world's training files (sft, pref, labelled, pool), written once under
+    $FR_JAX_HOME: what a command trains on when its config names no data."""
+    return ensure_world_data(default_home())

@@ -1,1 +1,0 @@
-"""Evaluation: run decode modes over prompt sets, score the answers, report tables."""

@@ -1,0 +1,256 @@
+"""FusionRoute decoding: the router and the experts, fused per token by a decode mode."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fr_jax.runtime import sharding as sh
+from fr_jax.inference.core import ChunkedDecoder, DecodeResult
+from fr_jax.inference.lazy import LazyExperts, StepState
+from fr_jax.runtime.errors import ModeError
+from fr_jax.routing.experts import Experts
+from fr_jax.routing.fusion import (Mode, fuse, next_token_logprobs, route_probs, select_expert,
+                           sequence_route)
+from fr_jax.routing.router import Router
+from fr_jax.inference.sampling import Sampling
+from fr_jax.routing.selector import parse_targets
+
+
+class FusedDecoder(ChunkedDecoder):
+    """FusionRoute decoding: router + experts, fused per token by `mode` (see fr_jax/routing/fusion.py).
+
+    params = {"router": router params, "experts": experts params}; only the models the
+    mode needs are run (`expert:i` runs expert i alone, `router_only` the router alone).
+
+    Lazy experts (`lazy_experts=True`, modes that use one expert per token; lazy.py): every
+    expert reads the prompt, then at each step only the router and the selected expert run.
+    An expert that was not selected falls behind; when it is selected again it first reads
+    the tokens it missed, then gives the logits for the current position -- all inside the
+    jitted scan. The tokens are those of the eager schedule (every expert every step). With
+    `return_caches`, the experts that are behind at the end catch up, so every cache holds
+    the whole sequence (multi-turn chat reuses them).
+
+    `route_schedule` (profiling and tests) forces the routing weights one-hot on
+    route_schedule[i % len] for the i-th generated token (the router still runs).
+    """
+
+    def __init__(self, mode: Mode, router: Optional[Router], experts: Optional[Experts],
+                 vocab: Optional[int] = None, sampling: Sampling = Sampling(), chunk: int = 16,
+                 mesh=None, selector=None, lazy_experts: bool = False, catch_up_width: int = 8,
+                 route_schedule: Optional[Sequence[int]] = None):
+        super().__init__(sampling, chunk, mesh)
+        self._check(mode, router, experts, selector)
+        if catch_up_width < 1:
+            raise ValueError(f"catch_up_width must be >= 1, got {catch_up_width}")
+        self.mode = mode
+        self.n_experts = router.n_experts if router is not None else experts.n
+        if route_schedule is not None and (
+                not route_schedule or not all(0 <= int(k) < self.n_experts for k in route_schedule)):
+            raise ValueError(f"route_schedule must list expert indices in 0..{self.n_experts - 1}"
+                             f", got {route_schedule}")
+        self.route_schedule = None if route_schedule is None else tuple(int(k) for k in route_schedule)
+        sizes = ([router.cfg.vocab_size] if router is not None else []) + (
+            [c.vocab_size for c in experts.cfgs] if experts is not None else [])
+        self.vocab = vocab or min(sizes)
+        if min(sizes) < self.vocab:
+            raise ValueError(f"a model has {min(sizes)} logits but the tokenizer has "
+                             f"{self.vocab} tokens")
+        self.selector = selector if mode.needs_selector else None
+        self.targets = parse_targets(self.selector.targets, experts.n) if self.selector else []
+        fused_target = any(t.adds_router_logits for t in self.targets)
+        self.router = router if (mode.routes_per_token or fused_target) else None
+        self._seq_router = router if mode.routes_per_prompt else None
+        self.experts = experts if mode.uses_experts else None
+        self._full_experts = experts
+        if mode.fixed_expert is not None:
+            self.experts, _ = experts.subset(mode.fixed_expert)
+        self._lazy = None
+        if (lazy_experts and self.experts is not None and self.experts.n > 1
+                and mode.one_expert_per_token):
+            self._lazy = LazyExperts(self.experts, self.vocab, catch_up_width)
+        self._finisher = None
+
+    @property
+    def lazy(self) -> bool:
+        """Lazy experts are on (asked for, and the mode uses one expert per token)."""
+        return self._lazy is not None
+
+    @staticmethod
+    def _check(mode: Mode, router, experts, selector):
+        if mode.standalone:
+            raise ModeError(f"mode {mode.name!r} is one stand-alone model: decode it with "
+                            "Decoder (the CLI and fr_jax.eval do this)")
+        if mode.needs_selector and selector is None:
+            raise ModeError("mode 'sequence' needs a trained SharedTrunkNet (train one with "
+                            "`python -m fr_jax.seqroute`, set --config.seqroute.path); "
+                            "'sequence:head' routes per prompt with the router's head alone")
+        if mode.uses_router and router is None:
+            raise ModeError(f"mode {mode.name!r} needs a router")
+        if mode.uses_experts and experts is None:
+            raise ModeError(f"mode {mode.name!r} needs experts")
+        if router is not None and experts is not None and router.n_experts != experts.n:
+            raise ModeError(f"the router's routing head has {router.n_experts} outputs but "
+                            f"{experts.n} experts were given")
+        if mode.fixed_expert is not None and mode.fixed_expert >= experts.n:
+            raise ModeError(f"mode {mode.name!r}: there are only {experts.n} experts")
+
+    def prepare(self, params):
+        """Keeps only the params the mode runs (expert:i: that expert's slice)."""
+        out = {}
+        if self.router is not None or self._seq_router is not None:
+            out["router"] = params["router"]
+        if self.selector is not None:
+            if "selector" not in params:
+                raise ModeError("mode 'sequence': params has no 'selector' entry; build it "
+                                "with Selector.params(encoder params)")
+            out["selector"] = params["selector"]
+        if self.experts is not None:
+            e = params["experts"]
+            if self.mode.fixed_expert is not None:
+                _, e = self._full_experts.subset(self.mode.fixed_expert, e)
+            out["experts"] = e
+        return out
+
+    def generate(self, params, *args, **kwargs) -> DecodeResult:
+        return super().generate(self.prepare(params), *args, **kwargs)
+
+    # ---- caches: (router's, experts', per-prompt choice, StepState)
+    def _init_caches(self, batch, cache_len):
+        rc = self.router.init_cache(batch, cache_len) if self.router is not None else None
+        ec = None
+        step = StepState(jnp.zeros((), jnp.int32))
+        if self._lazy is not None:
+            ec, hist, synced = self._lazy.init_caches(batch, cache_len)
+            step = StepState(step.t, hist, synced)
+        elif self.experts is not None:
+            ec = self.experts.init_cache(batch, cache_len)
+        seq = None
+        if self.mode.chooses_per_prompt:  # the per-prompt choice and its weights / P(correct)
+            width = len(self.targets) if self.selector is not None else self.n_experts
+            seq = (jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, width), jnp.float32))
+        return (rc, ec, seq, step)
+
+    def _cache_shardings(self, caches):
+        rc, ec, seq, step = caches
+        if ec is not None:
+            ec = (sh.cache_shardings(ec, self.mesh, leading=("expert",))
+                  if self.experts.stacked and self._lazy is None
+                  else tuple(sh.cache_shardings(c, self.mesh) for c in ec))
+        if seq is not None:
+            seq = tuple(sh.batch_sharding(self.mesh, x.shape) for x in seq)
+        step = jax.tree.map(lambda _: sh.replicated(self.mesh), step)
+        return (sh.cache_shardings(rc, self.mesh) if rc is not None else None, ec, seq, step)
+
+    # ---- one step
+    def _forced(self, route, index):
+        """Routing logits one-hot on route_schedule[index % len] (when a schedule is set)."""
+        if self.route_schedule is None:
+            return route
+        k = jnp.asarray(self.route_schedule, jnp.int32)[index % len(self.route_schedule)]
+        return jnp.where(jnp.arange(self.n_experts) == k, 0.0, -1e4).astype(route.dtype) + \
+            jnp.zeros_like(route)
+
+    def _choose_per_prompt(self, params, tokens, mask, seq):
+        """At prefill the prompt fixes each row's choice: a SharedTrunkNet picks a target
+        (`sequence`), or the router reads the prompt once (no cache) and its averaged
+        weights pick an expert (`sequence:head`). Afterwards the stored choice is reused."""
+        if mask is None:
+            return seq
+        if self.selector is not None:
+            return self.selector.choose(params["selector"], tokens, mask)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+        out = self._seq_router.forward(params["router"], tokens, positions,
+                                       mask.astype(jnp.int32))
+        return sequence_route(out.route_logits, mask)
+
+    def _targets_logits(self, r_logits, route, e_logits, target):
+        """Every target's next-token log-probs, then each row's own target's [B, V] (with
+        the expert that produced the token, and routing weights where FusionRoute ran)."""
+        b = e_logits.shape[1]
+        lps, chosen, probs = [], [], jnp.zeros((b, self.n_experts), jnp.float32)
+        for t in self.targets:
+            f = fuse(t, r_logits, route, e_logits[t.expert:t.expert + 1]
+                     if t.fixed_expert is not None else e_logits)
+            lps.append(f.logprobs)
+            chosen.append(f.chosen)
+            if f.route_probs is not None:
+                probs = jnp.where((target == len(lps) - 1)[:, None], f.route_probs, probs)
+        pick = lambda x: jnp.take_along_axis(jnp.stack(x), target[None, :, None], axis=0)[0]
+        return pick(lps), pick([c[:, None] for c in chosen])[:, 0], probs
+
+    def _logits(self, params, tokens, mask, caches, done=None):
+        rc, ec, seq, step = caches
+        prefill = mask is not None
+        r_logits = route = None
+        if self.router is not None:
+            r_out, rc = self.router.extend(params["router"], tokens, rc, mask, last_only=True)
+            r_logits, route = r_out.logits[:, 0, :self.vocab], r_out.route_logits[:, 0]
+            route = self._forced(route, step.t + (0 if prefill else 1))
+        if self.mode.chooses_per_prompt:
+            seq = self._choose_per_prompt(params, tokens, mask, seq)
+        if self._lazy is not None and not prefill:
+            k, with_router = self._selection(route, seq)
+            selected, ec, step = self._lazy.step(params["experts"], tokens, done, k, ec, step)
+            return self._from_selected(r_logits, route, selected, k, with_router, seq) + (
+                (rc, ec, seq, step),)
+        e_logits = None
+        if self._lazy is not None:  # prefill: every expert reads the prompt
+            e_logits, ec = self._lazy.prefill(params["experts"], tokens, mask, ec)
+        elif self.experts is not None:
+            e_logits, ec = self.experts.extend(params["experts"], tokens, ec, mask,
+                                               last_only=True)
+            e_logits = e_logits[:, :, 0, :self.vocab]  # experts may pad more than the router
+        step = step._replace(t=step.t + (0 if prefill else 1))
+        caches = (rc, ec, seq, step)
+        if self.mode.routes_per_prompt:
+            logprobs = next_token_logprobs(None, select_expert(e_logits, seq[0]))
+            return logprobs, seq[0], seq[1], caches
+        if self.mode.needs_selector:
+            return self._targets_logits(r_logits, route, e_logits, seq[0]) + (caches,)
+        fused = fuse(self.mode, r_logits, route, e_logits)
+        probs = fused.route_probs
+        if probs is None:
+            probs = jnp.zeros((tokens.shape[0], self.n_experts), jnp.float32)
+        return fused.logprobs, fused.chosen, probs, caches
+
+    # ---- lazy experts: which expert each row needs is known before any expert runs
+    def _selection(self, route, seq):
+        """Each row's expert for this token [B], and whether the router's logits join it
+        (one bool for the whole batch, or [B] when each row's target decides)."""
+        argmax = (lambda: jnp.argmax(route_probs(route), axis=-1).astype(jnp.int32))
+        if not self.mode.chooses_per_prompt:  # fusionroute, expert_only
+            return argmax(), self.mode.adds_router_logits
+        if self.mode.routes_per_prompt:
+            return seq[0], False
+        # a SharedTrunkNet's targets: each row's is an expert alone or FusionRoute
+        fused = jnp.asarray([t.adds_router_logits for t in self.targets])[seq[0]]
+        fixed = jnp.asarray([t.fixed_expert or 0 for t in self.targets], jnp.int32)[seq[0]]
+        return (jnp.where(fused, argmax(), fixed) if route is not None else fixed), fused
+
+    def _from_selected(self, r_logits, route, selected, k, with_router, seq):
+        """(log-probs, chosen, weights) of a lazy step from the selected experts' logits
+        [B, V], by the rule `fuse` applies to all experts' logits (the eager tokens)."""
+        b = selected.shape[0]
+        logprobs = next_token_logprobs(r_logits, selected, with_router)
+        if self.mode.routes_per_prompt:
+            return logprobs, seq[0], seq[1]
+        w = route_probs(route) if route is not None else jnp.zeros((b, self.n_experts))
+        if self.mode.needs_selector:  # weights only where FusionRoute decoded the row
+            w = jnp.where(with_router[:, None], w, 0.0)
+        return logprobs, k, w
+
+    def _finish(self, params, caches):
+        """Lazy experts: the experts that are behind catch up, so every cache holds the
+        prompt and every fed token, as after eager decoding."""
+        if self._lazy is None:
+            return caches
+        if self._finisher is None:
+            def finish(params, caches):
+                rc, ec, seq, step = caches
+                ec, step = self._lazy.finish(params["experts"], ec, step)
+                return rc, ec, seq, step
+            self._finisher = jax.jit(finish)
+        return self._finisher(params, caches)
