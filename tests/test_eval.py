@@ -384,3 +384,18 @@ def test_hostile_programs_fail_their_samples_and_the_harness_keeps_going(tmp_pat
     assert "PermissionError" in verdicts["write"]["details"]["reason"]
     assert sentinel.read_text() == "x" and not outside.exists()
     assert len(open(tmp_path / "run" / "scores" / "mbpp" / "m.jsonl").readlines()) == 8
+
+
+def test_the_generation_cache_drops_a_line_cut_short_and_appends_after_it(tmp_path):
+    from fr_jax.harness.runner import JsonlCache
+    path = str(tmp_path / "gen.jsonl")
+    with open(path, "w") as f:
+        f.write(json.dumps({"id": "a", "key": "k", "text": "1"}) + "\n"
+                + json.dumps({"id": "b", "key": "k", "text": "2"}) + "\n" + '{"id": "c", "ke')
+    cache = JsonlCache(path)
+    assert sorted(cache.records) == ["a", "b"] and cache.get("a", "k")["text"] == "1"
+    assert cache.get("a", "other key") is None
+    assert open(path).read().endswith("}\n")  # the cut line is gone, not glued to the next
+    cache.add([{"id": "c", "key": "k", "text": "3"}])
+    assert {r: v["text"] for r, v in JsonlCache(path).records.items()} == {
+        "a": "1", "b": "2", "c": "3"}

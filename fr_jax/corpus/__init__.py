@@ -10,7 +10,7 @@ The data engine that makes the training files (fr_jax.datagen) and the commands 
 it (fr_jax.data) sit above the evaluation harness, which reads prompts through here too.
 """
 
-from fr_jax.corpus.batches import Batcher, empty_rows, place_sequence
+from fr_jax.corpus.batches import Batcher, empty_rows, pack_batch, place_sequence, place_side
 from fr_jax.corpus.records import (Records, jsonl_objects, load_records, prompt_lines,
                                    read_prompts)
 from fr_jax.corpus.tokenize import (DataReport, PrefExample, SFTExample, encode_prompt,
@@ -18,5 +18,6 @@ from fr_jax.corpus.tokenize import (DataReport, PrefExample, SFTExample, encode_
 from fr_jax.runtime.errors import DataError
 
 __all__ = ["Batcher", "DataError", "DataReport", "PrefExample", "Records", "SFTExample",
-           "empty_rows", "encode_prompt", "jsonl_objects", "load_records", "place_sequence",
+           "empty_rows", "encode_prompt", "jsonl_objects", "load_records", "pack_batch",
+           "place_sequence", "place_side",
            "prompt_lines", "read_prompts", "tokenize_pref", "tokenize_sft"]

@@ -8,7 +8,7 @@ continues from the same example, and within an epoch no example is seen twice or
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -37,6 +37,30 @@ def place_sequence(rows, b, start, ids, response, segment, ex=None):
     rows["positions"][b, sl] = np.arange(n)
     rows["segment_ids"][b, sl] = segment
     return start + n
+
+
+def place_side(rows, b, pair, side: str) -> int:
+    """Writes one side ("chosen" or "rejected") of a preference pair into row b: the prompt
+    unscored, the response scored, one segment from the row's start."""
+    response = getattr(pair, side)
+    ids = np.concatenate([pair.prompt, response])
+    mask = np.concatenate([np.zeros_like(pair.prompt), np.ones_like(response)])
+    return place_sequence(rows, b, 0, ids, mask, 1)
+
+
+def pack_batch(length: Callable[[int], int], count: int, rows: int, seq_len: int,
+               pack: bool) -> List[Tuple[int, int, int, int]]:
+    """The one packing rule of SFT rows: placements (item, row, start, segment) of the
+    first of `count` items (item i of `length(i)` tokens) that fill one batch of `rows`
+    rows of seq_len, in order -- consecutive items as segments of a row (`pack`), else one
+    item per row. An item that does not fit the rest of a row starts the next row."""
+    out, i = [], 0
+    for r in range(rows):
+        start, segment = 0, 1
+        while i < count and (pack or segment == 1) and start + length(i) <= seq_len:
+            out.append((i, r, start, segment))
+            start, segment, i = start + length(i), segment + 1, i + 1
+    return out
 
 
 class Batcher:
@@ -91,11 +115,6 @@ class Batcher:
         self.index += 1
         return ex
 
-    def _peek_len(self):
-        if self.index >= len(self._order):
-            return None
-        return len(self.examples[self._order[self.index]].ids) - 1
-
     def empty(self) -> Dict:
         """A batch of padding rows shaped like this batcher's batches."""
         if self.kind == "pref":
@@ -125,15 +144,12 @@ class Batcher:
         if self.kind == "pref":
             return self._next_pref()
         rows = self.empty()
-        for b in range(self.batch_size):
-            start, segment = 0, 1
-            while True:
-                n = self._peek_len()
-                if n is None or start + n > self.seq_len or (segment > 1 and not self.pack):
-                    break
-                ex = self._take()
-                start = place_sequence(rows, b, start, ex.ids, ex.response, segment, ex)
-                segment += 1
+        upcoming = lambda i: self.examples[self._order[self.index + i]]
+        for _, b, start, segment in pack_batch(lambda i: len(upcoming(i).ids) - 1,
+                                               len(self._order) - self.index,
+                                               self.batch_size, self.seq_len, self.pack):
+            ex = self._take()
+            place_sequence(rows, b, start, ex.ids, ex.response, segment, ex)
         return rows
 
     def _next_pref(self) -> Dict:
@@ -143,13 +159,11 @@ class Batcher:
             ex = self._take()
             if ex is None:
                 break
-            for j, (rows, resp) in enumerate(((chosen, ex.chosen), (rejected, ex.rejected))):
-                ids = np.concatenate([ex.prompt, resp])
-                mask = np.concatenate([np.zeros_like(ex.prompt), np.ones_like(resp)])
-                place_sequence(rows, b, 0, ids, mask, 1)
+            for j, (rows, side) in enumerate(((chosen, "chosen"), (rejected, "rejected"))):
+                n = place_side(rows, b, ex, side)
                 if "ref_logprob" in rows:
                     rows["ref_logprob"][b] = ex.ref_logprob[j]
-                    rows["ref_route_logits"][b, :len(ids) - 1] = ex.ref_route[j]
+                    rows["ref_route_logits"][b, :n] = ex.ref_route[j]
         return batch
 
     def steps_per_epoch(self) -> int:

@@ -97,19 +97,19 @@ class JsonlCache:
     def __init__(self, path: Optional[str]):
         self.path = path
         self.records: Dict[str, dict] = {}
-        if path and os.path.isfile(path) and distributed.is_main():
-            with open(path, "rb+") as f:  # drop a last line cut short, or the next append
-                data = f.read()           # would be glued to it
-                if data and not data.endswith(b"\n"):
-                    f.truncate(data.rfind(b"\n") + 1)
-        if path and os.path.isfile(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    self.records[rec["id"]] = rec
+        if not (path and os.path.isfile(path)):
+            return
+        with open(path, "rb+" if distributed.is_main() else "rb") as f:
+            data = f.read()
+            whole = data.rfind(b"\n") + 1
+            if whole < len(data) and distributed.is_main():
+                f.truncate(whole)  # a line cut short: the next append would be glued to it
+        for line in data[:whole].splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.records[rec["id"]] = rec
 
     def get(self, example_id: str, key: str) -> Optional[dict]:
         rec = self.records.get(example_id)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from fr_jax.runtime import distributed
 from fr_jax.runtime import sharding as sh
-from fr_jax.corpus import empty_rows, place_sequence
+from fr_jax.corpus import empty_rows, pack_batch, place_sequence, place_side
 from fr_jax.corpus.streams import Layout
 from fr_jax.routing.experts import Experts
 from fr_jax.runtime.paths import replacing
@@ -97,23 +97,16 @@ def _rows_for(layout: Layout, mesh, batch_size: int) -> int:
 
 
 def _plan(lengths, rows: int, seq_len: int, pack: bool):
-    """Batches of (item, row, start, segment) placing items of `lengths` tokens in `rows`
-    rows of seq_len: consecutive items packed as segments of a row (`pack`), or one per
-    row."""
+    """Batches of (item, row, start, segment) placing all items of `lengths` tokens in
+    `rows` rows of seq_len by the training batches' packing rule (`pack_batch`)."""
     batches, i = [], 0
     while i < len(lengths):
-        batch = []
-        for r in range(rows):
-            start, segment = 0, 1
-            while i < len(lengths) and start + lengths[i] <= seq_len:
-                batch.append((i, r, start, segment))
-                start, segment, i = start + lengths[i], segment + 1, i + 1
-                if not pack:
-                    break
-            if i < len(lengths) and start == 0:  # tokenization keeps rows <= seq_len
-                raise ValueError(f"an example of {lengths[i]} tokens is longer than "
-                                 f"seq_len={seq_len}")
-        batches.append(batch)
+        batch = pack_batch(lambda j: lengths[i + j], len(lengths) - i, rows, seq_len, pack)
+        if not batch:  # tokenization keeps rows <= seq_len
+            raise ValueError(f"an example of {lengths[i]} tokens is longer than "
+                             f"seq_len={seq_len}")
+        batches.append([(i + j, r, start, segment) for j, r, start, segment in batch])
+        i += len(batch)
     return batches
 
 
@@ -230,11 +223,7 @@ def precompute_reference(examples, router: Router, ref_params, experts: Experts,
             for side in sides:
                 host = empty_rows(rows, seq_len)
                 for s, i, r, _, _ in items:
-                    e = streams[s][i]
-                    ids = np.concatenate([e.prompt, getattr(e, side)])
-                    mask = np.concatenate([np.zeros_like(e.prompt),
-                                           np.ones_like(getattr(e, side))])
-                    place_sequence(host, r, 0, ids, mask, 1)
+                    place_side(host, r, streams[s][i], side)
                 args = (ref_params, e_params, _put(mesh, {k: host[k] for k in SFT_FIELDS}))
                 if observe is not None:
                     observe("reference", fn, args)
