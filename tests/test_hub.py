@@ -119,3 +119,70 @@ def test_decode_cli_with_hub_names_gives_the_local_folders_tokens(world, tmp_pat
     hub, local = runs["hub"][0], runs["local"][0]
     assert hub["token_ids"] == local["token_ids"] and hub["experts"] == local["experts"]
     assert len(hub["token_ids"]) > 0
+
+
+def test_an_entry_point_resolves_each_checkpoint_once(world, tmp_path, monkeypatch):
+    """The lineup a config names (router, experts, a stand-alone baseline), every one a hub
+    name: each is looked up in the hub cache once and its config.json parsed once."""
+    from huggingface_hub import constants
+
+    from fr_jax.config import base_config
+    from fr_jax.hf import folders, hub
+    from fr_jax.inference.lineup import lineup_from_config
+
+    cache = str(tmp_path / "hub")
+    for name, folder in [("router", world["router"]), ("math", world["experts"][0]),
+                         ("code", world["experts"][1]), ("merged", world["experts"][1])]:
+        _cache_model(cache, f"fr-test/{name}", folder)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
+    fetched, parsed = [], []
+    snapshot, parse = hub.snapshot_download, folders._parse_config
+    monkeypatch.setattr(hub, "snapshot_download",
+                        lambda repo, **kw: fetched.append(repo) or snapshot(repo, **kw))
+    monkeypatch.setattr(folders, "_parse_config",
+                        lambda path: parsed.append(path) or parse(path))
+    config = base_config()
+    config.router.path = "fr-test/router"
+    config.experts.paths = ("fr-test/math", "fr-test/code")
+    config.baselines.merged = "fr-test/merged"
+    lineup = lineup_from_config(config, ["fusionroute", "expert:1", "merged"])
+    assert sorted(fetched) == ["fr-test/code", "fr-test/math", "fr-test/merged",
+                               "fr-test/router"]
+    assert len(parsed) == len(set(parsed)) == 4
+    assert list(lineup.expert_names) == ["math", "code"] and set(lineup.models) == {"merged"}
+
+
+def test_a_training_run_resolves_its_checkpoints_once_and_records_them(world, tmp_path,
+                                                                     monkeypatch):
+    """train's checks resolve the router and experts (hub names) once and hand the
+    checkpoints on: the run's record names the snapshots' contents without a second
+    lookup."""
+    from huggingface_hub import constants
+
+    from fr_jax.config import base_config
+    from fr_jax.hf import hub
+    from fr_jax.loop import record
+    from fr_jax.loop.stages import check_run
+
+    cache = str(tmp_path / "hub")
+    for name, folder in [("router", world["router"]), ("math", world["experts"][0]),
+                         ("code", world["experts"][1])]:
+        _cache_model(cache, f"fr-test/{name}", folder)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
+    fetched, snapshot = [], hub.snapshot_download
+    monkeypatch.setattr(hub, "snapshot_download",
+                        lambda repo, **kw: fetched.append(repo) or snapshot(repo, **kw))
+    config = base_config()
+    config.router.path = "fr-test/router"
+    config.experts.paths = ("fr-test/math", "fr-test/code")
+    config.train.stages = ("sft",)
+    config.data.sft_path = str(tmp_path / "sft.jsonl")
+    open(config.data.sft_path, "w").write('{"prompt": "a", "response": "b"}\n')
+    checkpoints = check_run(config)
+    assert sorted(fetched) == ["fr-test/code", "fr-test/math", "fr-test/router"]
+    assert [c.name for c in checkpoints.values()] == ["fr-test/router", "fr-test/math",
+                                                      "fr-test/code"]
+    described = record.describe(config, "sft", {f: c.path for f, c in checkpoints.items()})
+    assert len(fetched) == 3  # no second lookup
+    assert described["models"]["router.path"] == record.model_identity(world["router"]) | {
+        "path": "fr-test/router"}

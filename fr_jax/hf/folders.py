@@ -4,8 +4,10 @@
     save_hf("/out/router", cfg, params, tokenizer=tok)   # loadable by transformers
     tok = load_tokenizer("/ckpt/Llama-3.2-1B")
 
-Nothing is downloaded: `path` must be a local folder with `config.json` and one
-`model.safetensors` or several shards plus `model.safetensors.index.json`.
+A checkpoint is a local folder with `config.json` and one `model.safetensors` or several
+shards plus `model.safetensors.index.json`, or a hub name (fr_jax/hf/hub.py). An entry point
+resolves each name once (`resolve`: the local folder, a hub name's snapshot, and its parsed
+config.json) and hands the `Checkpoint` on: every loader here takes one as well as a name.
 
 Layout: HF stores linear weights as [out, in]; fr_jax kernels are [in, out] with heads split
 out ([E, heads, head_dim] for q/k/v, [heads, head_dim, E] for o), and every per-layer tensor
@@ -21,7 +23,7 @@ import json
 import logging
 import os
 import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -112,10 +114,47 @@ def _hf_shape(kind: str, flax_shape: Tuple[int, ...]) -> Tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------- reading
-def load_config(path: str, dtype: str = "float32", param_dtype: Optional[str] = None) -> ModelConfig:
-    """ModelConfig from `path/config.json` (`path`: a folder or a hub name, see fr_jax/hf/hub.py), with
-    a clear error for a missing/odd file."""
-    path = checkpoint_dir(path)
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint resolved once: the name it was given, its local folder (for a hub name,
+    the snapshot in the HF cache) and its config.json, parsed (float32; `model_config`
+    gives it the dtypes a loader asks for)."""
+    name: str
+    path: str
+    config: ModelConfig
+
+    def model_config(self, dtype: str = "float32",
+                     param_dtype: Optional[str] = None) -> ModelConfig:
+        return self.config.replace(dtype=dtype, param_dtype=param_dtype or dtype)
+
+
+Named = Union[str, Checkpoint]  # what every loader takes: a name, or one resolved already
+
+
+def resolve(name: Named) -> Checkpoint:
+    """The checkpoint `name` names (a folder or a hub name, see fr_jax/hf/hub.py): its hub
+    snapshot fetched if need be and its config.json read, with a clear error for a missing
+    or odd folder. A Checkpoint is returned as it is."""
+    if isinstance(name, Checkpoint):
+        return name
+    path = checkpoint_dir(name)
+    return Checkpoint(name, path, _parse_config(path))
+
+
+def local_folder(name: Named) -> str:
+    """The local folder of a name (a hub name's snapshot) or of a resolved checkpoint."""
+    return name.path if isinstance(name, Checkpoint) else checkpoint_dir(name)
+
+
+def load_config(name: Named, dtype: str = "float32",
+                param_dtype: Optional[str] = None) -> ModelConfig:
+    """ModelConfig of a checkpoint (its config.json), with the dtypes given."""
+    return resolve(name).model_config(dtype, param_dtype)
+
+
+def _parse_config(path: str) -> ModelConfig:
+    """ModelConfig from a local folder's config.json, with a clear error for a missing or
+    odd file."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint folder {path!r} does not exist (give a local folder "
                               "holding config.json and *.safetensors, or a hub name such as "
@@ -132,7 +171,7 @@ def load_config(path: str, dtype: str = "float32", param_dtype: Optional[str] = 
     # Multimodal wrappers nest the language model's config.
     if "text_config" in raw and "model_type" not in raw.get("text_config", {}):
         raw = {**raw, **raw["text_config"]}
-    return ModelConfig.from_hf(raw, dtype=dtype, param_dtype=param_dtype, source=cfg_file)
+    return ModelConfig.from_hf(raw, source=cfg_file)
 
 
 def _check_safetensors_file(file: str) -> Dict[str, dict]:
@@ -230,9 +269,10 @@ def _resolve(reader: _ShardReader, name: str) -> Optional[str]:
     return None
 
 
-def load_hf(path: str, dtype: str = "float32", param_dtype: Optional[str] = None,
+def load_hf(path: Named, dtype: str = "float32", param_dtype: Optional[str] = None,
             shardings=None) -> Tuple[ModelConfig, dict]:
-    """Reads an HF folder (or hub name, see fr_jax/hf/hub.py) into (ModelConfig, params on device).
+    """Reads a checkpoint (an HF folder, a hub name or a `Checkpoint`) into (ModelConfig,
+    params on device).
 
     dtype: activation dtype; param_dtype: dtype the params are stored in (default: dtype).
     shardings: optional params-shaped pytree of `jax.sharding.Sharding`; each param is then
@@ -243,11 +283,11 @@ def load_hf(path: str, dtype: str = "float32", param_dtype: Optional[str] = None
     return cfg, place(params, shardings)
 
 
-def read_hf(path: str, dtype: str = "float32",
+def read_hf(path: Named, dtype: str = "float32",
             param_dtype: Optional[str] = None) -> Tuple[ModelConfig, dict]:
     """Like `load_hf` but leaves the params as host numpy arrays (for stacking, placing)."""
-    path = checkpoint_dir(path)
-    cfg = load_config(path, dtype=dtype, param_dtype=param_dtype)
+    checkpoint = resolve(path)
+    path, cfg = checkpoint.path, checkpoint.model_config(dtype, param_dtype)
     reader = _ShardReader(_weight_map(path))
     shapes = Model(cfg).param_shapes()
     np_dtype = jnp.dtype(cfg.param_dtype)
@@ -363,11 +403,12 @@ def save_hf(path: str, cfg: ModelConfig, params, tokenizer=None, dtype: Optional
     return path
 
 
-def load_tokenizer(path: str):
-    """The tokenizer saved in a checkpoint folder or hub model (transformers' AutoTokenizer)."""
+def load_tokenizer(path: Named):
+    """The tokenizer saved in a checkpoint folder, hub model or resolved `Checkpoint`
+    (transformers' AutoTokenizer)."""
     from transformers import AutoTokenizer
 
-    path = checkpoint_dir(path)
+    path = local_folder(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"tokenizer folder {path!r} does not exist")
     if not any(os.path.isfile(os.path.join(path, f))

@@ -17,18 +17,19 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 
-from fr_jax.runtime import sharding as sh
 from fr_jax.config import decode_mesh, frozen_dtype
-from fr_jax.inference import Decoder, FusedDecoder
-from fr_jax.runtime.errors import CheckpointError, ConfigError, ModeError
+from fr_jax.hf import Checkpoint, Named, load_hf, load_tokenizer, resolve
+from fr_jax.hf.hub import hub_name
+from fr_jax.inference.core import Decoder
+from fr_jax.inference.fused import FusedDecoder
+from fr_jax.inference.sampling import Sampling
+from fr_jax.models import Model
 from fr_jax.routing.experts import Experts, load_experts
 from fr_jax.routing.fusion import Mode
-from fr_jax.hf import load_config, load_hf, load_tokenizer
-from fr_jax.hf.hub import checkpoint_dir
-from fr_jax.models import Model
 from fr_jax.routing.router import Router, load_router
-from fr_jax.inference.sampling import Sampling
 from fr_jax.routing.selector import load_selector, read_meta
+from fr_jax.runtime import sharding as sh
+from fr_jax.runtime.errors import CheckpointError, ConfigError, ModeError
 
 
 @dataclasses.dataclass
@@ -108,15 +109,16 @@ def pad_id(tokenizer, cfgs) -> int:
     return (cfgs[0].pad_token_id if cfgs else None) or 0
 
 
-def load_lineup(router: str = "", experts: Sequence[str] = (), *,
-                names: Sequence[str] = (), models: Mapping[str, str] = None,
+def load_lineup(router: Named = "", experts: Sequence[Named] = (), *,
+                names: Sequence[str] = (), models: Mapping[str, Named] = None,
                 seqroute: str = "", seqroute_encoder: str = "",
                 seqroute_lam: Optional[float] = None, mesh=None, dtype: str = "float32",
                 router_dtype: Optional[str] = None, frozen: Optional[str] = None,
                 stacked: Optional[bool] = None, router_seed: int = 0,
                 n_experts: Optional[int] = None, eos_ids: Sequence[int] = (), lazy_experts: bool = False,
                 catch_up_width: int = 8) -> Lineup:
-    """Reads the lineup from folders or hub names (fr_jax/hf/hub.py): the router (a fr_jax router, or
+    """Reads the lineup from folders, hub names (fr_jax/hf/hub.py) or checkpoints resolved
+    already (`fr_jax.hf.resolve`; each name is resolved once here): the router (a fr_jax router, or
     a base checkpoint that gets a fresh head for `n_experts` (default: one per expert)
     seeded by `router_seed`), the experts (in the router's order), stand-alone `models`
     {name: folder} and a trained SharedTrunkNet folder `seqroute` (its encoder:
@@ -128,27 +130,27 @@ def load_lineup(router: str = "", experts: Sequence[str] = (), *,
     folder is checked before anything heavy is read; the router, experts and models must
     share one tokenizer, and it must fit every model's vocabulary.
     """
-    # Hub names become their cache snapshots here, so `source` (which the eval harness
-    # fingerprints) names the exact revision; expert names still come from what was given.
-    names = list(names) or [os.path.basename(os.path.normpath(p)) for p in experts]
-    router = checkpoint_dir(router)
-    experts = [checkpoint_dir(p) for p in experts]
-    models = {k: checkpoint_dir(v) for k, v in (models or {}).items()}
+    # Expert names come from what was given; hub names become their cache snapshots, so
+    # `source` (which the eval harness fingerprints) names the exact revision.
+    given = lambda p: p.name if isinstance(p, Checkpoint) else p
+    names = list(names) or [os.path.basename(os.path.normpath(given(p))) for p in experts]
     frozen = frozen or dtype
     router_dtype = router_dtype or frozen
     if seqroute and not router:
         raise ModeError("mode 'sequence' needs the router (its backbone is the default "
                         "encoder and FusionRoute a target): set --config.router.path")
-    folders = ([router] if router else []) + experts + list(models.values())
-    if not folders:
+    if not (router or experts or models):
         raise CheckpointError("no checkpoints given: set --config.router.path and "
                               "--config.experts.paths (or a stand-alone model)")
-    for p in folders:
-        load_config(p)  # a missing/odd folder fails here, before anything heavy is read
+    # Every folder is named and parsed here, before anything heavy is read.
+    router = resolve(router) if router else None
+    experts = [resolve(p) for p in experts]
+    models = {k: resolve(v) for k, v in (models or {}).items()}
+    folders = ([router] if router else []) + experts + list(models.values())
     if seqroute and not os.path.isdir(seqroute):
         raise CheckpointError(f"mode 'sequence': no SharedTrunkNet at {seqroute!r}; train one "
                               "with `python -m fr_jax.seqroute` and set --config.seqroute.path")
-    toks = [(p, load_tokenizer(p)) for p in folders]
+    toks = [(p.path, load_tokenizer(p)) for p in folders]
     check_tokenizers(toks)
     tokenizer = toks[0][1]
     placed = (lambda m: sh.param_shardings(m, mesh)) if mesh is not None else None
@@ -184,7 +186,8 @@ def load_lineup(router: str = "", experts: Sequence[str] = (), *,
             enc_cfg, enc_params = load_hf(encoder, dtype, frozen)
         selector, params["selector"] = load_selector(seqroute, enc_cfg, enc_params,
                                                      seqroute_lam, mesh)
-    source = {"router": router, "experts": experts, "models": models, "seqroute": seqroute}
+    source = {"router": router.path if router else "", "experts": [e.path for e in experts],
+              "models": {k: m.path for k, m in models.items()}, "seqroute": seqroute}
     return Lineup(r, e, params, tokenizer, names, loaded, selector, source,
                   end_ids(tokenizer, cfgs, eos_ids), pad_id(tokenizer, cfgs), mesh,
                   lazy_experts, catch_up_width)
@@ -209,9 +212,9 @@ def lineup_from_config(config, modes: Sequence[str]) -> Lineup:
     shared = [m for m in parsed if not m.standalone]
     router = any(m.uses_router for m in shared)
     experts = any(m.uses_experts for m in shared)
-    paths = list(config.experts.paths)
-    for p in ([config.router.path] if config.router.path else []) + paths:
-        load_config(p)  # a wrong folder is named first, before what the modes lack
+    # Each folder resolved once, here: a wrong one is named first, before what the modes lack.
+    router_path = resolve(config.router.path) if config.router.path else ""
+    paths = [resolve(p) for p in config.experts.paths]
     if router and not config.router.path:
         raise ModeError(f"mode {next(m for m in shared if m.uses_router).name!r} needs a "
                         "router: set --config.router.path")
@@ -224,19 +227,24 @@ def lineup_from_config(config, modes: Sequence[str]) -> Lineup:
     models = {}
     for m in parsed:
         if m.standalone:
-            path = checkpoint_dir(getattr(config.baselines, m.model))
-            if not path or not os.path.isfile(os.path.join(path, "config.json")):
+            path = getattr(config.baselines, m.model)
+            try:
+                models[m.name] = resolve(path) if path else None
+            except CheckpointError:
+                if hub_name(path) is not None:  # the hub's own error says more
+                    raise
+                models[m.name] = None
+            if models[m.name] is None:
                 raise CheckpointError(
                     f"mode {m.name!r}: no model at {path!r}; write one with "
                     f"{STANDALONE_HOW[m.model]} and set --config.baselines.{m.model}")
-            models[m.name] = path
     sequence = any(m.needs_selector for m in shared)
     if sequence and not config.seqroute.path:
         raise ModeError("mode 'sequence' needs a trained SharedTrunkNet: train one with "
                         "`python -m fr_jax.seqroute` and set --config.seqroute.path")
     d = config.decode
     return load_lineup(
-        config.router.path if (router or sequence) else "", paths if experts else [],
+        router_path if (router or sequence) else "", paths if experts else [],
         names=config.experts.names, models=models,
         seqroute=config.seqroute.path if sequence else "",
         seqroute_encoder=config.seqroute.encoder, seqroute_lam=config.seqroute.lam,

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from fr_jax.runtime.errors import TrainError
 from fr_jax.hf.hub import CHECKPOINT_FILES, checkpoint_dir
@@ -89,10 +89,11 @@ def _file_identity(path: str) -> str:
     return "sampled:" + h.hexdigest()
 
 
-def model_identity(name: str) -> dict:
+def model_identity(name: str, folder: Optional[str] = None) -> dict:
     """The identity of a checkpoint folder's contents: one hash over its checkpoint files'
-    names and `_file_identity`s (a hub name: its cached snapshot's)."""
-    folder = checkpoint_dir(name)
+    names and `_file_identity`s (a hub name: its cached snapshot's; `folder`: that local
+    folder, when the entry point resolved it already)."""
+    folder = folder or checkpoint_dir(name)
     if not os.path.isdir(folder):
         return {"path": name, "missing": True}
     h, sampled = hashlib.sha256(), False
@@ -105,18 +106,17 @@ def model_identity(name: str) -> dict:
     return {"path": name, "sha256": h.hexdigest(), **({"sampled": True} if sampled else {})}
 
 
-def _models(config, stage: str) -> Dict[str, dict]:
-    if stage == "lm":
-        return {"train.lm.init": model_identity(config.train.lm.init)}
-    out = {"router.path": model_identity(config.router.path)}
-    for i, p in enumerate(config.experts.paths):
-        out[f"experts.paths[{i}]"] = model_identity(p)
-    return out
+def _models(config, stage: str, folders: Dict[str, str]) -> Dict[str, dict]:
+    names = ({"train.lm.init": config.train.lm.init} if stage == "lm" else
+             {"router.path": config.router.path,
+              **{f"experts.paths[{i}]": p for i, p in enumerate(config.experts.paths)}})
+    return {field: model_identity(name, folders.get(field)) for field, name in names.items()}
 
 
-def describe(config, stage: str) -> dict:
+def describe(config, stage: str, folders: Optional[Dict[str, str]] = None) -> dict:
     """What a resume of `stage` must find unchanged: its fields, its data file and its
-    models' files."""
+    models' files (`folders`: {config field: local folder} of the checkpoints resolved
+    already)."""
     flat = _flat(config.to_dict())
     prefixes = RUN_FIELDS + (f"data.{DATA_FIELD[stage]}", f"train.{stage}.")
     if stage == "lm":
@@ -125,7 +125,8 @@ def describe(config, stage: str) -> dict:
               if k.startswith(prefixes) and k not in _NOT_RUN}
     key = DATA_FIELD[stage]
     return {"fields": json.loads(json.dumps(fields, default=str)),
-            "data": {key: _data_identity(config.data[key])}, "models": _models(config, stage)}
+            "data": {key: _data_identity(config.data[key])},
+            "models": _models(config, stage, folders or {})}
 
 
 def differences(before: dict, now: dict) -> List[str]:
@@ -197,7 +198,8 @@ def check_start(config, stage: str):
             "newest.")
 
 
-def check_or_write(config, stage: str, is_main: bool = True, streams: int = 1) -> int:
+def check_or_write(config, stage: str, is_main: bool = True, streams: int = 1,
+                   folders: Optional[Dict[str, str]] = None) -> int:
     """Writes the stage's record on its first run; on a re-run (train.resume) checks it,
     raising TrainError with the differences unless train.accept_changes is set. Returns
     the stage's data stream count (fr_jax.corpus.streams): `streams` on a first run, the
@@ -206,7 +208,7 @@ def check_or_write(config, stage: str, is_main: bool = True, streams: int = 1) -
     check_start(config, stage)
     tc = config.train
     path = os.path.join(tc.workdir, stage, "run.json")
-    now = describe(config, stage)
+    now = describe(config, stage, folders)
     if os.path.isfile(path) and tc.resume:
         with open(path) as f:
             record = json.load(f)

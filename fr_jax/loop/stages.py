@@ -20,7 +20,7 @@ from fr_jax.config import check_ranges, decode_mesh, frozen_dtype
 from fr_jax.corpus.streams import StreamBatcher
 from fr_jax.runtime.errors import DataError, Interrupted, TrainError
 from fr_jax.routing.experts import Experts
-from fr_jax.hf import load_config, load_hf, load_tokenizer, save_hf
+from fr_jax.hf import Checkpoint, load_hf, load_tokenizer, resolve, save_hf
 from fr_jax.hf.hub import hub_name
 from fr_jax.inference.lineup import Lineup, load_lineup
 from fr_jax.models import Model
@@ -70,7 +70,7 @@ class _Writer:
 
 def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_params,
               tokenizer, mesh, progress: bool = True, samples: Optional[Lineup] = None,
-              observe: Optional[Callable] = None):
+              observe: Optional[Callable] = None, folders: Optional[Dict[str, str]] = None):
     """Trains one stage to its configured number of steps (resuming if a checkpoint exists)
     and returns (params, history). `trainee` is the Router (sft, cdpo) or, for stage `lm`,
     the plain Model trained on the SFT data (no experts). `samples`: the lineup whose
@@ -81,7 +81,8 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     experts' params, come as a `Parked` holder (or bare): the stage leaves them on the
     devices only in the phases `residency.resident` names. `observe(stage, phase, program,
     args)` is called before each phase's first program call (what tests check fr_jax.plan's
-    memory against: the run's live buffers then)."""
+    memory against: the run's live buffers then). `folders`: {config field: local folder} of
+    the checkpoints the entry point resolved (the run's record names their contents)."""
     hook = observe
     observe = ((lambda phase, fn, args: hook(name, phase, fn, args)) if hook
                else (lambda *_: None))
@@ -91,7 +92,8 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     vocab = len(tokenizer)
     workdir = os.path.join(tc.workdir, name)
     layout = layout_for(mesh, tc.batch_size, dc.streams)
-    n_streams = record.check_or_write(config, name, distributed.is_main(), layout.n_streams)
+    n_streams = record.check_or_write(config, name, distributed.is_main(), layout.n_streams,
+                                      folders)
     if n_streams != layout.n_streams:  # a resume keeps the stage's first stream count
         layout = layout_for(mesh, tc.batch_size, n_streams)
     kind = "sft" if name in ("sft", "lm") else "pref"
@@ -294,19 +296,22 @@ def _require_init(config) -> str:
     return config.train.lm.init
 
 
-def finetune(config, progress: bool = True, observe: Optional[Callable] = None) -> str:
+def finetune(config, progress: bool = True, observe: Optional[Callable] = None,
+             init: Optional[Checkpoint] = None) -> str:
     """Stage `lm`: fine-tunes one ordinary model (no routing) from `train.lm.init` on the SFT
     data -- the direct fine-tuning baseline, and how the demo world trains its experts.
-    Returns the folder of the exported HF checkpoint (<workdir>/lm/model)."""
-    init = _require_init(config)
+    Returns the folder of the exported HF checkpoint (<workdir>/lm/model). `init`: that
+    checkpoint, when the caller resolved it already."""
+    init = init or resolve(_require_init(config))
     mesh = sh.mesh_from_config(config.mesh)
     dtype, pdtype = config.model.dtype, config.model.param_dtype or None
-    model = Model(trained_cfg(load_config(init, dtype, pdtype), config))
+    model = Model(trained_cfg(init.model_config(dtype, pdtype), config))
     tokenizer = load_tokenizer(init)
     # Loaded straight into the stage, which takes the params over (see run_stage).
     shardings = sh.param_shardings(model, mesh)
     params, _ = run_stage("lm", config, model, load_hf(init, dtype, pdtype, shardings=shardings)[1],
-                          None, None, tokenizer, mesh, progress, observe=observe)
+                          None, None, tokenizer, mesh, progress, observe=observe,
+                          folders={"train.lm.init": init.path})
     out = os.path.join(config.train.workdir, "lm", "model")
     host = distributed.fetch(params)  # every process: a collective where params are sharded
     if distributed.is_main():
@@ -321,18 +326,19 @@ def train(config, progress: bool = True, observe: Optional[Callable] = None) -> 
     fine-tunes one plain model (see `finetune`; returns its folder). `observe`: see
     `run_stage`."""
     check_ranges(config)
-    check_run(config)
+    checkpoints = check_run(config)
     distributed.initialize(config.train.distributed)
     with hold(config):
         try:
-            return _train(config, progress, observe)
+            return _train(config, progress, observe, checkpoints)
         except KeyboardInterrupt:  # outside a stage's steps (loading, precomputing, export)
             raise Interrupted(resume_note(config)) from None
 
 
-def check_run(config):
+def check_run(config) -> Dict[str, Checkpoint]:
     """What a run needs before it touches its workdir: known stages (lm alone), the
-    checkpoints named, each stage's data file present."""
+    checkpoints named, each stage's data file present. Returns the run's checkpoints,
+    resolved once (a hub name fetched, config.json parsed), by config field."""
     tc = config.train
     bad = [s for s in tc.stages if s not in ("sft", "cdpo", "lm")]
     if bad:
@@ -345,21 +351,27 @@ def check_run(config):
         _require_init(config)
     if "lm" not in tc.stages and (not config.router.path or not config.experts.paths):
         raise TrainError("set both --config.router.path and --config.experts.paths")
-    models = [tc.lm.init] if "lm" in tc.stages else [config.router.path, *config.experts.paths]
-    for path in models:  # local folders only: a hub name is resolved (maybe fetched) later
-        if hub_name(path) is None:
-            load_config(path)  # names a missing folder or one without config.json
+    fields = ({"train.lm.init": tc.lm.init} if "lm" in tc.stages else
+              {"router.path": config.router.path,
+               **{f"experts.paths[{i}]": p for i, p in enumerate(config.experts.paths)}})
+    # Local folders first (a missing one is named before the data); hub names, which may
+    # be fetched, once the data files are known to be there.
+    local = {f: resolve(n) for f, n in fields.items() if hub_name(n) is None}
     for name in tc.stages:
         kind = "pref" if name == "cdpo" else "sft"
         check_data_path(config.data.pref_path if kind == "pref" else config.data.sft_path,
                         kind)
+    return {f: local[f] if f in local else resolve(n) for f, n in fields.items()}
 
 
-def _train(config, progress: bool, observe: Optional[Callable]) -> str:
+def _train(config, progress: bool, observe: Optional[Callable],
+           checkpoints: Dict[str, Checkpoint]) -> str:
     tc = config.train
     if "lm" in tc.stages:
-        return finetune(config, progress, observe)
-    router_path, expert_paths = config.router.path, list(config.experts.paths)
+        return finetune(config, progress, observe, checkpoints["train.lm.init"])
+    router_path = checkpoints["router.path"]
+    expert_paths = [checkpoints[f"experts.paths[{i}]"] for i in range(len(config.experts.paths))]
+    folders = {field: c.path for field, c in checkpoints.items()}
     mesh = sh.mesh_from_config(config.mesh)
     dtype = config.model.dtype
     lineup = load_lineup(router_path, expert_paths, names=config.experts.names, mesh=mesh,
@@ -379,7 +391,8 @@ def _train(config, progress: bool, observe: Optional[Callable]) -> str:
     out = None
     for name in tc.stages:
         carry["router"], _ = run_stage(name, config, router, carry.pop("router"), experts,
-                                       held, tokenizer, mesh, progress, samples, observe)
+                                       held, tokenizer, mesh, progress, samples, observe,
+                                       folders)
         out = os.path.join(tc.workdir, name, "router")
         host = distributed.fetch(carry["router"])  # every process: a collective where sharded
         if distributed.is_main():

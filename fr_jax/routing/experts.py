@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fr_jax.hf import place, read_hf
+from fr_jax.hf import Named, place, read_hf
 from fr_jax.models import Model, ModelConfig
 
 
@@ -177,10 +177,10 @@ class Experts:
         return out
 
 
-def load_experts(paths: Sequence[str], dtype: str = "float32", param_dtype: Optional[str] = None,
+def load_experts(paths: Sequence[Named], dtype: str = "float32", param_dtype: Optional[str] = None,
                  vocab: Optional[int] = None, stacked: Optional[bool] = None,
                  shardings_fn=None):
-    """(Experts, params) from local HF folders.
+    """(Experts, params) from checkpoints (local HF folders, hub names or `Checkpoint`s).
 
     shardings_fn(experts) -> params-shaped shardings (see `fr_jax.runtime.sharding`); stacked params
     are then assembled per device from the per-expert host arrays, so the stacked tensor

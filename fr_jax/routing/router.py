@@ -21,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from fr_jax.hf import place, read_hf, save_hf
-from fr_jax.runtime.errors import CheckpointError
-from fr_jax.hf.hub import checkpoint_dir
+from fr_jax.hf import Named, place, read_hf, resolve, save_hf
 from fr_jax.models import KVCache, Model, ModelConfig
+from fr_jax.runtime.errors import CheckpointError
 
 HEAD_FILE = "routing_head.safetensors"
 ROUTER_FILE = "router.json"
@@ -116,16 +115,18 @@ def save_router(path: str, router: Router, params, tokenizer=None,
     return path
 
 
-def load_router(path: str, n_experts: Optional[int] = None, seed: int = 0,
+def load_router(path: Named, n_experts: Optional[int] = None, seed: int = 0,
                 dtype: str = "float32", param_dtype: Optional[str] = None, shardings_fn=None):
-    """(Router, params) from `path` (a folder or a hub name, see fr_jax/hf/hub.py).
+    """(Router, params) from `path` (a folder, a hub name, see fr_jax/hf/hub.py, or a
+    resolved `Checkpoint`).
 
     A folder with a routing head (written by `save_router`) is restored as it is; a plain
     HF base checkpoint gets a fresh head for `n_experts` experts, seeded by `seed`.
     shardings_fn(router) -> params-shaped shardings (see `fr_jax.runtime.sharding.param_shardings`);
     each param is then placed shard by shard.
     """
-    path = checkpoint_dir(path)
+    checkpoint = resolve(path)
+    path = checkpoint.path
     head_file = os.path.join(path, HEAD_FILE)
     has_head = os.path.isfile(head_file)
     if has_head:
@@ -139,7 +140,7 @@ def load_router(path: str, n_experts: Optional[int] = None, seed: int = 0,
     elif n_experts is None:
         raise CheckpointError(f"{path!r} has no {HEAD_FILE}: it is a base checkpoint, so the "
                               "number of experts must be given to create a routing head")
-    cfg, backbone = read_hf(path, dtype=dtype, param_dtype=param_dtype)
+    cfg, backbone = read_hf(checkpoint, dtype=dtype, param_dtype=param_dtype)
     router = Router(cfg, n_experts)
     if has_head:
         kernel = load_file(head_file)["kernel"]
