@@ -302,7 +302,7 @@ def test_sequence_mode_decodes_each_row_with_its_chosen_target():
 
     from fr_jax.baselines import seqroute_pipeline as S
     from fr_jax.inference import FusedDecoder
-    from fr_jax.routing.fusion import Mode
+    from fr_jax.routing.modes import Mode
 
     router, r_params, experts, e_list = build_world("llama")
     params = {"router": r_params, "experts": experts.combine(e_list)}

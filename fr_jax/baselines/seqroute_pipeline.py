@@ -31,7 +31,7 @@ from fr_jax.corpus import encode_prompt, jsonl_objects
 from fr_jax.inference import left_pad
 from fr_jax.runtime.errors import DataError
 from fr_jax.harness.generation import generate
-from fr_jax.routing.fusion import Mode
+from fr_jax.routing.modes import Mode
 from fr_jax.models import Model, ModelConfig
 from fr_jax.routing import trunk as T
 from fr_jax.routing.selector import META_FILE, default_targets, parse_targets, prefill_features

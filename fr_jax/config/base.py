@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     # where FSDP would gather them on every chip at every step.
     c.decode.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=0, tensor=0, expert=0))
     # fusionroute | expert_only | router_only | expert:<i> | mixture | sequence |
-    # sequence:head | merged | finetuned  (see fr_jax/routing/fusion.py)
+    # sequence:head | merged | finetuned  (see fr_jax/routing/modes.py)
     c.decode.mode = "fusionroute"
     c.decode.prompts = ("What is 12 plus 30?", "def add(a, b):")  # the prompts (--prompt)
     c.decode.prompts_file = ""  # JSONL with a "prompt" field per line (overrides prompts)

@@ -7,23 +7,24 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from fr_jax.runtime import sharding as sh
 from fr_jax.inference.core import ChunkedDecoder, DecodeResult
 from fr_jax.inference.lazy import LazyExperts, StepState
-from fr_jax.runtime.errors import ModeError
-from fr_jax.routing.experts import Experts
-from fr_jax.routing.fusion import (Mode, fuse, next_token_logprobs, route_probs, select_expert,
-                           sequence_route)
-from fr_jax.routing.router import Router
 from fr_jax.inference.sampling import Sampling
+from fr_jax.routing.experts import Experts
+from fr_jax.routing.modes import Mode
+from fr_jax.routing.router import Router
 from fr_jax.routing.selector import parse_targets
+from fr_jax.runtime import sharding as sh
+from fr_jax.runtime.errors import ModeError
 
 
 class FusedDecoder(ChunkedDecoder):
-    """FusionRoute decoding: router + experts, fused per token by `mode` (see fr_jax/routing/fusion.py).
+    """FusionRoute decoding: router + experts, fused per token by `mode`.
 
-    params = {"router": router params, "experts": experts params}; only the models the
-    mode needs are run (`expert:i` runs expert i alone, `router_only` the router alone).
+    The mode's policy (fr_jax/routing/modes.py), chosen once here, says which models run
+    and turns their outputs into each next token's distribution. params = {"router": router
+    params, "experts": experts params}; only the models the mode needs are run (`expert:i`
+    runs expert i alone, `router_only` the router alone).
 
     Lazy experts (`lazy_experts=True`, modes that use one expert per token; lazy.py): every
     expert reads the prompt, then at each step only the router and the selected expert run.
@@ -59,10 +60,13 @@ class FusedDecoder(ChunkedDecoder):
             raise ValueError(f"a model has {min(sizes)} logits but the tokenizer has "
                              f"{self.vocab} tokens")
         self.selector = selector if mode.needs_selector else None
-        self.targets = parse_targets(self.selector.targets, experts.n) if self.selector else []
-        fused_target = any(t.adds_router_logits for t in self.targets)
-        self.router = router if (mode.routes_per_token or fused_target) else None
-        self._seq_router = router if mode.routes_per_prompt else None
+        models = ({"selector": self.selector,
+                   "targets": parse_targets(self.selector.targets, experts.n)}
+                  if self.selector is not None else
+                  {"router": router} if mode.routes_per_prompt else {})
+        self.policy = mode.policy(self.n_experts, **models)
+        self.router = router if self.policy.router_per_token else None
+        self._prompt_router = mode.routes_per_prompt  # the policy reads the prompt with it
         self.experts = experts if mode.uses_experts else None
         self._full_experts = experts
         if mode.fixed_expert is not None:
@@ -100,7 +104,7 @@ class FusedDecoder(ChunkedDecoder):
     def prepare(self, params):
         """Keeps only the params the mode runs (expert:i: that expert's slice)."""
         out = {}
-        if self.router is not None or self._seq_router is not None:
+        if self.router is not None or self._prompt_router:
             out["router"] = params["router"]
         if self.selector is not None:
             if "selector" not in params:
@@ -128,8 +132,8 @@ class FusedDecoder(ChunkedDecoder):
         elif self.experts is not None:
             ec = self.experts.init_cache(batch, cache_len)
         seq = None
-        if self.mode.chooses_per_prompt:  # the per-prompt choice and its weights / P(correct)
-            width = len(self.targets) if self.selector is not None else self.n_experts
+        width = self.policy.choice_width
+        if width is not None:  # the per-prompt choice and its weights / P(correct)
             seq = (jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, width), jnp.float32))
         return (rc, ec, seq, step)
 
@@ -153,34 +157,6 @@ class FusedDecoder(ChunkedDecoder):
         return jnp.where(jnp.arange(self.n_experts) == k, 0.0, -1e4).astype(route.dtype) + \
             jnp.zeros_like(route)
 
-    def _choose_per_prompt(self, params, tokens, mask, seq):
-        """At prefill the prompt fixes each row's choice: a SharedTrunkNet picks a target
-        (`sequence`), or the router reads the prompt once (no cache) and its averaged
-        weights pick an expert (`sequence:head`). Afterwards the stored choice is reused."""
-        if mask is None:
-            return seq
-        if self.selector is not None:
-            return self.selector.choose(params["selector"], tokens, mask)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-        out = self._seq_router.forward(params["router"], tokens, positions,
-                                       mask.astype(jnp.int32))
-        return sequence_route(out.route_logits, mask)
-
-    def _targets_logits(self, r_logits, route, e_logits, target):
-        """Every target's next-token log-probs, then each row's own target's [B, V] (with
-        the expert that produced the token, and routing weights where FusionRoute ran)."""
-        b = e_logits.shape[1]
-        lps, chosen, probs = [], [], jnp.zeros((b, self.n_experts), jnp.float32)
-        for t in self.targets:
-            f = fuse(t, r_logits, route, e_logits[t.expert:t.expert + 1]
-                     if t.fixed_expert is not None else e_logits)
-            lps.append(f.logprobs)
-            chosen.append(f.chosen)
-            if f.route_probs is not None:
-                probs = jnp.where((target == len(lps) - 1)[:, None], f.route_probs, probs)
-        pick = lambda x: jnp.take_along_axis(jnp.stack(x), target[None, :, None], axis=0)[0]
-        return pick(lps), pick([c[:, None] for c in chosen])[:, 0], probs
-
     def _logits(self, params, tokens, mask, caches, done=None):
         rc, ec, seq, step = caches
         prefill = mask is not None
@@ -189,13 +165,14 @@ class FusedDecoder(ChunkedDecoder):
             r_out, rc = self.router.extend(params["router"], tokens, rc, mask, last_only=True)
             r_logits, route = r_out.logits[:, 0, :self.vocab], r_out.route_logits[:, 0]
             route = self._forced(route, step.t + (0 if prefill else 1))
-        if self.mode.chooses_per_prompt:
-            seq = self._choose_per_prompt(params, tokens, mask, seq)
+        if prefill and seq is not None:  # the prompt fixes each row's choice, kept after
+            seq = self.policy.choose(params, tokens, mask)
         if self._lazy is not None and not prefill:
-            k, with_router = self._selection(route, seq)
+            # which expert each row needs is known before any expert runs
+            k, with_router = self.policy.selection(route, seq)
             selected, ec, step = self._lazy.step(params["experts"], tokens, done, k, ec, step)
-            return self._from_selected(r_logits, route, selected, k, with_router, seq) + (
-                (rc, ec, seq, step),)
+            return self.policy.from_selected(r_logits, route, selected, k, with_router,
+                                             seq) + ((rc, ec, seq, step),)
         e_logits = None
         if self._lazy is not None:  # prefill: every expert reads the prompt
             e_logits, ec = self._lazy.prefill(params["experts"], tokens, mask, ec)
@@ -204,43 +181,7 @@ class FusedDecoder(ChunkedDecoder):
                                                last_only=True)
             e_logits = e_logits[:, :, 0, :self.vocab]  # experts may pad more than the router
         step = step._replace(t=step.t + (0 if prefill else 1))
-        caches = (rc, ec, seq, step)
-        if self.mode.routes_per_prompt:
-            logprobs = next_token_logprobs(None, select_expert(e_logits, seq[0]))
-            return logprobs, seq[0], seq[1], caches
-        if self.mode.needs_selector:
-            return self._targets_logits(r_logits, route, e_logits, seq[0]) + (caches,)
-        fused = fuse(self.mode, r_logits, route, e_logits)
-        probs = fused.route_probs
-        if probs is None:
-            probs = jnp.zeros((tokens.shape[0], self.n_experts), jnp.float32)
-        return fused.logprobs, fused.chosen, probs, caches
-
-    # ---- lazy experts: which expert each row needs is known before any expert runs
-    def _selection(self, route, seq):
-        """Each row's expert for this token [B], and whether the router's logits join it
-        (one bool for the whole batch, or [B] when each row's target decides)."""
-        argmax = (lambda: jnp.argmax(route_probs(route), axis=-1).astype(jnp.int32))
-        if not self.mode.chooses_per_prompt:  # fusionroute, expert_only
-            return argmax(), self.mode.adds_router_logits
-        if self.mode.routes_per_prompt:
-            return seq[0], False
-        # a SharedTrunkNet's targets: each row's is an expert alone or FusionRoute
-        fused = jnp.asarray([t.adds_router_logits for t in self.targets])[seq[0]]
-        fixed = jnp.asarray([t.fixed_expert or 0 for t in self.targets], jnp.int32)[seq[0]]
-        return (jnp.where(fused, argmax(), fixed) if route is not None else fixed), fused
-
-    def _from_selected(self, r_logits, route, selected, k, with_router, seq):
-        """(log-probs, chosen, weights) of a lazy step from the selected experts' logits
-        [B, V], by the rule `fuse` applies to all experts' logits (the eager tokens)."""
-        b = selected.shape[0]
-        logprobs = next_token_logprobs(r_logits, selected, with_router)
-        if self.mode.routes_per_prompt:
-            return logprobs, seq[0], seq[1]
-        w = route_probs(route) if route is not None else jnp.zeros((b, self.n_experts))
-        if self.mode.needs_selector:  # weights only where FusionRoute decoded the row
-            w = jnp.where(with_router[:, None], w, 0.0)
-        return logprobs, k, w
+        return self.policy.combine(r_logits, route, e_logits, seq) + ((rc, ec, seq, step),)
 
     def _finish(self, params, caches):
         """Lazy experts: the experts that are behind catch up, so every cache holds the

@@ -1,6 +1,6 @@
 """The lineup: every model a run decodes with, loaded once, checked once.
 
-A `Lineup` holds the router and the experts (FusionRoute's modes, see fr_jax/routing/fusion.py), a
+A `Lineup` holds the router and the experts (FusionRoute's modes, see fr_jax/routing/modes.py), a
 SharedTrunkNet selector (mode `sequence`) and named stand-alone models (baselines such as
 a fine-tuned or merged model, decoded alone under their own name as a mode), with the one
 tokenizer they share, the end-of-sequence ids and the pad id. `load_lineup` reads them
@@ -25,7 +25,7 @@ from fr_jax.inference.fused import FusedDecoder
 from fr_jax.inference.sampling import Sampling
 from fr_jax.models import Model
 from fr_jax.routing.experts import Experts, load_experts
-from fr_jax.routing.fusion import Mode
+from fr_jax.routing.modes import Mode
 from fr_jax.routing.router import Router, load_router
 from fr_jax.routing.selector import load_selector, read_meta
 from fr_jax.runtime import sharding as sh

@@ -21,7 +21,7 @@ import numpy as np
 
 from fr_jax.runtime import sharding as sh
 from fr_jax.runtime.errors import CheckpointError, ModeError
-from fr_jax.routing.fusion import Mode
+from fr_jax.routing.modes import Mode
 from fr_jax.models import Model, ModelConfig
 from fr_jax.routing.trunk import SharedTrunkNet, load_trunk
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from fr_jax.runtime import distributed
 from fr_jax.runtime import sharding as sh
 from fr_jax.inference import FusedDecoder, decode_slots
-from fr_jax.routing.fusion import Mode
+from fr_jax.routing.modes import Mode
 from fr_jax.inference.trace import render_text
 
 PROMPTS = 2  # held-out prompts answered at each sample

@@ -10,7 +10,7 @@ import os
 
 from fr_jax.config import CHOICES, check_ranges
 from fr_jax.runtime.errors import ConfigError, ModeError
-from fr_jax.routing.fusion import Mode
+from fr_jax.routing.modes import Mode
 from fr_jax.runtime.paths import check_output
 from fr_jax.harness import toy_world as W
 
