@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import List, Sequence
 
 from fr_jax import cli
+from fr_jax.config import CHOICES
 from fr_jax.runtime import distributed
 from fr_jax.runtime.errors import ConfigError
 from fr_jax.harness import benchmarks as B
@@ -43,8 +44,9 @@ def evaluate(config, fv=None) -> dict:
         B.get_benchmark(b)
         if b not in e.max_new_tokens:
             raise ConfigError(f"no max_new_tokens for {b}: set --config.eval.max_new_tokens.{b}")
-    if e.columns not in ("benchmarks", "groups"):
-        raise ConfigError(f"eval.columns must be 'benchmarks' or 'groups', got {e.columns!r}")
+    if e.columns not in CHOICES["eval.columns"]:
+        raise ConfigError(f"eval.columns must be one of {CHOICES['eval.columns']}, got "
+                          f"{e.columns!r}")
     # Data first: a missing file fails before any model is read.
     examples = {b: B.select(B.load_examples(b, e.data[b].path, e.data[b].hub), e.limit,
                             e.subset_seed) for b in benchmarks}

@@ -20,9 +20,9 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import ml_collections
 
+from fr_jax.config import base
+
 WIDTH = 100  # characters per line of a help screen
-BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config",
-                           "base.py")
 
 
 # ------------------------------------------------------------------ field descriptions
@@ -91,9 +91,10 @@ def field_comments(path: str, functions: Sequence[str] = ()) -> Dict[str, str]:
 
 
 def field_docs(config_file: str) -> Dict[str, str]:
-    """Descriptions of a config file's fields: base_config's comments (what a field means),
-    then the file's own for the fields base_config does not have."""
-    docs = field_comments(BASE_CONFIG, ("base_config", "pair_source"))
+    """Descriptions of a config file's fields: the base config's (each field's row, see
+    fr_jax.config.settings), then the file's own comments for the fields the base config
+    does not have."""
+    docs = base.field_docs()
     for name, text in field_comments(config_file).items():
         docs.setdefault(name, text)
     return docs

@@ -1,6 +1,8 @@
-"""The config: every setting's default, range and allowed words (base.py), the base config
-that configs/*.py start from."""
+"""The config: every setting's default, range and allowed words declared once, in its row
+(settings.py); the base config built from those rows, section by section, that configs/*.py
+start from (base.py); and the checks a config passes before any work (validation.py)."""
 
-from fr_jax.config.base import (CHOICES, RANGES, REPO_CONFIGS, base_config,  # noqa: F401
-                                check_ranges, decode_mesh, default_config_file,
-                                frozen_dtype, nested, pair_source, real_family_config)
+from fr_jax.config.base import (REPO_CONFIGS, base_config, decode_mesh,  # noqa: F401
+                                default_config_file, frozen_dtype, nested, pair_source,
+                                real_family_config, sections)
+from fr_jax.config.validation import CHOICES, RANGES, check_ranges  # noqa: F401

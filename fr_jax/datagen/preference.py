@@ -27,6 +27,7 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from fr_jax.config import CHOICES
 from fr_jax.harness import runner as harness
 from fr_jax.harness.benchmarks import Example
 from fr_jax.harness.sandbox import Limits
@@ -121,8 +122,8 @@ def build_pairs(lineup: Lineup, sources: Sequence[Source], ps: PairSettings
                 ) -> Tuple[List[dict], dict]:
     """Every source's prompts -> (pair rows {"prompt", "chosen", "rejected", "domain",
     "source", "id"}, statistics per domain and per source)."""
-    if ps.chosen not in ("sampled", "reference"):
-        raise ValueError(f"chosen must be 'sampled' or 'reference', got {ps.chosen!r}")
+    if ps.chosen not in CHOICES["pairs.chosen"]:
+        raise ValueError(f"chosen must be one of {CHOICES['pairs.chosen']}, got {ps.chosen!r}")
     if not ps.draws():
         raise ValueError("no answers to draw: set samples > 0 or greedy")
     fingerprint = harness.lineup_fingerprint(lineup)

@@ -12,12 +12,14 @@ import dataclasses
 import math
 from typing import Any, Mapping, Optional, Tuple
 
+from fr_jax.config import CHOICES
 from fr_jax.runtime.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "gemma2")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
-REMAT_CHOICES = ("none", "dots", "full")
-ATTENTION_CHOICES = ("xla", "splash", "auto")  # see fr_jax.models.splash
+# The words of config.model's fields, declared once in their config rows.
+REMAT_CHOICES = CHOICES["model.remat"]
+ATTENTION_CHOICES = CHOICES["model.attention"]  # see fr_jax.models.splash
 # HF activation names -> our names. Both spellings of tanh-GELU appear in checkpoints.
 _ACTIVATIONS = {
     "silu": "silu",

@@ -36,9 +36,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from fr_jax.config import CHOICES
 from fr_jax.runtime.errors import ConfigError
 
-MODES = ("auto", "yes", "no")
+MODES = CHOICES["train.distributed"]  # declared once, in the config's row
 DONE = "done"  # the watchdog's beat of a process that finished
 
 

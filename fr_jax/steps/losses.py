@@ -13,6 +13,7 @@ from typing import Dict, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fr_jax.config import CHOICES
 from fr_jax.routing.fusion import fusion_logits
 
 
@@ -128,12 +129,14 @@ def routing_loss(route_logits, signals: ExpertSignals, informative, kind: str = 
         best = jnp.argmax(signals.target_logprob, axis=0)  # [B, T]
         per_t = -jnp.take_along_axis(log_w, best[..., None], axis=-1)[..., 0]
     else:
-        raise ValueError(f"unknown routing_loss {kind!r}; use 'mixture' or 'best_expert'")
+        raise ValueError(f"unknown routing_loss {kind!r}; use one of {ROUTING_LOSSES}")
     return _masked_mean(per_t, informative)
 
 
-LM_TARGETS = ("router", "fused", "mix")
-LM_POSITIONS = ("all", "informative")
+# The words of train.sft's fields, declared once in their config rows.
+ROUTING_LOSSES = CHOICES["train.sft.routing_loss"]
+LM_TARGETS = CHOICES["train.sft.lm_target"]
+LM_POSITIONS = CHOICES["train.sft.lm_positions"]
 
 
 def generator_loss(own: "TokenStats", fused, targets, loss_mask, informative,
