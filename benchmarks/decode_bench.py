@@ -38,11 +38,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fr_jax.inference import Decoder, FusedDecoder  # noqa: E402
-from fr_jax.routing.experts import Experts, load_experts  # noqa: E402
-from fr_jax.routing.fusion import Mode  # noqa: E402
 from fr_jax.hf import save_hf  # noqa: E402
+from fr_jax.inference import Decoder, FusedDecoder  # noqa: E402
 from fr_jax.models import Model, ModelConfig, RopeConfig  # noqa: E402
+from fr_jax.routing.experts import Experts, load_experts  # noqa: E402
+from fr_jax.routing.modes import Mode  # noqa: E402
 from fr_jax.routing.router import Router, load_router, save_router  # noqa: E402
 
 # name -> (router shape, expert shape) as ModelConfig keyword arguments.

@@ -16,15 +16,15 @@ import sys
 import jax
 
 from fr_jax import cli
-from fr_jax.runtime import distributed
-from fr_jax.inference import trace
 from fr_jax.corpus import encode_prompt, prompt_lines
+from fr_jax.inference import trace
 from fr_jax.inference import DecodeResult, decode_slots
-from fr_jax.runtime.errors import CacheOverflowError, DataError
-from fr_jax.routing.modes import Mode
 from fr_jax.inference.lineup import lineup_from_config
-from fr_jax.runtime.paths import check_output, write_atomic
 from fr_jax.inference.sampling import Sampling
+from fr_jax.routing.modes import Mode
+from fr_jax.runtime import distributed
+from fr_jax.runtime.errors import CacheOverflowError, DataError
+from fr_jax.runtime.paths import check_output, write_atomic
 
 COMMAND = cli.Command("decode", "tiny.py", (
     cli.Flag("prompt", "decode.prompts", "prompt text, repeat for a batch", "multi"),

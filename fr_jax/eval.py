@@ -15,13 +15,13 @@ from typing import List, Sequence
 
 from fr_jax import cli
 from fr_jax.config import CHOICES
-from fr_jax.runtime import distributed
-from fr_jax.runtime.errors import ConfigError
 from fr_jax.harness import benchmarks as B
 from fr_jax.harness import runner as harness, report, scoring
 from fr_jax.harness.sandbox import Limits, protections
 from fr_jax.inference.lineup import lineup_from_config
 from fr_jax.inference.sampling import Sampling
+from fr_jax.runtime import distributed
+from fr_jax.runtime.errors import ConfigError
 
 COMMAND = cli.Command("eval", "tiny.py", (
     cli.Flag("benchmarks", "eval.benchmarks", "comma list of benchmarks", "list"),

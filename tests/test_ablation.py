@@ -13,11 +13,11 @@ import sys
 import pytest
 
 from fr_jax import ablate
-from fr_jax.runtime.bundle import BUNDLE
 from fr_jax.config import default_config_file
+from fr_jax.harness import toy_world as W
+from fr_jax.runtime.bundle import BUNDLE
 from fr_jax.runtime.errors import ConfigError
 from fr_jax.toy import ablation as A
-from fr_jax.harness import toy_world as W
 from cli_env import REPO, one_device_env
 
 

@@ -14,9 +14,9 @@ import scipy.linalg
 
 from fr_jax.baselines import merging as M
 from fr_jax.baselines import probes as P
-from fr_jax.runtime.errors import CheckpointError
 from fr_jax.routing import trunk as T
 from fr_jax.routing.selector import Selector
+from fr_jax.runtime.errors import CheckpointError
 
 
 # ---------------------------------------------------------------------------- merging

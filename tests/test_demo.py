@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from fr_jax.runtime.bundle import bundled_world
 from fr_jax.harness import toy_world as W
+from fr_jax.runtime.bundle import bundled_world
 from tb_events import read_events
 from cli_env import REPO, one_device_env  # noqa: E402
 

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from fr_jax.runtime.bundle import bundled_world
 from fr_jax.corpus import DataError
 from fr_jax.harness import benchmarks as B
 from fr_jax.harness import prompts as P
 from fr_jax.harness import scoring as S
 from fr_jax.harness.sandbox import Limits
+from fr_jax.runtime.bundle import bundled_world
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fixtures as F  # noqa: E402

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fr_jax.runtime.bundle import bundled_world
-from fr_jax.loop.checkpoint import checksum
 from fr_jax.harness import toy_world as W
+from fr_jax.loop.checkpoint import checksum
+from fr_jax.runtime.bundle import bundled_world
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                     "tiny.py")

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 
 from fr_jax.inference import Decoder, FusedDecoder
+from fr_jax.inference.sampling import Sampling
 from fr_jax.routing.experts import Experts
 from fr_jax.routing.modes import Mode, ModeError
 from fr_jax.routing.router import Router
-from fr_jax.inference.sampling import Sampling
 from fixtures import N_EXPERTS, PROMPTS, build_world, tiny
 
 MODES = ["fusionroute", "expert_only", "router_only", "expert:1", "mixture", "sequence:head"]

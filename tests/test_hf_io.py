@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from transformers import AutoModelForCausalLM
 
 from fr_jax.hf import load_config, load_hf, save_hf
-from fr_jax.runtime.errors import CheckpointError
 from fr_jax.models import ConfigError, Model, ModelConfig
+from fr_jax.runtime.errors import CheckpointError
 from tiny_models import build, gemma2_config, llama_config, torch_logits
 
 TOL = 1e-4

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fr_jax import aot as plan
 from fr_jax.aot.hlo_traffic import (collective_seconds, collectives, group_size, hbm_bytes,
-                              ring_factor)
+                                    ring_factor)
 
 MiB = 1 << 20
 

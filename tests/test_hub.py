@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from fr_jax.runtime.errors import CheckpointError
 from fr_jax.hf import load_config
 from fr_jax.hf.hub import checkpoint_dir, hub_name
+from fr_jax.runtime.errors import CheckpointError
 from fr_jax.toy.tiny import ensure_tiny_world
 
 sys.path.insert(0, os.path.dirname(__file__))

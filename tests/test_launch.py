@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from fr_jax.runtime.errors import ConfigError
 from fr_jax.launch import check_mesh, command_mesh, main
+from fr_jax.runtime.errors import ConfigError
 from fr_jax.runtime.hardware import slice_size
 
 sys.path.insert(0, os.path.dirname(__file__))

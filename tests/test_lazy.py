@@ -8,10 +8,10 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fr_jax.routing import trunk as T
-from fr_jax.routing.selector import Selector
 from fr_jax.inference import FusedDecoder, catch_up_widths
+from fr_jax.routing import trunk as T
 from fr_jax.routing.modes import Mode
+from fr_jax.routing.selector import Selector
 from fixtures import N_EXPERTS, PROMPTS, build_world
 
 WIDTH = 2  # catch-up chunk width: real routing below leaves gaps both shorter and longer

@@ -9,11 +9,11 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fr_jax.steps import losses
-from fr_jax.runtime import sharding as sh
 from fr_jax.config import base_config
 from fr_jax.corpus import Batcher, PrefExample, SFTExample
 from fr_jax.routing.router import Router
+from fr_jax.runtime import sharding as sh
+from fr_jax.steps import losses
 from fr_jax.steps import build_stage, init_state
 from fixtures import build_world
 

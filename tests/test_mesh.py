@@ -5,12 +5,12 @@ import numpy as np
 import jax
 import pytest
 
-from fr_jax.runtime import sharding as sh
+from fr_jax.hf import save_hf
 from fr_jax.inference import FusedDecoder
 from fr_jax.routing.experts import load_experts
 from fr_jax.routing.modes import Mode
-from fr_jax.hf import save_hf
 from fr_jax.routing.router import load_router, save_router
+from fr_jax.runtime import sharding as sh
 from fixtures import PROMPTS, build_world
 
 

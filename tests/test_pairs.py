@@ -13,10 +13,10 @@ import pytest
 from cli_env import REPO, one_device_env
 from fr_jax.datagen.preference import PairSettings, Source, build_pairs, choose_pair
 from fr_jax.harness import runner as harness
+from fr_jax.harness import toy_world as W
 from fr_jax.harness.benchmarks import toy_examples
 from fr_jax.harness.scoring import exact_match
 from fr_jax.inference.sampling import Sampling
-from fr_jax.harness import toy_world as W
 
 
 def test_the_pair_rule():

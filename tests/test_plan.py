@@ -15,8 +15,8 @@ import pytest
 
 from fr_jax import plan as plan_cli
 from fr_jax import aot as plan
-from fr_jax.runtime.bundle import bundled_world
 from fr_jax.config import default_config_file
+from fr_jax.runtime.bundle import bundled_world
 
 SLICE = "v5e-8"
 DEPTH = 2

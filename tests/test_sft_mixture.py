@@ -18,12 +18,12 @@ import datasets
 import numpy as np
 import pytest
 
-from fr_jax.datagen import mixture as M
-from fr_jax.data import sft
 from fr_jax.corpus import tokenize_sft
-from fr_jax.runtime.errors import ConfigError, DataError
+from fr_jax.data import sft
+from fr_jax.datagen import mixture as M
 from fr_jax.harness import benchmarks as B
 from fr_jax.harness import prompts as P
+from fr_jax.runtime.errors import ConfigError, DataError
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cli_env import REPO, one_device_env  # noqa: E402

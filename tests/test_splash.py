@@ -10,10 +10,10 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fr_jax.runtime import sharding as sh
 from fr_jax.corpus import Batcher, SFTExample
 from fr_jax.models import Model
 from fr_jax.models.splash import use_splash
+from fr_jax.runtime import sharding as sh
 from fixtures import scaled_params as _scaled_params, tiny
 
 SEQ = 128

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from fr_jax.runtime import sharding as sh
 from fr_jax.corpus import Batcher, DataError, SFTExample, load_records, tokenize_sft
 from fr_jax.corpus.streams import Layout, StreamBatcher, auto_streams, split_entries
+from fr_jax.runtime import sharding as sh
 from fr_jax.toy.tiny import build_tokenizer
 
 TOK = build_tokenizer()

@@ -3,10 +3,10 @@
 import pytest
 
 from benchmarks.torch_reference import TorchFusedReference
+from fr_jax.hf import save_hf
 from fr_jax.inference import FusedDecoder
 from fr_jax.routing.experts import load_experts
 from fr_jax.routing.modes import Mode
-from fr_jax.hf import save_hf
 from fr_jax.routing.router import load_router, save_router
 from fixtures import build_world
 

@@ -9,11 +9,11 @@ import pytest
 
 import jax
 
-from fr_jax.runtime import sharding as sh
-from fr_jax.loop.checkpoint import Checkpointer, abstract_like
-from fr_jax.runtime.bundle import bundled_world
 from fr_jax.config import base_config
 from fr_jax.corpus import Batcher, SFTExample
+from fr_jax.loop.checkpoint import Checkpointer, abstract_like
+from fr_jax.runtime import sharding as sh
+from fr_jax.runtime.bundle import bundled_world
 from fr_jax.steps import build_stage, init_state
 from fixtures import build_world
 from tb_events import read_events

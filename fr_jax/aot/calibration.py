@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from typing import List
 
-from fr_jax.runtime import sharding as sh
 from fr_jax import steps
-from fr_jax.config import real_family_config
-from fr_jax.models import Model
 from fr_jax.aot.compile import Result, evaluate
-from fr_jax.runtime.hardware import topology_devices
 from fr_jax.aot.programs import Program, _abstract, _sft_rows
 from fr_jax.aot.shapes import forward_flops, splash_flops
+from fr_jax.config import real_family_config
+from fr_jax.models import Model
+from fr_jax.runtime import sharding as sh
+from fr_jax.runtime.hardware import topology_devices
 
 # MaxText's `llama3_1_8b_8192_no_collective_matmul` (benchmarks/maxtext_trillium_model_configs.py,
 # run by AI-Hypercomputer/tpu-recipes training/trillium/Llama3.1-8B-MaxText/v6e-8): 3 rows a

@@ -29,13 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fr_jax.runtime import sharding as sh
 from fr_jax import steps
-from fr_jax.config import decode_mesh, frozen_dtype
 from fr_jax.aot.hlo_traffic import collectives, hbm_bytes
-from fr_jax.runtime.hardware import Chip, GiB
 from fr_jax.aot.programs import Program, all_programs, decode_programs
 from fr_jax.aot.shapes import model_config
+from fr_jax.config import decode_mesh, frozen_dtype
+from fr_jax.runtime import sharding as sh
+from fr_jax.runtime.hardware import Chip, GiB
 
 
 # ---------------------------------------------------------------------------- compiling

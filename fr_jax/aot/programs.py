@@ -10,16 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fr_jax.runtime import sharding as sh
 from fr_jax import steps
+from fr_jax.aot.shapes import forward_flops, splash_flops
 from fr_jax.config import frozen_dtype
 from fr_jax.inference import FusedDecoder
-from fr_jax.runtime.errors import PlanError
+from fr_jax.inference.lineup import experts_layout
 from fr_jax.routing.experts import Experts
 from fr_jax.routing.modes import Mode
-from fr_jax.inference.lineup import experts_layout
-from fr_jax.aot.shapes import forward_flops, splash_flops
 from fr_jax.routing.router import Router
+from fr_jax.runtime import sharding as sh
+from fr_jax.runtime.errors import PlanError
 from fr_jax.steps import residency, samples
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 
-from fr_jax.runtime.errors import PlanError
 from fr_jax.hf import load_config
 from fr_jax.hf.hub import checkpoint_dir
 from fr_jax.models import ModelConfig
 from fr_jax.models.splash import block_size
+from fr_jax.runtime.errors import PlanError
 
 
 # ---------------------------------------------------------------------------- the models

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fr_jax.runtime.errors import CheckpointError, MergeError
 from fr_jax.hf import load_hf, load_tokenizer, save_hf
+from fr_jax.runtime.errors import CheckpointError, MergeError
 from fr_jax.runtime.paths import check_output
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare")

@@ -28,13 +28,13 @@ from tqdm.auto import tqdm
 
 from fr_jax.baselines import probes as P
 from fr_jax.corpus import encode_prompt, jsonl_objects
-from fr_jax.inference import left_pad
-from fr_jax.runtime.errors import DataError
 from fr_jax.harness.generation import generate
-from fr_jax.routing.modes import Mode
+from fr_jax.inference import left_pad
 from fr_jax.models import Model, ModelConfig
 from fr_jax.routing import trunk as T
+from fr_jax.routing.modes import Mode
 from fr_jax.routing.selector import META_FILE, default_targets, parse_targets, prefill_features
+from fr_jax.runtime.errors import DataError
 
 
 def encode_features(model: Model, params, prompts: Sequence[Sequence[int]], pad_id: int,

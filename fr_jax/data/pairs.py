@@ -21,14 +21,14 @@ import os
 from typing import List
 
 from fr_jax import cli
-from fr_jax.runtime import distributed
 from fr_jax.datagen import preference as PR
-from fr_jax.runtime.errors import ConfigError, DataError
 from fr_jax.harness import benchmarks as B
 from fr_jax.harness.sandbox import Limits
 from fr_jax.inference.lineup import lineup_from_config
-from fr_jax.runtime.paths import check_output
 from fr_jax.inference.sampling import Sampling
+from fr_jax.runtime import distributed
+from fr_jax.runtime.errors import ConfigError, DataError
+from fr_jax.runtime.paths import check_output
 from fr_jax.toy.world_data import bundled_world_data
 
 COMMAND = cli.Command("data.pairs", "tiny.py", (

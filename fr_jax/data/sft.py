@@ -23,8 +23,8 @@ from typing import List
 from fr_jax import cli
 from fr_jax.config import check_ranges
 from fr_jax.datagen import mixture as M
-from fr_jax.runtime.errors import ConfigError, DataError
 from fr_jax.harness import benchmarks as B
+from fr_jax.runtime.errors import ConfigError, DataError
 
 COMMAND = cli.Command("data.sft", "data/three_domains.py", (
     cli.Flag("output", "output", "the mixture JSONL to write (the manifest goes beside it)"),

@@ -26,9 +26,9 @@ import numpy as np
 from tqdm import tqdm
 
 from fr_jax.corpus.records import Records, load_records
-from fr_jax.runtime.errors import ConfigError, DataError
 from fr_jax.harness import benchmarks as B
 from fr_jax.harness import prompts as P
+from fr_jax.runtime.errors import ConfigError, DataError
 from fr_jax.runtime.paths import check_output, write_atomic
 
 FORMATS = ("prompt_response", "messages")

@@ -32,8 +32,8 @@ from fr_jax.harness import runner as harness
 from fr_jax.harness.benchmarks import Example
 from fr_jax.harness.sandbox import Limits
 from fr_jax.inference.lineup import Lineup
-from fr_jax.runtime.paths import write_atomic
 from fr_jax.inference.sampling import Sampling
+from fr_jax.runtime.paths import write_atomic
 
 MODE = "fusionroute"
 

@@ -27,13 +27,13 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from fr_jax.runtime import distributed
 from fr_jax.harness import scoring
 from fr_jax.harness.benchmarks import Example, get_benchmark
 from fr_jax.harness.generation import ModeRunner, cache_slots, encode, token_shares
 from fr_jax.harness.sandbox import Limits
 from fr_jax.inference.lineup import Lineup
 from fr_jax.inference.sampling import Sampling
+from fr_jax.runtime import distributed
 
 SCORER_VERSION = 1  # bump when a scorer's verdicts change, so cached ones are redone
 

@@ -32,10 +32,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from fr_jax.runtime.errors import CheckpointError
 from fr_jax.hf.hub import checkpoint_dir
 from fr_jax.models.architecture import ModelConfig
 from fr_jax.models.model import Model
+from fr_jax.runtime.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,6 @@ rules (sampling.py), routing traces (trace.py), and the lineup every entry point
 models through (lineup.py)."""
 
 from fr_jax.inference.core import (PADDING, ChunkedDecoder, DecodeResult, Decoder,  # noqa: F401
-                                  decode_slots, left_pad)
+                                   decode_slots, left_pad)
 from fr_jax.inference.fused import FusedDecoder  # noqa: F401
 from fr_jax.inference.lazy import catch_up_widths  # noqa: F401

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fr_jax.inference.sampling import Sampling, sample
+from fr_jax.models import Model
 from fr_jax.runtime import distributed
 from fr_jax.runtime import sharding as sh
 from fr_jax.runtime.errors import CacheOverflowError
-from fr_jax.models import Model
-from fr_jax.inference.sampling import Sampling, sample
 
 
 PADDING = -2  # "chosen expert" after a row's EOS

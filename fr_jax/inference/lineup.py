@@ -115,12 +115,13 @@ def load_lineup(router: Named = "", experts: Sequence[Named] = (), *,
                 seqroute_lam: Optional[float] = None, mesh=None, dtype: str = "float32",
                 router_dtype: Optional[str] = None, frozen: Optional[str] = None,
                 stacked: Optional[bool] = None, router_seed: int = 0,
-                n_experts: Optional[int] = None, eos_ids: Sequence[int] = (), lazy_experts: bool = False,
+                n_experts: Optional[int] = None, eos_ids: Sequence[int] = (),
+                lazy_experts: bool = False,
                 catch_up_width: int = 8) -> Lineup:
     """Reads the lineup from folders, hub names (fr_jax/hf/hub.py) or checkpoints resolved
-    already (`fr_jax.hf.resolve`; each name is resolved once here): the router (a fr_jax router, or
-    a base checkpoint that gets a fresh head for `n_experts` (default: one per expert)
-    seeded by `router_seed`), the experts (in the router's order), stand-alone `models`
+    already (`fr_jax.hf.resolve`; each name is resolved once here): the router (a fr_jax
+    router, or a base checkpoint that gets a fresh head for `n_experts` (default: one per
+    expert) seeded by `router_seed`), the experts (in the router's order), stand-alone `models`
     {name: folder} and a trained SharedTrunkNet folder `seqroute` (its encoder:
     `seqroute_encoder`, default the one the folder names; "router" is the router's
     backbone).
@@ -250,5 +251,6 @@ def lineup_from_config(config, modes: Sequence[str]) -> Lineup:
         seqroute_encoder=config.seqroute.encoder, seqroute_lam=config.seqroute.lam,
         mesh=sh.mesh_from_config(decode_mesh(config)), dtype=config.model.dtype,
         frozen=frozen_dtype(config), stacked=experts_layout(config),
-        router_seed=config.router.seed, n_experts=len(paths) or None, eos_ids=d.eos_ids, lazy_experts=d.lazy_experts,
+        router_seed=config.router.seed, n_experts=len(paths) or None, eos_ids=d.eos_ids,
+        lazy_experts=d.lazy_experts,
         catch_up_width=d.catch_up_width)

@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fr_jax.runtime import distributed
-from fr_jax.runtime import sharding as sh
 from fr_jax.corpus import empty_rows, pack_batch, place_sequence, place_side
 from fr_jax.corpus.streams import Layout
 from fr_jax.routing.experts import Experts
-from fr_jax.runtime.paths import replacing
 from fr_jax.routing.router import Router
+from fr_jax.runtime import distributed
+from fr_jax.runtime import sharding as sh
+from fr_jax.runtime.paths import replacing
 from fr_jax.steps.objectives import SFT_FIELDS
 from fr_jax.steps.precompute import reference_program, signals_program
 

@@ -11,10 +11,10 @@ from typing import Dict, List
 import jax
 import numpy as np
 
-from fr_jax.runtime import distributed
-from fr_jax.runtime import sharding as sh
 from fr_jax.corpus import DataReport, load_records, tokenize_pref, tokenize_sft
 from fr_jax.corpus.streams import Layout, auto_streams, split_entries
+from fr_jax.runtime import distributed
+from fr_jax.runtime import sharding as sh
 from fr_jax.runtime.errors import DataError
 
 

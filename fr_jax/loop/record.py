@@ -17,8 +17,8 @@ import os
 import time
 from typing import Dict, List, Optional
 
-from fr_jax.runtime.errors import TrainError
 from fr_jax.hf.hub import CHECKPOINT_FILES, checkpoint_dir
+from fr_jax.runtime.errors import TrainError
 from fr_jax.runtime.paths import write_atomic
 
 # Fields that change what a stage computes (its own train.<stage>.* fields are added). The

@@ -13,28 +13,28 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from fr_jax.runtime import distributed
-from fr_jax.runtime import sharding as sh
-from fr_jax.loop.checkpoint import Checkpointer
 from fr_jax.config import check_ranges, decode_mesh, frozen_dtype
 from fr_jax.corpus.streams import StreamBatcher
-from fr_jax.runtime.errors import DataError, Interrupted, TrainError
-from fr_jax.routing.experts import Experts
 from fr_jax.hf import Checkpoint, load_hf, load_tokenizer, resolve, save_hf
 from fr_jax.hf.hub import hub_name
 from fr_jax.inference.lineup import Lineup, load_lineup
-from fr_jax.models import Model
-from fr_jax.routing.router import Router, save_router
-from fr_jax.loop.tensorboard import summary_writer
 from fr_jax.loop import record
-from fr_jax.loop.inputs import check_data_path, layout_for, load_stage_data
+from fr_jax.loop.checkpoint import Checkpointer
 from fr_jax.loop.frozen_outputs import precompute_reference, precompute_signals
+from fr_jax.loop.inputs import check_data_path, layout_for, load_stage_data
+from fr_jax.loop.tensorboard import summary_writer
+from fr_jax.loop.watch import WATCHED, Watch
+from fr_jax.loop.workdir import hold, interrupt_after, resume_note
+from fr_jax.models import Model
+from fr_jax.routing.experts import Experts
+from fr_jax.routing.router import Router, save_router
+from fr_jax.runtime import distributed
+from fr_jax.runtime import sharding as sh
+from fr_jax.runtime.errors import DataError, Interrupted, TrainError
 from fr_jax.steps.residency import Parked, after_precompute, copy_as, in_step, take_over
 from fr_jax.steps.samples import first_prompts, make_sampler
 from fr_jax.steps.stage import (abstract_state, build_stage, frozen_cfg, init_state,
-                                  micro_batch_size, trained_cfg)
-from fr_jax.loop.watch import WATCHED, Watch
-from fr_jax.loop.workdir import hold, interrupt_after, resume_note
+                                micro_batch_size, trained_cfg)
 
 
 # ---------------------------------------------------------------------------- the loop

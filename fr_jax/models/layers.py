@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fr_jax.models.cache import write_layer_slots
 from fr_jax.models.architecture import ModelConfig, RopeConfig
+from fr_jax.models.cache import write_layer_slots
 from fr_jax.models.splash import splash_attention, use_splash
 from fr_jax.runtime.sharding import constrain
 

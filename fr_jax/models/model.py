@@ -18,10 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fr_jax.runtime.errors import CacheOverflowError
 from fr_jax.models import cache as cache_lib
 from fr_jax.models.architecture import ModelConfig
 from fr_jax.models.transformer import Transformer, TransformerOutput
+from fr_jax.runtime.errors import CacheOverflowError
 
 
 class Model:

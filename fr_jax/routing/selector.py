@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fr_jax.models import Model, ModelConfig
+from fr_jax.routing.modes import Mode
+from fr_jax.routing.trunk import SharedTrunkNet, load_trunk
 from fr_jax.runtime import sharding as sh
 from fr_jax.runtime.errors import CheckpointError, ModeError
-from fr_jax.routing.modes import Mode
-from fr_jax.models import Model, ModelConfig
-from fr_jax.routing.trunk import SharedTrunkNet, load_trunk
 
 META_FILE = "seqroute.json"  # beside the trunk's Orbax folder: encoder, targets, layer
 FUSIONROUTE = "fusionroute"

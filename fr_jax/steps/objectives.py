@@ -8,10 +8,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fr_jax.steps import losses
 from fr_jax.routing.experts import Experts
 from fr_jax.routing.fusion import fusion_logits
 from fr_jax.routing.router import Router
+from fr_jax.steps import losses
 
 SFT_FIELDS = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
 

@@ -15,11 +15,11 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from fr_jax.inference import FusedDecoder, decode_slots
+from fr_jax.inference.trace import render_text
+from fr_jax.routing.modes import Mode
 from fr_jax.runtime import distributed
 from fr_jax.runtime import sharding as sh
-from fr_jax.inference import FusedDecoder, decode_slots
-from fr_jax.routing.modes import Mode
-from fr_jax.inference.trace import render_text
 
 PROMPTS = 2  # held-out prompts answered at each sample
 NEW_TOKENS = 32  # tokens generated for each

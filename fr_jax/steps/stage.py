@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fr_jax.runtime import sharding as sh
 from fr_jax.routing.experts import Experts
+from fr_jax.runtime import sharding as sh
 from fr_jax.steps.objectives import cdpo_loss_fn, lm_loss_fn, sft_loss_fn
 
 

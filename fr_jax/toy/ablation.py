@@ -22,10 +22,10 @@ from typing import Dict, List
 import ml_collections
 
 from fr_jax.config import default_config_file, nested
-from fr_jax.runtime.errors import ConfigError
-from fr_jax.toy import pipeline as P
 from fr_jax.harness import toy_world as W
 from fr_jax.loop import record
+from fr_jax.runtime.errors import ConfigError
+from fr_jax.toy import pipeline as P
 
 # The router's share of a run's wall time: what a variant costs to train ("base models":
 # a router of a size no bundled base has gets its base pretrained in the run).

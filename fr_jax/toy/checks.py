@@ -9,10 +9,10 @@ import json
 import os
 
 from fr_jax.config import CHOICES, check_ranges
-from fr_jax.runtime.errors import ConfigError, ModeError
-from fr_jax.routing.modes import Mode
-from fr_jax.runtime.paths import check_output
 from fr_jax.harness import toy_world as W
+from fr_jax.routing.modes import Mode
+from fr_jax.runtime.errors import ConfigError, ModeError
+from fr_jax.runtime.paths import check_output
 
 _STAGE = (("steps", (1, None)), ("lr", ("(0", None)), ("warmup", (0, None)),
           ("batch_size", (1, None)))

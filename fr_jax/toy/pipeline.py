@@ -32,16 +32,16 @@ from fr_jax.baselines.merging import merge_hf
 from fr_jax.config import base_config
 from fr_jax.datagen.preference import PairSettings, Source, build_pairs, write_pairs
 from fr_jax.harness import runner as harness, report
+from fr_jax.harness import toy_world as W
 from fr_jax.harness.benchmarks import toy_examples
-from fr_jax.runtime.errors import ConfigError
 from fr_jax.hf import load_config, save_hf
 from fr_jax.inference.lineup import load_lineup
-from fr_jax.models import Model, ModelConfig, RopeConfig
 from fr_jax.inference.sampling import Sampling
-from fr_jax.loop.tensorboard import summary_writer
-from fr_jax.harness import toy_world as W
-from fr_jax.toy.checks import check_demo, start_world
 from fr_jax.loop import finetune, record, train
+from fr_jax.loop.tensorboard import summary_writer
+from fr_jax.models import Model, ModelConfig, RopeConfig
+from fr_jax.runtime.errors import ConfigError
+from fr_jax.toy.checks import check_demo, start_world
 
 EXPERT_NAMES = W.DOMAINS
 

@@ -12,10 +12,10 @@ import os
 
 import jax
 
-from fr_jax.runtime.bundle import default_home, generating
 from fr_jax.hf import save_hf
 from fr_jax.models import Model, ModelConfig, RopeConfig
 from fr_jax.routing.router import Router, save_router
+from fr_jax.runtime.bundle import default_home, generating
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 _CORPUS = [

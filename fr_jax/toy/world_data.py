@@ -8,10 +8,10 @@ import os
 import runpy
 from typing import Dict
 
-from fr_jax.runtime.bundle import bundled_world, default_home, generating
 from fr_jax.config import default_config_file
-from fr_jax.toy import pipeline as P
 from fr_jax.harness import toy_world as W
+from fr_jax.runtime.bundle import bundled_world, default_home, generating
+from fr_jax.toy import pipeline as P
 
 
 def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,

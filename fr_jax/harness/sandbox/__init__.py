@@ -102,7 +102,7 @@ from fr_jax.harness.sandbox.limits import _CAP_DAC_READ_SEARCH, _REASON_CHARS, L
 # _write_config is looked up here at call time, so a test can monkeypatch it on this package.
 from fr_jax.harness.sandbox.privileges import _prepare_work_dir, _privileges, _Privileges, _write_config
 from fr_jax.harness.sandbox.process import (_classify, _launch, _read_head, _read_setup_status, _read_tail,
-                                         _remove_tree)
+                                            _remove_tree)
 from fr_jax.harness.sandbox.runner_source import _PROBE_SOURCE
 
 __all__ = ["Limits", "Outcome", "run_python", "protections"]

@@ -14,7 +14,7 @@ import sys
 import time
 
 from fr_jax.harness.sandbox.limits import (_CHILD_PATH, _KEEP_CHARS, _REASON_CHARS, _STATUS_NAME,
-                                        Limits)
+                                           Limits)
 from fr_jax.harness.sandbox.runner_source import _RUNNER_SOURCE
 
 
