@@ -34,6 +34,18 @@ def _train(argv):
     return main(argv)
 
 
+def _popen_as_from_a_terminal(args, **kw):
+    """Popen with SIGINT at its default in the child, as a command started from a terminal
+    has it, however this suite was started: a background job of a non-interactive shell
+    runs with SIGINT ignored, and an ignored signal is inherited across exec (Python then
+    installs no KeyboardInterrupt), where a handled one is reset to the default."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(args, **kw)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _steps(workdir):
     folder = os.path.join(workdir, "sft", "checkpoints")
     return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(
@@ -44,7 +56,7 @@ def _steps(workdir):
 def test_a_busy_workdir_is_refused_and_ctrl_c_says_where_the_run_goes_on(tmp_path, sft_file,
                                                                           capsys):
     run = tmp_path / "run"
-    first = subprocess.Popen(
+    first = _popen_as_from_a_terminal(
         [sys.executable, "-m", "fr_jax.train", *_args(run, sft_file, steps=100000)],
         cwd=REPO, env=one_device_env(tmp_path / "home"), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
