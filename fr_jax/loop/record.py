@@ -106,11 +106,18 @@ def model_identity(name: str, folder: Optional[str] = None) -> dict:
     return {"path": name, "sha256": h.hexdigest(), **({"sampled": True} if sampled else {})}
 
 
+def checkpoint_fields(config, lm: bool) -> Dict[str, str]:
+    """{config field: checkpoint name} of the models a run reads: stage lm's init model, or
+    the router and each expert."""
+    if lm:
+        return {"train.lm.init": config.train.lm.init}
+    return {"router.path": config.router.path,
+            **{f"experts.paths[{i}]": p for i, p in enumerate(config.experts.paths)}}
+
+
 def _models(config, stage: str, folders: Dict[str, str]) -> Dict[str, dict]:
-    names = ({"train.lm.init": config.train.lm.init} if stage == "lm" else
-             {"router.path": config.router.path,
-              **{f"experts.paths[{i}]": p for i, p in enumerate(config.experts.paths)}})
-    return {field: model_identity(name, folders.get(field)) for field, name in names.items()}
+    return {field: model_identity(name, folders.get(field))
+            for field, name in checkpoint_fields(config, stage == "lm").items()}
 
 
 def describe(config, stage: str, folders: Optional[Dict[str, str]] = None) -> dict:

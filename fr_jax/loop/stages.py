@@ -351,9 +351,7 @@ def check_run(config) -> Dict[str, Checkpoint]:
         _require_init(config)
     if "lm" not in tc.stages and (not config.router.path or not config.experts.paths):
         raise TrainError("set both --config.router.path and --config.experts.paths")
-    fields = ({"train.lm.init": tc.lm.init} if "lm" in tc.stages else
-              {"router.path": config.router.path,
-               **{f"experts.paths[{i}]": p for i, p in enumerate(config.experts.paths)}})
+    fields = record.checkpoint_fields(config, "lm" in tc.stages)
     # Local folders first (a missing one is named before the data); hub names, which may
     # be fetched, once the data files are known to be there.
     local = {f: resolve(n) for f, n in fields.items() if hub_name(n) is None}

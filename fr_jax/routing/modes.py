@@ -196,6 +196,7 @@ class SequenceLevel(Policy):
         super().__init__(mode, n_experts)
         self.selector, self.targets = selector, list(targets)
         self.fused = [t.adds_router_logits for t in self.targets]
+        self._fusionroute = FusionRoute(Mode("fusionroute"), n_experts)
 
     @property
     def router_per_token(self):
@@ -218,7 +219,7 @@ class SequenceLevel(Policy):
             if t.fixed_expert is not None:
                 lp, c = log_softmax(e_logits[t.expert]), jnp.full((b,), t.expert, jnp.int32)
             else:
-                lp, c, w = FusionRoute(t, self.n_experts).combine(r_logits, route, e_logits, None)
+                lp, c, w = self._fusionroute.combine(r_logits, route, e_logits, None)
                 probs = jnp.where((target == i)[:, None], w, probs)
             lps.append(lp)
             chosen.append(c)
