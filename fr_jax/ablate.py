@@ -2,7 +2,7 @@
 
     python -m fr_jax.ablate                                   # every variant, seeds 0, 1, 2
     python -m fr_jax.ablate --config.variants="('router_lm', 'fused_all')" --config.seeds="(0, 1)"
-    python -m fr_jax.ablate --config.common="('sft.steps=400',)"   # a change for every run
+    python -m fr_jax.ablate --config.common="('train.sft.steps=400',)"   # a change for every run
 
 Trains the router of each variant (configs/ablation.py: each a change to configs/demo.py)
 for each seed, and writes FusionRoute's accuracy per variant and domain, mean +- sd over

@@ -68,16 +68,17 @@ def test_an_unknown_variant_or_field_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="unknown variant 'fused'.*router_lm"):
         ablate.main([f"--config.workdir={tmp_path}", "--config.variants=('fused',)"])
     cfg = _config(variants=("router_lm",), workdir=str(tmp_path))
-    cfg.definitions.router_lm.sft.lm_targets = "fused"  # a typo must not run as the default
-    with pytest.raises(ConfigError, match="definitions.router_lm.sft.lm_targets is not a field"):
+    cfg.definitions.router_lm.train.sft.lm_targets = "fused"  # a typo must not run as default
+    with pytest.raises(ConfigError,
+                       match="definitions.router_lm.train.sft.lm_targets is not a field"):
         A.run_ablation(cfg)
     assert not list(tmp_path.iterdir())
 
 
-# router_base.steps: the study's 3 x 64 router has no bundled base of its size (the bundle's
-# router is the default 3 x 80), so its runs pretrain one.
-MICRO = ["--config.common=('world.n_test=16', 'sft.steps=6', 'cdpo.steps=4', "
-         "'cdpo.prompts=24', 'cdpo.samples=1', 'router_base.steps=6')"]
+# demo.router_base.steps: the study's 3 x 64 router has no bundled base of its size (the
+# bundle's router is the default 3 x 80), so its runs pretrain one.
+MICRO = ["--config.common=('world.n_test=16', 'train.sft.steps=6', 'train.cdpo.steps=4', "
+         "'pairs.sources.toy.limit=24', 'pairs.samples=1', 'demo.router_base.steps=6')"]
 
 
 def _sha(path):

@@ -64,7 +64,8 @@ QUICK = ["--config=configs/demo.py:quick"]
 def _quick_run(root):
     """The reduced demo (smaller models, fewer steps), end to end through the CLI."""
     out = subprocess.run([sys.executable, "-m", "fr_jax.demo", *QUICK,
-                          f"--config.workdir={root / 'run'}", "--config.progress=False"],
+                          f"--config.train.workdir={root / 'run'}",
+                          "--config.demo.progress=False"],
                          cwd=REPO, env=one_device_env(root / "home", fast_compile=False),
                          capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -182,7 +183,7 @@ def test_bundled_checkpoints_reproduce_their_table():
     world = bundled_world()
     recorded = json.load(open(world["results"]))
     cfg = runpy.run_path(default_config_file("demo.py"))["get_config"]("")
-    cfg.progress = False
+    cfg.demo.progress = False
     cfg.eval.modes = ("expert_only", "fusionroute")
     data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, cfg.world.seed)
     tests = [t for d in W.EVAL_DOMAINS for t in data.test[d]]
@@ -199,17 +200,18 @@ def test_bundled_checkpoints_reproduce_their_table():
 def test_pipeline_is_deterministic(tmp_path):
     """Two runs of a micro pipeline with one seed, from random inits (bases, experts,
     router; no baselines), give bit-identical experts, router and table."""
-    args = [*QUICK, "--config.start_from=", "--config.progress=False", "--config.world.n_test=16",
-            "--config.base.steps=6", "--config.router_base.steps=6",
-            "--config.experts.steps=6", "--config.experts.steps_by_domain.math=6",
-            "--config.sft.steps=6", "--config.cdpo.steps=4", "--config.cdpo.prompts=24",
-            "--config.cdpo.samples=1", "--config.eval.modes=('expert_only', 'fusionroute')",
-            "--config.baselines=False"]  # the quick demo runs them; nothing here reads them
+    args = [*QUICK, "--config.demo.start_from=", "--config.demo.progress=False",
+            "--config.world.n_test=16", "--config.demo.base.steps=6",
+            "--config.demo.router_base.steps=6", "--config.demo.experts.steps=6",
+            "--config.demo.experts.steps_by_domain.math=6", "--config.train.sft.steps=6",
+            "--config.train.cdpo.steps=4", "--config.pairs.sources.toy.limit=24",
+            "--config.pairs.samples=1", "--config.eval.modes=('expert_only', 'fusionroute')",
+            "--config.demo.baselines=False"]  # the quick demo runs them; nothing here reads them
     digests = []
     for name in ("a", "b"):
         run = tmp_path / name
         subprocess.run([sys.executable, "-m", "fr_jax.demo", *args,
-                        f"--config.workdir={run}"], cwd=REPO,
+                        f"--config.train.workdir={run}"], cwd=REPO,
                        env=one_device_env(tmp_path / "home"),  # a few steps: compile-bound
                        check=True, capture_output=True, timeout=900)
         files = [run / "experts" / d / "model.safetensors" for d in W.DOMAINS] + [

@@ -141,32 +141,40 @@ def test_training_names_the_data_field_that_is_missing(tmp_path, stage, argv, me
 
 # ------------------------------------------------------------------ 4. the demo's settings
 @pytest.mark.parametrize("argv, message", [
-    (["--config.seed=-1"], "--config.seed=-1 is out of range: it must be a finite number in "
-                           "[0, inf)"),
+    (["--config.train.seed=-1"], "--config.train.seed=-1 is out of range: a seed is an integer "
+                                 "in [0, 4294967295]"),
     (["--config.world.seed=99999999999"], "--config.world.seed=99999999999 is out of range: "
                                           "a seed is an integer in [0, 4294967295]"),
     (["--config.world.n_test=0"], "--config.world.n_test=0 is out of range: it must be a "
                                   "finite number in [1, inf)"),
-    (["--config.sft.lr=0"], "--config.sft.lr=0.0 is out of range: it must be a finite number "
-                            "in (0, inf)"),
-    (["--config.cdpo.samples=-2"], "--config.cdpo.samples=-2 is out of range: it must be a "
-                                   "finite number in [0, inf)"),
-    (["--config.experts.own=1.5"], "--config.experts.own=1.5 is out of range: it must be a "
-                                   "finite number in [0, 1]"),
-    (["--config.experts.steps_by_domain.math=0"],
-     "--config.experts.steps_by_domain.math=0 is out of range: it must be a finite number "
+    (["--config.train.sft.lr=0"], "--config.train.sft.lr=0.0 is out of range: it must be a "
+                                  "finite number in (0, inf)"),
+    (["--config.pairs.samples=-2"], "--config.pairs.samples=-2 is out of range: it must be a "
+                                    "finite number in [0, inf)"),
+    (["--config.world.expert_own=1.5"], "--config.world.expert_own=1.5 is out of range: it "
+                                        "must be a finite number in [0, 1]"),
+    (["--config.demo.experts.steps_by_domain.math=0"],
+     "--config.demo.experts.steps_by_domain.math=0 is out of range: it must be a finite number "
      "in [1, inf)"),
-    (["--config.router_model.num_kv_heads=3"],
-     "--config.router_model: num_heads (4) must be a multiple of num_kv_heads (3)"),
+    (["--config.demo.router_model.num_kv_heads=3"],
+     "--config.demo.router_model: num_heads (4) must be a multiple of num_kv_heads (3)"),
+    (["--config.train.sft.lm_target=fussed"],
+     "--config.train.sft.lm_target='fussed' is not one of 'router', 'fused', 'mix'"),
+    (["--config.pairs.sources.toy.limit=-1"],
+     "--config.pairs.sources.toy.limit=-1: the number of training prompts sampled for pairs "
+     "is an integer, 0 (all) or more"),
+    (["--config.demo.baselines=False"],
+     "demo.baselines=False trains no baseline model, but eval.modes has sequence, merged:ta, "
+     "merged:ties, finetuned; drop those or leave demo.baselines=True"),
     (["--config.eval.modes=('fusionroute','merged')"],
      "--config.eval.modes: the demo trains no model 'merged'; its baselines are merged:ta, "
      "merged:ties, finetuned"),
 ], ids=["seed", "world_seed", "n_test", "lr", "samples", "own", "steps_by_domain", "heads",
-        "mode"])
+        "lm_target", "pairs_limit", "baselines", "mode"])
 def test_demo_checks_every_setting_before_it_writes_anything(tmp_path, argv, message):
     from fr_jax.demo import main
     workdir = tmp_path / "demo"
-    assert _fails(main, [f"--config.workdir={workdir}", *argv]) == "error: " + message
+    assert _fails(main, [f"--config.train.workdir={workdir}", *argv]) == "error: " + message
     assert not workdir.exists()
 
 
@@ -174,8 +182,8 @@ def test_demo_refuses_a_workdir_it_cannot_make(tmp_path):
     from fr_jax.demo import main
     (tmp_path / "plain").write_text("a file\n")
     workdir = tmp_path / "plain" / "demo"
-    assert _fails(main, [f"--config.workdir={workdir}"]) == (
-        f"error: --config.workdir {str(workdir)!r}: {str(tmp_path / 'plain')!r} is a file, not "
+    assert _fails(main, [f"--config.train.workdir={workdir}"]) == (
+        f"error: --config.train.workdir {str(workdir)!r}: {str(tmp_path / 'plain')!r} is a file, not "
         "a folder; choose another path")
     assert (tmp_path / "plain").read_text() == "a file\n"
 

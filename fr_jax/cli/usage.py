@@ -21,6 +21,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import ml_collections
 
 from fr_jax.config import base
+from fr_jax.config.demo_sections import demo_field_docs
 
 WIDTH = 100  # characters per line of a help screen
 
@@ -91,10 +92,10 @@ def field_comments(path: str, functions: Sequence[str] = ()) -> Dict[str, str]:
 
 
 def field_docs(config_file: str) -> Dict[str, str]:
-    """Descriptions of a config file's fields: the base config's (each field's row, see
-    fr_jax.config.settings), then the file's own comments for the fields the base config
-    does not have."""
-    docs = base.field_docs()
+    """Descriptions of a config file's fields: the base config's and the demo's sections'
+    (each field's row, see fr_jax.config.settings), then the file's own comments for the
+    fields no row declares."""
+    docs = {**base.field_docs(), **demo_field_docs()}
     for name, text in field_comments(config_file).items():
         docs.setdefault(name, text)
     return docs
@@ -103,7 +104,7 @@ def field_docs(config_file: str) -> Dict[str, str]:
 def describe(field: str, docs: Dict[str, str]) -> str:
     """A field's description: its own; else, inside a dict written in one assignment
     (decode.mesh.data), that assignment's; else that of the one field of the same name
-    in another section (the demo's cdpo.beta is the base config's train.cdpo.beta); else
+    in another section; else
     that of the attribute a helper function sets (`s.steps = steps  # ...`)."""
     if field in docs:
         return docs[field]

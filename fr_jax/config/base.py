@@ -276,7 +276,7 @@ def _eval() -> Section:
         progress=S(True, "progress bars"),
         max_new_tokens=S(dict(gsm8k=512, math500=1024, humaneval=512, mbpp=512, ifeval=1024,
                               toy=16),
-                         "Per benchmark: tokens generated per answer, at most."),
+                         "Per benchmark: tokens generated per answer, at most.", lo=1),
         data=S({name: dict(path="", hub="")
                 for name in ("gsm8k", "math500", "humaneval", "mbpp", "ifeval", "toy")},
             ("Per benchmark: a local file / saved datasets folder, or a hub name "

@@ -268,5 +268,5 @@ def default_toy_tasks(seed: Optional[int] = None):
     sizes), in the demo's order (domain by domain)."""
     cfg = runpy.run_path(default_config_file("demo.py"))["get_config"]("")
     data = W.make_world_data(cfg.world.n_train, cfg.world.n_test,
-                             cfg.seed if seed is None else seed)
+                             cfg.world.seed if seed is None else seed)
     return [t for d in W.EVAL_DOMAINS for t in data.test[d]]

@@ -17,7 +17,7 @@ from fr_jax.runtime.errors import CheckpointError
 
 BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy", "assets",
                       "world")
-REGENERATE = "python -m fr_jax.demo --config.bundle=fr_jax/toy/assets/world"
+REGENERATE = "python -m fr_jax.demo --config.demo.bundle=fr_jax/toy/assets/world"
 
 
 def default_home() -> str:

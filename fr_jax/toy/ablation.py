@@ -52,7 +52,7 @@ def _update(node, changes, where: str):
 
 def _parse_common(items) -> ml_collections.ConfigDict:
     """`common`'s "dotted.field=value" strings -> nested changes (values read as Python
-    literals, else kept as text: sft.lm_target=fused)."""
+    literals, else kept as text: train.sft.lm_target=fused)."""
     fields = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -79,22 +79,22 @@ def demo_config(cfg, variant: str, seed: int):
                           f"{', '.join(cfg.definitions.keys())}")
     c = _common_config(cfg)
     _update(c, cfg.definitions[variant], f"definitions.{variant}")
-    c.seed, c.progress, c.baselines = seed, cfg.progress, False
+    c.train.seed, c.demo.progress, c.demo.baselines = seed, cfg.progress, False
     c.eval.modes = tuple(cfg.modes)
-    c.bundle = ""
-    c.workdir = os.path.join(os.path.abspath(cfg.workdir), "runs", variant, f"seed{seed}")
+    c.demo.bundle = ""
+    c.train.workdir = os.path.join(os.path.abspath(cfg.workdir), "runs", variant, f"seed{seed}")
     return c
 
 
 def shared_world(cfg) -> str:
     """The folder every run adopts its experts (and router base, where sizes match) from:
-    the demo config's `start_from` when it names one, else a world trained here once (the
-    pipeline's first steps, world seed and budgets of `common`, seed 0)."""
+    the demo config's `demo.start_from` when it names one, else a world trained here once
+    (the pipeline's first steps, world seed and budgets of `common`, seed 0)."""
     c = _common_config(cfg)
-    if c.start_from:
-        return c.start_from
+    if c.demo.start_from:
+        return c.demo.start_from
     root = os.path.join(os.path.abspath(cfg.workdir), "shared")
-    c.workdir, c.seed, c.progress = root, 0, cfg.progress
+    c.train.workdir, c.train.seed, c.demo.progress = root, 0, cfg.progress
     P.train_world(c, root)
     return root
 
@@ -174,9 +174,9 @@ def run_ablation(cfg) -> dict:
         runs[name] = []
         for seed in cfg.seeds:
             c = demo_config(cfg, name, seed)
-            done = os.path.join(c.workdir, "results.json")
+            done = os.path.join(c.train.workdir, "results.json")
             if not os.path.isfile(done):
-                c.start_from = start_from
+                c.demo.start_from = start_from
                 print(f"[ablation] {name}, seed {seed}", flush=True)
                 P.run_pipeline(c)
             with open(done) as f:

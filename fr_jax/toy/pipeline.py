@@ -29,7 +29,7 @@ import numpy as np
 
 from fr_jax.baselines import seqroute_pipeline as S
 from fr_jax.baselines.merging import merge_hf
-from fr_jax.config import base_config
+from fr_jax.config.demo_sections import DEMO_SECTIONS
 from fr_jax.datagen.preference import PairSettings, Source, build_pairs, write_pairs
 from fr_jax.harness import runner as harness, report
 from fr_jax.harness import toy_world as W
@@ -47,7 +47,7 @@ EXPERT_NAMES = W.DOMAINS
 
 
 def _log(cfg, msg):
-    if cfg.progress:
+    if cfg.demo.progress:
         print(msg, flush=True)
 
 
@@ -71,36 +71,33 @@ def model_config(m, tokenizer):
         pad_token_id=tokenizer.pad_token_id)
 
 
-def _train_config(cfg, workdir: str, stage: str, st, sft_path="", pref_path=""):
-    """A fr_jax.train config for one stage of the pipeline."""
-    c = base_config()
-    c.mesh.data, c.mesh.tensor = -1, 1  # tiny models: data parallel over whatever is there
+def run_config(cfg, workdir: str, stage: str, budget=None, sft_path="", pref_path=""):
+    """The fr_jax.train config of one run of the pipeline: the demo config without its own
+    sections (every training setting as the demo config has it), for one stage, its data and
+    folder, every seed from train.seed; `budget` (steps, lr, warmup) replaces the stage's
+    own (a base's, an expert's, the fine-tuned baseline's)."""
+    c = cfg.copy_and_resolve_references()
+    with c.unlocked():
+        for name in DEMO_SECTIONS:
+            del c[name]
+    c.lock()
     c.data.sft_path, c.data.pref_path = sft_path, pref_path
-    c.data.seq_len = cfg.world.seq_len
-    c.data.chat = True
-    c.data.eval_fraction = 0.02
-    c.data.seed = cfg.seed
+    c.data.seed = cfg.train.seed
     c.train.workdir = workdir
     c.train.stages = (stage,)
-    c.train.batch_size = st.batch_size
-    c.train.seed = cfg.seed
-    c.train.log_every = 10
-    c.train.eval_every = max(st.steps // 2, 1)
-    c.train.eval_batches = 2
-    c.train.ckpt_every = max(st.steps // 2, 1)
-    c.train.keep = 1
-    c.train.weight_decay = 0.0
+    if stage == "cdpo":  # the demo's two router stages are two runs, each at its batch
+        c.train.batch_size = cfg.demo.cdpo_batch_size
     s = c.train[stage]
-    s.steps, s.lr, s.warmup = st.steps, st.lr, st.warmup
-    s.final_lr_frac = 0.1
+    if budget is not None:
+        s.steps, s.lr, s.warmup = budget.steps, budget.lr, budget.warmup
+    c.train.eval_every = c.train.ckpt_every = max(s.steps // 2, 1)
     return c
 
 
 # ---------------------------------------------------------------------------- steps
-def _expert_stage(cfg, domain: str):
-    st = cfg.experts.copy_and_resolve_references()
-    with st.unlocked():
-        st.steps = cfg.experts.steps_by_domain.get(domain, cfg.experts.steps)
+def _expert_budget(cfg, domain: str):
+    st = cfg.demo.experts.copy_and_resolve_references()
+    st.steps = st.steps_by_domain.get(domain, st.steps)
     return st
 
 
@@ -114,20 +111,22 @@ def make_data(cfg, root: str) -> Dict[str, str]:
     if _done(d):
         return paths
     data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, cfg.world.seed)
-    n_rows = lambda st: st.steps * st.batch_size * 2  # ~2 examples per packed row
+    seed = cfg.train.seed
+    n_rows = lambda st: st.steps * cfg.train.batch_size * 2  # ~2 examples per packed row
     W.write_jsonl(paths["test"], [t.record() for d_ in W.EVAL_DOMAINS for t in data.test[d_]])
     W.write_jsonl(paths["train_pool"], [t.record() for d_ in W.EVAL_DOMAINS
                                         for t in data.train[d_]])
     W.write_jsonl(paths["base"], [t.record() for t in W.mixture(
-        data.train, dict(cfg.base.mix), n_rows(cfg.base), cfg.seed + 10)])
+        data.train, dict(cfg.world.base_mix), n_rows(cfg.demo.base), seed + 10)])
+    own = cfg.world.expert_own
     for i, x in enumerate(W.DOMAINS):
-        others = (1.0 - cfg.experts.own) / (len(W.DOMAINS) - 1)
-        weights = {y: (cfg.experts.own if y == x else others) for y in W.DOMAINS}
+        others = (1.0 - own) / (len(W.DOMAINS) - 1)
+        weights = {y: (own if y == x else others) for y in W.DOMAINS}
         weights = {y: w for y, w in weights.items() if w > 0}
         W.write_jsonl(paths[f"expert_{x}"], [t.record() for t in W.mixture(
-            data.train, weights, n_rows(_expert_stage(cfg, x)), cfg.seed + 20 + i)])
+            data.train, weights, n_rows(_expert_budget(cfg, x)), seed + 20 + i)])
     W.write_jsonl(paths["sft"], [t.record() for t in W.mixture(
-        data.train, dict(cfg.sft.mix), n_rows(cfg.sft), cfg.seed + 30)])
+        data.train, dict(cfg.world.router_mix), n_rows(cfg.train.sft), seed + 30)])
     _mark_done(d)
     return paths
 
@@ -137,14 +136,15 @@ def read_tasks(path: str) -> List[W.Task]:
         return [W.Task(r["domain"], r["prompt"], r["response"]) for r in map(json.loads, f)]
 
 
-def train_lm(cfg, root: str, name: str, init: str, data_path: str, st) -> str:
-    """Stage `lm` from the HF folder `init` on `data_path`; returns the exported folder."""
+def train_lm(cfg, root: str, name: str, init: str, data_path: str, budget) -> str:
+    """Stage `lm` from the HF folder `init` on `data_path` with `budget` (steps, lr,
+    warmup); returns the exported folder."""
     out = os.path.join(root, name)
     if _done(out):
         return out
-    c = _train_config(cfg, os.path.join(root, "train", name), "lm", st, sft_path=data_path)
+    c = run_config(cfg, os.path.join(root, "train", name), "lm", budget, sft_path=data_path)
     c.train.lm.init = init
-    exported = finetune(c, progress=cfg.progress)
+    exported = finetune(c, progress=cfg.demo.progress)
     if os.path.isdir(out):
         shutil.rmtree(out)
     shutil.copytree(exported, out)
@@ -156,14 +156,16 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                  "num_kv_heads", "head_dim")
 
 
-def write_world(world, folder: str):
+def write_world(cfg, folder: str):
     """folder/world.json: the settings the world was drawn with (what start_from checks)."""
+    w = cfg.world
     with open(os.path.join(folder, "world.json"), "w") as f:
-        json.dump(dict(world), f, indent=1, sort_keys=True)
+        json.dump(dict(seed=w.seed, n_train=w.n_train, n_test=w.n_test,
+                       seq_len=cfg.data.seq_len), f, indent=1, sort_keys=True)
 
 
 def adopt_trained(cfg, root: str, tokenizer):
-    """With `cfg.start_from` (a bundled world's folder, `fr_jax.runtime.bundle`, or another run's
+    """With `cfg.demo.start_from` (a bundled world's folder, `fr_jax.runtime.bundle`, or another run's
     root, `train_world`): its experts' base,
     the router's base and the three experts are copied to where stages 2-3 would have
     written theirs, so those stages are skipped. Refused unless that world was drawn as this
@@ -177,19 +179,20 @@ def adopt_trained(cfg, root: str, tokenizer):
                                  getattr(model_config(m, tokenizer), k) for k in _SHAPE_FIELDS)
     adopt = {"base": "base", **{f"experts/{x}": layout.format(x) for x in W.DOMAINS}}
     for dest, name in adopt.items():
-        if not same(name, cfg.expert_model):
+        if not same(name, cfg.demo.expert_model):
             raise ConfigError(f"{os.path.join(src, name)} is not the model this config "
-                              "describes (expert_model); leave start_from empty to train it")
+                              "describes (demo.expert_model); leave demo.start_from empty to "
+                              "train it")
     # The router's base: the bundled one, or the experts' base where the router is as
     # large as an expert (both are the same pretraining, `say`, at the same budget); a
     # router of another size gets its base trained here.
     for name in ("router_base", "base"):
-        if same(name, cfg.router_model):
+        if same(name, cfg.demo.router_model):
             adopt["router_base"] = name
             break
     else:
-        _log(cfg, "[demo] no pretrained base of router_model's size in start_from: "
-                  "training one")
+        _log(cfg, "[demo] no pretrained base of demo.router_model's size in "
+                  "demo.start_from: training one")
     for dest, name in adopt.items():
         out = os.path.join(root, dest)
         if _done(out):
@@ -207,11 +210,11 @@ def init_models(cfg, root: str, tokenizer) -> Dict[str, str]:
              "router": os.path.join(root, "init", "router")}
     if _done(os.path.join(root, "init")):
         return paths
-    k_base, k_router = jax.random.split(jax.random.key(cfg.seed))
-    base_cfg = model_config(cfg.expert_model, tokenizer)
+    k_base, k_router = jax.random.split(jax.random.key(cfg.train.seed))
+    base_cfg = model_config(cfg.demo.expert_model, tokenizer)
     save_hf(paths["base"], base_cfg, jax.device_get(Model(base_cfg).init(k_base)),
             tokenizer=tokenizer)
-    router_cfg = model_config(cfg.router_model, tokenizer)
+    router_cfg = model_config(cfg.demo.router_model, tokenizer)
     save_hf(paths["router"], router_cfg, jax.device_get(Model(router_cfg).init(k_router)),
             tokenizer=tokenizer)
     _mark_done(os.path.join(root, "init"))
@@ -221,28 +224,16 @@ def init_models(cfg, root: str, tokenizer) -> Dict[str, str]:
 def train_router_stage(cfg, root: str, stage: str, router_path: str, experts: List[str],
                        sft_path: str = "", pref_path: str = "") -> str:
     """Router stage `sft` or `cdpo` through fr_jax.loop.train; returns the exported
-    router."""
-    st = cfg.sft if stage == "sft" else cfg.cdpo
+    router (train.sft / train.cdpo as the demo config has them)."""
     workdir = os.path.join(root, "train", "router")
     out = os.path.join(workdir, stage, "router")
     if _done(out):
         return out
-    c = _train_config(cfg, workdir, stage, st, sft_path=sft_path, pref_path=pref_path)
+    c = run_config(cfg, workdir, stage, sft_path=sft_path, pref_path=pref_path)
     c.router.path = router_path
     c.experts.paths = tuple(experts)
     c.experts.names = EXPERT_NAMES
-    if stage == "sft":
-        c.train.sft.lm_weight = cfg.sft.lm_weight
-        c.train.sft.routing_loss = cfg.sft.routing_loss
-        c.train.sft.expert_signals = "precompute"
-        c.train.sft.lm_target = cfg.sft.lm_target
-        c.train.sft.lm_positions = cfg.sft.lm_positions
-        c.train.sft.lm_mix = cfg.sft.lm_mix
-    else:
-        c.train.cdpo.beta = cfg.cdpo.beta
-        c.train.cdpo.route_kl = cfg.cdpo.route_kl
-        c.train.cdpo.chosen_nll = cfg.cdpo.chosen_nll
-    train(c, progress=cfg.progress)
+    train(c, progress=cfg.demo.progress)
     _mark_done(out)
     return out
 
@@ -258,25 +249,28 @@ def load_world_lineup(router_path: str, expert_paths: List[str], extra: Dict[str
 def preference_pairs(cfg, root: str, sft_router: str, experts: List[str],
                      pool: List[W.Task]) -> str:
     """CDPO pairs from FusionRoute's own answers (fr_jax.datagen.preference, the engine of
-    `python -m fr_jax.data.pairs`): for `cdpo.prompts` sampled training prompts, the greedy
-    answer and `cdpo.samples` sampled ones are scored by exact match; a prompt with an
-    incorrect answer gives the pair (chosen: a correct answer, else the reference -- or
-    always the reference with cdpo.chosen=reference; rejected: the incorrect answer the
-    policy produced most often). Answers are cached under root/pairs (resume)."""
+    `python -m fr_jax.data.pairs`, with the config's pairs.*): for `pairs.sources.toy.limit`
+    sampled training prompts (0 = all), the greedy answer and `pairs.samples` sampled ones
+    are scored by exact match; a prompt with an incorrect answer gives the pair (chosen: a
+    correct answer, else the reference -- or always the reference with
+    pairs.chosen=reference; rejected: the incorrect answer the policy produced most often).
+    Answers are cached under root/pairs (resume)."""
     path = os.path.join(root, "data", "pref.jsonl")
     if os.path.isfile(path):
         return path
     lineup = load_world_lineup(sft_router, experts)
-    rng = np.random.default_rng(cfg.seed + 40)
-    tasks = [pool[i] for i in rng.permutation(len(pool))[:cfg.cdpo.prompts]]
-    ps = PairSettings(max_new_tokens={"toy": cfg.eval.max_new_tokens},
-                      samples=cfg.cdpo.samples, sampling=Sampling(cfg.cdpo.temperature),
-                      chosen=cfg.cdpo.chosen, workdir=os.path.join(root, "pairs"),
-                      batch_size=cfg.eval.batch_size, seed=cfg.seed, progress=False)
+    p, seed = cfg.pairs, cfg.train.seed
+    order = np.random.default_rng(seed + 40).permutation(len(pool))
+    tasks = [pool[i] for i in order[:p.sources.toy.limit or len(pool)]]
+    ps = PairSettings(max_new_tokens={"toy": cfg.eval.max_new_tokens.toy},
+                      samples=p.samples, greedy=p.greedy,
+                      sampling=Sampling(p.temperature, top_p=p.top_p), chosen=p.chosen,
+                      workdir=os.path.join(root, "pairs"), batch_size=p.batch_size, seed=seed,
+                      progress=False)
     rows, stats = build_pairs(lineup, [Source("toy", "toy", toy_examples(tasks))], ps)
     write_pairs(path, rows, stats)
     _log(cfg, f"[pairs] {len(rows)} preference pairs from {len(tasks)} prompts "
-              f"({1 + cfg.cdpo.samples} FusionRoute answers each)")
+              f"({int(p.greedy) + p.samples} FusionRoute answers each)")
     return path
 
 
@@ -287,8 +281,9 @@ def merged_models(cfg, root: str, base: str, experts: List[str]) -> Dict[str, st
     for tag, method in (("ta", "task_arithmetic"), ("ties", "ties")):
         folder = os.path.join(root, "merged", tag)
         if not _done(folder):
-            options = ({"lambdas": cfg.merge.ta_lambda} if method == "task_arithmetic"
-                       else {"density": cfg.merge.ties_density, "lam": cfg.merge.ties_lambda})
+            m = cfg.demo.merge
+            options = ({"lambdas": m.ta_lambda} if method == "task_arithmetic"
+                       else {"density": m.ties_density, "lam": m.ties_lambda})
             merge_hf(base, experts, folder, method, **options)
             _mark_done(folder)
         out[f"merged:{tag}"] = folder
@@ -303,10 +298,10 @@ def train_seqroute(cfg, root: str, router: str, experts: List[str], pool: List[W
     if _done(workdir):
         return trunk_dir
     lineup = load_world_lineup(router, experts)
-    tasks = W.labelled_records(pool, cfg.seqroute.n_labelled, cfg.seed)
+    tasks = W.labelled_records(pool, cfg.world.n_labelled, cfg.train.seed)
     report = S.build(lineup, tasks, cfg.seqroute, workdir,
                      ("router", lineup.router.cfg, lineup.params["router"]["backbone"]),
-                     W.score, progress=cfg.progress,
+                     W.score, progress=cfg.demo.progress,
                      lazy=True)  # the costs of decode's default schedule (same tokens)
     m = report["metrics"]
     _log(cfg, f"[seqroute] layer {report['layer'] + 1} chosen by the probes; held-out routed "
@@ -320,9 +315,9 @@ def evaluate(cfg, lineup, tests: List[W.Task], workdir: str = None) -> dict:
     """Every configured mode on every domain's held-out prompts, through the evaluation
     harness (benchmark `toy`, one column per domain; cached under `workdir` when given)
     -> the results dict."""
-    s = harness.Settings(max_new_tokens={"toy": cfg.eval.max_new_tokens}, workdir=workdir,
-                         batch_size=cfg.eval.batch_size, progress=cfg.progress,
-                         columns="groups")
+    s = harness.Settings(max_new_tokens={"toy": cfg.eval.max_new_tokens.toy}, workdir=workdir,
+                         batch_size=cfg.eval.batch_size, progress=cfg.demo.progress,
+                         columns=cfg.eval.columns)
     results = harness.evaluate(lineup, {"toy": toy_examples(tests)}, list(cfg.eval.modes), s)
     results["n_test"] = cfg.world.n_test
     return results
@@ -339,7 +334,7 @@ def _tensorboard(results: dict, logdir: str):
     w.close()
 
 
-def bundle(paths: Dict[str, str], results: dict, world, target: str):
+def bundle(paths: Dict[str, str], results: dict, cfg, target: str):
     """Copies the trained router, its pretrained base, the experts and their base, the
     baselines (TIES-merged model, fine-tuned model, SharedTrunkNet) and the results table
     to `target`, with a manifest of file hashes."""
@@ -351,7 +346,7 @@ def bundle(paths: Dict[str, str], results: dict, world, target: str):
     for name, src in single + [(x, p) for x, p in zip(W.DOMAINS, paths["experts"])]:
         shutil.copytree(src, os.path.join(target, name),
                         ignore=shutil.ignore_patterns("DONE"))
-    write_world(world, target)
+    write_world(cfg, target)
     with open(os.path.join(target, "results.json"), "w") as f:
         json.dump({k: results[k] for k in ("domains", "modes", "expert_names", "n_test",
                                            "accuracy", "average", "shares")}, f, indent=1,
@@ -368,39 +363,32 @@ def bundle(paths: Dict[str, str], results: dict, world, target: str):
 
 def train_world(cfg, root: str, mark=lambda name, since: time.perf_counter()):
     """Steps 1-3: the world's data, the two bases and the experts (adopted from
-    cfg.start_from where it names a bundled world), under `root`, which then also holds a
+    cfg.demo.start_from where it names a bundled world), under `root`, which then also holds a
     world.json: another run can start from it. mark(step name, its start time) is called
     after each step. Returns (data paths, base, router base, expert folders)."""
     t = time.perf_counter()
     tokenizer = W.build_tokenizer()
     data = make_data(cfg, root)
     inits = init_models(cfg, root, tokenizer)
-    if cfg.start_from:
+    if cfg.demo.start_from:
         adopt_trained(cfg, root, tokenizer)
     t = mark("world", t)
-    base = train_lm(cfg, root, "base", inits["base"], data["base"], cfg.base)
+    base = train_lm(cfg, root, "base", inits["base"], data["base"], cfg.demo.base)
     router_base = train_lm(cfg, root, "router_base", inits["router"], data["base"],
-                           cfg.router_base)
+                           cfg.demo.router_base)
     t = mark("base models", t)
     experts = [train_lm(cfg, root, f"experts/{x}", base, data[f"expert_{x}"],
-                        _expert_stage(cfg, x)) for x in W.DOMAINS]
+                        _expert_budget(cfg, x)) for x in W.DOMAINS]
     mark("experts", t)
-    write_world(cfg.world, root)
+    write_world(cfg, root)
     return data, base, router_base, experts
 
 
 def run_pipeline(cfg) -> dict:
-    """The whole pipeline; returns the results dict (also written under cfg.workdir)."""
+    """The whole pipeline; returns the results dict (also written under train.workdir)."""
     check_demo(cfg)  # every setting, and where it writes, before any work
-    if not cfg.baselines:  # refused before any work, not at the evaluation
-        needs = [m for m in cfg.eval.modes
-                 if m in ("finetuned", "sequence") or m.startswith("merged")]
-        if needs or cfg.bundle:
-            raise ConfigError(f"baselines=False trains no baseline model, but "
-                              f"{'eval.modes has ' + ', '.join(needs) if needs else 'bundle is set'}"
-                              "; drop those or leave baselines=True")
     t0 = time.perf_counter()
-    root = os.path.abspath(cfg.workdir)
+    root = os.path.abspath(cfg.train.workdir)
     os.makedirs(root, exist_ok=True)
     # Seconds spent in each step summed over every invocation of this run: a resumed run
     # reports what its steps cost in all, not the ~0 s of skipping them the second time.
@@ -428,8 +416,8 @@ def run_pipeline(cfg) -> dict:
     t = mark("preference pairs", t)
     router = train_router_stage(cfg, root, "cdpo", sft_router, experts, pref_path=pref)
     t = mark("router CDPO", t)
-    if cfg.baselines:
-        finetuned = train_lm(cfg, root, "finetuned", base, data["sft"], cfg.sft)
+    if cfg.demo.baselines:
+        finetuned = train_lm(cfg, root, "finetuned", base, data["sft"], cfg.train.sft)
         t = mark("fine-tuned baseline", t)
         merged = merged_models(cfg, root, base, experts)
         t = mark("merged baselines", t)
@@ -443,14 +431,14 @@ def run_pipeline(cfg) -> dict:
     t = mark("evaluation", t)
     results["timings_s"] = dict(timings, total=round(sum(timings.values()), 1))
     results["wall_s"] = round(time.perf_counter() - t0, 1)  # this invocation's
-    results["seed"] = cfg.seed
+    results["seed"] = cfg.train.seed
     paths = report.write(results, root)
     _tensorboard(results, os.path.join(root, "tensorboard", "eval"))
-    if cfg.bundle:
+    if cfg.demo.bundle:
         bundle({"router": router, "router_base": router_base, "experts": experts,
                 "base": base, "merged": merged["merged:ties"], "finetuned": finetuned,
-                "seqroute": trunk}, results, cfg.world, cfg.bundle)
-        _log(cfg, f"[demo] bundled the trained world in {cfg.bundle}")
+                "seqroute": trunk}, results, cfg, cfg.demo.bundle)
+        _log(cfg, f"[demo] bundled the trained world in {cfg.demo.bundle}")
     print("\n" + report.markdown(results), flush=True)  # the product: always shown
     print(f"[demo] total {results['timings_s']['total']:.0f} s; wrote "
           f"{', '.join(paths.values())}; TensorBoard (the viewer: pip install -e "

@@ -32,8 +32,8 @@ def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,
         if all(os.path.isfile(p) for p in paths.values()):  # another process wrote them
             return paths
         cfg = runpy.run_path(default_config_file("demo.py"))["get_config"]("quick")
-        cfg.seed, cfg.progress = seed, False
-        cfg.cdpo.prompts = n_pref_prompts
+        cfg.train.seed, cfg.demo.progress = seed, False
+        cfg.pairs.sources.toy.limit = n_pref_prompts
         data = W.make_world_data(cfg.world.n_train, cfg.world.n_test, seed)
         pool = [t for d in W.EVAL_DOMAINS for t in data.train[d]]
         W.write_jsonl(paths["pool"], [t.record() for t in pool])
