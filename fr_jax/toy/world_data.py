@@ -11,14 +11,14 @@ from typing import Dict
 from fr_jax.config import default_config_file
 from fr_jax.harness import toy_world as W
 from fr_jax.runtime.bundle import bundled_world, default_home, generating
-from fr_jax.toy import pipeline as P
+from fr_jax.toy.world_pairs import preference_pairs
 
 
 def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,
                       n_labelled: int = 1600, seed: int = 0) -> Dict[str, str]:
     """Training files for the bundled world, written once under `home`: SFT records over
     all four domains, CDPO pairs from the bundled router's own sampled FusionRoute answers
-    (see `preference_pairs`), labelled prompts for the SharedTrunkNet baseline, and the
+    (fr_jax.toy.world_pairs.preference_pairs), labelled prompts for the SharedTrunkNet baseline, and the
     training pool the pairs' prompts are drawn from (`python -m fr_jax.data.pairs`'s
     default source)."""
     folder = os.path.join(home, "toy-world-data")
@@ -42,7 +42,7 @@ def ensure_world_data(home: str, n_sft: int = 4000, n_pref_prompts: int = 400,
                 data.train, {d: 1.0 for d in W.EVAL_DOMAINS}, n_sft, seed + 30)])
             world = bundled_world()
             W.write_jsonl(paths["labelled"], W.labelled_records(pool, n_labelled, seed))
-            P.preference_pairs(cfg, folder, world["router"], world["experts"], pool)
+            preference_pairs(cfg, folder, world["router"], world["experts"], pool)
     return paths
 
 
