@@ -23,6 +23,7 @@ LAYERS = (
     ("checkpoints and tokenizers", ("fr_jax.hf",)),
     ("the method's parts", ("fr_jax.routing",)),
     ("inference", ("fr_jax.inference",)),
+    ("serving", ("fr_jax.serving",)),
     ("training", ("fr_jax.corpus", "fr_jax.steps", "fr_jax.loop")),
     ("evaluation and baselines", ("fr_jax.harness", "fr_jax.baselines")),
     # The data engine decontaminates against the benchmarks and scores sampled answers.

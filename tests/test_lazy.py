@@ -48,7 +48,8 @@ def _assert_same_caches(eager, lazy, experts, n_rows):
     slots past the end, which hold nothing)."""
     _, e_caches, _, _ = eager.caches
     _, l_caches, _, l_step = lazy.caches
-    assert np.all(np.asarray(l_step.synced) == int(l_step.t))
+    # every expert has read every row's fed tokens (t: per row)
+    assert np.all(np.asarray(l_step.synced) == np.asarray(l_step.t)[None, :])
     for e in range(experts.n):
         ec = jax.tree.map(lambda x: np.asarray(x[e]), e_caches) if experts.stacked else \
             jax.tree.map(np.asarray, e_caches[e])

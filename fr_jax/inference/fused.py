@@ -125,7 +125,7 @@ class FusedDecoder(ChunkedDecoder):
     def _init_caches(self, batch, cache_len):
         rc = self.router.init_cache(batch, cache_len) if self.router is not None else None
         ec = None
-        step = StepState(jnp.zeros((), jnp.int32))
+        step = StepState(jnp.zeros((batch,), jnp.int32))
         if self._lazy is not None:
             ec, hist, synced = self._lazy.init_caches(batch, cache_len)
             step = StepState(step.t, hist, synced)
@@ -150,12 +150,13 @@ class FusedDecoder(ChunkedDecoder):
 
     # ---- one step
     def _forced(self, route, index):
-        """Routing logits one-hot on route_schedule[index % len] (when a schedule is set)."""
+        """Routing logits one-hot on route_schedule[index % len] (when a schedule is set);
+        index [B]: each row's generated-token count."""
         if self.route_schedule is None:
             return route
         k = jnp.asarray(self.route_schedule, jnp.int32)[index % len(self.route_schedule)]
-        return jnp.where(jnp.arange(self.n_experts) == k, 0.0, -1e4).astype(route.dtype) + \
-            jnp.zeros_like(route)
+        return jnp.where(jnp.arange(self.n_experts)[None, :] == k[:, None], 0.0,
+                         -1e4).astype(route.dtype) + jnp.zeros_like(route)
 
     def _logits(self, params, tokens, mask, caches, done=None):
         rc, ec, seq, step = caches

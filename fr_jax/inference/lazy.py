@@ -19,9 +19,10 @@ import jax.numpy as jnp
 
 
 class StepState(NamedTuple):
-    """FusedDecoder's carry besides the KV caches. t: tokens fed since the prompt (scalar).
-    With lazy experts, hist [B, H]: those tokens; synced [n, B]: how many of them each
-    expert's cache holds (an expert not selected falls behind until it is selected again)."""
+    """FusedDecoder's carry besides the KV caches. t [B]: tokens fed since each row's prompt
+    (per row: a serving slot starts a new prompt while the others go on). With lazy experts,
+    hist [B, H]: those tokens; synced [n, B]: how many of them each expert's cache holds (an
+    expert not selected falls behind until it is selected again)."""
 
     t: jax.Array
     hist: Optional[jax.Array] = None
@@ -36,6 +37,14 @@ def catch_up_widths(width: int) -> Tuple[int, ...]:
         out.append(w)
         w *= 2
     return tuple(out) + (width,)
+
+
+def _write_at(hist, values, t):
+    """hist [B, H] with hist[b, t[b]] = values[b] (t clipped to the last column: a slot that
+    runs on past its budget only overwrites its own last entry)."""
+    def one(row, v, i):
+        return jax.lax.dynamic_update_slice(row, v[None], (i,))
+    return jax.vmap(one)(hist, values, t)
 
 
 class LazyExperts:
@@ -70,7 +79,7 @@ class LazyExperts:
         """One step: tokens [B, 1] fed, k [B] each row's expert -> (the selected experts'
         logits [B, V], caches, StepState)."""
         b = tokens.shape[0]
-        hist = jax.lax.dynamic_update_slice(step.hist, tokens[:, :1], (0, step.t))
+        hist = _write_at(step.hist, tokens[:, 0], step.t)
         active = jnp.ones((b,), bool) if done is None else jnp.logical_not(done)
         selected = jnp.zeros((b, self.vocab), jnp.float32)
         out, synced = [], []

@@ -63,3 +63,35 @@ def sample(logits, key, sampling: Sampling):
     logits = filter_logits(logits.astype(jnp.float32) / sampling.temperature,
                            sampling.top_k, sampling.top_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def filter_rows(logits, top_k, top_p):
+    """filter_logits with a setting per row: top_k [B] int (0 = off), top_p [B] float (1 =
+    off). One sort serves both cuts."""
+    v = logits.shape[-1]
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    k = jnp.where((top_k > 0) & (top_k < v), top_k, v)
+    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)
+    logits = jnp.where(logits < kth, NEG_INF, logits)
+    sorted_logits = jnp.where(sorted_logits < kth, NEG_INF, sorted_logits)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = (before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    keep = jnp.zeros_like(keep_sorted).at[
+        jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits, NEG_INF)
+
+
+def sample_rows(logits, keys, temperature, top_k, top_p):
+    """logits [B, V] -> token ids [B] int32, each row with its own setting and key: keys [B]
+    (a row's draw does not depend on the other rows), temperature [B] (0 = greedy), top_k
+    [B], top_p [B]. A row's token is the one `sample(logits[b:b+1], keys[b], Sampling(...))`
+    draws."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    hot = temperature > 0
+    scaled = logits.astype(jnp.float32) / jnp.where(hot, temperature, 1.0)[:, None]
+    scaled = filter_rows(scaled, top_k, top_p)
+    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row[None], axis=-1)[0])(
+        keys, scaled).astype(jnp.int32)
+    return jnp.where(hot, drawn, greedy)

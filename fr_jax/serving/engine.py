@@ -1,0 +1,320 @@
+"""Continuous batching on a decoder: a fixed number of slots, requests admitted between
+decode chunks, each finished slot freed at once.
+
+Each slot is one row of every cache the decoder carries (the router's and every expert's
+KV caches, the lazy schedule's token history and sync counters, a sequence mode's
+per-prompt choice). The per-row offsets and positions of the caches (fr_jax/models/cache.py)
+and the per-row step counters of the lazy schedule (fr_jax/inference/lazy.py) let the rows
+stand at different places: a new request is prefilled alone (its prompt left-padded to a
+length bucket, so the number of prefill programs is bounded), its row written into a free
+slot, and the next chunk of the jitted scan moves every slot on. A slot's tokens do not
+depend on the other slots: its greedy answer is the one `generate` gives for its prompt
+alone, and a sampled one draws from its own key (its seed folded with the token's index).
+
+Programs: one prefill per bucket, one `insert`, one decode chunk -- `Engine.programs`;
+`warm_up` compiles them all before a server says it is ready.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from typing import Deque, List, NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fr_jax.inference.core import PADDING, Record, decode_slots
+from fr_jax.inference.sampling import sample_rows
+from fr_jax.runtime.errors import CacheOverflowError
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation: prompt token ids and how to sample. The engine fills `tokens`,
+    `experts` (the expert that produced each token; -1 the router alone) and
+    `finish_reason` ("stop": an end id; "length": max_tokens; "cancelled")."""
+
+    prompt: Sequence[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: Tuple[int, ...] = ()  # ends the answer besides the lineup's end ids
+    id: int = -1
+    tokens: List[int] = dataclasses.field(default_factory=list)
+    experts: List[int] = dataclasses.field(default_factory=list)
+    finish_reason: Optional[str] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Event(NamedTuple):
+    """What one engine step added to a request: its new tokens and their experts, and
+    whether it is finished now."""
+
+    request: Request
+    tokens: List[int]
+    experts: List[int]
+    finished: bool
+
+
+class SlotState(NamedTuple):
+    """The engine's carry, one row per slot. token: last emitted [S]; done [S]; count:
+    tokens emitted [S] (the index folded into the slot's key); seed, temperature, top_k,
+    top_p: the request's sampling [S]; caches: the decoder's."""
+
+    token: jax.Array
+    done: jax.Array
+    count: jax.Array
+    seed: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    caches: tuple
+
+
+def default_buckets(longest: int, smallest: int = 16) -> Tuple[int, ...]:
+    """Prompt lengths a prefill is compiled for: powers of two from `smallest`, then
+    `longest` itself."""
+    out, n = [], smallest
+    while n < longest:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (longest,)
+
+
+def _batch_axes(init_caches, cache_len: int):
+    """For every leaf of the decoder's caches, the axis that holds the rows (found by
+    comparing the shapes of a 1-row and a 2-row cache), or None for a leaf with no row."""
+    one = jax.eval_shape(lambda: init_caches(1, cache_len))
+    two = jax.eval_shape(lambda: init_caches(2, cache_len))
+
+    def axis(a, b):
+        diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+        return diff[0] if diff else None
+    return jax.tree.map(axis, one, two)
+
+
+class Engine:
+    """`slots` rows of `decoder` (a FusedDecoder or a plain Decoder) with caches of
+    `cache_len` slots each, serving `Request`s: `submit`, then `step` until `idle`.
+
+    A request is admitted when a slot is free and its prompt, left-padded to its bucket,
+    leaves room for its answer (`decode_slots(max_tokens, chunk)` more cache slots);
+    otherwise `submit` refuses it (CacheOverflowError). Not thread-safe: one thread steps
+    it (the server's engine thread)."""
+
+    def __init__(self, decoder, params, slots: int, cache_len: int, eos_ids: Sequence[int],
+                 pad_id: int, buckets: Optional[Sequence[int]] = None):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.decoder, self.slots, self.cache_len = decoder, slots, cache_len
+        self.chunk = decoder.chunk
+        self.params = decoder.prepare(params) if hasattr(decoder, "prepare") else params
+        self.eos = jnp.asarray(sorted(set(eos_ids)) or [-1], jnp.int32)
+        self._eos = set(int(x) for x in eos_ids)
+        self.pad = jnp.asarray(pad_id, jnp.int32)
+        self.pad_id = pad_id
+        longest = cache_len - decode_slots(1, self.chunk)
+        self.buckets = tuple(sorted(set(buckets))) if buckets else default_buckets(longest)
+        if self.buckets[-1] > cache_len:
+            raise ValueError(f"prompt bucket {self.buckets[-1]} exceeds cache_len {cache_len}")
+        self._axes = _batch_axes(decoder._init_caches, cache_len)
+        self._prefills = {}
+        self._insert = jax.jit(self._insert_row, donate_argnums=(0,))
+        self._chunk = jax.jit(self._run_chunk, donate_argnums=(1,))
+        self.state = self._empty_state()
+        self.requests: List[Optional[Request]] = [None] * slots
+        self.pending: Deque[Request] = collections.deque()
+        self._ids = itertools.count()
+
+    # ---------------------------------------------------------------- traced pieces
+    def _empty_state(self) -> SlotState:
+        s = self.slots
+        return SlotState(jnp.zeros((s,), jnp.int32), jnp.ones((s,), bool),
+                         jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.int32),
+                         jnp.zeros((s,), jnp.float32), jnp.zeros((s,), jnp.int32),
+                         jnp.ones((s,), jnp.float32),
+                         self.decoder._init_caches(s, self.cache_len))
+
+    def _draw(self, scores, seed, count, temperature, top_k, top_p):
+        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seed, count)
+        return sample_rows(scores, keys, temperature, top_k, top_p)
+
+    def _prefill_row(self, params, tokens, mask, seed, temperature, top_k, top_p):
+        """One prompt [1, L] -> (its caches as one row, first token, expert, weights)."""
+        caches = self.decoder._init_caches(1, self.cache_len)
+        scores, chosen, probs, caches = self.decoder._logits(params, tokens, mask, caches,
+                                                             jnp.zeros((1,), bool))
+        first = self._draw(scores, seed, jnp.zeros((1,), jnp.int32), temperature, top_k, top_p)
+        return caches, Record(first, chosen, probs)
+
+    def _insert_row(self, state: SlotState, caches, first, slot, seed, temperature, top_k,
+                    top_p):
+        """state with slot `slot` holding the prefilled row."""
+        def put(big, row, axis):
+            if axis is None:
+                return big
+            return jax.lax.dynamic_update_slice_in_dim(big, row.astype(big.dtype), slot, axis)
+        one = lambda big, value: big.at[slot].set(value[0] if value.ndim else value)
+        return SlotState(
+            one(state.token, first), one(state.done, jnp.isin(first, self.eos)),
+            one(state.count, jnp.ones((), jnp.int32)), one(state.seed, seed),
+            one(state.temperature, temperature), one(state.top_k, top_k),
+            one(state.top_p, top_p),
+            jax.tree.map(put, state.caches, caches, self._axes))
+
+    def _run_chunk(self, params, state: SlotState, active):
+        """`chunk` decode steps of every slot (an inactive slot is done) -> (state,
+        Record of [chunk, S] arrays)."""
+        state = state._replace(done=state.done | ~active)
+
+        def body(state, _):
+            scores, chosen, probs, caches = self.decoder._logits(
+                params, state.token[:, None], None, state.caches, state.done)
+            nxt = self._draw(scores, state.seed, state.count, state.temperature, state.top_k,
+                             state.top_p)
+            nxt = jnp.where(state.done, self.pad, nxt)
+            chosen = jnp.where(state.done, PADDING, chosen)
+            done = state.done | jnp.isin(nxt, self.eos)
+            return state._replace(token=nxt, done=done, count=state.count + 1,
+                                  caches=caches), Record(nxt, chosen, probs)
+        return jax.lax.scan(body, state, None, length=self.chunk)
+
+    # ---------------------------------------------------------------- host side
+    @property
+    def programs(self) -> int:
+        """Compiled programs the engine runs: one prefill per bucket, insert, the chunk."""
+        return len(self.buckets) + 2
+
+    def bucket(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise CacheOverflowError(f"a prompt of {n} tokens is longer than the longest prompt "
+                                 f"bucket ({self.buckets[-1]} tokens)")
+
+    def check(self, request: Request):
+        """Raises CacheOverflowError when the request can never fit a slot."""
+        if not request.prompt:
+            raise ValueError("the prompt has no tokens")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        need = self.bucket(len(request.prompt)) + decode_slots(request.max_tokens, self.chunk)
+        if need > self.cache_len:
+            raise CacheOverflowError(
+                f"a prompt of {len(request.prompt)} tokens (bucket "
+                f"{self.bucket(len(request.prompt))}) and {request.max_tokens} new tokens need "
+                f"{need} cache slots; the cache has {self.cache_len}")
+
+    def submit(self, request: Request) -> Request:
+        """Queues a request (checked now: one that can never fit is refused here)."""
+        self.check(request)
+        request.id = next(self._ids) if request.id < 0 else request.id
+        self.pending.append(request)
+        return request
+
+    def cancel(self, request: Request):
+        """Stops a request: its slot is freed before the next chunk (or it leaves the
+        queue)."""
+        if request.finished:
+            return
+        request.finish_reason = "cancelled"
+        if request in self.pending:
+            self.pending.remove(request)
+        for s, r in enumerate(self.requests):
+            if r is request:
+                self.requests[s] = None
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.requests)
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending and self.active == 0
+
+    def _prefill(self, length: int):
+        if length not in self._prefills:
+            self._prefills[length] = jax.jit(self._prefill_row)
+        return self._prefills[length]
+
+    def _admit(self, events: List[Event]):
+        while self.pending and None in self.requests:
+            req = self.pending.popleft()
+            slot = self.requests.index(None)
+            n, width = len(req.prompt), self.bucket(len(req.prompt))
+            tokens = np.full((1, width), self.pad_id, np.int32)
+            mask = np.zeros((1, width), bool)
+            tokens[0, width - n:], mask[0, width - n:] = req.prompt, True
+            sampling = (jnp.asarray([req.seed], jnp.int32),
+                        jnp.asarray([req.temperature], jnp.float32),
+                        jnp.asarray([req.top_k], jnp.int32),
+                        jnp.asarray([req.top_p], jnp.float32))
+            caches, first = self._prefill(width)(self.params, jnp.asarray(tokens),
+                                                 jnp.asarray(mask), *sampling)
+            self.state = self._insert(self.state, caches, first.token,
+                                      jnp.asarray(slot, jnp.int32),
+                                      *(x[0] for x in sampling))
+            self.requests[slot] = req
+            token, expert = int(first.token[0]), int(first.chosen[0])
+            events.append(self._add(slot, [token], [expert]))
+
+    def _add(self, slot: int, tokens: List[int], experts: List[int]) -> Event:
+        """Appends a slot's new tokens up to its request's end; frees the slot then."""
+        req = self.requests[slot]
+        new_t, new_e = [], []
+        for t, e in zip(tokens, experts):
+            new_t.append(t)
+            new_e.append(e)
+            if t in self._eos or t in req.stop_ids:
+                req.finish_reason = "stop"
+            elif len(req.tokens) + len(new_t) >= req.max_tokens:
+                req.finish_reason = "length"
+            if req.finished:
+                break
+        req.tokens += new_t
+        req.experts += new_e
+        if req.finished:
+            self.requests[slot] = None
+        return Event(req, new_t, new_e, req.finished)
+
+    def step(self) -> List[Event]:
+        """Admits what fits, then one decode chunk for every busy slot -> the events."""
+        events: List[Event] = []
+        self._admit(events)
+        if self.active == 0:
+            return events
+        active = jnp.asarray([r is not None for r in self.requests])
+        self.state, recs = self._chunk(self.params, self.state, active)
+        tokens, chosen = np.asarray(recs.token), np.asarray(recs.chosen)  # [chunk, S]
+        for slot, req in enumerate(self.requests):
+            if req is not None:
+                events.append(self._add(slot, tokens[:, slot].tolist(),
+                                        chosen[:, slot].tolist()))
+        return events
+
+    def run(self, requests: Sequence[Request]) -> List[Request]:
+        """Submits every request and steps until all are finished (offline use, tests)."""
+        for r in requests:
+            self.submit(r)
+        while not self.idle:
+            self.step()
+        return list(requests)
+
+    def warm_up(self):
+        """Compiles every program (each bucket's prefill, insert, the chunk) on a dummy
+        request, then empties the slots: the first real request pays no compilation."""
+        for width in self.buckets:
+            req = Request([self.pad_id] * width, max_tokens=1)
+            self.submit(req)
+            self._admit([])
+            self.cancel(req)
+        self.state, _ = self._chunk(self.params, self.state,
+                                    jnp.zeros((self.slots,), bool))
