@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fr_jax.inference.core import PADDING, Record, decode_slots
+from fr_jax.inference.core import PADDING, Record, decode_slots, left_pad
 from fr_jax.inference.sampling import sample_rows
 from fr_jax.runtime.errors import CacheOverflowError
 
@@ -126,7 +126,7 @@ class Engine:
         if self.buckets[-1] > cache_len:
             raise ValueError(f"prompt bucket {self.buckets[-1]} exceeds cache_len {cache_len}")
         self._axes = _batch_axes(decoder._init_caches, cache_len)
-        self._prefills = {}
+        self._prefill = jax.jit(self._prefill_row)  # compiled once per bucket (its shape)
         self._insert = jax.jit(self._insert_row, donate_argnums=(0,))
         self._chunk = jax.jit(self._run_chunk, donate_argnums=(1,))
         self.state = self._empty_state()
@@ -240,25 +240,17 @@ class Engine:
     def idle(self) -> bool:
         return not self.pending and self.active == 0
 
-    def _prefill(self, length: int):
-        if length not in self._prefills:
-            self._prefills[length] = jax.jit(self._prefill_row)
-        return self._prefills[length]
-
     def _admit(self, events: List[Event]):
         while self.pending and None in self.requests:
             req = self.pending.popleft()
             slot = self.requests.index(None)
-            n, width = len(req.prompt), self.bucket(len(req.prompt))
-            tokens = np.full((1, width), self.pad_id, np.int32)
-            mask = np.zeros((1, width), bool)
-            tokens[0, width - n:], mask[0, width - n:] = req.prompt, True
+            tokens, mask = left_pad([req.prompt], self.pad_id, self.bucket(len(req.prompt)))
             sampling = (jnp.asarray([req.seed], jnp.int32),
                         jnp.asarray([req.temperature], jnp.float32),
                         jnp.asarray([req.top_k], jnp.int32),
                         jnp.asarray([req.top_p], jnp.float32))
-            caches, first = self._prefill(width)(self.params, jnp.asarray(tokens),
-                                                 jnp.asarray(mask), *sampling)
+            caches, first = self._prefill(self.params, jnp.asarray(tokens),
+                                          jnp.asarray(mask), *sampling)
             self.state = self._insert(self.state, caches, first.token,
                                       jnp.asarray(slot, jnp.int32),
                                       *(x[0] for x in sampling))
