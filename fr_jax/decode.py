@@ -58,10 +58,7 @@ def fit_prompts(ids, d):
 def warn_past_positions(ids, max_new_tokens: int, lineup):
     """Warns (stderr) when a row can run past the models' max_position_embeddings: the
     positions beyond it were never trained, so the answer degrades without an error."""
-    cfgs = ([lineup.router.cfg] if lineup.router is not None else []) + (
-        list(lineup.experts.cfgs) if lineup.experts is not None else []) + [
-        m.cfg for m, _ in (lineup.models or {}).values()]
-    limit = min((c.max_position_embeddings for c in cfgs), default=None)
+    limit = lineup.max_positions
     longest = max(range(len(ids)), key=lambda i: len(ids[i]), default=None)
     if limit and longest is not None and len(ids[longest]) + max_new_tokens > limit:
         print(f"warning: prompt {longest} has {len(ids[longest])} tokens; with "

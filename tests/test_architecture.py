@@ -209,6 +209,7 @@ UNUSED = {
     "plan": ("fr_jax.toy", "fr_jax.harness", "fr_jax.loop", "fr_jax.corpus", "fr_jax.datagen",
              "fr_jax.baselines", "fr_jax.data"),
     "decode": _LOW + ("fr_jax.harness", "fr_jax.loop", "fr_jax.steps"),
+    "serve": _LOW + ("fr_jax.harness", "fr_jax.loop", "fr_jax.steps"),
     "eval": _LOW + ("fr_jax.loop", "fr_jax.steps"),
     "merge": ("fr_jax.toy", "fr_jax.aot", "fr_jax.datagen", "fr_jax.harness", "fr_jax.loop",
               "fr_jax.steps", "fr_jax.inference", "fr_jax.routing", "fr_jax.corpus"),

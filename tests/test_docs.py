@@ -22,6 +22,7 @@ import ast
 import dataclasses
 import glob
 import importlib
+import json
 import os
 import re
 import shlex
@@ -176,6 +177,18 @@ def validate(words: List[str]):
         for extra in re.findall(r"\.\[([\w,]+)\]", " ".join(words)):
             for e in extra.split(","):
                 assert f'"{e}": requirements(' in setup, f"no extra {e!r} in setup.py"
+    elif words[0] == "curl":  # a request to `python -m fr_jax.serve`, at its default address
+        from fr_jax.serving.protocol import FIELDS
+
+        url = next(w for w in words if w.startswith("http"))
+        assert url.startswith("http://127.0.0.1:8000/"), url
+        path = url[len("http://127.0.0.1:8000"):]
+        assert path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
+                        "/metrics"), path
+        if "-d" in words:
+            kind = "chat.completion" if "chat" in path else "text_completion"
+            body = json.loads(words[words.index("-d") + 1])
+            assert set(body) <= set(FIELDS[kind]), set(body) - set(FIELDS[kind])
     elif words[0] == "tensorboard":
         assert '"tensorboard": requirements(' in open(os.path.join(REPO, "setup.py")).read()
     elif words[0] == ".ci/run" or words[0].startswith("launch/"):

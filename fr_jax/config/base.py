@@ -338,10 +338,35 @@ def _plan() -> Section:
     )
 
 
+def _serve() -> Section:
+    return section(
+        ("`python -m fr_jax.serve`: the decode lineup (decode.mode, chunk, lazy experts, chat, "
+         "eos ids, mesh; decode.temperature / top_k / top_p are a request's defaults) behind an "
+         "OpenAI-compatible HTTP API with continuous batching (docs/serving.md)."),
+        host=S("127.0.0.1", "address to bind; 0.0.0.0 opens it to the network"),
+        port=S(8000, "TCP port; 0 = any free port (printed at start-up)", lo=0, hi=65535),
+        slots=S(8, "requests decoded at once: rows of every KV cache", lo=1),
+        cache_len=S(0, "KV cache slots per row; 0 = the models' max_position_embeddings, at "
+                    "most 4096", lo=0),
+        buckets=S((), "prompt lengths a prefill is compiled for; () = powers of two from 16 "
+                  "up to the longest prompt the cache takes"),
+        max_queue=S(64, "requests waiting for a slot before new ones get HTTP 429", lo=0),
+        max_tokens=S(1024, "the most tokens a request may generate (also its default)", lo=1),
+        max_prompt_tokens=S(0, "the longest prompt accepted; 0 = what the cache takes", lo=0),
+        max_body_bytes=S(1 << 20, "the largest request body accepted", lo=1),
+        max_stop=S(4, "stop strings per request", lo=0),
+        max_stop_chars=S(64, "characters per stop string", lo=1),
+        api_key=S("", ('clients send it as "Authorization: Bearer KEY"; "" = the environment '
+                       "variable FR_JAX_API_KEY; both empty = no key")),
+        name=S("", 'the model id clients send and /v1/models lists; "" = decode.mode'),
+        drain_s=S(30.0, "on SIGTERM: seconds in-flight requests may take to finish", lo=0),
+    )
+
 
 SECTIONS = {"router": _router, "experts": _experts, "model": _model, "mesh": _mesh,
             "decode": _decode, "data": _data, "train": _train, "seqroute": _seqroute,
-            "baselines": _baselines, "eval": _eval, "pairs": _pairs, "plan": _plan}
+            "baselines": _baselines, "eval": _eval, "pairs": _pairs, "plan": _plan,
+            "serve": _serve}
 
 
 def sections() -> dict:

@@ -53,6 +53,16 @@ class Lineup:
     def n_experts(self) -> Optional[int]:
         return self.experts.n if self.experts is not None else None
 
+    @property
+    def max_positions(self) -> Optional[int]:
+        """The smallest max_position_embeddings of its models: positions past it were never
+        trained."""
+        cfgs = ([self.router.cfg] if self.router is not None else []) + (
+            list(self.experts.cfgs) if self.experts is not None else []) + [
+            m.cfg for m, _ in (self.models or {}).values()]
+        return min((c.max_position_embeddings for c in cfgs if c.max_position_embeddings),
+                   default=None)
+
     def decoder(self, mode: str, sampling: Sampling = Sampling(), chunk: int = 8):
         """(decoder, params) for `mode`: a FusionRoute mode, or a stand-alone model's name."""
         if mode in self.models:

@@ -44,6 +44,7 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     stop_ids: Tuple[int, ...] = ()  # ends the answer besides the lineup's end ids
+    ignore_eos: bool = False  # the lineup's end ids do not end it (fixed-length benchmarks)
     id: int = -1
     tokens: List[int] = dataclasses.field(default_factory=list)
     experts: List[int] = dataclasses.field(default_factory=list)
@@ -129,10 +130,14 @@ class Engine:
         self._prefill = jax.jit(self._prefill_row)  # compiled once per bucket (its shape)
         self._insert = jax.jit(self._insert_row, donate_argnums=(0,))
         self._chunk = jax.jit(self._run_chunk, donate_argnums=(1,))
-        self.state = self._empty_state()
-        self.requests: List[Optional[Request]] = [None] * slots
-        self.pending: Deque[Request] = collections.deque()
         self._ids = itertools.count()
+        self.reset()
+
+    def reset(self):
+        """Every slot free, the queue empty (after a failed step: the caches may be gone)."""
+        self.state = self._empty_state()
+        self.requests: List[Optional[Request]] = [None] * self.slots
+        self.pending: Deque[Request] = collections.deque()
 
     # ---------------------------------------------------------------- traced pieces
     def _empty_state(self) -> SlotState:
@@ -155,24 +160,24 @@ class Engine:
         first = self._draw(scores, seed, jnp.zeros((1,), jnp.int32), temperature, top_k, top_p)
         return caches, Record(first, chosen, probs)
 
-    def _insert_row(self, state: SlotState, caches, first, slot, seed, temperature, top_k,
-                    top_p):
-        """state with slot `slot` holding the prefilled row."""
+    def _insert_row(self, state: SlotState, caches, first, slot, eos_ends, seed, temperature,
+                    top_k, top_p):
+        """state with slot `slot` holding the prefilled row (eos_ends: an end id ends it)."""
         def put(big, row, axis):
             if axis is None:
                 return big
             return jax.lax.dynamic_update_slice_in_dim(big, row.astype(big.dtype), slot, axis)
         one = lambda big, value: big.at[slot].set(value[0] if value.ndim else value)
         return SlotState(
-            one(state.token, first), one(state.done, jnp.isin(first, self.eos)),
+            one(state.token, first), one(state.done, jnp.isin(first, self.eos) & eos_ends),
             one(state.count, jnp.ones((), jnp.int32)), one(state.seed, seed),
             one(state.temperature, temperature), one(state.top_k, top_k),
             one(state.top_p, top_p),
             jax.tree.map(put, state.caches, caches, self._axes))
 
-    def _run_chunk(self, params, state: SlotState, active):
-        """`chunk` decode steps of every slot (an inactive slot is done) -> (state,
-        Record of [chunk, S] arrays)."""
+    def _run_chunk(self, params, state: SlotState, active, eos_ends):
+        """`chunk` decode steps of every slot (an inactive slot is done; eos_ends [S]: an
+        end id ends the slot's row) -> (state, Record of [chunk, S] arrays)."""
         state = state._replace(done=state.done | ~active)
 
         def body(state, _):
@@ -182,7 +187,7 @@ class Engine:
                              state.top_p)
             nxt = jnp.where(state.done, self.pad, nxt)
             chosen = jnp.where(state.done, PADDING, chosen)
-            done = state.done | jnp.isin(nxt, self.eos)
+            done = state.done | (jnp.isin(nxt, self.eos) & eos_ends)
             return state._replace(token=nxt, done=done, count=state.count + 1,
                                   caches=caches), Record(nxt, chosen, probs)
         return jax.lax.scan(body, state, None, length=self.chunk)
@@ -199,6 +204,11 @@ class Engine:
                 return b
         raise CacheOverflowError(f"a prompt of {n} tokens is longer than the longest prompt "
                                  f"bucket ({self.buckets[-1]} tokens)")
+
+    def room(self, n: int) -> int:
+        """The most new tokens a prompt of `n` tokens can ask for (0: none)."""
+        free = self.cache_len - self.bucket(n)
+        return free // self.chunk * self.chunk + 1 if free >= 0 else 0
 
     def check(self, request: Request):
         """Raises CacheOverflowError when the request can never fit a slot."""
@@ -253,6 +263,7 @@ class Engine:
                                           jnp.asarray(mask), *sampling)
             self.state = self._insert(self.state, caches, first.token,
                                       jnp.asarray(slot, jnp.int32),
+                                      jnp.asarray(not req.ignore_eos),
                                       *(x[0] for x in sampling))
             self.requests[slot] = req
             token, expert = int(first.token[0]), int(first.chosen[0])
@@ -265,7 +276,7 @@ class Engine:
         for t, e in zip(tokens, experts):
             new_t.append(t)
             new_e.append(e)
-            if t in self._eos or t in req.stop_ids:
+            if (t in self._eos and not req.ignore_eos) or t in req.stop_ids:
                 req.finish_reason = "stop"
             elif len(req.tokens) + len(new_t) >= req.max_tokens:
                 req.finish_reason = "length"
@@ -284,7 +295,8 @@ class Engine:
         if self.active == 0:
             return events
         active = jnp.asarray([r is not None for r in self.requests])
-        self.state, recs = self._chunk(self.params, self.state, active)
+        eos_ends = jnp.asarray([r is None or not r.ignore_eos for r in self.requests])
+        self.state, recs = self._chunk(self.params, self.state, active, eos_ends)
         tokens, chosen = np.asarray(recs.token), np.asarray(recs.chosen)  # [chunk, S]
         for slot, req in enumerate(self.requests):
             if req is not None:
@@ -309,4 +321,4 @@ class Engine:
             self._admit([])
             self.cancel(req)
         self.state, _ = self._chunk(self.params, self.state,
-                                    jnp.zeros((self.slots,), bool))
+                                    jnp.zeros((self.slots,), bool), jnp.ones((self.slots,), bool))
