@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from fr_jax.inference import FusedDecoder
 from fr_jax.inference.sampling import Sampling, sample, sample_rows
 from fr_jax.routing.modes import Mode
+from fr_jax.runtime import sharding as sh
 from fr_jax.runtime.errors import CacheOverflowError
 from fr_jax.serving.engine import Engine, Request, default_buckets
 from fixtures import N_EXPERTS, build_world
@@ -90,6 +91,30 @@ def test_cancel_frees_the_slot_and_a_request_that_cannot_fit_is_refused(world):
     with pytest.raises(CacheOverflowError, match="need 72 cache slots; the cache has 64"):
         engine.submit(Request(PROMPTS[0], 62))
     assert default_buckets(100) == (16, 32, 64, 100)
+
+
+@pytest.mark.slow
+def test_on_a_mesh_the_slots_are_sharded_and_the_tokens_unchanged(world):
+    """8 CPU devices (data 2 x tensor 2 x expert 2): the params placed as the lineup places
+    them, the slot rows split over `data`, each cache over its heads; every request's
+    tokens and experts as on one device, ignore_eos included."""
+    router, experts, params = world
+    mesh = sh.make_mesh({"data": 2, "tensor": 2, "expert": -1})
+    placed = {"router": jax.device_put(params["router"], sh.param_shardings(router, mesh)),
+              "experts": jax.device_put(params["experts"], sh.param_shardings(experts, mesh))}
+    dec = FusedDecoder(Mode.parse("fusionroute", N_EXPERTS), router, experts, chunk=4,
+                       lazy_experts=True, catch_up_width=2, mesh=mesh)
+    engine = Engine(dec, placed, slots=4, cache_len=CACHE, eos_ids=EOS, pad_id=0,
+                    buckets=BUCKETS)
+    assert engine.state.token.sharding.spec == sh.P("data")
+    reqs = engine.run([Request(p, n, ignore_eos=i % 3 == 0)
+                       for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS))])
+    _, _, alone = _engine(world, slots=3)
+    ref = alone.run([Request(p, n, ignore_eos=i % 3 == 0)
+                     for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS))])
+    assert [(r.tokens, r.experts) for r in reqs] == [(r.tokens, r.experts) for r in ref]
+    assert all(len(r.tokens) == n and r.finish_reason == "length"
+               for r, n in list(zip(reqs, MAX_TOKENS))[::3])  # ignore_eos: the whole budget
 
 
 def test_per_row_sampling_is_each_rows_own_sample():

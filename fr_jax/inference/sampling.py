@@ -90,8 +90,14 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
     draws."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     hot = temperature > 0
-    scaled = logits.astype(jnp.float32) / jnp.where(hot, temperature, 1.0)[:, None]
-    scaled = filter_rows(scaled, top_k, top_p)
-    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row[None], axis=-1)[0])(
-        keys, scaled).astype(jnp.int32)
-    return jnp.where(hot, drawn, greedy)
+    v = logits.shape[-1]
+    cuts = jnp.any(hot & (((top_k > 0) & (top_k < v)) | (top_p < 1.0)))
+
+    def draw(_):
+        scaled = logits.astype(jnp.float32) / jnp.where(hot, temperature, 1.0)[:, None]
+        # the vocabulary-wide sort only when a hot row cuts (a server's greedy rows do not)
+        scaled = jax.lax.cond(cuts, lambda x: filter_rows(x, top_k, top_p), lambda x: x, scaled)
+        drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row[None], axis=-1)[0])(
+            keys, scaled).astype(jnp.int32)
+        return jnp.where(hot, drawn, greedy)
+    return jax.lax.cond(jnp.any(hot), draw, lambda _: greedy, None)

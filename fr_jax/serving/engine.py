@@ -28,6 +28,7 @@ import numpy as np
 
 from fr_jax.inference.core import PADDING, Record, decode_slots, left_pad
 from fr_jax.inference.sampling import sample_rows
+from fr_jax.runtime import sharding as sh
 from fr_jax.runtime.errors import CacheOverflowError
 
 
@@ -127,11 +128,33 @@ class Engine:
         if self.buckets[-1] > cache_len:
             raise ValueError(f"prompt bucket {self.buckets[-1]} exceeds cache_len {cache_len}")
         self._axes = _batch_axes(decoder._init_caches, cache_len)
-        self._prefill = jax.jit(self._prefill_row)  # compiled once per bucket (its shape)
-        self._insert = jax.jit(self._insert_row, donate_argnums=(0,))
-        self._chunk = jax.jit(self._run_chunk, donate_argnums=(1,))
+        self._compile(decoder.mesh)
         self._ids = itertools.count()
         self.reset()
+
+    def _compile(self, mesh):
+        """The jitted programs; on a mesh with the decoder's placement: slot rows over the
+        batch axes, caches as `generate` shards them, params where the lineup put them."""
+        if mesh is None:
+            self._prefill = jax.jit(self._prefill_row)  # once per bucket (its shape)
+            self._insert = jax.jit(self._insert_row, donate_argnums=(0,))
+            self._chunk = jax.jit(self._run_chunk, donate_argnums=(1,))
+            self._placement = None
+            return
+        rep = sh.replicated(mesh)
+        rows = sh.batch_sharding(mesh, (self.slots,))
+        caches = lambda b: self.decoder._cache_shardings(  # noqa: E731
+            jax.eval_shape(lambda: self.decoder._init_caches(b, self.cache_len)))
+        state = SlotState(*([rows] * 7), caches(self.slots))
+        row = Record(rep, rep, rep)
+        chunk = Record(*([sh.NamedSharding(mesh, sh.P(None, *rows.spec))] * 2), rep)
+        self._placement = state
+        self._prefill = jax.jit(sh.traced_on(self._prefill_row, mesh),
+                                out_shardings=(caches(1), row))
+        self._insert = jax.jit(sh.traced_on(self._insert_row, mesh), donate_argnums=(0,),
+                               out_shardings=state)
+        self._chunk = jax.jit(sh.traced_on(self._run_chunk, mesh), donate_argnums=(1,),
+                              out_shardings=(state, chunk))
 
     def reset(self):
         """Every slot free, the queue empty (after a failed step: the caches may be gone)."""
@@ -142,11 +165,12 @@ class Engine:
     # ---------------------------------------------------------------- traced pieces
     def _empty_state(self) -> SlotState:
         s = self.slots
-        return SlotState(jnp.zeros((s,), jnp.int32), jnp.ones((s,), bool),
+        state = SlotState(jnp.zeros((s,), jnp.int32), jnp.ones((s,), bool),
                          jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.int32),
                          jnp.zeros((s,), jnp.float32), jnp.zeros((s,), jnp.int32),
                          jnp.ones((s,), jnp.float32),
                          self.decoder._init_caches(s, self.cache_len))
+        return state if self._placement is None else jax.device_put(state, self._placement)
 
     def _draw(self, scores, seed, count, temperature, top_k, top_p):
         keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seed, count)
@@ -290,19 +314,25 @@ class Engine:
 
     def step(self) -> List[Event]:
         """Admits what fits, then one decode chunk for every busy slot -> the events."""
+        return self.admit() + self.decode()
+
+    def admit(self) -> List[Event]:
+        """Prefills waiting requests into free slots -> their first tokens (a server hands
+        them out before the chunk: the time to first token is not a chunk longer)."""
         events: List[Event] = []
         self._admit(events)
+        return events
+
+    def decode(self) -> List[Event]:
+        """One decode chunk for every busy slot -> the events."""
         if self.active == 0:
-            return events
+            return []
         active = jnp.asarray([r is not None for r in self.requests])
         eos_ends = jnp.asarray([r is None or not r.ignore_eos for r in self.requests])
         self.state, recs = self._chunk(self.params, self.state, active, eos_ends)
         tokens, chosen = np.asarray(recs.token), np.asarray(recs.chosen)  # [chunk, S]
-        for slot, req in enumerate(self.requests):
-            if req is not None:
-                events.append(self._add(slot, tokens[:, slot].tolist(),
-                                        chosen[:, slot].tolist()))
-        return events
+        return [self._add(slot, tokens[:, slot].tolist(), chosen[:, slot].tolist())
+                for slot, req in enumerate(self.requests) if req is not None]
 
     def run(self, requests: Sequence[Request]) -> List[Request]:
         """Submits every request and steps until all are finished (offline use, tests)."""

@@ -93,12 +93,11 @@ class Worker:
             if not self._take_inbox(block=self.engine.idle):
                 continue
             try:
-                events = self.engine.step()
+                self._dispatch(self.engine.admit())  # first tokens out before the chunk
+                self._dispatch(self.engine.decode())
             except Exception as e:  # noqa: BLE001 -- a failed step must not kill the server
                 log.exception("engine step failed; failing its requests")
                 self._fail_all(e)
-                continue
-            self._dispatch(events)
 
     def _take_inbox(self, block: bool) -> bool:
         """Applies every queued submit / cancel; waits for one when `block`. False when
@@ -128,8 +127,7 @@ class Worker:
         return not self.engine.idle
 
     def _dispatch(self, events: Sequence[Event]):
-        """Hands each job its events; the metrics see what a client sees: a step's events
-        of one request arrive together (the admission's first token and the chunk's)."""
+        """Hands each job its events, timing them as the client receives them."""
         now = time.perf_counter()
         m = self.metrics
         for ev in events:
