@@ -119,6 +119,9 @@ def one_streamed(port, prompt, n_tokens, start, t_arrive, out, i):
         "max_tokens": n_tokens, "ignore_eos": True, "temperature": 0, "stream": True}),
         {"Content-Type": "application/json"})
     resp = conn.getresponse()
+    if resp.status != 200:
+        out[i] = f"the server refused a request: {resp.status} {resp.read()[:300]}"
+        return
     stamps = []  # (time, tokens in the event)
     for line in resp:
         if line.startswith(b"data: {"):
@@ -149,6 +152,9 @@ def run_continuous(served: Served, work, times):
         t.join()
     done.set()
     sampler.join()
+    refused = [o for o in out if isinstance(o, str)]
+    if refused:
+        raise SystemExit(refused[0])
     end = max(s[-1][0] for _, s in out)
     ttft = [s[0][0] - sent for sent, s in out]
     itl = [(b[0] - a[0]) / b[1] for _, s in out for a, b in zip(s, s[1:]) for _ in range(b[1])]
@@ -215,6 +221,11 @@ def summary(rows, rates):
     return out
 
 
+def finite(rows):
+    """The rows with rate inf written "inf" (JSON has no infinity)."""
+    return [dict(r, rate="inf" if math.isinf(r["rate"]) else r["rate"]) for r in rows]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--slots", type=int, default=8)
@@ -236,6 +247,8 @@ def main(argv=None):
            for s, w in works.items()}
     longest = max(len(x) for v in ids.values() for x in v)
     width = min(b for b in default_buckets(args.cache_len) if b >= longest)
+    cap = args.cache_len - width - decoder.chunk  # what every prompt's bucket leaves
+    works = {s: [(d, p, min(n, cap)) for d, p, n in w] for s, w in works.items()}
     first = ids[seeds[0]]
     # warm the static path's programs, then time one prefill and one chunk of the slots
     for rows_, n in ((first[:args.slots], 2), (first[:1], 2), (first[:1], 2)):
@@ -279,8 +292,8 @@ def main(argv=None):
                    "cache_len": args.cache_len, "seeds": seeds,
                    "chunk_steps": decoder.chunk, "chunk_ms": round(chunk_ms, 2),
                    "prefill_ms": round(prefill_ms, 2),
-                   "device": str(lineup.mesh.devices.flat[0]), "summary": table,
-                   "rows": rows}, f, indent=1)
+                   "device": str(lineup.mesh.devices.flat[0]), "summary": finite(table),
+                   "rows": finite(rows)}, f, indent=1)
     print(f"\nwrote {args.out}")
 
 

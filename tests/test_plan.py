@@ -104,13 +104,14 @@ def test_plan_cli_plans_several_slices_in_one_run(tmp_path, capsys):
     unknown slice anywhere in the list is refused before anything is compiled. The lineup
     is the bundled world's checkpoints (their config.json sets the shapes, as a user's
     local checkpoints do): what is tested is the slices, so the programs are small (the
-    eager and the lazy decode, each compiled for the TPU here)."""
+    eager and the lazy decode, the server's prefill, insert and chunk, each compiled for the
+    TPU here)."""
     world = bundled_world()
     base = ["--config=" + default_config_file("llama3.py"),
             f"--config.router.path={world['router_base']}",
             f"--config.experts.paths={tuple(world['experts'])!r}",
-            "--config.plan.programs=('decode',)", "--config.plan.decode_batches=(1,)",
-            "--config.plan.costs=False"]
+            "--config.plan.programs=('decode', 'serve')", "--config.plan.decode_batches=(1,)",
+            "--config.plan.costs=False", "--config.serve.slots=4", "--config.serve.buckets=(16,)"]
     with pytest.raises(SystemExit, match="unknown TPU slice 'v9-1'.*v5e-8"):
         plan_cli.main(base + ["--topology=v5e-8,v9-1"])
     out = tmp_path / "plan.json"
@@ -122,7 +123,11 @@ def test_plan_cli_plans_several_slices_in_one_run(tmp_path, capsys):
     for s in slices:
         assert {r["program"] for r in s["results"]} == {
             f"decode {p}, fusionroute {m}, batch 1, {at}" for m in ("eager", "lazy")
-            for p, at in (("prefill", "prompt 1024"), ("chunk", "cache 2048"))}
+            for p, at in (("prefill", "prompt 1024"), ("chunk", "cache 2048"))} | {
+            "serve prefill, bucket 16, fusionroute lazy", "serve insert, fusionroute lazy",
+            "serve chunk, fusionroute lazy, 4 slots, cache 2048"}  # the server's programs
+        chunk = next(r for r in s["results"] if r["program"].startswith("serve chunk"))
+        assert chunk["parts"]["caches"] > 0 and chunk["fits"]
         # the checkpoints' own shapes (a few MiB), not the llama-3 presets' (GiBs)
         assert all(r["total"] < 2**28 for r in s["results"]), s["results"]
     assert "## v5e-8" in text and "## v4-8" in text and "30.75 GiB usable" in text

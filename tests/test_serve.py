@@ -418,3 +418,20 @@ def test_the_documented_examples_run(tmp_path):
         assert first.startswith("45 [0, 0, 0] ['math', 'code', 'instr']") and second == "tzqk"
     finally:
         assert server.stop() == 0
+
+
+def test_the_serving_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/serve_bench.py at a toy size: the real server over HTTP and static batching
+    of the same requests; every request gets all the tokens it asked for (the benchmark
+    asserts it), and the table and JSON have both servers' rows and the ratio."""
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "benchmarks/serve_bench.py", "--requests=6",
+                          "--slots=2", "--cache_len=128", "--rates=inf", "--seeds=0",
+                          f"--out={out}"], cwd=REPO, env=one_device_env(tmp_path),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [(r["server"], r["rate"]) for r in result["summary"]] == [
+        ("continuous", "inf"), ("static", "inf")]
+    assert all(r["tokens"] == result["rows"][0]["tokens"] > 0 for r in result["rows"])
+    assert "| continuous | inf |" in run.stdout and "x (" in run.stdout

@@ -31,7 +31,7 @@ import numpy as np
 
 from fr_jax import steps
 from fr_jax.aot.hlo_traffic import collectives, hbm_bytes
-from fr_jax.aot.programs import Program, all_programs, decode_programs
+from fr_jax.aot.programs import Program, all_programs, decode_programs, serve_programs
 from fr_jax.aot.shapes import model_config
 from fr_jax.config import decode_mesh, frozen_dtype
 from fr_jax.runtime import sharding as sh
@@ -239,6 +239,9 @@ def evaluate(config, chip: Chip, devices, progress: bool = True,
         standins = {p.name: p for p in decode_programs(
             config, rcfg, ecfgs, meshes["decode"], tuple(pc.decode_modes),
             tuple(pc.decode_batches), (True,), single_expert=True) if p.costed}
+    if pc.costs and "serve" in pc.programs and config.decode.lazy_experts:
+        standins.update({p.name: p for p in serve_programs(
+            config, rcfg, ecfgs, meshes["decode"], single_expert=True) if p.costed})
     usable = chip.usable_gib * GiB
     results, traffic = [], {}
     for i, p in enumerate(programs):

@@ -1,5 +1,6 @@
 """Every program a config runs, built with fr_jax's own code from abstract params: the
-training stages' steps, the expert-signal precompute, the fused decoder's prefill and chunk."""
+training stages' steps, the expert-signal precompute, the fused decoder's prefill and chunk,
+the server's prefills, insert and chunk."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from fr_jax.routing.modes import Mode
 from fr_jax.routing.router import Router
 from fr_jax.runtime import sharding as sh
 from fr_jax.runtime.errors import PlanError
+from fr_jax.serving.engine import Engine
 from fr_jax.steps import residency, samples
 
 
@@ -200,47 +202,66 @@ def _sample_programs(router, experts, vocab, seq, mesh, sampled) -> List[Program
                     {"params": params, "caches": caches}, costed=False, resident=resident)]
 
 
+def _fused_lineup(config, rcfg, ecfgs, mesh, mode_name: str, lazy: bool,
+                  single_expert: bool):
+    """(decoder, abstract params on `mesh`, the model configs a step runs, n experts) of one
+    decode lineup, every model in the frozen dtype; None where the mode has no lazy
+    schedule. With `single_expert` (cost of a lazy step: the router and the one selected
+    expert), a one-expert lineup decoded eagerly stands in for a lazy one."""
+    dt = frozen_dtype(config)
+    dc = config.decode
+    n = 1 if (single_expert and lazy) else len(ecfgs)
+    router = Router(rcfg.replace(param_dtype=dt), n)
+    vocab = min(c.vocab_size for c in [rcfg, *ecfgs])
+    experts = Experts([c.replace(param_dtype=dt) for c in ecfgs[:n]], vocab=vocab,
+                      stacked=experts_layout(config))
+    dec = FusedDecoder(Mode.parse(mode_name, n), router, experts, vocab=vocab, chunk=dc.chunk,
+                       mesh=mesh, lazy_experts=lazy and n > 1,
+                       catch_up_width=dc.catch_up_width)
+    if lazy and n > 1 and not dec.lazy:
+        return None  # this mode has no lazy schedule
+    params = {"router": _abstract(router.param_shapes(), sh.param_shardings(router, mesh)),
+              "experts": _abstract(experts.param_shapes(), sh.param_shardings(experts, mesh))}
+    used = [router.cfg] * bool(dec.router) + (
+        [ecfgs[0]] if (lazy or n == 1) else list(ecfgs[:n]))
+    return dec, params, used, n
+
+
+def _chunk_costs(config, rcfg, ecfgs, dec, params, used, lazy, batch, cache_len):
+    """(useful FLOPs per step, bytes a step must read) of a decode chunk: the weights of the
+    models it runs (of an untied input embedding only the rows looked up) and their caches
+    (every slot)."""
+    dt = frozen_dtype(config)
+    weights = (_nbytes(params.get("router", {})) if dec.router else 0) + (
+        _nbytes(params["experts"]) // (len(ecfgs) if lazy else 1))
+    weights -= sum(c.vocab_size * c.hidden_size for c in used
+                   if not c.tie_word_embeddings) * jnp.dtype(dt).itemsize
+    kv_item = jnp.dtype(rcfg.dtype).itemsize  # caches hold activations
+    kv = sum(2 * c.num_layers * c.num_kv_heads * c.head_dim for c in used) * (
+        batch * cache_len * kv_item)
+    return sum(forward_flops(c, batch, cache_len) for c in used), weights + kv
+
+
 def decode_programs(config, rcfg, ecfgs, mesh, modes: Sequence[str], batches: Sequence[int],
                     lazy_options: Sequence[bool], single_expert: bool = False) -> List[Program]:
-    """The fused decoder's prefill and chunk for each mode x lazy/eager x batch, with every
-    model in the frozen dtype. With `single_expert` (cost of a lazy step: the router and the
-    one selected expert), a one-expert lineup decoded eagerly stands in for each lazy row."""
+    """The fused decoder's prefill and chunk for each mode x lazy/eager x batch (see
+    _fused_lineup for `single_expert`)."""
     pc, dc = config.plan, config.decode
-    dt = frozen_dtype(config)
     out = []
     for mode_name in modes:
         for lazy in lazy_options:
-            n = 1 if (single_expert and lazy) else len(ecfgs)
-            router = Router(rcfg.replace(param_dtype=dt), n)
-            vocab = min(c.vocab_size for c in [rcfg, *ecfgs])
-            experts = Experts([c.replace(param_dtype=dt) for c in ecfgs[:n]], vocab=vocab,
-                              stacked=experts_layout(config))
-            mode = Mode.parse(mode_name, n)
             label = "lazy" if lazy else "eager"
             for batch in batches:
-                dec = FusedDecoder(mode, router, experts, vocab=vocab, chunk=dc.chunk, mesh=mesh,
-                                   lazy_experts=lazy and n > 1,
-                                   catch_up_width=dc.catch_up_width)
-                if lazy and n > 1 and not dec.lazy:
-                    break  # this mode has no lazy schedule
-                params = dec.prepare({
-                    "router": _abstract(router.param_shapes(), sh.param_shardings(router, mesh)),
-                    "experts": _abstract(experts.param_shapes(),
-                                         sh.param_shardings(experts, mesh))})
+                built = _fused_lineup(config, rcfg, ecfgs, mesh, mode_name, lazy, single_expert)
+                if built is None:
+                    break
+                dec, params, used, _ = built
+                params = dec.prepare(params)
                 (pre, pre_args), (chunk, chunk_args) = dec.compiled_programs(
                     params, batch, pc.prompt_len, pc.cache_len)
                 caches = _abstract(pre_args[4], dec._cache_shardings(pre_args[4]))
-                used = [router.cfg] * bool(dec.router) + (
-                    [ecfgs[0]] if (lazy or n == 1) else list(ecfgs[:n]))
-                # What a step must read: the weights of the models it runs (of an untied
-                # input embedding only the rows looked up) and their caches (every slot).
-                weights = (_nbytes(params.get("router", {})) if dec.router else 0) + (
-                    _nbytes(params["experts"]) // (len(ecfgs) if lazy else 1))
-                weights -= sum(c.vocab_size * c.hidden_size for c in used
-                               if not c.tie_word_embeddings) * jnp.dtype(dt).itemsize
-                kv_item = jnp.dtype(rcfg.dtype).itemsize  # caches hold activations
-                kv = sum(2 * c.num_layers * c.num_kv_heads * c.head_dim for c in used) * (
-                    batch * pc.cache_len * kv_item)
+                flops, read = _chunk_costs(config, rcfg, ecfgs, dec, params, used, lazy, batch,
+                                           pc.cache_len)
                 tag = f"{mode_name} {label}, batch {batch}"
                 out.append(Program(f"decode prefill, {tag}, prompt {pc.prompt_len}", "decode",
                                    pre, pre_args, {"params": params, "caches": caches},
@@ -249,8 +270,38 @@ def decode_programs(config, rcfg, ecfgs, mesh, modes: Sequence[str], batches: Se
                                    costed=False))
                 out.append(Program(f"decode chunk, {tag}, cache {pc.cache_len}", "decode",
                                    chunk, chunk_args, {"params": params, "caches": caches},
-                                   sum(forward_flops(c, batch, pc.cache_len) for c in used),
-                                   weights + kv, steps=dc.chunk))
+                                   flops, read, steps=dc.chunk))
+    return out
+
+
+def serve_programs(config, rcfg, ecfgs, mesh, single_expert: bool = False) -> List[Program]:
+    """The server's programs (fr_jax.serving.engine) for decode.mode with decode's lazy
+    setting: each prompt bucket's prefill, the insert of a prefilled row into its slot, and
+    the decode chunk of serve.slots rows, at serve.cache_len (plan.cache_len where 0)."""
+    dc, s = config.decode, config.serve
+    cache_len = s.cache_len or config.plan.cache_len
+    lazy = bool(dc.lazy_experts)
+    built = _fused_lineup(config, rcfg, ecfgs, mesh, dc.mode, lazy, single_expert)
+    if built is None:  # the mode has no lazy schedule
+        lazy = False
+        built = _fused_lineup(config, rcfg, ecfgs, mesh, dc.mode, lazy, single_expert)
+    dec, params, used, _ = built
+    engine = Engine(dec, params, s.slots, cache_len, eos_ids=[0], pad_id=0,
+                    buckets=tuple(s.buckets) or None, place=False)
+    state = jax.eval_shape(engine._zero_state)
+    tag = f"{dc.mode} {'lazy' if lazy else 'eager'}"
+    out = []
+    for name, fn, args in engine.lowerable():
+        groups = {"params": engine.params} if name != "insert" else {}
+        if name == "chunk":
+            flops, read = _chunk_costs(config, rcfg, ecfgs, dec, engine.params, used, lazy,
+                                       s.slots, cache_len)
+            out.append(Program(f"serve chunk, {tag}, {s.slots} slots, cache {cache_len}",
+                               "decode", fn, args, dict(groups, caches=state), flops, read,
+                               steps=dc.chunk))
+        else:
+            out.append(Program(f"serve {name}, {tag}", "decode", fn, args,
+                               dict(groups, caches=state), costed=False))
     return out
 
 
@@ -260,9 +311,9 @@ def all_programs(config, rcfg, ecfgs, meshes, single_expert: bool = False,
     processes of the launch (a multi-host run gathers its router to export it)."""
     pc = config.plan
     wanted = set(pc.programs)
-    unknown = wanted - {"train", "decode"}
+    unknown = wanted - {"train", "decode", "serve"}
     if unknown:
-        raise PlanError(f"plan.programs: unknown {sorted(unknown)}; use 'train' and/or 'decode'")
+        raise PlanError(f"plan.programs: unknown {sorted(unknown)}; use train, decode, serve")
     out = []
     if "train" in wanted:
         out += train_programs(config, rcfg, ecfgs, meshes["train"], tuple(config.train.stages),
@@ -270,4 +321,6 @@ def all_programs(config, rcfg, ecfgs, meshes, single_expert: bool = False,
     if "decode" in wanted:
         out += decode_programs(config, rcfg, ecfgs, meshes["decode"], tuple(pc.decode_modes),
                                tuple(pc.decode_batches), tuple(pc.lazy), single_expert)
+    if "serve" in wanted:
+        out += serve_programs(config, rcfg, ecfgs, meshes["decode"], single_expert)
     return out

@@ -113,7 +113,7 @@ class Engine:
     it (the server's engine thread)."""
 
     def __init__(self, decoder, params, slots: int, cache_len: int, eos_ids: Sequence[int],
-                 pad_id: int, buckets: Optional[Sequence[int]] = None):
+                 pad_id: int, buckets: Optional[Sequence[int]] = None, place: bool = True):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.decoder, self.slots, self.cache_len = decoder, slots, cache_len
@@ -130,7 +130,8 @@ class Engine:
         self._axes = _batch_axes(decoder._init_caches, cache_len)
         self._compile(decoder.mesh)
         self._ids = itertools.count()
-        self.reset()
+        if place:  # False: abstract params, programs to compile ahead of time (`lowerable`)
+            self.reset()
 
     def _compile(self, mesh):
         """The jitted programs; on a mesh with the decoder's placement: slot rows over the
@@ -139,7 +140,7 @@ class Engine:
             self._prefill = jax.jit(self._prefill_row)  # once per bucket (its shape)
             self._insert = jax.jit(self._insert_row, donate_argnums=(0,))
             self._chunk = jax.jit(self._run_chunk, donate_argnums=(1,))
-            self._placement = None
+            self._placement = self._row_placement = self._small = None
             return
         rep = sh.replicated(mesh)
         rows = sh.batch_sharding(mesh, (self.slots,))
@@ -148,7 +149,7 @@ class Engine:
         state = SlotState(*([rows] * 7), caches(self.slots))
         row = Record(rep, rep, rep)
         chunk = Record(*([sh.NamedSharding(mesh, sh.P(None, *rows.spec))] * 2), rep)
-        self._placement = state
+        self._placement, self._row_placement, self._small = state, caches(1), rep
         self._prefill = jax.jit(sh.traced_on(self._prefill_row, mesh),
                                 out_shardings=(caches(1), row))
         self._insert = jax.jit(sh.traced_on(self._insert_row, mesh), donate_argnums=(0,),
@@ -164,13 +165,41 @@ class Engine:
 
     # ---------------------------------------------------------------- traced pieces
     def _empty_state(self) -> SlotState:
+        state = self._zero_state()
+        return state if self._placement is None else jax.device_put(state, self._placement)
+
+    def _zero_state(self) -> SlotState:
         s = self.slots
-        state = SlotState(jnp.zeros((s,), jnp.int32), jnp.ones((s,), bool),
+        return SlotState(jnp.zeros((s,), jnp.int32), jnp.ones((s,), bool),
                          jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.int32),
                          jnp.zeros((s,), jnp.float32), jnp.zeros((s,), jnp.int32),
                          jnp.ones((s,), jnp.float32),
                          self.decoder._init_caches(s, self.cache_len))
-        return state if self._placement is None else jax.device_put(state, self._placement)
+
+    def lowerable(self):
+        """[(name, jitted program, abstract arguments)] of every program the engine runs
+        (each bucket's prefill, insert, the chunk), for ahead-of-time compilation
+        (fr_jax.plan); the params may be ShapeDtypeStructs carrying their shardings."""
+        def sds(shape, dtype, sharding=None):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding or self._small)
+
+        def placed(tree, shardings):
+            if shardings is None:
+                return tree
+            return jax.tree.map(lambda x, s: sds(x.shape, x.dtype, s), tree, shardings)
+        i32, f32 = jnp.int32, jnp.float32
+        state = placed(jax.eval_shape(self._zero_state), self._placement)
+        row = placed(jax.eval_shape(lambda: self.decoder._init_caches(1, self.cache_len)),
+                     self._row_placement)
+        one = [sds((1,), t) for t in (i32, f32, i32, f32)]  # seed, temperature, top_k, top_p
+        out = [(f"prefill, bucket {b}", self._prefill,
+                (self.params, sds((1, b), i32), sds((1, b), bool), *one))
+               for b in self.buckets]
+        out.append(("insert", self._insert, (state, row, sds((1,), i32), sds((), i32),
+                                             sds((), bool), *(sds((), x.dtype) for x in one))))
+        out.append(("chunk", self._chunk, (self.params, state, sds((self.slots,), bool),
+                                           sds((self.slots,), bool))))
+        return out
 
     def _draw(self, scores, seed, count, temperature, top_k, top_p):
         keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seed, count)
