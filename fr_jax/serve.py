@@ -26,7 +26,7 @@ from fr_jax.corpus import encode_prompt
 from fr_jax.inference.lineup import lineup_from_config
 from fr_jax.inference.sampling import Sampling
 from fr_jax.routing.modes import Mode
-from fr_jax.runtime.errors import ConfigError
+from fr_jax.runtime.errors import ConfigError, FrJaxError
 from fr_jax.serving.api import Service, make_app
 from fr_jax.serving.engine import Engine
 from fr_jax.serving.metrics import Metrics
@@ -113,7 +113,10 @@ def serve(config, fv=None):
             self.should_exit = True
 
     def announce():
-        worker.ready.wait()
+        worker.warmed.wait()
+        if worker.failed is not None:  # nothing can be served: stop the HTTP side too
+            server.should_exit = True
+            return
         print(f"ready in {worker.warm_up_s:.1f} s: {url}/v1 (model '{service.model}')",
               flush=True)
 
@@ -124,8 +127,10 @@ def serve(config, fv=None):
     print(f"listening on {url} (/health is 503 until ready)", flush=True)
     server.run(sockets=[sock])
     worker.stop()
-    print(f"stopped: {int(service.metrics.generated._value.get())} tokens generated",
-          flush=True)
+    if worker.failed is not None:
+        e = worker.failed
+        raise FrJaxError(f"compiling the server's programs failed: {type(e).__name__}: {e}")
+    print(f"stopped: {worker.tokens} tokens generated", flush=True)
     return 0
 
 

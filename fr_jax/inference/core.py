@@ -67,6 +67,15 @@ def decode_slots(max_new_tokens: int, chunk: int) -> int:
     return -(-(max_new_tokens - 1) // chunk) * chunk
 
 
+def settle(nxt, chosen, done, eos_ids, pad_id, eos_ends=True):
+    """A step's drawn tokens [B] and chosen experts [B] where rows that were already done
+    hold the pad id and PADDING, and the rows done after it (an end id drawn where
+    `eos_ends` [B] lets one end the row) -> (tokens, chosen, done)."""
+    nxt = jnp.where(done, pad_id, nxt)
+    chosen = jnp.where(done, PADDING, chosen)
+    return nxt, chosen, done | (jnp.isin(nxt, eos_ids) & eos_ends)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int = 0):
     """Ragged prompts -> (tokens [B, T] int32, mask [B, T] bool), padded on the left to
     T = max(width, the longest prompt)."""
@@ -105,10 +114,8 @@ class ChunkedDecoder:
         scores, chosen, probs, caches = self._logits(params, tokens, mask, state.caches,
                                                      state.done)
         key, sub = jax.random.split(state.key)
-        nxt = sample(scores, sub, self.sampling)
-        nxt = jnp.where(state.done, pad_id, nxt)
-        chosen = jnp.where(state.done, PADDING, chosen)
-        done = state.done | jnp.isin(nxt, eos_ids)
+        nxt, chosen, done = settle(sample(scores, sub, self.sampling), chosen, state.done,
+                                   eos_ids, pad_id)
         return DecodeState(nxt, done, key, caches), Record(nxt, chosen, probs)
 
     def _prefill(self, params, tokens, mask, key, caches, eos_ids, pad_id):

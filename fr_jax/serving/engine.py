@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fr_jax.inference.core import PADDING, Record, decode_slots, left_pad
+from fr_jax.inference.core import Record, decode_slots, left_pad, settle
 from fr_jax.inference.sampling import sample_rows
 from fr_jax.runtime import sharding as sh
 from fr_jax.runtime.errors import CacheOverflowError
@@ -238,9 +238,7 @@ class Engine:
                 params, state.token[:, None], None, state.caches, state.done)
             nxt = self._draw(scores, state.seed, state.count, state.temperature, state.top_k,
                              state.top_p)
-            nxt = jnp.where(state.done, self.pad, nxt)
-            chosen = jnp.where(state.done, PADDING, chosen)
-            done = state.done | (jnp.isin(nxt, self.eos) & eos_ends)
+            nxt, chosen, done = settle(nxt, chosen, state.done, self.eos, self.pad, eos_ends)
             return state._replace(token=nxt, done=done, count=state.count + 1,
                                   caches=caches), Record(nxt, chosen, probs)
         return jax.lax.scan(body, state, None, length=self.chunk)

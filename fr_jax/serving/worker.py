@@ -50,7 +50,10 @@ class Worker:
         self.lock = threading.Lock()
         self._ids = itertools.count()
         self.ready = threading.Event()  # set once warm-up compiled every program
+        self.warmed = threading.Event()  # set when warm-up ended, compiled or `failed`
+        self.failed: Optional[BaseException] = None
         self.warm_up_s = 0.0
+        self.tokens = 0  # generated, for the shutdown line
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="fr_jax-engine", daemon=True)
         metrics.slots.set(engine.slots)
@@ -86,9 +89,15 @@ class Worker:
 
     def _run(self):
         t0 = time.perf_counter()
-        self.engine.warm_up()
+        try:
+            self.engine.warm_up()
+        except Exception as e:  # noqa: BLE001 -- reported by the server, which then stops
+            self.failed = e
+            self.warmed.set()
+            return
         self.warm_up_s = time.perf_counter() - t0
         self.ready.set()
+        self.warmed.set()
         while not self.stopping.is_set():
             if not self._take_inbox(block=self.engine.idle):
                 continue
@@ -143,6 +152,7 @@ class Worker:
                     m.itl.observe((now - job.last_token) / n)
             job.last_token = now
             m.generated.inc(n)
+            self.tokens += n
             for e in ev.experts:
                 m.per_expert.labels(self.names[e] if 0 <= e < len(self.names) else ROUTER).inc()
             job.put(ev)
