@@ -4,6 +4,8 @@
     python -m fr_jax.ablate --config.variants="('router_lm', 'fused_all')" --config.seeds="(0,)"
     python -m fr_jax.ablate --config=configs/ablation.py:full # on the full world (trains its
                                                               # experts once, then the routers)
+    python -m fr_jax.ablate --config=configs/ablation.py:scale  # the scale sweep: router (and
+                                                              # expert) sizes, with baselines
 
 Each variant is a set of changes to configs/demo.py, written as its fields (the base
 config's, e.g. train.sft.lm_target, and the demo's own, e.g. demo.router_model.hidden_size);
@@ -22,11 +24,17 @@ from fr_jax.config import nested
 # The study ran on the 3 x 64 router (the demo's default then, 3 x 80 since): every variant
 # is written on it, so each reruns as docs/training.md's table reports it; the capacity variants set
 # their own size.
-def _router(hidden: int, ff: int) -> dict:
-    return {"demo.router_model.hidden_size": hidden, "demo.router_model.intermediate_size": ff}
+def _router(hidden: int, ff: int, layers: int = 3, model: str = "router_model") -> dict:
+    return {f"demo.{model}.hidden_size": hidden, f"demo.{model}.intermediate_size": ff,
+            f"demo.{model}.num_layers": layers}
 
 
 STUDY_ROUTER = _router(64, 192)
+DEMO_ROUTER = _router(80, 224)  # the demo's default router (configs/demo.py)
+# The scale sweep's largest step: 4 blocks x 128, larger than an expert (3 x 96).
+LARGE = dict(hidden=128, ff=352, layers=4)
+# The modes of the scale sweep: FusionRoute against each baseline the issue names.
+SCALE_MODES = ("fusionroute", "expert_only", "router_only", "finetuned", "sequence")
 
 
 def _variant(**fields):
@@ -35,10 +43,13 @@ def _variant(**fields):
 
 
 def get_config(arg: str = ""):
-    if arg not in ("", "quick", "full"):
-        raise ValueError(f"configs/ablation.py takes '' (the reduced world) or 'full', got {arg!r}")
+    if arg not in ("", "quick", "full", "scale"):
+        raise ValueError("configs/ablation.py takes '' (the reduced world), 'full' or 'scale' "
+                         f"(the scale sweep on the reduced world), got {arg!r}")
     full = arg == "full"
     c = ml_collections.ConfigDict()
+    # The scale sweep shares the reduced ablation's folder: its router-size runs are that
+    # table's rows too (a run missing a mode is finished, not retrained).
     c.workdir = "runs/ablation-full" if full else "runs/ablation"
     c.demo = "full" if full else "quick"  # configs/demo.py:<this>, the world and budgets
     c.seeds = (0, 1, 2)
@@ -68,9 +79,26 @@ def get_config(arg: str = ""):
     # The two levers that moved `mixed` most, together: the 3 x 80 router with the mix.
     d.mid_mix = _variant(**_router(80, 224), **{"train.sft.lm_target": "mix",
                                                 "train.sft.lm_mix": 0.5})
+    # The paper's guard in stage 2: stage 1's loss kept on during CDPO (train.cdpo.sft_weight),
+    # the routing head trained by it alone (head=sft), without the routing-KL anchor
+    # (sft_mix) or with it (sft_mix_kl), at two weights; on the demo's 3 x 80 router, so
+    # each compares with router_mid (the default) and the rule can pick it as the default.
+    for weight, tag in ((0.3, "0_3"), (1.0, "1")):
+        guard = {**DEMO_ROUTER, "train.cdpo.sft_weight": weight, "train.cdpo.head": "sft"}
+        d[f"sft_mix_{tag}"] = _variant(**guard, **{"train.cdpo.route_kl": 0.0})
+        d[f"sft_mix_kl_{tag}"] = _variant(**guard)
+    # Scale: a router larger than an expert, then experts and router both 4 x 128 (the
+    # experts trained once for it, seed 0, like the full world's).
+    d.router_4x128 = _variant(**_router(**LARGE))
+    d.experts_4x128 = _variant(**_router(**LARGE), **_router(**LARGE, model="expert_model"))
     c.definitions = d
     # Which of `definitions` to run, in this order (the table's).
     c.variants = ("router_lm", "fused_all", "fused_informative", "mix", "router_mid",
                   "router_expert_size", "best_expert", "beta_0_1", "no_route_kl", "pairs_x2",
-                  "chosen_reference", "mid_mix")
+                  "chosen_reference", "mid_mix", "sft_mix_0_3", "sft_mix_1", "sft_mix_kl_0_3",
+                  "sft_mix_kl_1")
+    if arg == "scale":
+        c.modes = SCALE_MODES
+        c.variants = ("router_lm", "router_mid", "router_expert_size", "router_4x128",
+                      "experts_4x128")
     return c

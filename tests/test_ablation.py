@@ -140,3 +140,41 @@ def test_micro_ablation_trains_only_routers_writes_the_table_and_resumes(tmp_pat
     redone = json.load(open(work / "ablation.json"))
     for name in summary["variants"]:
         assert redone["variants"][name]["accuracy"] == summary["variants"][name]["accuracy"]
+
+
+def test_the_scale_summary_takes_each_seed_s_best_baseline_and_plots_the_margin(tmp_path):
+    """The scale sweep's margin: per seed, FusionRoute's average minus the best of
+    fine-tuned / sequence / expert_only on that seed (not the best mean), by size."""
+    cfg = _config(variants=("router_lm", "router_4x128"), seeds=(0, 1),
+                  modes=("fusionroute", "expert_only", "finetuned", "sequence"))
+    eo = [0.99, 1.0, 1.0, 0.0]  # average 0.7475
+
+    def run(fr, finetuned, sequence):
+        r = _results(fr, eo)
+        for mode, avg in (("finetuned", finetuned), ("sequence", sequence)):
+            r["accuracy"][mode] = dict(zip(W.EVAL_DOMAINS, [avg] * 4))
+            r["average"][mode] = avg
+        return r
+
+    runs = {"router_lm": [run([0.99, 1.0, 1.0, 0.2], 0.70, 0.78),     # fr 0.7975
+                          run([0.99, 1.0, 1.0, 0.2], 0.85, 0.70)],    # fr 0.7975
+            "router_4x128": [run([0.99, 1.0, 1.0, 0.6], 0.70, 0.80),  # fr 0.8975
+                             run([0.99, 1.0, 1.0, 0.6], 0.60, 0.70)]}
+    sizes = {"router_lm": {"router": 150_000, "experts": 300_000},
+             "router_4x128": {"router": 750_000, "experts": 300_000}}
+    s = A.summarise(cfg, runs, sizes)
+    small, large = s["variants"]["router_lm"]["margin"], s["variants"]["router_4x128"]["margin"]
+    assert small["best_baseline"] == ["sequence", "finetuned"]
+    assert small["values"] == pytest.approx([0.0175, -0.0525])
+    assert large["best_baseline"] == ["sequence", "expert_only"]
+    assert large["values"] == pytest.approx([0.0975, 0.15])
+    assert s["variants"]["router_4x128"]["parameters"] == sizes["router_4x128"]
+    table = A.scale_markdown(s)
+    assert ("| router_4x128 | 750,000 | 300,000 | 89.8 ± 0.0 | 65.0 ± 7.1 | 75.0 ± 7.1 | "
+            "74.8 ± 0.0 | 12.4 ± 3.7 | sequence / expert_only |") in table
+    A.scale_plot(s, str(tmp_path / "scale.png"))
+    assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Without baselines among the modes there is no margin (the ablation's own table).
+    plain = A.summarise(_config(variants=("router_lm",), seeds=(0, 1)),
+                        {"router_lm": runs["router_lm"]})
+    assert "margin" not in plain["variants"]["router_lm"]

@@ -49,8 +49,9 @@ def _pref_file(root, sft_file):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])  # 0.5: CDPO's step takes SFT rows too
 def test_each_phase_holds_its_arguments_and_what_residency_names_and_the_plan_predicts_it(
-        tmp_path, sft_file):
+        tmp_path, sft_file, sft_weight):
     from fr_jax.cli import parse_flags
     from fr_jax.loop import train
 
@@ -67,13 +68,16 @@ def test_each_phase_holds_its_arguments_and_what_residency_names_and_the_plan_pr
         config.train.sft.steps = config.train.cdpo.steps = 2
         config.train.sft.expert_signals = "precompute"
         config.train.cdpo.reference = "precompute"
+        config.train.cdpo.sft_weight = sft_weight
         config.train.eval_every, config.train.sample_every = 2, 2
         config.train.ckpt_every, config.train.log_every = 2, 1
-    seen, running = {}, {}
+    seen, running, batches = {}, {}, {}
 
     def observe(stage, phase, program, args):
         given = _device_bytes(jax.tree.leaves(args))
         seen[(stage, phase)] = (_device_bytes(jax.live_arrays()), given)
+        if phase in ("step", "eval"):  # (state or params, frozen, batch)
+            batches[(stage, phase)] = _device_bytes(jax.tree.leaves(args[2]))
         ma = program.lower(*args).compile().memory_analysis()
         # What the program adds while it runs: its arguments not yet made (a sample
         # decode's caches and prompts: abstract here), outputs not written over donated
@@ -92,9 +96,11 @@ def test_each_phase_holds_its_arguments_and_what_residency_names_and_the_plan_pr
     # precomputed), no second router copy, no reference in CDPO (precomputed too).
     # (Up to 1 KiB of scalars other tests of this worker left alive: a router copy is 0.9 MB.)
     assert extra[("sft", "step")] <= 1024 and extra[("cdpo", "step")] <= 1024, seen
-    # Evaluation runs beside the train state: the same buffers as the step (its batch aside).
+    # Evaluation runs beside the train state: the same buffers as the step, their batches
+    # aside (CDPO's step batch also holds SFT rows with train.cdpo.sft_weight).
     for stage in ("sft", "cdpo"):
-        assert abs(live[(stage, "eval")] - live[(stage, "step")]) <= 1024, seen
+        assert abs((live[(stage, "eval")] - batches[(stage, "eval")])
+                   - (live[(stage, "step")] - batches[(stage, "step")])) <= 1024, (stage, seen)
     # The precomputes run beside the stage's incoming router (one copy of its params: half
     # the optimizer state that evaluation sees beside its arguments, Adam's mu and nu).
     router = extra[("sft", "eval")] / 2

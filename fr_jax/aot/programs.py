@@ -141,10 +141,18 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str], hosts: int 
                          + n * forward_flops(ecfgs[0], tokens, (seq + 1) / 2))
             kernel = 2 * (splash_flops(rc, tc.batch_size, seq, trained_fwd + (not pre), True)
                           + n * splash_flops(ec, tc.batch_size, seq, 1, False))
+            if tc.cdpo.sft_weight:  # stage 1's loss on SFT rows beside the pairs: the
+                # policy (fwd + bwd), every expert for the signals (and a fused term's bias)
+                batch["sft"] = _sft_rows(tc.batch_size, seq)
+                runs = 1 + (tc.sft.lm_target != "router")
+                flops += (3 * forward_flops(rcfg, tokens, (seq + 1) / 2)
+                          + runs * n * forward_flops(ecfgs[0], tokens, (seq + 1) / 2))
+                kernel += (splash_flops(rc, tc.batch_size, seq, trained_fwd, True)
+                           + runs * n * splash_flops(ec, tc.batch_size, seq, 1, False))
         else:
             continue
         stage = steps.build_stage(name, router, experts, mesh, tc[name], tc, r_params, frozen,
-                                  vocab)
+                                  vocab, sft_cfg=tc.sft)
         state = steps.abstract_state(stage, r_params)
         step, evaluate = stage.jitted(batch)
         args = {"state"} | set(frozen)
@@ -156,7 +164,8 @@ def train_programs(config, rcfg, ecfgs, mesh, stages: Sequence[str], hosts: int 
                            resident=beside("step", args)))
         if tc.eval_every:  # evaluation runs beside the whole train state
             out.append(Program(f"{name.upper()} eval", "train", evaluate,
-                               (state.params, frozen, batch),
+                               (state.params, frozen,
+                                {k: v for k, v in batch.items() if k != "sft"}),
                                {"params": state.params, "frozen": frozen}, costed=False,
                                resident=dict(beside("eval", args),
                                              optimizer=state.opt_state)))

@@ -200,6 +200,14 @@ def _train() -> Section:
                 ("Weight of the chosen answers' per-token NLL under the fused policy (RPO-style; "
                  "0 = the paper's plain CDPO): keeps DPO from lowering the likelihood of the "
                  "correct answers."), lo=0),
+            sft_weight=S(0.0,
+                ("Weight of stage 1's loss (train.sft's terms) on SFT rows (data.sft_path, "
+                 "train.batch_size of them beside each batch of pairs) kept on during CDPO: "
+                 "the paper's guard against degenerate routing; 0 = CDPO alone."), lo=0),
+            head=S("frozen",
+                ("frozen: the routing head gets no updates in CDPO; sft: it trains on the SFT "
+                 "term's gradient alone, the preference and routing-KL terms reaching the LM "
+                 "part only (needs sft_weight > 0)."), words=("frozen", "sft")),
             reference=S("online",
                 ("online: the stage-1 router (CDPO's reference) runs inside every step; "
                  "precompute: its sequence log-probs and routing logits are computed once per "

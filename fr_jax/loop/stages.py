@@ -134,6 +134,14 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     widths = dict(signals=experts.n if precomputed else 0,
                   reference=trainee.n_experts if reference else 0)
     batcher = StreamBatcher(layout, data.train, dc.seq_len, dc.seed, kind, dc.pack, **widths)
+    # CDPO with stage 1's loss kept on: SFT rows beside every batch of pairs, their own
+    # stream position in every checkpoint.
+    sft_batcher = (_sft_term_batcher(dc, tokenizer, layout, workdir)
+                   if name == "cdpo" and stage_cfg.sft_weight else None)
+
+    def next_batch():
+        b = batcher.next()
+        return dict(b, sft=sft_batcher.next()) if sft_batcher else b
 
     # What the steps do not take leaves the devices: precomputed signals free the experts'
     # HBM for the step (to host memory when a sample decode or a later stage needs them
@@ -148,7 +156,8 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     elif ref_params is not None:
         take_over(ref_params)
     ref_params = None
-    stage = build_stage(name, trainee, experts, mesh, stage_cfg, tc, params, frozen, vocab)
+    stage = build_stage(name, trainee, experts, mesh, stage_cfg, tc, params, frozen, vocab,
+                        sft_cfg=tc.sft)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep)
     history = []  # one entry per logged update, kept across resumes (checkpoint meta)
     # A resume restores into the state's shapes without building a fresh state first (its
@@ -159,6 +168,8 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
         state, meta, at = restored
         take_over(params)
         batcher.restore(meta["data"])
+        if sft_batcher:
+            sft_batcher.restore(meta["sft_data"])
         history = list(meta.get("history", []))
         _print(f"[{name}] resumed from step {at} ({batcher.describe(meta['data'])})")
     else:
@@ -166,7 +177,7 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
     del params
     watch = Watch(name, config, history, ckpt)
     frozen = jax.device_put(frozen, stage.frozen_shardings)
-    first = batcher.next()
+    first = next_batch()
     train_step, eval_step = stage.jitted(first)
     writer = _Writer(os.path.join(tc.workdir, "tensorboard", name))
     writer.text("config", "<pre>" + config.to_json_best_effort(indent=2) + "</pre>", 0)
@@ -193,7 +204,8 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
         while micro < total:
             state, metrics = train_step(state, frozen, stage.put_batch(batch))
             micro += 1
-            tokens_since += batcher.tokens(batch)
+            tokens_since += batcher.tokens(batch) + (sft_batcher.tokens(batch["sft"])
+                                                     if sft_batcher else 0)
             bar.update(1)
             pending.append((micro, {k: metrics[k] for k in WATCHED if k in metrics}))
             saving = micro % tc.ckpt_every == 0 or micro == total
@@ -240,13 +252,16 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
                 # checkpoint continues the history that led to it.
                 position = StreamBatcher.state(layout.n_streams,
                                                distributed.gather(batcher.positions()))
+                meta = {"data": position, "stage": name, "micro": micro, "history": history}
+                if sft_batcher:
+                    meta["sft_data"] = StreamBatcher.state(
+                        layout.n_streams, distributed.gather(sft_batcher.positions()))
                 with interrupt_after():
-                    ckpt.save(micro, state, {"data": position, "stage": name,
-                                             "micro": micro, "history": history})
+                    ckpt.save(micro, state, meta)
                 if distributed.is_main():
                     record.write_json(history_path, history)
             if micro < total:
-                batch = batcher.next()
+                batch = next_batch()
     except KeyboardInterrupt:
         raise Interrupted(resume_note(config, name, micro)) from None
     finally:
@@ -261,6 +276,20 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
 def _once(observe, phase: str):
     """`observe`, silent from now on for `phase` (its first call has been seen)."""
     return lambda p, *a: None if p == phase else observe(p, *a)
+
+
+def _sft_term_batcher(dc, tokenizer, layout, workdir) -> StreamBatcher:
+    """CDPO's SFT rows (train.cdpo.sft_weight): data.sft_path's training examples in the
+    stage's stream layout, its own order (seed data.seed + 1)."""
+    data = load_stage_data(dc.sft_path, "sft", tokenizer, dc, layout)
+    if distributed.is_main():
+        record.write_json(os.path.join(workdir, "sft_term_data_report.json"),
+                          {"path": dc.sft_path, **data.report.to_json()})
+    if not data.n_train:
+        raise DataError(f"{dc.sft_path}: no usable SFT records for CDPO's SFT term "
+                        f"(train.cdpo.sft_weight): {data.report}")
+    _print(f"[cdpo] SFT term: {data.report}; {data.n_train} train")
+    return StreamBatcher(layout, data.train, dc.seq_len, dc.seed + 1, "sft", dc.pack)
 
 
 def evaluate(stage, eval_step, params, frozen, held, layout, tc, dc, kind,
@@ -359,6 +388,17 @@ def check_run(config) -> Dict[str, Checkpoint]:
         kind = "pref" if name == "cdpo" else "sft"
         check_data_path(config.data.pref_path if kind == "pref" else config.data.sft_path,
                         kind)
+    if "cdpo" in tc.stages:
+        if tc.cdpo.head == "sft" and not tc.cdpo.sft_weight:
+            raise TrainError("train.cdpo.head=sft trains the routing head on the SFT term, "
+                             "which train.cdpo.sft_weight=0 turns off; set sft_weight > 0 "
+                             "or leave head=frozen")
+        if tc.cdpo.sft_weight:  # CDPO's SFT term reads the stage-1 data too
+            try:
+                check_data_path(config.data.sft_path, "sft")
+            except DataError as e:
+                raise DataError(f"train.cdpo.sft_weight={tc.cdpo.sft_weight} keeps stage "
+                                f"1's loss on during CDPO: {e}") from None
     return {f: local[f] if f in local else resolve(n) for f, n in fields.items()}
 
 

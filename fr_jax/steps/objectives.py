@@ -119,7 +119,8 @@ def reference_outputs(router: Router, experts: Experts, vocab: int, block: int, 
     return losses.sequence_logprob(stats.logprob, side["loss_mask"]), route
 
 
-def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg, block: int = 0):
+def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg, block: int = 0,
+                 sft_cfg=None):
     """(params, frozen, batch) -> (loss, metrics) of complementary DPO on the fused policy.
 
     The expert k_t of every token is chosen by the frozen stage-1 router (`frozen["ref"]`),
@@ -131,6 +132,11 @@ def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg, block:
     Plus `chosen_nll` x the fused policy's per-token NLL of the chosen answers (as in RPO,
     Pang et al. 2024): DPO alone may lower the chosen answers' likelihood along with the
     rejected ones'; this keeps the policy producing them.
+    Plus `sft_weight` x stage 1's loss (`sft_cfg`, train.sft's terms, the experts' signals
+    computed in the step) on the batch's `sft` rows: the paper's guard against degenerate
+    routing, stage 1's supervision kept on during the preference stage. With head = "sft"
+    the routing head trains, on that term's gradient alone (the preference and anchor terms
+    see it through a stop-gradient: they update the LM part only).
     """
     def seq_logprobs(params, frozen, side):
         e_params = frozen["experts"]
@@ -150,7 +156,23 @@ def cdpo_loss_fn(router: Router, experts: Experts, vocab: int, stage_cfg, block:
         kl = losses.routing_kl(ref_route, pol_out.route_logits, side["loss_mask"])
         return pol, jax.lax.stop_gradient(ref), kl
 
+    sft_term = (sft_loss_fn(router, experts, vocab, sft_cfg, block)
+                if sft_cfg is not None and stage_cfg.sft_weight > 0 else None)
+
     def loss_fn(params, frozen, batch):
+        cdpo_params = params
+        if stage_cfg.head == "sft":  # the routing head learns from the SFT term alone
+            cdpo_params = dict(params, head=jax.lax.stop_gradient(params["head"]))
+        loss, metrics = cdpo_terms(cdpo_params, frozen, batch)
+        if sft_term is not None and "sft" in batch:  # eval batches carry pairs only
+            sft_loss, sft_metrics = sft_term(params, frozen, batch["sft"])
+            loss = loss + stage_cfg.sft_weight * sft_loss
+            metrics.update({f"sft_{k}": v for k, v in sft_metrics.items()
+                            if k in ("loss", "route_loss", "generator_loss", "route_acc")})
+            metrics["loss"] = loss
+        return loss, metrics
+
+    def cdpo_terms(params, frozen, batch):
         pc, rc, kl_c = seq_logprobs(params, frozen, batch["chosen"])
         pr, rr, kl_r = seq_logprobs(params, frozen, batch["rejected"])
         # Padding rows (no response tokens) carry no preference.

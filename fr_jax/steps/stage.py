@@ -137,9 +137,12 @@ class Stage:
         train = jax.jit(sh.traced_on(step, self.mesh),
                         in_shardings=(self.state_shardings, self.frozen_shardings, b_sh),
                         out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        # Evaluation batches are the stage's own data only (CDPO's SFT rows are a training
+        # term: its eval loss stays comparable across train.cdpo.sft_weight).
+        eval_sh = {k: v for k, v in b_sh.items() if k != "sft"}
         evaluate = jax.jit(sh.traced_on(make_eval_step(self.loss_fn, self.accum), self.mesh),
                            in_shardings=(self.state_shardings.params, self.frozen_shardings,
-                                         b_sh))
+                                         eval_sh))
         return train, evaluate
 
 
@@ -153,9 +156,11 @@ def micro_batches(batch, accum: int):
     return jax.tree.map(split, batch)
 
 
-def build_stage(name, trainee, experts, mesh, stage_cfg, train_cfg, params, frozen, vocab):
+def build_stage(name, trainee, experts, mesh, stage_cfg, train_cfg, params, frozen, vocab,
+                sft_cfg=None):
     """`trainee` is the Router for stages sft / cdpo, a plain Model for stage lm. `params`
-    and `frozen` may be arrays or ShapeDtypeStructs (fr_jax.plan compiles from shapes)."""
+    and `frozen` may be arrays or ShapeDtypeStructs (fr_jax.plan compiles from shapes).
+    `sft_cfg`: train.sft, the terms of CDPO's SFT term (train.cdpo.sft_weight)."""
     accum = max(train_cfg.grad_accum, 1)
     if train_cfg.batch_size % accum:
         raise ValueError(f"train.batch_size={train_cfg.batch_size} is not a multiple of "
@@ -164,10 +169,12 @@ def build_stage(name, trainee, experts, mesh, stage_cfg, train_cfg, params, froz
     block = train_cfg.loss_block
     if name == "lm":
         fn = lm_loss_fn(trainee, vocab, block)
+    elif name == "sft":
+        fn = sft_loss_fn(trainee, experts, vocab, stage_cfg, block)
     else:
-        fn = (sft_loss_fn if name == "sft" else cdpo_loss_fn)(trainee, experts, vocab, stage_cfg,
-                                                               block)
-    tx, schedule = make_optimizer(stage_cfg, train_cfg, params, frozen_head=name == "cdpo")
+        fn = cdpo_loss_fn(trainee, experts, vocab, stage_cfg, block, sft_cfg)
+    frozen_head = name == "cdpo" and stage_cfg.head == "frozen"
+    tx, schedule = make_optimizer(stage_cfg, train_cfg, params, frozen_head=frozen_head)
     p_sh = sh.param_shardings(trainee, mesh)
     opt_shapes = jax.eval_shape(tx.init, params)
     opt_sh = _opt_shardings(tx, opt_shapes, p_sh, mesh)

@@ -7,7 +7,10 @@ off (world data, router SFT, preference pairs, CDPO, the harness on `modes`), ea
 own folder: <workdir>/runs/<variant>/seed<k>. A finished run (its results.json) is read
 back, never re-run; an interrupted one resumes in the pipeline's own steps. The table:
 <workdir>/ablation.{json,md}, variant x mode x domain, mean and standard deviation over
-the seeds, and each variant's router training time.
+the seeds, and each variant's router training time. With baseline modes among `modes`
+(the scale sweep, configs/ablation.py:scale) the runs train the demo's baselines too and
+the summary adds FusionRoute's margin over the best of them per variant and seed, with
+each variant's router and expert sizes: <workdir>/scale.{md,png}.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from fr_jax.harness import toy_world as W
 from fr_jax.loop import record
 from fr_jax.runtime.errors import ConfigError
 from fr_jax.toy import pipeline as P
+from fr_jax.toy.checks import BASELINE_MODES
 
 # The router's share of a run's wall time: what a variant costs to train ("base models":
 # a router of a size no bundled base has gets its base pretrained in the run).
@@ -33,6 +37,12 @@ ROUTER_STEPS = ("base models", "router SFT", "preference pairs", "router CDPO")
 # The default is chosen by this rule (docs/training.md): the highest FusionRoute average
 # among the variants that lose at most this much on any skill domain against expert_only.
 SKILL_TOLERANCE = 0.01
+# The baselines FusionRoute's margin is taken over (the best of those in `modes`, per seed).
+MARGIN_OVER = ("finetuned", "sequence", "expert_only")
+
+
+def _needs_baselines(modes) -> bool:
+    return any(m in BASELINE_MODES or m == "sequence" or m.startswith("merged") for m in modes)
 
 
 def _update(node, changes, where: str):
@@ -79,24 +89,38 @@ def demo_config(cfg, variant: str, seed: int):
                           f"{', '.join(cfg.definitions.keys())}")
     c = _common_config(cfg)
     _update(c, cfg.definitions[variant], f"definitions.{variant}")
-    c.train.seed, c.demo.progress, c.demo.baselines = seed, cfg.progress, False
+    c.train.seed, c.demo.progress = seed, cfg.progress
+    c.demo.baselines = _needs_baselines(cfg.modes)
     c.eval.modes = tuple(cfg.modes)
     c.demo.bundle = ""
     c.train.workdir = os.path.join(os.path.abspath(cfg.workdir), "runs", variant, f"seed{seed}")
     return c
 
 
-def shared_world(cfg) -> str:
-    """The folder every run adopts its experts (and router base, where sizes match) from:
-    the demo config's `demo.start_from` when it names one, else a world trained here once
-    (the pipeline's first steps, world seed and budgets of `common`, seed 0)."""
-    c = _common_config(cfg)
-    if c.demo.start_from:
+def shared_world(cfg, variant: str) -> str:
+    """The folder a variant's runs adopt their experts (and router base, where sizes match)
+    from: the demo config's `demo.start_from` when it names one whose experts have the
+    variant's shape, else a world trained here once per expert shape (the pipeline's first
+    steps, world seed and budgets of `common` and the variant, seed 0):
+    <workdir>/shared, or <workdir>/shared-<layers>x<hidden> for experts of another size
+    than the demo's."""
+    c = demo_config(cfg, variant, 0)
+    if c.demo.start_from and P.experts_fit(c, c.demo.start_from):
         return c.demo.start_from
-    root = os.path.join(os.path.abspath(cfg.workdir), "shared")
-    c.train.workdir, c.train.seed, c.demo.progress = root, 0, cfg.progress
-    P.train_world(c, root)
+    e, default = c.demo.expert_model, _common_config(cfg).demo.expert_model
+    same = e.to_dict() == default.to_dict()
+    name = "shared" if same else f"shared-{e.num_layers}x{e.hidden_size}"
+    root = os.path.join(os.path.abspath(cfg.workdir), name)
+    if not os.path.isfile(os.path.join(root, "world.json")):
+        c.demo.start_from, c.train.workdir, c.demo.progress = "", root, cfg.progress
+        print(f"[ablation] training the experts of {variant} once, in {root}", flush=True)
+        P.train_world(c, root)
     return root
+
+
+def model_size(m) -> int:
+    """Parameters of a demo model section (demo.router_model / demo.expert_model)."""
+    return P.parameter_count(m, W.build_tokenizer())
 
 
 def _stats(values: List[float]) -> dict:
@@ -105,14 +129,30 @@ def _stats(values: List[float]) -> dict:
             "values": values}
 
 
-def summarise(cfg, runs: Dict[str, List[dict]]) -> dict:
+def _margin(results: List[dict], over: List[str]) -> dict:
+    """FusionRoute's average minus the best of the baselines `over`, per seed (each seed
+    against its own best), with which baseline that was."""
+    best = [max(over, key=lambda m: r["average"][m]) for r in results]
+    out = _stats([r["average"]["fusionroute"] - r["average"][b] for r, b in zip(results, best)])
+    out["best_baseline"] = best
+    return out
+
+
+def summarise(cfg, runs: Dict[str, List[dict]], sizes: Dict[str, dict] = None) -> dict:
     """Per variant: accuracy and average of every mode (mean, std, per-seed values), the
     router's training time, and whether it keeps every skill domain within
-    SKILL_TOLERANCE of expert_only; plus the variant the rule picks."""
+    SKILL_TOLERANCE of expert_only; plus the variant the rule picks. With baselines among
+    the modes, each variant's FusionRoute margin over the best of MARGIN_OVER (per seed);
+    `sizes` {variant: {"router": params, "experts": params}} is recorded as given."""
     out = {"demo": cfg.demo, "seeds": list(cfg.seeds), "modes": list(cfg.modes),
            "domains": list(W.EVAL_DOMAINS), "variants": {}}
+    over = [m for m in MARGIN_OVER if m in cfg.modes]
     for name, results in runs.items():
         v = {"changes": cfg.definitions[name].to_dict(), "accuracy": {}, "average": {}}
+        if sizes and name in sizes:
+            v["parameters"] = sizes[name]
+        if "fusionroute" in cfg.modes and {"finetuned", "sequence"} & set(over):
+            v["margin"] = _margin(results, over)
         for mode in cfg.modes:
             v["accuracy"][mode] = {d: _stats([r["accuracy"][mode][d] for r in results])
                                    for d in W.EVAL_DOMAINS}
@@ -160,32 +200,101 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scale_markdown(summary: dict) -> str:
+    """The scale sweep's table: per variant its sizes, FusionRoute's and each baseline's
+    average and FusionRoute's margin over the best baseline (mean ± sd over seeds, points)."""
+    over = [m for m in MARGIN_OVER if m in summary["modes"]]
+    head = (["variant", "router params", "expert params", "fusionroute"] + over +
+            ["FusionRoute − best baseline", "best baseline (per seed)"])
+    lines = [f"FusionRoute against the best baseline by size ({summary['demo']} demo world; "
+             f"average exact match, %, mean ± sd over seeds "
+             f"{', '.join(map(str, summary['seeds']))})", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, v in summary["variants"].items():
+        if "margin" not in v:
+            continue
+        size = v.get("parameters", {})
+        row = [name, f"{size.get('router', 0):,}", f"{size.get('experts', 0):,}"]
+        row += [_cell(v["average"][m]) for m in ["fusionroute"] + over]
+        row += [_cell(v["margin"]), " / ".join(v["margin"]["best_baseline"])]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def scale_plot(summary: dict, path: str):
+    """FusionRoute's margin over the best baseline against the router's parameters (mean
+    and sd over seeds): one line for the bundled experts, a point per other expert size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_experts: Dict[int, list] = {}
+    for name, v in summary["variants"].items():
+        if "margin" in v and "parameters" in v:
+            by_experts.setdefault(v["parameters"]["experts"], []).append(
+                (v["parameters"]["router"], 100 * v["margin"]["mean"],
+                 100 * v["margin"]["std"], name))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for experts, points in sorted(by_experts.items()):
+        points.sort()
+        ax.errorbar([p[0] for p in points], [p[1] for p in points],
+                    yerr=[p[2] for p in points], marker="o", capsize=3,
+                    label=f"experts of {experts:,} parameters")
+        for x, y, _, name in points:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.set(xscale="log", xlabel="router parameters",
+           ylabel="FusionRoute − best baseline (points)",
+           title="Margin over the best baseline by size (mean ± sd over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _finished(path: str, modes) -> dict:
+    """A run's results.json when it has every mode in `modes`, else None (a run of the
+    ablation read by the scale sweep has no baselines yet: it is finished, not retrained)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    return results if set(modes) <= set(results["accuracy"]) else None
+
+
 def run_ablation(cfg) -> dict:
     """Every variant x seed (finished runs are read back), then the summary, written to
-    <workdir>/ablation.{json,md} and returned."""
+    <workdir>/ablation.{json,md} (and scale.{md,png} with baselines) and returned."""
     if not cfg.seeds or not cfg.variants:
         raise ConfigError("the ablation needs at least one seed and one variant")
     for name in cfg.variants:  # every run's config is checked before the first one trains
         for seed in cfg.seeds:
             demo_config(cfg, name, seed)
-    start_from = shared_world(cfg)
     runs: Dict[str, List[dict]] = {}
+    sizes: Dict[str, dict] = {}
     for name in cfg.variants:
         runs[name] = []
+        start_from = None
         for seed in cfg.seeds:
             c = demo_config(cfg, name, seed)
             done = os.path.join(c.train.workdir, "results.json")
-            if not os.path.isfile(done):
+            if _finished(done, cfg.modes) is None:
+                start_from = start_from or shared_world(cfg, name)
                 c.demo.start_from = start_from
                 print(f"[ablation] {name}, seed {seed}", flush=True)
                 P.run_pipeline(c)
-            with open(done) as f:
-                runs[name].append(json.load(f))
-    summary = summarise(cfg, runs)
+            runs[name].append(_finished(done, cfg.modes))
+        sizes[name] = {"router": model_size(c.demo.router_model),
+                       "experts": model_size(c.demo.expert_model)}
+    summary = summarise(cfg, runs, sizes)
     root = os.path.abspath(cfg.workdir)
-    record.write_json(os.path.join(root, "ablation.json"), summary)
+    stem = "scale" if any("margin" in v for v in summary["variants"].values()) else "ablation"
+    record.write_json(os.path.join(root, f"{stem}.json"), summary)
     text = markdown(summary)
-    with open(os.path.join(root, "ablation.md"), "w") as f:
+    if stem == "scale":
+        text += "\n" + scale_markdown(summary)
+        scale_plot(summary, os.path.join(root, "scale.png"))
+    with open(os.path.join(root, f"{stem}.md"), "w") as f:
         f.write(text)
     print("\n" + text, flush=True)
     return summary

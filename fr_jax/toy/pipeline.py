@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -64,6 +65,20 @@ def model_config(m, tokenizer):
         rope=RopeConfig(theta=10000.0), tie_word_embeddings=True, max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id, eos_token_ids=(tokenizer.eos_token_id,),
         pad_token_id=tokenizer.pad_token_id)
+
+
+def parameter_count(m, tokenizer) -> int:
+    """Parameters of the model a demo model section describes (shapes only, no weights)."""
+    shapes = jax.eval_shape(Model(model_config(m, tokenizer)).init, jax.random.key(0))
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
+
+
+def experts_fit(cfg, src: str) -> bool:
+    """Whether the world in folder `src` has experts of demo.expert_model's shape."""
+    layout = "experts/{}" if os.path.isdir(os.path.join(src, "experts")) else "{}"
+    want = model_config(cfg.demo.expert_model, W.build_tokenizer())
+    have = load_config(os.path.join(src, layout.format(W.DOMAINS[0])))
+    return all(getattr(have, k) == getattr(want, k) for k in _SHAPE_FIELDS)
 
 
 def run_config(cfg, workdir: str, stage: str, budget=None, sft_path="", pref_path=""):
@@ -373,7 +388,9 @@ def run_pipeline(cfg) -> dict:
     pool = read_tasks(data["train_pool"])
     pref = preference_pairs(cfg, root, sft_router, experts, pool)
     t = mark("preference pairs", t)
-    router = train_router_stage(cfg, root, "cdpo", sft_router, experts, pref_path=pref)
+    # CDPO's SFT term (train.cdpo.sft_weight) reads stage 1's data.
+    router = train_router_stage(cfg, root, "cdpo", sft_router, experts, pref_path=pref,
+                                sft_path=data["sft"] if cfg.train.cdpo.sft_weight else "")
     t = mark("router CDPO", t)
     if cfg.demo.baselines:
         finetuned = train_lm(cfg, root, "finetuned", base, data["sft"], cfg.train.sft)
