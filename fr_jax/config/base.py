@@ -260,6 +260,16 @@ def _seqroute() -> Section:
     )
 
 
+def _fusion() -> Section:
+    return section(
+        "The fusion rule's settings, for decoding and training alike (fr_jax/routing/fusion.py).",
+        softcap=S("each",
+            ("where a final logit soft-cap (Gemma-2's) applies: each = every model caps its own "
+             "logits, then they are summed; sum = the raw router and expert logits are summed "
+             "and the sum is capped"), words=("each", "sum")),
+    )
+
+
 def _baselines() -> Section:
     return section(
         ('Stand-alone baseline models (HF folders) for decode modes `merged` / `finetuned`; "" = '
@@ -372,7 +382,8 @@ def _serve() -> Section:
     )
 
 
-SECTIONS = {"router": _router, "experts": _experts, "model": _model, "mesh": _mesh,
+SECTIONS = {"router": _router, "experts": _experts, "model": _model, "fusion": _fusion,
+            "mesh": _mesh,
             "decode": _decode, "data": _data, "train": _train, "seqroute": _seqroute,
             "baselines": _baselines, "eval": _eval, "pairs": _pairs, "plan": _plan,
             "serve": _serve}

@@ -11,6 +11,7 @@ from fr_jax.inference.core import ChunkedDecoder, DecodeResult
 from fr_jax.inference.lazy import LazyExperts, StepState
 from fr_jax.inference.sampling import Sampling
 from fr_jax.routing.experts import Experts
+from fr_jax.routing.fusion import rule_cap
 from fr_jax.routing.modes import Mode
 from fr_jax.routing.router import Router
 from fr_jax.routing.selector import parse_targets
@@ -64,7 +65,9 @@ class FusedDecoder(ChunkedDecoder):
                    "targets": parse_targets(self.selector.targets, experts.n)}
                   if self.selector is not None else
                   {"router": router} if mode.routes_per_prompt else {})
-        self.policy = mode.policy(self.n_experts, **models)
+        cfgs = ([router.cfg] if router is not None else []) + (
+            list(experts.cfgs) if experts is not None else [])
+        self.policy = mode.policy(self.n_experts, rule_cap(cfgs), **models)
         self.router = router if self.policy.router_per_token else None
         self._prompt_router = mode.routes_per_prompt  # the policy reads the prompt with it
         self.experts = experts if mode.uses_experts else None

@@ -127,7 +127,7 @@ def load_lineup(router: Named = "", experts: Sequence[Named] = (), *,
                 stacked: Optional[bool] = None, router_seed: int = 0,
                 n_experts: Optional[int] = None, eos_ids: Sequence[int] = (),
                 lazy_experts: bool = False,
-                catch_up_width: int = 8) -> Lineup:
+                catch_up_width: int = 8, softcap: str = "each") -> Lineup:
     """Reads the lineup from folders, hub names (fr_jax/hf/hub.py) or checkpoints resolved
     already (`fr_jax.hf.resolve`; each name is resolved once here): the router (a fr_jax
     router, or a base checkpoint that gets a fresh head for `n_experts` (default: one per
@@ -139,7 +139,9 @@ def load_lineup(router: Named = "", experts: Sequence[Named] = (), *,
     dtype: activations; router_dtype: the router's params (default `frozen`); frozen: every
     other model's params (default dtype). Params are placed on `mesh` when given. Every
     folder is checked before anything heavy is read; the router, experts and models must
-    share one tokenizer, and it must fit every model's vocabulary.
+    share one tokenizer, and it must fit every model's vocabulary. softcap: where the
+    router's and experts' final soft-cap applies (fusion.softcap: "each" model's logits,
+    or the "sum" of the fused ones: fr_jax/routing/fusion.py).
     """
     # Expert names come from what was given; hub names become their cache snapshots, so
     # `source` (which the eval harness fingerprints) names the exact revision.
@@ -177,6 +179,8 @@ def load_lineup(router: Named = "", experts: Sequence[Named] = (), *,
         e, params["experts"] = load_experts(experts, dtype, frozen, vocab=len(tokenizer),
                                             stacked=stacked, shardings_fn=placed)
         cfgs += list(e.cfgs)
+    if softcap == "sum":
+        r, e = leave_cap_to_rule(r, e)
     loaded = {}
     for name, path in models.items():
         mcfg, p = load_hf(path, dtype, frozen)
@@ -202,6 +206,29 @@ def load_lineup(router: Named = "", experts: Sequence[Named] = (), *,
     return Lineup(r, e, params, tokenizer, names, loaded, selector, source,
                   end_ids(tokenizer, cfgs, eos_ids), pad_id(tokenizer, cfgs), mesh,
                   lazy_experts, catch_up_width)
+
+
+def leave_cap_to_rule(router: Optional[Router], experts: Optional[Experts]):
+    """fusion.softcap=sum: the router and experts rebuilt to return raw logits
+    (ModelConfig.raw_logits), their common final soft-cap applied by the fusion rule to
+    the sum. Refused where they have no cap, or not one cap."""
+    cfgs = ([router.cfg] if router is not None else []) + (
+        list(experts.cfgs) if experts is not None else [])
+    caps = sorted({c.final_logit_softcap for c in cfgs}, key=str)
+    if caps == [None]:
+        raise ConfigError("fusion.softcap=sum caps the sum of the router's and the expert's "
+                          "logits with the models' final soft-cap, and these models have none "
+                          "(Gemma-2 has one; Llama-3 does not): leave fusion.softcap=each")
+    if len(caps) > 1:
+        raise ConfigError("fusion.softcap=sum caps the sum with the models' one final "
+                          f"soft-cap, but the router and experts have {caps}: leave "
+                          "fusion.softcap=each")
+    if router is not None:
+        router = Router(router.cfg.replace(raw_logits=True), router.n_experts)
+    if experts is not None:
+        experts = Experts([c.replace(raw_logits=True) for c in experts.cfgs],
+                          vocab=experts.vocab, stacked=experts.stacked)
+    return router, experts
 
 
 def experts_layout(config) -> Optional[bool]:
@@ -263,4 +290,4 @@ def lineup_from_config(config, modes: Sequence[str]) -> Lineup:
         frozen=frozen_dtype(config), stacked=experts_layout(config),
         router_seed=config.router.seed, n_experts=len(paths) or None, eos_ids=d.eos_ids,
         lazy_experts=d.lazy_experts,
-        catch_up_width=d.catch_up_width)
+        catch_up_width=d.catch_up_width, softcap=config.fusion.softcap)

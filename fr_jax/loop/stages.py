@@ -414,7 +414,8 @@ def _train(config, progress: bool, observe: Optional[Callable],
     dtype = config.model.dtype
     lineup = load_lineup(router_path, expert_paths, names=config.experts.names, mesh=mesh,
                          dtype=dtype, router_dtype=config.model.param_dtype or dtype,
-                         frozen=frozen_dtype(config), router_seed=tc.seed)
+                         frozen=frozen_dtype(config), router_seed=tc.seed,
+                         softcap=config.fusion.softcap)
     router = Router(trained_cfg(lineup.router.cfg, config), lineup.router.n_experts)
     experts = Experts([frozen_cfg(c, config) for c in lineup.experts.cfgs],
                       vocab=lineup.experts.vocab, stacked=lineup.experts.stacked)

@@ -74,6 +74,9 @@ class ModelConfig:
     query_pre_attn_scalar: Optional[float] = None  # queries scaled by this**-0.5, else head_dim**-0.5
     attn_logit_softcap: Optional[float] = None
     final_logit_softcap: Optional[float] = None
+    # The final soft-cap left to the fusion rule (fusion.softcap=sum, fr_jax/routing/fusion.py):
+    # logits() returns them uncapped; the cap stays above, for the rule and the export.
+    raw_logits: bool = False
     sliding_window: Optional[int] = None
     layer_types: Tuple[str, ...] = ()
     # Special tokens, carried so decode can default its stop set.

@@ -124,11 +124,12 @@ class Transformer(nn.Module):
         return TransformerOutput(logits, hidden), new_kv
 
     def logits(self, hidden):
-        """hidden [..., E] -> float32 logits [..., V] (with the final soft-cap, if any)."""
+        """hidden [..., E] -> float32 logits [..., V] (with the final soft-cap, if any and
+        not left to the fusion rule: cfg.raw_logits)."""
         cfg = self.cfg
         w = self.embed.embedding.T if cfg.tie_word_embeddings else self.lm_head
         logits = jnp.einsum("...e,ev->...v", hidden.astype(cfg.dtype), w.astype(cfg.dtype),
                             preferred_element_type=jnp.float32)
-        if cfg.final_logit_softcap is not None:
+        if cfg.final_logit_softcap is not None and not cfg.raw_logits:
             logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
         return logits

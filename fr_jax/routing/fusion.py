@@ -4,9 +4,15 @@ FusionRoute's next-token distribution is softmax(router logits + logits of the s
 expert), the expert chosen per token by the router's routing weights w = softmax(W h).
 Adding raw logits or log-probabilities gives the same distribution after the softmax, so
 fusion adds log-softmaxed terms (numerically tame at any logit scale) and renormalises.
-Gemma-2's final soft-cap has already been applied inside each model. The eager decoder, the
-lazy experts and the training losses share these functions; the decode modes built from
-them are modes.py's policies.
+
+Gemma-2 soft-caps its final logits, c * tanh(x / c), and the order of cap and sum is a
+choice (`fusion.softcap`): `each` (the default) caps each model's logits inside the model,
+then sums; `sum` leaves the models' logits raw (ModelConfig.raw_logits) and caps their
+sum, softmax(c * tanh((q + p_k) / c)) -- a cap is not shift-invariant, so that sum is of
+raw logits, not of log-softmaxes. A model's distribution alone is capped either way. The
+functions below take that cap (`cap`, None under `each`). The eager decoder, the lazy
+experts and the training losses share them; the decode modes built from them are
+modes.py's policies.
 """
 
 from __future__ import annotations
@@ -22,24 +28,51 @@ def route_probs(route_logits):
     return jax.nn.softmax(route_logits.astype(jnp.float32), axis=-1)
 
 
-def log_softmax(x):
-    return jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+def soft_cap(x, cap):
+    """Gemma-2's final soft-cap cap * tanh(x / cap) (float32); x itself for cap None."""
+    x = x.astype(jnp.float32)
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def fusion_logits(router_logits, selected_logits):
-    """The FusionRoute rule before normalisation: lsm(router logits) + lsm(logits of the
-    selected expert), [..., V] each (the training losses normalise it per token)."""
+def model_cap(cfg):
+    """The cap the fusion rule applies for a model whose logits come raw
+    (cfg.raw_logits: fusion.softcap=sum), else None (capped inside, or no cap)."""
+    return cfg.final_logit_softcap if cfg.raw_logits else None
+
+
+def rule_cap(cfgs):
+    """The one cap of the fusion rule over a lineup's router and expert configs (model_cap
+    of each model whose logits it combines; they must agree)."""
+    caps = {model_cap(c) for c in cfgs}
+    if len(caps) > 1:
+        raise ValueError(f"the models' logits are not all left to one cap: {sorted(caps, key=str)}"
+                         "; load them with one fusion.softcap setting")
+    return caps.pop() if caps else None
+
+
+def log_softmax(x, cap=None):
+    """Log-probs of one model's logits [..., V], soft-capped first by `cap` (model_cap)."""
+    return jax.nn.log_softmax(soft_cap(x, cap), axis=-1)
+
+
+def fusion_logits(router_logits, selected_logits, cap=None):
+    """The FusionRoute rule before normalisation, [..., V] each (the training losses
+    normalise it per token): lsm(router logits) + lsm(logits of the selected expert), or
+    with `cap` (fusion.softcap=sum, raw logits) cap * tanh((router + selected) / cap)."""
+    if cap is not None:
+        return soft_cap(router_logits.astype(jnp.float32) + selected_logits, cap)
     return log_softmax(router_logits) + log_softmax(selected_logits)
 
 
-def next_token_logprobs(router_logits, selected_logits, with_router=True):
+def next_token_logprobs(router_logits, selected_logits, with_router=True, cap=None):
     """The next-token log-probs [B, V] from the selected expert's logits [B, V] and, where
     `with_router` (a bool, or [B] per row), the router's complementary logits [B, V] --
-    the one rule the eager decoder, the lazy experts and the losses share."""
-    alone = log_softmax(selected_logits)
+    the one rule the eager decoder, the lazy experts and the losses share. `cap`: see
+    fusion_logits."""
+    alone = log_softmax(selected_logits, cap)
     if router_logits is None or with_router is False:
         return alone
-    fused = log_softmax(fusion_logits(router_logits, selected_logits))
+    fused = log_softmax(fusion_logits(router_logits, selected_logits, cap))
     if with_router is True:
         return fused
     return jnp.where(with_router[:, None], fused, alone)

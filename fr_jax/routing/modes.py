@@ -67,6 +67,7 @@ class Policy:
     needs_selector = False  # ... by a SharedTrunkNet (`sequence`)
     adds_router_logits = False  # the router's complementary logits join the expert's
     standalone = False  # one plain baseline model: decoded by `Decoder`, not fused
+    cap = None  # the soft-cap the rule applies (fusion.softcap=sum: raw logits), see fusion.py
 
     def __init__(self, mode: "Mode", n_experts: int):
         self.mode, self.n_experts = mode, n_experts
@@ -110,13 +111,14 @@ class SelectedExpert(Policy):
         w = route_probs(route)
         k = jnp.argmax(w, axis=-1).astype(jnp.int32)
         selected = select_expert(e_logits, k)
-        return next_token_logprobs(r_logits if self.with_router else None, selected), k, w
+        return next_token_logprobs(r_logits if self.with_router else None, selected,
+                                   cap=self.cap), k, w
 
     def selection(self, route, seq):
         return jnp.argmax(route_probs(route), axis=-1).astype(jnp.int32), self.with_router
 
     def from_selected(self, r_logits, route, selected, k, with_router, seq):
-        return next_token_logprobs(r_logits, selected, with_router), k, route_probs(route)
+        return next_token_logprobs(r_logits, selected, with_router, self.cap), k, route_probs(route)
 
 
 class FusionRoute(SelectedExpert):
@@ -133,7 +135,7 @@ class RouterOnly(Policy):
 
     def combine(self, r_logits, route, e_logits, seq):
         b = r_logits.shape[0]
-        return log_softmax(r_logits), jnp.full((b,), ROUTER, jnp.int32), route_probs(route)
+        return log_softmax(r_logits, self.cap), jnp.full((b,), ROUTER, jnp.int32), route_probs(route)
 
 
 class FixedExpert(Policy):
@@ -142,7 +144,7 @@ class FixedExpert(Policy):
 
     def combine(self, r_logits, route, e_logits, seq):
         b = e_logits.shape[1]
-        return (log_softmax(e_logits[0]), jnp.full((b,), self.mode.expert, jnp.int32),
+        return (log_softmax(e_logits[0], self.cap), jnp.full((b,), self.mode.expert, jnp.int32),
                 self._no_weights(b))
 
 
@@ -152,7 +154,8 @@ class Mixture(Policy):
     def combine(self, r_logits, route, e_logits, seq):
         w = route_probs(route)
         k = jnp.argmax(w, axis=-1).astype(jnp.int32)
-        mix = jax.nn.logsumexp(jnp.log(w).T[:, :, None] + log_softmax(e_logits), axis=0)
+        lp = log_softmax(e_logits, self.cap)
+        mix = jax.nn.logsumexp(jnp.log(w).T[:, :, None] + lp, axis=0)
         return mix, k, w
 
 
@@ -176,13 +179,13 @@ class SequenceHead(Policy):
         return sequence_route(out.route_logits, mask)
 
     def combine(self, r_logits, route, e_logits, seq):
-        return next_token_logprobs(None, select_expert(e_logits, seq[0])), seq[0], seq[1]
+        return next_token_logprobs(None, select_expert(e_logits, seq[0]), cap=self.cap), seq[0], seq[1]
 
     def selection(self, route, seq):
         return seq[0], False
 
     def from_selected(self, r_logits, route, selected, k, with_router, seq):
-        return next_token_logprobs(r_logits, selected, with_router), seq[0], seq[1]
+        return next_token_logprobs(r_logits, selected, with_router, self.cap), seq[0], seq[1]
 
 
 class SequenceLevel(Policy):
@@ -217,7 +220,7 @@ class SequenceLevel(Policy):
         lps, chosen, probs = [], [], self._no_weights(b)
         for i, t in enumerate(self.targets):
             if t.fixed_expert is not None:
-                lp, c = log_softmax(e_logits[t.expert]), jnp.full((b,), t.expert, jnp.int32)
+                lp, c = log_softmax(e_logits[t.expert], self.cap), jnp.full((b,), t.expert, jnp.int32)
             else:
                 lp, c, w = self._fusionroute.combine(r_logits, route, e_logits, None)
                 probs = jnp.where((target == i)[:, None], w, probs)
@@ -238,7 +241,7 @@ class SequenceLevel(Policy):
         b = selected.shape[0]
         w = route_probs(route) if route is not None else self._no_weights(b)
         # weights only where FusionRoute decoded the row
-        return next_token_logprobs(r_logits, selected, with_router), k, jnp.where(
+        return next_token_logprobs(r_logits, selected, with_router, self.cap), k, jnp.where(
             with_router[:, None], w, 0.0)
 
 
@@ -290,11 +293,14 @@ class Mode:
             return f"expert:{self.expert}"
         return {"sequence_head": "sequence:head", "model": self.model}.get(self.kind, self.kind)
 
-    def policy(self, n_experts: int, **models) -> Policy:
-        """This mode's policy for a decoder of `n_experts` experts; `models`: what the
-        policy itself runs (`router` for sequence:head; `selector` and `targets` for
-        sequence)."""
-        return POLICIES[self.kind](self, n_experts, **models)
+    def policy(self, n_experts: int, cap: Optional[float] = None, **models) -> Policy:
+        """This mode's policy for a decoder of `n_experts` experts; `cap`: the soft-cap its
+        rule applies to raw logits (fusion.py; None: the models cap their own); `models`:
+        what the policy itself runs (`router` for sequence:head; `selector` and `targets`
+        for sequence)."""
+        policy = POLICIES[self.kind](self, n_experts, **models)
+        policy.cap = cap
+        return policy
 
     @property
     def fixed_expert(self) -> Optional[int]:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from fr_jax.routing.experts import Experts
-from fr_jax.routing.fusion import fusion_logits
+from fr_jax.routing.fusion import fusion_logits, model_cap, soft_cap
 from fr_jax.routing.router import Router
 from fr_jax.steps import losses
 
@@ -24,33 +24,39 @@ def _unroll(model) -> bool:
 def router_outputs(router: Router, params, side, vocab: int, block: int):
     """(TokenStats of the router's own LM [B, T], routing logits [B, T, n], final hidden
     states [B, T, E]) with the LM logits formed `block` positions at a time
-    (losses.blocked_token_stats)."""
+    (losses.blocked_token_stats), soft-capped as the router alone is (fusion.softcap)."""
     out = router.forward(params, side["tokens"], side["positions"], side["segment_ids"],
                          with_logits=False)
+    cap = model_cap(router.cfg)
     stats = losses.blocked_token_stats(
-        lambda h: router.lm_logits(params, h)[..., :vocab], out.hidden, side["targets"],
-        block, _unroll(router))
+        lambda h: soft_cap(router.lm_logits(params, h)[..., :vocab], cap), out.hidden,
+        side["targets"], block, _unroll(router))
     return stats, out.route_logits, out.hidden
 
 
 def model_token_stats(model, params, batch, vocab: int, block: int) -> losses.TokenStats:
     """TokenStats [B, T] of one plain Model's next-token distribution over a batch, its
-    logits formed `block` positions at a time (an expert's signals, stage `lm`)."""
+    logits formed `block` positions at a time (an expert's signals, stage `lm`), soft-capped
+    as the model alone is (fusion.softcap)."""
     hidden = model.forward(params, batch["tokens"], batch["positions"], batch["segment_ids"],
                            with_logits=False).hidden
-    return losses.blocked_token_stats(lambda h: model.logits(params, h)[..., :vocab], hidden,
-                                      batch["targets"], block, _unroll(model))
+    cap = model_cap(model.cfg)
+    return losses.blocked_token_stats(lambda h: soft_cap(model.logits(params, h)[..., :vocab], cap),
+                                      hidden, batch["targets"], block, _unroll(model))
 
 
 def fused_stats(router: Router, params, hidden, experts: Experts, e_params, e_hidden,
                 selected, targets, vocab: int, block: int) -> losses.TokenStats:
     """TokenStats [B, T] of the fused policy log_softmax(lsm(q) + lsm(p_k)): q the router's
     logits from its final hidden states [B, T, E], p_k those of the expert selected[b, t]
-    (from e_hidden, Experts.hidden; a fixed bias), formed `block` positions at a time."""
+    (from e_hidden, Experts.hidden; a fixed bias), formed `block` positions at a time;
+    with fusion.softcap=sum, cap * tanh((q + p_k) / cap) of the raw logits instead."""
+    cap = model_cap(router.cfg)
+
     def logits(inp):
         h, eh, sel = inp
         bias = jax.lax.stop_gradient(experts.selected_logits(e_params, eh, sel))
-        return fusion_logits(router.lm_logits(params, h)[..., :vocab], bias)
+        return fusion_logits(router.lm_logits(params, h)[..., :vocab], bias, cap)
 
     return losses.blocked_token_stats(logits, (hidden, e_hidden, selected), targets, block,
                                       _unroll(router))
