@@ -53,6 +53,10 @@ def get_config(arg: str = ""):
     c.workdir = "runs/ablation-full" if full else "runs/ablation"
     c.demo = "full" if full else "quick"  # configs/demo.py:<this>, the world and budgets
     c.seeds = (0, 1, 2)
+    # Each finished run's results, and the tables, are also kept here (committed: the
+    # evidence behind docs/training.md's tables), under <demo>/; a run kept for the same
+    # definition is read back instead of trained. "" keeps nothing.
+    c.results_dir = "docs/results/ablation"
     c.progress = True
     c.modes = ("fusionroute", "expert_only", "router_only")
     # Changes to the demo config for every run, "field=value" each (e.g.

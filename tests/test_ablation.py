@@ -91,7 +91,7 @@ def test_micro_ablation_trains_only_routers_writes_the_table_and_resumes(tmp_pat
     cmd = [sys.executable, "-m", "fr_jax.ablate", f"--config.workdir={work}",
            "--config.variants=('fused_informative', 'router_expert_size')",
            "--config.seeds=(1,)", "--config.modes=('fusionroute', 'expert_only')",
-           "--config.progress=False", *MICRO]
+           "--config.progress=False", f"--config.results_dir={tmp_path / 'kept'}", *MICRO]
     env = one_device_env(tmp_path / "home")
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -134,12 +134,26 @@ def test_micro_ablation_trains_only_routers_writes_the_table_and_resumes(tmp_pat
     # Re-run: nothing is trained again; a run whose results.json is gone is finished
     # from its own steps (training and pairs done, answers cached) and the table is equal.
     (work / "runs" / "fused_informative" / "seed1" / "results.json").unlink()
+    (tmp_path / "kept" / "quick" / "runs" / "fused_informative" / "seed1.json").unlink()
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("[ablation] ") == 1 and "fused_informative, seed 1" in again.stdout
     redone = json.load(open(work / "ablation.json"))
     for name in summary["variants"]:
         assert redone["variants"][name]["accuracy"] == summary["variants"][name]["accuracy"]
+
+    # The evidence kept beside (results_dir: each run's results with its definition, and
+    # the table) stands for a run whose folder is gone: read back, not retrained.
+    kept = tmp_path / "kept" / "quick"
+    assert json.load(open(kept / "ablation.json"))["variants"] == redone["variants"]
+    record = json.load(open(kept / "runs" / "router_expert_size" / "seed1.json"))
+    assert record["identity"]["changes"]["demo"]["router_model"]["hidden_size"] == 96
+    import shutil
+    shutil.rmtree(work / "runs")
+    third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "[ablation] " not in third.stdout
+    assert json.load(open(work / "ablation.json"))["variants"] == redone["variants"]
 
 
 def test_the_scale_summary_takes_each_seed_s_best_baseline_and_plots_the_margin(tmp_path):

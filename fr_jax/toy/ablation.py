@@ -262,9 +262,49 @@ def _finished(path: str, modes) -> dict:
     return results if set(modes) <= set(results["accuracy"]) else None
 
 
+# What a kept run's record must match to stand for the run (the variant's changes, what
+# every run shares, the world): a record of another definition is not read back.
+def _identity(cfg, variant: str) -> dict:
+    return {"demo": cfg.demo, "common": list(cfg.common),
+            "changes": cfg.definitions[variant].to_dict()}
+
+
+def _kept_path(cfg, variant: str, seed: int) -> str:
+    return os.path.join(cfg.results_dir, cfg.demo or "full", "runs", variant, f"seed{seed}.json")
+
+
+def kept_run(cfg, variant: str, seed: int) -> dict:
+    """A finished run's results from `results_dir` (the evidence kept in the repository,
+    read back like a finished run's folder) when recorded for this very definition and
+    with every mode in `modes`, else None."""
+    if not cfg.results_dir:
+        return None
+    path = _kept_path(cfg, variant, seed)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        record_ = json.load(f)
+    if record_.get("identity") != _identity(cfg, variant):
+        return None
+    results = record_["results"]
+    return results if set(cfg.modes) <= set(results["accuracy"]) else None
+
+
+def keep_run(cfg, variant: str, seed: int, results: dict):
+    """Writes a finished run's results (every mode, per domain, its timings) to
+    `results_dir`, with what defined it."""
+    if cfg.results_dir:
+        keep = {k: results[k] for k in ("domains", "modes", "accuracy", "average", "shares",
+                                        "n_test", "timings_s", "seed") if k in results}
+        record.write_json(_kept_path(cfg, variant, seed),
+                          {"identity": _identity(cfg, variant), "results": keep})
+
+
 def run_ablation(cfg) -> dict:
     """Every variant x seed (finished runs are read back), then the summary, written to
-    <workdir>/ablation.{json,md} (and scale.{md,png} with baselines) and returned."""
+    <workdir>/ablation.{json,md} (and scale.{md,png} with baselines) and returned; with
+    `results_dir`, each run's results and the tables are kept there too (and a run kept
+    there for the same definition is read back, not retrained)."""
     if not cfg.seeds or not cfg.variants:
         raise ConfigError("the ablation needs at least one seed and one variant")
     for name in cfg.variants:  # every run's config is checked before the first one trains
@@ -278,23 +318,29 @@ def run_ablation(cfg) -> dict:
         for seed in cfg.seeds:
             c = demo_config(cfg, name, seed)
             done = os.path.join(c.train.workdir, "results.json")
-            if _finished(done, cfg.modes) is None:
+            results = _finished(done, cfg.modes) or kept_run(cfg, name, seed)
+            if results is None:
                 start_from = start_from or shared_world(cfg, name)
                 c.demo.start_from = start_from
                 print(f"[ablation] {name}, seed {seed}", flush=True)
                 P.run_pipeline(c)
-            runs[name].append(_finished(done, cfg.modes))
+                results = _finished(done, cfg.modes)
+            keep_run(cfg, name, seed, results)
+            runs[name].append(results)
         sizes[name] = {"router": model_size(c.demo.router_model),
                        "experts": model_size(c.demo.expert_model)}
     summary = summarise(cfg, runs, sizes)
-    root = os.path.abspath(cfg.workdir)
     stem = "scale" if any("margin" in v for v in summary["variants"].values()) else "ablation"
-    record.write_json(os.path.join(root, f"{stem}.json"), summary)
     text = markdown(summary)
     if stem == "scale":
         text += "\n" + scale_markdown(summary)
-        scale_plot(summary, os.path.join(root, "scale.png"))
-    with open(os.path.join(root, f"{stem}.md"), "w") as f:
-        f.write(text)
+    roots = [os.path.abspath(cfg.workdir)] + (
+        [os.path.join(cfg.results_dir, cfg.demo or "full")] if cfg.results_dir else [])
+    for root in roots:
+        record.write_json(os.path.join(root, f"{stem}.json"), summary)
+        if stem == "scale":
+            scale_plot(summary, os.path.join(root, "scale.png"))
+        with open(os.path.join(root, f"{stem}.md"), "w") as f:
+            f.write(text)
     print("\n" + text, flush=True)
     return summary
