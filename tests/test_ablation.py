@@ -186,6 +186,10 @@ def test_the_scale_summary_takes_each_seed_s_best_baseline_and_plots_the_margin(
     table = A.scale_markdown(s)
     assert ("| router_4x128 | 750,000 | 300,000 | 89.8 ± 0.0 | 65.0 ± 7.1 | 75.0 ± 7.1 | "
             "74.8 ± 0.0 | 12.4 ± 3.7 | sequence / expert_only |") in table
+    claim = A.claim_markdown(s, runs, "router_lm")  # per seed: FusionRoute minus each mode
+    assert "| `finetuned` | 77.5 ± 10.6 | 77.5 ± 10.6 | 77.5 ± 10.6 | 77.5 ± 10.6 |" in claim
+    row = next(x for x in claim.splitlines() if x.startswith("| FusionRoute − `finetuned`"))
+    assert "-57.5 ± 10.6 (0/2 above)" in row.split(" | ")[4]  # mixed: 20 against 70 / 85
     A.scale_plot(s, str(tmp_path / "scale.png"))
     assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Without baselines among the modes there is no margin (the ablation's own table).

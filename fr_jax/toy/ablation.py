@@ -221,6 +221,32 @@ def scale_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def claim_markdown(summary: dict, runs: Dict[str, List[dict]], variant: str) -> str:
+    """One variant's claim table: every mode's exact match per domain (mean ± sd over the
+    seeds), then FusionRoute minus each other mode, per domain and seed (mean ± sd, and
+    on how many seeds it is above)."""
+    doms, results = summary["domains"] + ["average"], runs[variant]
+    value = lambda r, m, d: r["average"][m] if d == "average" else r["accuracy"][m][d]
+    head = ["mode"] + doms
+    lines = [f"{variant}: exact match (%) and FusionRoute's margin (points), mean ± sd over "
+             f"seeds {', '.join(map(str, summary['seeds']))} ({summary['demo']} demo world)",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in summary["modes"]:
+        lines.append("| " + " | ".join([f"`{m}`"] + [_cell(_stats([value(r, m, d)
+                                                                   for r in results]))
+                                                     for d in doms]) + " |")
+    for m in summary["modes"]:
+        if m == "fusionroute":
+            continue
+        cells = []
+        for d in doms:
+            diffs = [value(r, "fusionroute", d) - value(r, m, d) for r in results]
+            above = sum(x > 0 for x in diffs)
+            cells.append(f"{_cell(_stats(diffs))} ({above}/{len(diffs)} above)")
+        lines.append("| " + " | ".join([f"FusionRoute − `{m}`"] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def scale_plot(summary: dict, path: str):
     """FusionRoute's margin over the best baseline against the router's parameters (mean
     and sd over seeds): one line for the bundled experts, a point per other expert size."""
@@ -334,6 +360,7 @@ def run_ablation(cfg) -> dict:
     text = markdown(summary)
     if stem == "scale":
         text += "\n" + scale_markdown(summary)
+        text += "".join("\n" + claim_markdown(summary, runs, name) for name in runs)
     roots = [os.path.abspath(cfg.workdir)] + (
         [os.path.join(cfg.results_dir, cfg.demo or "full")] if cfg.results_dir else [])
     for root in roots:
