@@ -135,17 +135,23 @@ def test_the_settings_are_refused_together_where_they_cannot_run(tmp_path):
 
 @pytest.mark.slow
 def test_a_cdpo_run_with_the_sft_term_logs_it_and_resumes_on_the_same_rows(tmp_path):
-    """configs/tiny.py's two stages with the SFT term in CDPO (head=sft); then CDPO again
-    from its step-10 checkpoint: the same history from there (the SFT rows' stream position
-    travels in the checkpoint, or the resumed steps would see other rows)."""
+    """configs/tiny.py's CDPO on the bundled router and experts with the SFT term
+    (head=sft); then again from its step-6 checkpoint: the same history from there (the
+    SFT rows' stream position travels in the checkpoint, or the resumed steps would see
+    other rows)."""
+    from fr_jax.runtime.bundle import bundled_world
+    from fr_jax.toy.world_data import bundled_world_data
     from fr_jax.train import main as train_main
     os.environ["FR_JAX_HOME"] = str(tmp_path / "home")
-    run = tmp_path / "run"
+    run, world, data = tmp_path / "run", bundled_world(), bundled_world_data()
     args = [f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
-            f"--config.train.workdir={run}", "--config.train.sft.steps=10",
-            "--config.train.cdpo.steps=20", "--config.train.ckpt_every=10",
-            "--config.train.cdpo.sft_weight=0.5", "--config.train.cdpo.head=sft",
-            "--config.train.eval_every=10"]
+            f"--config.router.path={world['router']}",
+            f"--config.experts.paths={tuple(world['experts'])!r}",
+            f"--config.data.sft_path={data['sft']}", f"--config.data.pref_path={data['pref']}",
+            f"--config.train.workdir={run}", "--config.train.stages=('cdpo',)",
+            "--config.train.cdpo.steps=12", "--config.train.ckpt_every=6",
+            "--config.train.log_every=3", "--config.train.eval_every=6",
+            "--config.train.cdpo.sft_weight=0.5", "--config.train.cdpo.head=sft"]
     try:
         train_main(args)
         first = json.load(open(run / "cdpo" / "history.json"))
@@ -153,9 +159,8 @@ def test_a_cdpo_run_with_the_sft_term_logs_it_and_resumes_on_the_same_rows(tmp_p
         assert "eval_sft_loss" not in first[-1] and "eval_loss" in first[-1]
         report = json.load(open(run / "cdpo" / "sft_term_data_report.json"))
         assert report["path"].endswith(".jsonl")
-        # Back to CDPO's step 10: its last checkpoint dropped, the same command again
-        # (stage 1 restores its final step and has nothing left to do).
-        shutil.rmtree(run / "cdpo" / "checkpoints" / "20")
+        # Back to step 6: the last checkpoint dropped, the same command again.
+        shutil.rmtree(run / "cdpo" / "checkpoints" / "12")
         train_main(args)
         again = json.load(open(run / "cdpo" / "history.json"))
         assert [h["micro"] for h in again] == [h["micro"] for h in first]
