@@ -59,6 +59,12 @@ def test_the_summary_gives_means_and_spreads_and_picks_by_the_rule():
     assert [s["variants"][n]["keeps_skills"] for n in ("fused_all", "mix", "router_lm")] == \
         [False, True, True]
     assert s["pick"] == "mix"
+    # Equal averages (float sums in another order) go to the smaller spread.
+    steady = [_results([0.99, 1.0, 1.0, x], eo) for x in (0.2, 0.2, 0.2)]
+    spread = [_results([0.99, 1.0, 1.0, x], eo) for x in (0.3, 0.1, 0.2)]
+    for order in (("sft_mix_1", "sft_mix_kl_1"), ("sft_mix_kl_1", "sft_mix_1")):
+        runs = dict(zip(order, (steady, spread)))
+        assert A.summarise(_config(variants=order, seeds=(0, 1, 2)), runs)["pick"] == order[0]
     text = A.markdown(s)
     assert "| **mix** | 98.8 ± 0.4 | 100.0 ± 0.0 | 100.0 ± 0.0 | 40.0 ± 14.1 |" in text
     assert "| fused_all |" in text and text.rstrip().endswith("mix")

@@ -35,7 +35,8 @@ from fr_jax.toy.checks import BASELINE_MODES
 # a router of a size no bundled base has gets its base pretrained in the run).
 ROUTER_STEPS = ("base models", "router SFT", "preference pairs", "router CDPO")
 # The default is chosen by this rule (docs/training.md): the highest FusionRoute average
-# among the variants that lose at most this much on any skill domain against expert_only.
+# among the variants that lose at most this much on any skill domain against expert_only
+# (a tie: the smaller spread over the seeds).
 SKILL_TOLERANCE = 0.01
 # The baselines FusionRoute's margin is taken over (the best of those in `modes`, per seed).
 MARGIN_OVER = ("finetuned", "sequence", "expert_only")
@@ -165,9 +166,15 @@ def summarise(cfg, runs: Dict[str, List[dict]], sizes: Dict[str, dict] = None) -
                                     for d in W.DOMAINS)
         out["variants"][name] = v
     eligible = [n for n, v in out["variants"].items() if v.get("keeps_skills")]
-    out["pick"] = max(eligible, key=lambda n: out["variants"][n]["average"]["fusionroute"]
-                      ["mean"]) if eligible else None
+    out["pick"] = min(eligible, key=lambda n: _rank(out["variants"][n])) if eligible else None
     return out
+
+
+def _rank(v: dict):
+    """The rule's order: the higher FusionRoute average first; equal averages (the same
+    count of correct answers, whatever the float rounding) by the smaller spread."""
+    avg = v["average"]["fusionroute"]
+    return (-round(avg["mean"], 9), round(avg["std"], 9))
 
 
 def _cell(s: dict) -> str:
@@ -195,8 +202,8 @@ def markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     pick = summary.get("pick")
     lines += ["", f"Picked by the rule (highest FusionRoute average among the variants within "
-                  f"{100 * SKILL_TOLERANCE:.0f} point of expert_only on every skill domain): "
-                  f"{pick or 'none qualifies'}"]
+                  f"{100 * SKILL_TOLERANCE:.0f} point of expert_only on every skill domain; a "
+                  f"tie to the smaller spread): {pick or 'none qualifies'}"]
     return "\n".join(lines) + "\n"
 
 
