@@ -155,10 +155,10 @@ class Worker:
             self.tokens += n
             for e in ev.experts:
                 m.per_expert.labels(self.names[e] if 0 <= e < len(self.names) else ROUTER).inc()
-            job.put(ev)
-            if ev.finished:
+            if ev.finished:  # its place is free before its client hears it is done
                 m.requests.labels(ev.request.finish_reason).inc()
                 self._forget(job)
+            job.put(ev)
         self._gauges()
 
     def _forget(self, job: Job):
@@ -169,8 +169,8 @@ class Worker:
     def _fail_all(self, error: Exception):
         for job in list(self.jobs.values()):
             self.engine.cancel(job.request)
-            job.put(error)
             self._forget(job)
+            job.put(error)
         self.engine.reset()
 
     def _gauges(self):
