@@ -168,8 +168,8 @@ def run_stage(name: str, config, trainee, params, experts: Optional[Experts], e_
         state, meta, at = restored
         take_over(params)
         batcher.restore(meta["data"])
-        if sft_batcher:
-            sft_batcher.restore(meta["sft_data"])
+        if sft_batcher and "sft_data" in meta:  # (a checkpoint saved without the term
+            sft_batcher.restore(meta["sft_data"])  # starts its rows from the first)
         history = list(meta.get("history", []))
         _print(f"[{name}] resumed from step {at} ({batcher.describe(meta['data'])})")
     else:

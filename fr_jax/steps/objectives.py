@@ -41,8 +41,9 @@ def model_token_stats(model, params, batch, vocab: int, block: int) -> losses.To
     hidden = model.forward(params, batch["tokens"], batch["positions"], batch["segment_ids"],
                            with_logits=False).hidden
     cap = model_cap(model.cfg)
-    return losses.blocked_token_stats(lambda h: soft_cap(model.logits(params, h)[..., :vocab], cap),
-                                      hidden, batch["targets"], block, _unroll(model))
+    return losses.blocked_token_stats(
+        lambda h: soft_cap(model.logits(params, h)[..., :vocab], cap), hidden,
+        batch["targets"], block, _unroll(model))
 
 
 def fused_stats(router: Router, params, hidden, experts: Experts, e_params, e_hidden,
