@@ -29,7 +29,7 @@ from fr_jax.harness import toy_world as W
 from fr_jax.loop import record
 from fr_jax.runtime.errors import ConfigError
 from fr_jax.toy import pipeline as P
-from fr_jax.toy.checks import BASELINE_MODES
+from fr_jax.toy.checks import needs_baseline
 
 # The router's share of a run's wall time: what a variant costs to train ("base models":
 # a router of a size no bundled base has gets its base pretrained in the run).
@@ -41,9 +41,6 @@ SKILL_TOLERANCE = 0.01
 # The baselines FusionRoute's margin is taken over (the best of those in `modes`, per seed).
 MARGIN_OVER = ("finetuned", "sequence", "expert_only")
 
-
-def _needs_baselines(modes) -> bool:
-    return any(m in BASELINE_MODES or m == "sequence" or m.startswith("merged") for m in modes)
 
 
 def _update(node, changes, where: str):
@@ -91,7 +88,7 @@ def demo_config(cfg, variant: str, seed: int):
     c = _common_config(cfg)
     _update(c, cfg.definitions[variant], f"definitions.{variant}")
     c.train.seed, c.demo.progress = seed, cfg.progress
-    c.demo.baselines = _needs_baselines(cfg.modes)
+    c.demo.baselines = any(needs_baseline(m) for m in cfg.modes)
     c.eval.modes = tuple(cfg.modes)
     c.demo.bundle = ""
     c.train.workdir = os.path.join(os.path.abspath(cfg.workdir), "runs", variant, f"seed{seed}")
@@ -177,6 +174,11 @@ def _rank(v: dict):
     return (-round(avg["mean"], 9), round(avg["std"], 9))
 
 
+def _head_rows(head: List[str]) -> List[str]:
+    """A markdown table's header and rule rows."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
 def _cell(s: dict) -> str:
     return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
 
@@ -190,7 +192,7 @@ def markdown(summary: dict) -> str:
             [f"{m} average" for m in others] + ["keeps skills", "router training (s)"])
     lines = [f"Router-training ablation ({summary['demo']} demo world; exact match, %, mean ± "
              f"sd over seeds {', '.join(map(str, summary['seeds']))})", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             *_head_rows(head)]
     for name, v in summary["variants"].items():
         acc = v["accuracy"].get("fusionroute")
         row = [f"**{name}**" if name == summary.get("pick") else name]
@@ -216,7 +218,7 @@ def scale_markdown(summary: dict) -> str:
     lines = [f"FusionRoute against the best baseline by size ({summary['demo']} demo world; "
              f"average exact match, %, mean ± sd over seeds "
              f"{', '.join(map(str, summary['seeds']))})", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             *_head_rows(head)]
     for name, v in summary["variants"].items():
         if "margin" not in v:
             continue
@@ -237,7 +239,7 @@ def claim_markdown(summary: dict, runs: Dict[str, List[dict]], variant: str) -> 
     head = ["mode"] + doms
     lines = [f"{variant}: exact match (%) and FusionRoute's margin (points), mean ± sd over "
              f"seeds {', '.join(map(str, summary['seeds']))} ({summary['demo']} demo world)",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "", *_head_rows(head)]
     for m in summary["modes"]:
         lines.append("| " + " | ".join([f"`{m}`"] + [_cell(_stats([value(r, m, d)
                                                                    for r in results]))

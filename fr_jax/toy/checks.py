@@ -21,6 +21,11 @@ SEED_MAX = 2 ** 32 - 1
 BASELINE_MODES = ("merged:ta", "merged:ties", "finetuned")
 
 
+def needs_baseline(mode: str) -> bool:
+    """Whether an eval mode decodes a model only the demo's baselines step trains."""
+    return mode in ("finetuned", "sequence") or mode.startswith("merged")
+
+
 def _domains(cfg, field: str, domains):
     """A {domain: number} setting names only domains among `domains`."""
     node = cfg
@@ -99,8 +104,7 @@ def check_demo(cfg):
             raise ConfigError(f"--config.eval.modes: the demo trains no model {mode!r}; its "
                               f"baselines are {', '.join(BASELINE_MODES)}")
     if not cfg.demo.baselines:  # refused before any work, not at the evaluation
-        needs = [m for m in cfg.eval.modes
-                 if m in ("finetuned", "sequence") or m.startswith("merged")]
+        needs = [m for m in cfg.eval.modes if needs_baseline(m)]
         if needs or cfg.demo.bundle:
             said = "eval.modes has " + ", ".join(needs) if needs else "demo.bundle is set"
             raise ConfigError(f"demo.baselines=False trains no baseline model, but {said}; "

@@ -73,12 +73,21 @@ def parameter_count(m, tokenizer) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
 
 
+def _expert_layout(src: str) -> str:
+    """A bundle keeps the experts at <src>/<domain>; a pipeline's root at experts/<domain>."""
+    return "experts/{}" if os.path.isdir(os.path.join(src, "experts")) else "{}"
+
+
+def _fits(folder: str, m, tokenizer) -> bool:
+    """Whether the model in `folder` has the shape of the demo model section `m`."""
+    have, want = load_config(folder), model_config(m, tokenizer)
+    return all(getattr(have, k) == getattr(want, k) for k in _SHAPE_FIELDS)
+
+
 def experts_fit(cfg, src: str) -> bool:
     """Whether the world in folder `src` has experts of demo.expert_model's shape."""
-    layout = "experts/{}" if os.path.isdir(os.path.join(src, "experts")) else "{}"
-    want = model_config(cfg.demo.expert_model, W.build_tokenizer())
-    have = load_config(os.path.join(src, layout.format(W.DOMAINS[0])))
-    return all(getattr(have, k) == getattr(want, k) for k in _SHAPE_FIELDS)
+    first = os.path.join(src, _expert_layout(src).format(W.DOMAINS[0]))
+    return _fits(first, cfg.demo.expert_model, W.build_tokenizer())
 
 
 def run_config(cfg, workdir: str, stage: str, budget=None, sft_path="", pref_path=""):
@@ -183,10 +192,8 @@ def adopt_trained(cfg, root: str, tokenizer):
     held-out ones) and its models have this config's shapes: otherwise the adopted experts
     could have trained on this run's test prompts."""
     src = start_world(cfg)
-    # A bundle keeps the experts at <src>/<domain>; a pipeline's root at experts/<domain>.
-    layout = "experts/{}" if os.path.isdir(os.path.join(src, "experts")) else "{}"
-    same = lambda folder, m: all(getattr(load_config(os.path.join(src, folder)), k) ==
-                                 getattr(model_config(m, tokenizer), k) for k in _SHAPE_FIELDS)
+    layout = _expert_layout(src)
+    same = lambda folder, m: _fits(os.path.join(src, folder), m, tokenizer)
     adopt = {"base": "base", **{f"experts/{x}": layout.format(x) for x in W.DOMAINS}}
     for dest, name in adopt.items():
         if not same(name, cfg.demo.expert_model):
