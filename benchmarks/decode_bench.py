@@ -13,6 +13,15 @@ with `route_schedule` (the router still runs): `sticky` (expert 0 throughout) an
 prompts. `router + 1 expert` (FusionRoute with one expert) is the floor lazy decoding
 aims at.
 
+Self-speculative FusionRoute (`--speculate`, k drafted tokens per expert pass; lazy experts,
+sticky routing) is timed under forced acceptance: `accept-all` (the experts' final norm
+zeroed: their logits are flat, so the fused argmax is the router's and every draft is
+kept), `accept-none` (the router's LM head zeroed: it drafts token 0, which the fused rule
+almost never picks) and `random` (random weights as they are); and, with `--toy`, on the
+bundled world's held-out prompts per domain at batch 1 (answers end at their end id)
+against lazy decoding, with the acceptance measured there. A speculative row's ms/token is
+decode time over the tokens each row generated after the first.
+
 Every configuration decodes the same random prompts for `--new_tokens` tokens (no EOS) with
 random weights (speed does not depend on their values). fr_jax's compile time is reported
 apart from the steady-state time; ms/token is wall time per decode step of the whole batch.
@@ -39,7 +48,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fr_jax.hf import save_hf  # noqa: E402
-from fr_jax.inference import Decoder, FusedDecoder  # noqa: E402
+from fr_jax.inference import Decoder, FusedDecoder, SpeculativeDecoder  # noqa: E402
+from fr_jax.inference.speculative import acceptance  # noqa: E402
 from fr_jax.models import Model, ModelConfig, RopeConfig  # noqa: E402
 from fr_jax.routing.experts import Experts, load_experts  # noqa: E402
 from fr_jax.routing.modes import Mode  # noqa: E402
@@ -189,6 +199,8 @@ def main(argv=None):
                          "list (default elsewhere: a second, stacked copy of 3 x 8B "
                          "weights would not fit next to the list)")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 elsewhere")
+    ap.add_argument("--speculate", default="2,4,8",
+                    help="k of the self-speculative rows ('' = none)")
     ap.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument("--out", default="benchmarks/results/decode_bench.json")
     args = ap.parse_args(argv)
@@ -197,6 +209,7 @@ def main(argv=None):
     batches = [int(b) for b in args.batch.split(",")]
     expert_counts = [int(e) for e in args.experts.split(",")]
     patterns = [p for p in args.patterns.split(",") if p]
+    ks = [int(k) for k in args.speculate.split(",") if k]
     layouts = (args.layouts or ("stacked,list" if platform == "cpu" else "list")).split(",")
     kind, peak = peak_bandwidth()
     steps = args.new_tokens - 1  # decode steps after the prefill's token
@@ -257,11 +270,16 @@ def main(argv=None):
                     row, _ = _time_row(name, dec, p, prompts, gen, args.repeats, b,
                                        weights + kv, peak)
                     rows.append(row)
+                if ks and n_exp == expert_counts[0]:
+                    rows += spec_rows(args, ks, router, r_params, listed, e_list, prompts,
+                                      gen, b)
                 if not args.no_torch:
                     rows += torch_rows(args, n_exp, expert_counts, r_path, paths, prompts, b,
                                        dtype, platform)
     if args.toy if args.toy is not None else args.shape == "cpu-small":
         rows += toy_rows(args, batches, peak)
+        if ks:
+            rows += toy_spec_rows(args, ks)
     report(rows, args, kind, peak, dtype)
 
 
@@ -325,6 +343,94 @@ def toy_rows(args, batches, peak):
     return rows
 
 
+def _spec_row(name, dec, p, prompts, gen, repeats, b, k):
+    res, compile_s = time_generate(lambda: dec.generate(p, prompts, **gen), repeats)
+    ms = res.seconds_decode / (gen["max_new_tokens"] - 1) * 1e3
+    acc = acceptance(res.spec_passes, res.spec_accepted, k)
+    row = Row("fr_jax", name, b, ms, b * 1e3 / ms, compile_s,
+              note=f"{acc['tokens_per_pass']:.2f} tokens per expert pass")
+    print(f"  fr_jax {name:30s} B={b}: {ms:8.2f} ms/token (compile {compile_s:.1f} s), "
+          f"{row.note}", flush=True)
+    return row
+
+
+def spec_rows(args, ks, router, r_params, listed, e_list, prompts, gen, b):
+    """Speculative FusionRoute (lazy, sticky routing) at each k under forced acceptance."""
+    zero = lambda tree: jax.tree.map(lambda x: x * 0, tree)
+    flat_experts = tuple(dict(p, final_norm=zero(p["final_norm"])) for p in e_list)
+    blind = dict(r_params, backbone=dict(r_params["backbone"],
+                                         lm_head=zero(r_params["backbone"]["lm_head"])))
+    lineups = {"accept-all": (r_params, flat_experts), "accept-none": (blind, tuple(e_list)),
+               "random": (r_params, tuple(e_list))}
+    rows = []
+    for pattern, (rp, ep) in lineups.items():
+        for k in ks:
+            dec = SpeculativeDecoder(Mode.parse("fusionroute"), router, listed, k,
+                                     chunk=args.chunk, lazy_experts=True,
+                                     catch_up_width=args.catch_up_width, route_schedule=(0,))
+            rows.append(_spec_row(f"spec E={listed.n} k={k} {pattern}", dec,
+                                  {"router": rp, "experts": ep}, prompts, gen, args.repeats,
+                                  b, k))
+    return rows
+
+
+def toy_spec_rows(args, ks, per_domain: int = 8, new_tokens: int = 24):
+    """The bundled world at batch 1, per domain: lazy FusionRoute against speculative at each
+    k on `per_domain` held-out prompts (answers end at their end id), with the acceptance."""
+    from fr_jax.corpus import encode_prompt
+    from fr_jax.harness import toy_world as W
+    from fr_jax.harness.benchmarks import default_toy_tasks
+    from fr_jax.runtime.bundle import bundled_world
+    from fr_jax.toy.pipeline import load_world_lineup as load_lineup
+
+    world = bundled_world()
+    lineup = load_lineup(world["router"], world["experts"], {})
+    listed = Experts(lineup.experts.cfgs, vocab=lineup.experts.vocab, stacked=False)
+    params = dict(lineup.params, experts=tuple(
+        jax.tree.map(lambda x, i=i: x[i], lineup.params["experts"])
+        for i in range(lineup.experts.n)))
+    kw = dict(vocab=len(lineup.tokenizer), chunk=args.chunk, lazy_experts=True,
+              catch_up_width=args.catch_up_width)
+    decoders = [("lazy", 0, FusedDecoder(Mode.parse("fusionroute"), lineup.router, listed,
+                                         **kw))]
+    decoders += [(f"spec k={k}", k, SpeculativeDecoder(Mode.parse("fusionroute"), lineup.router,
+                                                       listed, k, **kw)) for k in ks]
+    tasks = default_toy_tasks()
+    rows = []
+    for domain in W.EVAL_DOMAINS:
+        prompts = [encode_prompt(lineup.tokenizer, t.prompt, True)
+                   for t in tasks if t.domain == domain][:per_domain]
+        for name, k, dec in decoders:
+            seconds, tokens, passes, kept = 0.0, 0, 0, 0
+            for prompt in prompts:
+                res, _ = time_generate(lambda: dec.generate(
+                    params, [prompt], new_tokens, lineup.eos_ids, lineup.pad_id), args.repeats)
+                seconds += res.seconds_decode
+                # lazy: per scan step (a chunk's steps past the end id are not charged)
+                tokens += res.steps if not k else int(res.lengths[0]) - 1
+                if k:
+                    passes, kept = passes + int(res.spec_passes[0]), kept + int(res.spec_accepted[0])
+            ms = seconds / max(tokens, 1) * 1e3
+            row = Row("fr_jax", f"toy {domain} {name}", 1, ms, 1e3 / ms)
+            if k:
+                acc = acceptance(passes, kept, k)
+                row.note = (f"{acc['tokens_per_pass']:.2f} tokens per expert pass, "
+                            f"{acc['acceptance']:.0%} of drafts kept")
+            print(f"  fr_jax {row.config:30s} B=1: {ms:8.2f} ms/token {row.note}", flush=True)
+            rows.append(row)
+    return rows
+
+
+def _lazy_reference(by, r):
+    """The lazy row a speculative row compares with (None for the other rows)."""
+    words = r.config.split()
+    if words[0] == "spec":  # spec E=n k=K pattern -> lazy E=n sticky
+        return by.get((r.impl, f"lazy {words[1]} sticky", r.batch))
+    if words[0] == "toy" and len(words) > 2 and words[2] == "spec":
+        return by.get((r.impl, f"toy {words[1]} lazy", r.batch))
+    return None
+
+
 def report(rows, args, kind, peak, dtype):
     by = {(r.impl, r.config, r.batch): r for r in rows}
 
@@ -336,7 +442,7 @@ def report(rows, args, kind, peak, dtype):
           + (f" (peak {peak / 1e12:.2f} TB/s)" if peak else ""))
     head = (f"{'impl':8s} {'config':26s} {'batch':>5s} {'ms/token':>9s} {'tok/s':>9s} "
             f"{'compile s':>9s} {'vs 1 expert':>11s} {'vs r+1':>7s} {'vs eager':>8s} "
-            f"{'fr_jax speedup':>14s}")
+            f"{'vs lazy':>7s} {'fr_jax speedup':>14s}")
     if peak:
         head += f" {'roofline ms':>11s} {'achieved':>8s}"
     print(head)
@@ -351,17 +457,19 @@ def report(rows, args, kind, peak, dtype):
         alone = None if toy else by.get((r.impl, "expert alone", r.batch))
         floor = None if toy else by.get((r.impl, "router + 1 expert", r.batch))
         torch_row = by.get(("pytorch", r.config, r.batch))
+        lazy = _lazy_reference(by, r)
         line = (f"{r.impl:8s} {r.config:26s} {r.batch:5d} {r.ms_per_token:9.2f} "
                 f"{r.tokens_per_s:9.1f} {r.compile_s:9.1f} {ratio(r, alone):10.2f}x "
-                f"{ratio(r, floor):6.2f}x {ratio(r, eager):7.2f}x "
+                f"{ratio(r, floor):6.2f}x {ratio(r, eager):7.2f}x {ratio(r, lazy):6.2f}x "
                 f"{(torch_row.ms_per_token / r.ms_per_token if torch_row and r.impl == 'fr_jax' else float('nan')):13.2f}x")
         if peak:
             line += f" {r.roofline_ms:11.3f} {r.roofline_fraction:8.1%}"
-        print(line)
-    print("vs 1 expert / vs r+1 / vs eager: ms/token over that of the expert alone / the router "
-          "with one expert / the faster layout of eager FusionRoute with as many experts (same "
-          "batch, same run); fr_jax speedup: PyTorch ms/token / fr_jax ms/token. "
-          "'list': experts as separate pytrees instead of stacked under vmap.")
+        print(line + (f"  {r.note}" if r.note else ""))
+    print("vs 1 expert / vs r+1 / vs eager / vs lazy: ms/token over that of the expert alone / "
+          "the router with one expert / the faster layout of eager FusionRoute with as many "
+          "experts / lazy FusionRoute (sticky; toy: the same domain) (same batch, same run); "
+          "fr_jax speedup: PyTorch ms/token / fr_jax ms/token. 'list': experts as separate "
+          "pytrees instead of stacked under vmap.")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"shape": args.shape, "dtype": dtype, "device": kind, "peak_bw": peak,

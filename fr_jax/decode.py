@@ -18,9 +18,10 @@ import jax
 from fr_jax import cli
 from fr_jax.corpus import encode_prompt, prompt_lines
 from fr_jax.inference import trace
-from fr_jax.inference import DecodeResult, decode_slots
+from fr_jax.inference import DecodeResult, answer_slots
 from fr_jax.inference.lineup import lineup_from_config
 from fr_jax.inference.sampling import Sampling
+from fr_jax.inference.speculative import acceptance, describe
 from fr_jax.routing.modes import Mode
 from fr_jax.runtime import distributed
 from fr_jax.runtime.errors import CacheOverflowError, DataError
@@ -41,7 +42,7 @@ def fit_prompts(ids, d):
     decode.truncate_prompt)."""
     if not d.cache_len:
         return ids
-    room = d.cache_len - decode_slots(d.max_new_tokens, d.chunk)
+    room = d.cache_len - answer_slots(d.max_new_tokens, d.chunk, d.speculate)
     too_long = [i for i, x in enumerate(ids) if len(x) > room]
     if too_long and not d.truncate_prompt:
         raise CacheOverflowError(
@@ -142,6 +143,14 @@ def show(res: DecodeResult, prompts, tok, names, mode: Mode, d):
         print("\n" + trace.legend_terminal(names))
     n_tok = int(res.lengths.sum())
     print(trace.summary(chosen_rows, names, n_tok, res.seconds_decode + res.seconds_prefill))
+    if res.speculate:
+        print(describe(acceptance(res.spec_passes, res.spec_accepted, res.speculate)))
+        for row, r in enumerate(records):
+            r["speculation"] = acceptance(res.spec_passes[row], res.spec_accepted[row],
+                                          res.speculate)
+    elif d.speculate:
+        print(f"speculative decoding is off for mode {mode.name} (decode.speculate serves "
+              "fusionroute, expert_only, sequence, sequence:head)")
     if d.output:
         write_atomic(d.output, "".join(json.dumps(r) + "\n" for r in records))
         print(f"wrote {len(records)} records to {d.output}")

@@ -100,6 +100,11 @@ def notes(results: dict) -> List[str]:
             why = "; ".join(f"{k}: {v}" for k, v in sorted(sk["reasons"].items()))
             out.append(f"`{mode}` on {bench}: {sk['count']} example(s) left out of the score "
                        f"({why}).")
+    for mode, per in results.get("speculation", {}).items():
+        k = next(iter(per.values()))["k"]
+        cols = "; ".join(f"{c} {v['tokens_per_pass']:.2f} ({v['acceptance']:.0%} of drafts "
+                         "kept)" for c, v in per.items())
+        out.append(f"`{mode}`, speculative (k={k}), tokens per expert pass: {cols}.")
     return out
 
 

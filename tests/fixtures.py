@@ -55,6 +55,27 @@ def build_world(model_type, untied_router=False, seed=0, n_experts=N_EXPERTS):
     return router, r_params, experts, e_list
 
 
+def mixed_selector(router, r_params):
+    """A `sequence` mode Selector over a random SharedTrunkNet that sends PROMPTS to
+    FusionRoute and to an expert alone (targets expert:0, expert:2, fusionroute)."""
+    import jax.numpy as jnp
+
+    from fr_jax.baselines import seqroute_pipeline as S
+    from fr_jax.routing import trunk as T
+    from fr_jax.routing.selector import Selector
+
+    targets, costs = ["expert:0", "expert:2", "fusionroute"], [1.0, 1.0, 3.0]
+    feats = S.encode_features(router.backbone, r_params["backbone"], PROMPTS, 0, batch_size=4)
+    for seed in range(60):
+        net = T.SharedTrunkNet((16,), 3)
+        trunk = T.Trunk(net.init(jax.random.key(seed), jnp.zeros((1, feats.shape[-1])))["params"],
+                        feats[1].mean(0), feats[1].std(0) + 1e-3, targets, 1, costs, (16,))
+        choice = T.route(trunk.predict(feats[1]), costs, 0.0)
+        if 2 in choice and len(set(choice.tolist())) >= 2:
+            return Selector(router.cfg, trunk, lam=0.0)
+    raise AssertionError("no random trunk sends the prompts to FusionRoute and an expert")
+
+
 GSM8K = [
     {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as "
                  "many clips in May. How many clips did Natalia sell altogether?",

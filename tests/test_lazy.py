@@ -6,13 +6,10 @@ import numpy as np
 import pytest
 
 import jax
-import jax.numpy as jnp
 
 from fr_jax.inference import FusedDecoder, catch_up_widths
-from fr_jax.routing import trunk as T
 from fr_jax.routing.modes import Mode
-from fr_jax.routing.selector import Selector
-from fixtures import N_EXPERTS, PROMPTS, build_world
+from fixtures import N_EXPERTS, PROMPTS, build_world, mixed_selector
 
 WIDTH = 2  # catch-up chunk width: real routing below leaves gaps both shorter and longer
 N_NEW = 14
@@ -115,7 +112,6 @@ def test_lazy_sequence_modes_and_listed_experts():
     """sequence:head (one expert per prompt) and sequence (a SharedTrunkNet picks an expert
     or FusionRoute per prompt) with lazy experts; experts of different shapes (a list, not
     stacked) take the same path."""
-    from fr_jax.baselines import seqroute_pipeline as S
     from fr_jax.routing.experts import Experts
 
     router, r_params, experts, e_list = build_world("llama", seed=2)
@@ -123,17 +119,7 @@ def test_lazy_sequence_modes_and_listed_experts():
     eager, lazy = _pair("sequence:head", router, experts, params)
     assert [lazy.row(b) for b in range(3)] == [eager.row(b) for b in range(3)]
 
-    targets, costs = ["expert:0", "expert:2", "fusionroute"], [1.0, 1.0, 3.0]
-    feats = S.encode_features(router.backbone, r_params["backbone"], PROMPTS, 0, batch_size=4)
-    for seed in range(60):  # a random trunk that sends the rows to FusionRoute and an expert
-        net = T.SharedTrunkNet((16,), 3)
-        trunk = T.Trunk(net.init(jax.random.key(seed), jnp.zeros((1, feats.shape[-1])))["params"],
-                        feats[1].mean(0), feats[1].std(0) + 1e-3, targets, 1, costs, (16,))
-        choice = T.route(trunk.predict(feats[1]), costs, 0.0)
-        if 2 in choice and len(set(choice.tolist())) >= 2:
-            break
-    assert 2 in choice and len(set(choice.tolist())) >= 2
-    sel = Selector(router.cfg, trunk, lam=0.0)
+    sel = mixed_selector(router, r_params)
     params["selector"] = sel.params(r_params["backbone"])
     eager, lazy = _pair("sequence", router, experts, params, selector=sel)
     assert [lazy.row(b) for b in range(3)] == [eager.row(b) for b in range(3)]

@@ -9,7 +9,7 @@ from typing import List, Sequence
 import numpy as np
 
 from fr_jax.corpus import encode_prompt
-from fr_jax.inference import decode_slots
+from fr_jax.inference import answer_slots
 from fr_jax.inference.lineup import Lineup
 from fr_jax.inference.sampling import Sampling
 
@@ -42,25 +42,30 @@ class ModeRunner:
         self.eos, self.pad = list(lineup.eos_ids), lineup.pad_id
 
     def run(self, ids: Sequence[Sequence[int]], seed: int = 0):
-        """-> (texts, token ids, per-token sources, seconds) of the `len(ids)` <= batch_size
-        prompts."""
+        """-> (texts, token ids, per-token sources, seconds, speculation) of the `len(ids)`
+        <= batch_size prompts; speculation: per prompt [expert passes, drafts kept], or
+        None when the mode decodes without drafts."""
         n = len(ids)
         part = list(ids) + [ids[0]] * (self.batch_size - n)
         res = self.dec.generate(self.params, part, self.max_new_tokens, self.eos, self.pad,
                                 seed=seed, cache_len=self.cache_len, width=self.width)
         rows = [res.row(b) for b in range(n)]
         texts = [self.lineup.tokenizer.decode(t, skip_special_tokens=True) for t, _ in rows]
+        spec = None if not res.speculate else [
+            [int(res.spec_passes[b]), int(res.spec_accepted[b])] for b in range(n)]
         return (texts, [t for t, _ in rows], [c for _, c in rows],
-                res.seconds_prefill + res.seconds_decode)
+                res.seconds_prefill + res.seconds_decode, spec)
 
 
 def encode(lineup: Lineup, prompts: Sequence[str], chat: bool = True) -> List[List[int]]:
     return [encode_prompt(lineup.tokenizer, p, chat) for p in prompts]
 
 
-def cache_slots(ids: Sequence[Sequence[int]], max_new_tokens: int, chunk: int) -> int:
-    """Cache length that holds the longest prompt and the decoded tokens."""
-    return max(len(x) for x in ids) + decode_slots(max_new_tokens, chunk)
+def cache_slots(ids: Sequence[Sequence[int]], max_new_tokens: int, chunk: int,
+                speculate: int = 0) -> int:
+    """Cache length that holds the longest prompt and the decoded tokens (and, speculating,
+    the drafted tokens past them)."""
+    return max(len(x) for x in ids) + answer_slots(max_new_tokens, chunk, speculate)
 
 
 def generate(lineup: Lineup, mode: str, prompts: Sequence[str], max_new_tokens: int,
@@ -70,10 +75,11 @@ def generate(lineup: Lineup, mode: str, prompts: Sequence[str], max_new_tokens: 
     ids = encode(lineup, prompts, chat)
     batch_size = min(batch_size, len(ids))
     runner = ModeRunner(lineup, mode, max_new_tokens, batch_size,
-                        cache_slots(ids, max_new_tokens, chunk), sampling, chunk)
+                        cache_slots(ids, max_new_tokens, chunk, lineup.speculate), sampling,
+                        chunk)
     texts, tokens, chosen, seconds = [], [], [], 0.0
     for lo in range(0, len(ids), batch_size):
-        t, k, c, s = runner.run(ids[lo:lo + batch_size], seed=seed + lo)
+        t, k, c, s, _ = runner.run(ids[lo:lo + batch_size], seed=seed + lo)
         texts += t
         tokens += k
         chosen += c

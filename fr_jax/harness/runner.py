@@ -33,6 +33,7 @@ from fr_jax.harness.generation import ModeRunner, cache_slots, encode, token_sha
 from fr_jax.harness.sandbox import Limits
 from fr_jax.inference.lineup import Lineup
 from fr_jax.inference.sampling import Sampling
+from fr_jax.inference.speculative import acceptance
 from fr_jax.runtime import distributed
 
 SCORER_VERSION = 1  # bump when a scorer's verdicts change, so cached ones are redone
@@ -145,8 +146,11 @@ def cached_generations(lineup: Lineup, bench: str, mode: str, examples: Sequence
     for later calls: several draws of one mode at one sampling compile once."""
     cache = JsonlCache(_path(s, "generations", bench, mode))
     max_new = s.max_new_tokens[bench]
+    # Speculation keeps greedy tokens but not sampled draws, and its records carry their
+    # acceptance: part of the key when on (the keys of plain decoding stay as they were).
+    spec = (lineup.speculate,) if lineup.speculate else ()
     keys = [_key(fingerprint, mode, e.prompt, max_new, s.chat, dataclasses.asdict(s.sampling),
-                 s.seed) for e in examples]
+                 s.seed, *spec) for e in examples]
     todo = [i for i, (e, k) in enumerate(zip(examples, keys)) if cache.get(e.id, k) is None]
     if s.progress and distributed.is_main():
         print(f"[eval] {bench} {mode}: {len(examples) - len(todo)} cached, {len(todo)} to "
@@ -157,19 +161,20 @@ def cached_generations(lineup: Lineup, bench: str, mode: str, examples: Sequence
         # and a resumed run decodes in the same shapes as a fresh one.
         ids = encode(lineup, [e.prompt for e in examples], s.chat)
         batch = min(s.batch_size, len(examples))
-        spec = (mode, max_new, batch, cache_slots(ids, max_new, s.chunk), s.sampling, s.chunk,
-                max(len(x) for x in ids))
-        runner = (runners or {}).get(spec) or ModeRunner(lineup, *spec[:-1], width=spec[-1])
+        shape = (mode, max_new, batch, cache_slots(ids, max_new, s.chunk, lineup.speculate),
+                 s.sampling, s.chunk, max(len(x) for x in ids))
+        runner = (runners or {}).get(shape) or ModeRunner(lineup, *shape[:-1], width=shape[-1])
         if runners is not None:
-            runners[spec] = runner
+            runners[shape] = runner
         bar = _bar(len(examples), len(examples) - len(todo), f"{bench} {mode}", s.progress)
         for lo in range(0, len(todo), batch):
             part = todo[lo:lo + batch]
-            texts, tokens, chosen, seconds = runner.run([ids[i] for i in part],
-                                                        seed=s.seed + part[0])
+            texts, tokens, chosen, seconds, drafts = runner.run([ids[i] for i in part],
+                                                                seed=s.seed + part[0])
             cache.add([{"id": examples[i].id, "key": keys[i], "text": t, "tokens": k,
-                        "experts": c, "seconds": seconds / len(part)}
-                       for i, t, k, c in zip(part, texts, tokens, chosen)])
+                        "experts": c, "seconds": seconds / len(part),
+                        **({"speculation": drafts[j]} if drafts else {})}
+                       for j, (i, t, k, c) in enumerate(zip(part, texts, tokens, chosen))])
             bar.update(len(part))
         bar.close()
     return [cache.get(e.id, k) for e, k in zip(examples, keys)]
@@ -246,6 +251,7 @@ def evaluate(lineup: Lineup, examples: Dict[str, Sequence[Example]], modes: Sequ
     for mode in modes:
         flags = {c: [] for c in columns}
         chosen = {c: [] for c in columns}
+        drafts = {c: [] for c in columns}  # [expert passes, drafts kept] per example
         res["skipped"][mode], res["metrics"][mode], res["examples"][mode] = {}, {}, {}
         seconds = 0.0
         correct[mode] = {}
@@ -257,6 +263,8 @@ def evaluate(lineup: Lineup, examples: Dict[str, Sequence[Example]], modes: Sequ
             for c, g, v in zip(col_of[bench], gens, verdicts):
                 flags[c].append(v["correct"])
                 chosen[c].append(g["experts"])
+                if "speculation" in g:
+                    drafts[c].append(g["speculation"])
             reasons = {sk["what"]: sk["reason"] for v in verdicts
                        for sk in v["details"].get("skipped", [])}
             if reasons:
@@ -272,6 +280,10 @@ def evaluate(lineup: Lineup, examples: Dict[str, Sequence[Example]], modes: Sequ
         vals = [v for v in res["accuracy"][mode].values() if v is not None]
         res["average"][mode] = float(np.mean(vals)) if vals else None
         res["seconds"][mode] = round(seconds, 2)
+        if any(drafts.values()):  # per column: tokens per expert pass, drafts kept
+            res.setdefault("speculation", {})[mode] = {
+                c: acceptance(*np.asarray(drafts[c]).reshape(-1, 2).T, lineup.speculate)
+                for c in columns if drafts[c]}
         if mode not in lineup.models:
             res["shares"][mode] = {c: dict(zip(names + ["router"],
                                                token_shares(chosen[c], n_exp).round(4).tolist()))

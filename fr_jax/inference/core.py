@@ -54,6 +54,11 @@ class DecodeResult:
     seconds_prefill: float  # includes compilation on the first call
     seconds_decode: float
     caches: object = None  # the decoder's caches after the last step (return_caches=True)
+    # Speculative decoding (speculative.py): drafted tokens per expert pass (0 = off), and
+    # per row the expert passes it took and the drafts they kept.
+    speculate: int = 0
+    spec_passes: Optional[np.ndarray] = None  # [B]
+    spec_accepted: Optional[np.ndarray] = None  # [B]
 
     def row(self, b: int):
         """(token ids, chosen experts) of row b, without the padding after EOS."""
@@ -65,6 +70,13 @@ def decode_slots(max_new_tokens: int, chunk: int) -> int:
     """Cache slots decoding needs beyond the prompt: every generated token but the last is
     fed back, in whole chunks of `chunk` scan steps."""
     return -(-(max_new_tokens - 1) // chunk) * chunk
+
+
+def answer_slots(max_new_tokens: int, chunk: int, speculate: int = 0) -> int:
+    """Cache slots an answer needs beyond its prompt: `decode_slots`, or speculating
+    (speculative.py) every new token and the drafts read past the last one."""
+    return max(decode_slots(max_new_tokens, chunk),
+               max_new_tokens + speculate if speculate else 0)
 
 
 def settle(nxt, chosen, done, eos_ids, pad_id, eos_ends=True):
@@ -129,6 +141,19 @@ class ChunkedDecoder:
         return jax.lax.scan(body, state, None, length=self.chunk)
 
     # ---- compiled entry points (with shardings on a mesh)
+    # Replicated scalar arguments after the caches (prefill) or the state (chunk): the end
+    # ids [n_eos] and the pad id; a subclass may add more (its entry points take them).
+    n_scalars = 2
+
+    def _state_shardings(self, rows, rep, caches):
+        return DecodeState(rows, rows, rep, caches)
+
+    def _record_shardings(self, batch: int):
+        """(the prefill's record, one chunk's records [chunk, ...]) shardings."""
+        rec = Record(*(sh.batch_sharding(self.mesh, s)
+                       for s in ((batch,), (batch,), (batch, self.n_experts))))
+        return rec, Record(*(sh.NamedSharding(self.mesh, sh.P(None, *r.spec)) for r in rec))
+
     def _compiled(self, params, batch: int, cache_len: int):
         key = (batch, cache_len)
         if key in self._jitted:
@@ -142,16 +167,15 @@ class ChunkedDecoder:
                 jax.eval_shape(lambda: self._init_caches(batch, cache_len)))
             rows = sh.batch_sharding(self.mesh, (batch,))
             rep = sh.replicated(self.mesh)
-            state_sh = DecodeState(rows, rows, rep, c_sh)
-            rec_sh = Record(rows, rows, sh.batch_sharding(self.mesh, (batch, self.n_experts)))
-            chunk_rec = Record(*(sh.NamedSharding(self.mesh, sh.P(None, *r.spec))
-                                 for r in rec_sh))
+            state_sh = self._state_shardings(rows, rep, c_sh)
+            rec_sh, chunk_rec = self._record_shardings(batch)
             tok_sh = sh.batch_sharding(self.mesh, (batch, 1))
+            scalars = (rep,) * self.n_scalars
             fns = (jax.jit(sh.traced_on(self._prefill, self.mesh), donate_argnums=(4,),
-                           in_shardings=(p_sh, tok_sh, tok_sh, rep, c_sh, rep, rep),
+                           in_shardings=(p_sh, tok_sh, tok_sh, rep, c_sh) + scalars,
                            out_shardings=(state_sh, rec_sh)),
                    jax.jit(sh.traced_on(self._chunk, self.mesh), donate_argnums=(1,),
-                           in_shardings=(p_sh, state_sh, rep, rep),
+                           in_shardings=(p_sh, state_sh) + scalars,
                            out_shardings=(state_sh, chunk_rec)))
         self._jitted[key] = fns
         return fns
@@ -165,12 +189,12 @@ class ChunkedDecoder:
         prefill, chunk = self._compiled(params, batch, cache_len)
         tok = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        scalars = (jax.ShapeDtypeStruct((n_eos,), jnp.int32),) + (scalar,) * (self.n_scalars - 1)
         args = (params, tok, jax.ShapeDtypeStruct((batch, prompt_len), bool),
                 jax.eval_shape(lambda: jax.random.key(0)),
-                jax.eval_shape(lambda: self._init_caches(batch, cache_len)),
-                jax.ShapeDtypeStruct((n_eos,), jnp.int32), scalar)
+                jax.eval_shape(lambda: self._init_caches(batch, cache_len))) + scalars
         state = jax.eval_shape(self._prefill, *args)[0]
-        return (prefill, args), (chunk, (params, state, args[5], scalar))
+        return (prefill, args), (chunk, (params, state) + scalars)
 
     def _finish(self, params, caches):
         """The caches handed back to a caller that asked for them (e.g. a multi-turn chat)."""

@@ -94,6 +94,49 @@ class LazyExperts:
             synced.append(s)
         return selected, tuple(out), StepState(step.t + 1, hist, jnp.stack(synced))
 
+    def verify(self, params, chunk, active, k, caches, step: StepState):
+        """A drafted chunk [B, W] fed at each row's positions t..t+W-1 (t = step.t), k [B, W]
+        the expert each position needs (speculative.py): every expert that an active row
+        needs anywhere in the chunk first reads the tokens it missed, then the whole chunk
+        in one pass -> (the selected experts' logits [B, W, V], caches, hist, ran [n] bool:
+        which experts read the chunk). Every row of an expert that ran wrote W slots: the
+        caller rewinds the rejected ones (cache.rewind) and sets `synced`."""
+        b, w = chunk.shape
+        hist = jax.vmap(lambda row, c, i: jax.lax.dynamic_update_slice(row, c, (i,)))(
+            step.hist, chunk, step.t)
+        selected = jnp.zeros((b, w, self.vocab), jnp.float32)
+        out, ran = [], []
+        for e in range(self.experts.n):
+            need = jnp.any((k == e) & active[:, None])
+            run = functools.partial(self._read_chunk, e, params, hist, active, step.t, chunk)
+            skip = lambda cache, s: (cache, jnp.zeros((b, w, self.vocab), jnp.float32))
+            cache, logits = jax.lax.cond(need, run, skip, caches[e], step.synced[e])
+            selected = jnp.where((k == e)[..., None], logits, selected)
+            out.append(cache)
+            ran.append(need)
+        return selected, tuple(out), hist, jnp.stack(ran)
+
+    def _read_chunk(self, e, group_params, hist, active, t, chunk, cache, synced):
+        """Expert e: every active row reads hist[synced : t] (what it missed), then every row
+        the chunk [B, W] -> (cache, logits [B, W, V])."""
+        model = self.experts.model(e)
+        p = self.experts.params_of(group_params, e)
+        n_miss = jnp.where(active, t - synced, 0)
+        cache, synced, n_miss = self._catch_up_long(model, p, hist, cache, synced, n_miss)
+
+        def last_chunk(width):
+            return lambda cache: model.catch_up(p, self._gather(hist, synced, width), n_miss,
+                                                cache)[1]
+
+        branch = jnp.searchsorted(jnp.asarray(self.widths, jnp.int32),
+                                  jnp.max(n_miss)).astype(jnp.int32)
+        cache = jax.lax.cond(
+            jnp.any(n_miss > 0),
+            lambda c: jax.lax.switch(branch, [last_chunk(w) for w in self.widths], c),
+            lambda c: c, cache)
+        out, cache = model.extend(p, chunk, cache)
+        return cache, out.logits[..., :self.vocab]
+
     def finish(self, params, caches, step: StepState):
         """Every expert catches up on the tokens it has not read, so each cache holds the
         prompt and every fed token, as after eager decoding -> (caches, StepState)."""

@@ -23,6 +23,7 @@ from fr_jax.hf.hub import hub_name
 from fr_jax.inference.core import Decoder
 from fr_jax.inference.fused import FusedDecoder
 from fr_jax.inference.sampling import Sampling
+from fr_jax.inference.speculative import SpeculativeDecoder, speculates
 from fr_jax.models import Model
 from fr_jax.routing.experts import Experts, load_experts
 from fr_jax.routing.modes import Mode
@@ -48,6 +49,7 @@ class Lineup:
     mesh: object = None  # the mesh the params are placed on: decoders shard batches over it
     lazy_experts: bool = False  # FusedDecoder's lazy experts (the same tokens, faster)
     catch_up_width: int = 8
+    speculate: int = 0  # drafted tokens per expert pass (SpeculativeDecoder); 0 = off
 
     @property
     def n_experts(self) -> Optional[int]:
@@ -74,11 +76,13 @@ class Lineup:
                             f"{sorted(self.models) or 'none'})")
         if (m.uses_router and self.router is None) or (m.uses_experts and self.experts is None):
             raise ModeError(f"mode {mode!r} needs models this lineup does not have")
-        dec = FusedDecoder(m, self.router, self.experts, vocab=len(self.tokenizer),
-                           sampling=sampling, chunk=chunk, mesh=self.mesh,
-                           selector=self.selector, lazy_experts=self.lazy_experts,
-                           catch_up_width=self.catch_up_width)
-        return dec, self.params
+        kw = dict(vocab=len(self.tokenizer), sampling=sampling, chunk=chunk, mesh=self.mesh,
+                  selector=self.selector, lazy_experts=self.lazy_experts,
+                  catch_up_width=self.catch_up_width)
+        if self.speculate and speculates(m):
+            return SpeculativeDecoder(m, self.router, self.experts, self.speculate, **kw), \
+                self.params
+        return FusedDecoder(m, self.router, self.experts, **kw), self.params
 
 
 def check_tokenizers(named: Sequence[Tuple[str, object]]):
@@ -127,7 +131,7 @@ def load_lineup(router: Named = "", experts: Sequence[Named] = (), *,
                 stacked: Optional[bool] = None, router_seed: int = 0,
                 n_experts: Optional[int] = None, eos_ids: Sequence[int] = (),
                 lazy_experts: bool = False,
-                catch_up_width: int = 8, softcap: str = "each") -> Lineup:
+                catch_up_width: int = 8, softcap: str = "each", speculate: int = 0) -> Lineup:
     """Reads the lineup from folders, hub names (fr_jax/hf/hub.py) or checkpoints resolved
     already (`fr_jax.hf.resolve`; each name is resolved once here): the router (a fr_jax
     router, or a base checkpoint that gets a fresh head for `n_experts` (default: one per
@@ -205,7 +209,7 @@ def load_lineup(router: Named = "", experts: Sequence[Named] = (), *,
               "models": {k: m.path for k, m in models.items()}, "seqroute": seqroute}
     return Lineup(r, e, params, tokenizer, names, loaded, selector, source,
                   end_ids(tokenizer, cfgs, eos_ids), pad_id(tokenizer, cfgs), mesh,
-                  lazy_experts, catch_up_width)
+                  lazy_experts, catch_up_width, speculate)
 
 
 def leave_cap_to_rule(router: Optional[Router], experts: Optional[Experts]):
@@ -290,4 +294,5 @@ def lineup_from_config(config, modes: Sequence[str]) -> Lineup:
         frozen=frozen_dtype(config), stacked=experts_layout(config),
         router_seed=config.router.seed, n_experts=len(paths) or None, eos_ids=d.eos_ids,
         lazy_experts=d.lazy_experts,
-        catch_up_width=d.catch_up_width, softcap=config.fusion.softcap)
+        catch_up_width=d.catch_up_width, softcap=config.fusion.softcap,
+        speculate=d.speculate)

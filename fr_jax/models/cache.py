@@ -98,3 +98,16 @@ def advance(cache: KVCache, positions, n_valid=None) -> KVCache:
         end=cache.end + step,
         next_pos=jnp.maximum(cache.next_pos, jnp.max(positions, axis=1) + 1),
     )
+
+
+def rewind(cache: KVCache, drop) -> KVCache:
+    """Forgets each row's last drop[b] written tokens (a speculative chunk's rejected
+    positions): offsets move back, and their slots read as empty (position -1) until the
+    next chunk overwrites them. Works on stacked caches too (leading expert axis): drop
+    [B] broadcasts against end [..., B]."""
+    drop = drop.astype(jnp.int32)
+    end = cache.end - drop
+    slot = jnp.arange(cache.pos.shape[-1], dtype=jnp.int32)
+    gone = (slot >= end[..., None]) & (slot < cache.end[..., None])
+    return cache.replace(pos=jnp.where(gone, -1, cache.pos), end=end,
+                         next_pos=cache.next_pos - drop)

@@ -311,6 +311,11 @@ def _tensorboard(results: dict, logdir: str):
         for d, v in acc.items():
             w.add_scalar(f"eval/{d}/{tag}", v, 0)
         w.add_scalar(f"eval/average/{tag}", results["average"][mode], 0)
+    for mode, per in results.get("speculation", {}).items():
+        tag = mode.replace(":", "_")
+        for d, v in per.items():  # decode.speculate: what the drafts saved, per domain
+            w.add_scalar(f"speculation/{d}/{tag}/tokens_per_pass", v["tokens_per_pass"], 0)
+            w.add_scalar(f"speculation/{d}/{tag}/acceptance", v["acceptance"], 0)
     w.add_text("results", report.markdown(results), 0)
     w.close()
 
@@ -410,6 +415,7 @@ def run_pipeline(cfg) -> dict:
                                    seqroute=trunk)
     else:
         lineup = load_world_lineup(router, experts)
+    lineup.speculate = cfg.decode.speculate  # the same answers; its acceptance is reported
     results = evaluate(cfg, lineup, read_tasks(data["test"]), os.path.join(root, "eval"))
     t = mark("evaluation", t)
     results["timings_s"] = dict(timings, total=round(sum(timings.values()), 1))
