@@ -30,6 +30,11 @@ def _router(hidden: int, ff: int, layers: int = 3, model: str = "router_model") 
 
 
 STUDY_ROUTER = _router(64, 192)
+# Stage 2 as the study ran it (the demo's default before the guard variants won): CDPO alone,
+# the routing head frozen, the routing-KL anchor on. Pinned like the router's size, so the
+# earlier variants keep their meaning whatever the demo's default.
+STUDY_CDPO = {"train.cdpo.sft_weight": 0.0, "train.cdpo.head": "frozen",
+              "train.cdpo.route_kl": 1.0}
 DEMO_ROUTER = _router(80, 224)  # the demo's default router (configs/demo.py)
 # The scale sweep's largest step: 4 blocks x 128, larger than an expert (3 x 96).
 LARGE = dict(hidden=128, ff=352, layers=4)
@@ -39,7 +44,7 @@ SCALE_MODES = ("fusionroute", "expert_only", "router_only", "finetuned", "sequen
 
 def _variant(**fields):
     """A variant's changes from dotted keys: _variant(**{"train.sft.lm_target": "fused"})."""
-    return nested({**STUDY_ROUTER, **fields})
+    return nested({**STUDY_ROUTER, **STUDY_CDPO, **fields})
 
 
 def get_config(arg: str = ""):

@@ -58,6 +58,12 @@ def get_config(arg: str = ""):
     c.train.cdpo.lr = 2e-4
     c.train.cdpo.warmup = 10
     c.train.cdpo.beta = 0.5  # at 0.1 the policy drifts where the experts are already right
+    # The paper's guard (the ablation's pick, `sft_mix_1`: docs/training.md): stage 1's loss
+    # kept on at weight 1 beside CDPO's, on stage 1's data; the routing head trained by it
+    # alone; no routing-KL anchor.
+    c.train.cdpo.sft_weight = 1.0
+    c.train.cdpo.head = "sft"
+    c.train.cdpo.route_kl = 0.0
     c.pairs.sources.toy.limit = 800 if quick else 2400  # training prompts sampled for pairs
     c.pairs.batch_size = 256
 
