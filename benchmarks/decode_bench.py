@@ -306,11 +306,8 @@ def torch_rows(args, n_exp, expert_counts, r_path, paths, prompts, b, dtype, pla
     return rows
 
 
-def toy_rows(args, batches, peak):
-    """Eager vs lazy FusionRoute on the bundled world (3 experts) with its trained router's
-    real routing, on its held-out mixed prompts (no EOS, so every step is timed)."""
-    from fr_jax.corpus import encode_prompt
-    from fr_jax.harness.benchmarks import default_toy_tasks
+def toy_lineup():
+    """The bundled world's lineup, its experts as a list (Experts, params) as well."""
     from fr_jax.runtime.bundle import bundled_world
     from fr_jax.toy.pipeline import load_world_lineup as load_lineup
 
@@ -320,6 +317,16 @@ def toy_rows(args, batches, peak):
     list_params = dict(lineup.params, experts=tuple(
         jax.tree.map(lambda x, i=i: x[i], lineup.params["experts"])
         for i in range(lineup.experts.n)))
+    return lineup, listed, list_params
+
+
+def toy_rows(args, batches, peak):
+    """Eager vs lazy FusionRoute on the bundled world (3 experts) with its trained router's
+    real routing, on its held-out mixed prompts (no EOS, so every step is timed)."""
+    from fr_jax.corpus import encode_prompt
+    from fr_jax.harness.benchmarks import default_toy_tasks
+
+    lineup, listed, list_params = toy_lineup()
     # The held-out mixed prompts: a format applied to a computed value, where the router
     # hands the answer from one expert to another (the single-skill domains stay on one).
     tasks = [t for t in default_toy_tasks() if t.domain == "mixed"]
@@ -376,20 +383,16 @@ def spec_rows(args, ks, router, r_params, listed, e_list, prompts, gen, b):
 
 def toy_spec_rows(args, ks, per_domain: int = 8, new_tokens: int = 24):
     """The bundled world at batch 1, per domain: lazy FusionRoute against speculative at each
-    k on `per_domain` held-out prompts (answers end at their end id), with the acceptance."""
+    k on `per_domain` held-out prompts (answers end at their end id), with the acceptance.
+    ms/token: decode time over the answers' tokens after the first, for both."""
     from fr_jax.corpus import encode_prompt
     from fr_jax.harness import toy_world as W
     from fr_jax.harness.benchmarks import default_toy_tasks
-    from fr_jax.runtime.bundle import bundled_world
-    from fr_jax.toy.pipeline import load_world_lineup as load_lineup
 
-    world = bundled_world()
-    lineup = load_lineup(world["router"], world["experts"], {})
-    listed = Experts(lineup.experts.cfgs, vocab=lineup.experts.vocab, stacked=False)
-    params = dict(lineup.params, experts=tuple(
-        jax.tree.map(lambda x, i=i: x[i], lineup.params["experts"])
-        for i in range(lineup.experts.n)))
-    kw = dict(vocab=len(lineup.tokenizer), chunk=args.chunk, lazy_experts=True,
+    lineup, listed, params = toy_lineup()
+    # decode.chunk's default for both: a short answer pays for the rest of its last chunk
+    # in plain decoding (a speculative chunk stops once the row is done)
+    kw = dict(vocab=len(lineup.tokenizer), chunk=8, lazy_experts=True,
               catch_up_width=args.catch_up_width)
     decoders = [("lazy", 0, FusedDecoder(Mode.parse("fusionroute"), lineup.router, listed,
                                          **kw))]
@@ -406,8 +409,7 @@ def toy_spec_rows(args, ks, per_domain: int = 8, new_tokens: int = 24):
                 res, _ = time_generate(lambda: dec.generate(
                     params, [prompt], new_tokens, lineup.eos_ids, lineup.pad_id), args.repeats)
                 seconds += res.seconds_decode
-                # lazy: per scan step (a chunk's steps past the end id are not charged)
-                tokens += res.steps if not k else int(res.lengths[0]) - 1
+                tokens += int(res.lengths[0]) - 1  # after the prefill's token
                 if k:
                     passes, kept = passes + int(res.spec_passes[0]), kept + int(res.spec_accepted[0])
             ms = seconds / max(tokens, 1) * 1e3

@@ -249,3 +249,25 @@ def test_a_multi_host_launch_plans_each_stage_s_export_beside_what_stays():
         assert compiled is not None, err
         # the gathered leaf is whole on each device
         assert compiled.memory_analysis().output_size_in_bytes == nbytes(p.args)
+
+
+@pytest.mark.slow
+def test_the_speculative_step_is_planned_per_accepted_token(tmp_path):
+    """decode.speculate=4 adds the speculative step (router k + 1 times, the selected expert
+    one chunk) for configs/llama3.py on v5e-8 at depth 2: it fits, and at 70% of drafts kept
+    (3.8 tokens a step) the HBM bytes the compiler's program reads per token are about half
+    the lazy chunk's (the router is a quarter of the expert's bytes per token here)."""
+    out = tmp_path / "plan.json"
+    code = plan_cli.main(["--config=" + default_config_file("llama3.py"), f"--topology={SLICE}",
+                          f"--config.plan.depth={DEPTH}", "--config.plan.decode_batches=(1,)",
+                          "--config.plan.lazy=(True,)", "--config.plan.programs=('decode',)",
+                          "--config.decode.speculate=4", "--config.plan.acceptance=0.7",
+                          f"--json={out}"])
+    assert code == 0
+    results = {r["program"]: r for r in json.loads(out.read_text())["results"]}
+    spec = results["decode speculative step, fusionroute lazy k=4 (70% of drafts kept: 3.80 "
+                   "tokens), batch 1, cache 2048"]
+    lazy = results["decode chunk, fusionroute lazy, batch 1, cache 2048"]
+    assert spec["fits"] and lazy["fits"]
+    assert 0.3 < spec["hbm_bytes"] / lazy["hbm_bytes"] < 0.7, (spec["hbm_bytes"],
+                                                                 lazy["hbm_bytes"])

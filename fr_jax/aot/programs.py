@@ -14,7 +14,7 @@ import numpy as np
 from fr_jax import steps
 from fr_jax.aot.shapes import forward_flops, splash_flops
 from fr_jax.config import frozen_dtype
-from fr_jax.inference import FusedDecoder
+from fr_jax.inference import FusedDecoder, SpeculativeDecoder, speculates
 from fr_jax.inference.lineup import experts_layout
 from fr_jax.routing.experts import Experts
 from fr_jax.routing.modes import Mode
@@ -212,11 +212,12 @@ def _sample_programs(router, experts, vocab, seq, mesh, sampled) -> List[Program
 
 
 def _fused_lineup(config, rcfg, ecfgs, mesh, mode_name: str, lazy: bool,
-                  single_expert: bool):
+                  single_expert: bool, speculate: int = 0):
     """(decoder, abstract params on `mesh`, the model configs a step runs, n experts) of one
     decode lineup, every model in the frozen dtype; None where the mode has no lazy
     schedule. With `single_expert` (cost of a lazy step: the router and the one selected
-    expert), a one-expert lineup decoded eagerly stands in for a lazy one."""
+    expert), a one-expert lineup decoded eagerly stands in for a lazy one. `speculate` > 0:
+    a SpeculativeDecoder of that many drafts whose runs are one speculative step each."""
     dt = frozen_dtype(config)
     dc = config.decode
     n = 1 if (single_expert and lazy) else len(ecfgs)
@@ -224,9 +225,11 @@ def _fused_lineup(config, rcfg, ecfgs, mesh, mode_name: str, lazy: bool,
     vocab = min(c.vocab_size for c in [rcfg, *ecfgs])
     experts = Experts([c.replace(param_dtype=dt) for c in ecfgs[:n]], vocab=vocab,
                       stacked=experts_layout(config))
-    dec = FusedDecoder(Mode.parse(mode_name, n), router, experts, vocab=vocab, chunk=dc.chunk,
-                       mesh=mesh, lazy_experts=lazy and n > 1,
-                       catch_up_width=dc.catch_up_width)
+    kw = dict(vocab=vocab, chunk=1 if speculate else dc.chunk, mesh=mesh,
+              lazy_experts=lazy and n > 1, catch_up_width=dc.catch_up_width)
+    mode = Mode.parse(mode_name, n)
+    dec = (SpeculativeDecoder(mode, router, experts, speculate, **kw) if speculate
+           else FusedDecoder(mode, router, experts, **kw))
     if lazy and n > 1 and not dec.lazy:
         return None  # this mode has no lazy schedule
     params = {"router": _abstract(router.param_shapes(), sh.param_shardings(router, mesh)),
@@ -249,6 +252,35 @@ def _chunk_costs(config, rcfg, ecfgs, dec, params, used, lazy, batch, cache_len)
     kv = sum(2 * c.num_layers * c.num_kv_heads * c.head_dim for c in used) * (
         batch * cache_len * kv_item)
     return sum(forward_flops(c, batch, cache_len) for c in used), weights + kv
+
+
+def _speculative_step(config, rcfg, ecfgs, mesh, mode_name: str, lazy: bool, batch: int,
+                      single_expert: bool) -> Program:
+    """One speculative step (decode.speculate = k): the router reads k + 1 tokens one at a
+    time, the selected expert the chunk of k + 1 in one pass. At plan.acceptance (the share of
+    drafts kept) a step yields 1 + acceptance x k tokens: the program's run counts that
+    many, so its FLOPs, bytes and step time read per accepted token."""
+    pc, k = config.plan, config.decode.speculate
+    dec, params, used, _ = _fused_lineup(config, rcfg, ecfgs, mesh, mode_name, lazy,
+                                         single_expert, speculate=k)
+    params = dec.prepare(params)
+    (_, pre_args), (step, step_args) = dec.compiled_programs(params, batch, pc.prompt_len,
+                                                             pc.cache_len)
+    caches = _abstract(pre_args[4], dec._cache_shardings(pre_args[4]))
+    tokens = 1 + pc.acceptance * k
+    # the router's weights and cache are read k + 1 times, the expert's once per step
+    router_pass = [c for c in used[:1] if dec.router]
+    flops = sum(forward_flops(c, batch * (k + 1), pc.cache_len) for c in used)
+    _, read = _chunk_costs(config, rcfg, ecfgs, dec, params, used, lazy, batch, pc.cache_len)
+    _, r_read = _chunk_costs(config, rcfg, ecfgs, dec, {"router": params["router"],
+                                                        "experts": {}}, router_pass, lazy,
+                             batch, pc.cache_len)
+    read += k * r_read
+    label = "lazy" if lazy else "eager"
+    return Program(f"decode speculative step, {mode_name} {label} k={k} ({pc.acceptance:.0%} "
+                   f"of drafts kept: {tokens:.2f} tokens), batch {batch}, cache {pc.cache_len}",
+                   "decode", step, step_args, {"params": params, "caches": caches},
+                   flops / tokens, read / tokens, steps=tokens)
 
 
 def decode_programs(config, rcfg, ecfgs, mesh, modes: Sequence[str], batches: Sequence[int],
@@ -280,6 +312,9 @@ def decode_programs(config, rcfg, ecfgs, mesh, modes: Sequence[str], batches: Se
                 out.append(Program(f"decode chunk, {tag}, cache {pc.cache_len}", "decode",
                                    chunk, chunk_args, {"params": params, "caches": caches},
                                    flops, read, steps=dc.chunk))
+                if dc.speculate and speculates(Mode.parse(mode_name)):
+                    out.append(_speculative_step(config, rcfg, ecfgs, mesh, mode_name, lazy,
+                                                 batch, single_expert))
     return out
 
 

@@ -96,13 +96,8 @@ def _decode() -> Section:
              "expert catches up on the tokens it missed when selected again, in chunks of "
              "catch_up_width (same tokens as stepping every expert; see FusedDecoder).")),
         catch_up_width=S(8, "tokens a skipped expert catches up per step", lo=1),
-        speculate=S(0,
-            ("Self-speculative decoding: the router drafts this many tokens, the selected "
-             "experts read them in one pass, the fused rule keeps the agreeing prefix (the "
-             "same greedy tokens; sampling keeps the fused distribution). 0 = off. For the "
-             "modes that run the router and one expert per token (fusionroute, expert_only, "
-             "sequence, sequence:head); other modes decode as usual (docs/decoding.md)."),
-            lo=0),
+        speculate=S(0, ("drafts per expert pass: the router drafts, the experts verify a chunk "
+                        "(the same greedy tokens; 0 = off; docs/decoding.md)"), lo=0),
         cache_len=S(0, "0 = just enough for the longest prompt + max_new_tokens", lo=0),
         truncate_prompt=S(False, "True: keep the last tokens of a prompt that is too long"),
         eos_ids=S((), "() = the checkpoints' eos ids and the tokenizer's eos token"),
@@ -356,6 +351,8 @@ def _plan() -> Section:
         decode_modes=S(("fusionroute",), "decode modes planned"),
         decode_batches=S((1, 32), "decode batch sizes planned"),
         lazy=S((False, True), "eager and/or lazy experts"),
+        acceptance=S(0.7, "share of drafts kept, for the speculative step (decode.speculate)",
+                     lo=0, hi=1),
         prompt_len=S(1024, "prompt tokens of the planned decode"),
         cache_len=S(2048, "KV cache slots of the planned decode"),
         headroom=S(0.1, "a program fits if it leaves this share of the chip's HBM free"),
