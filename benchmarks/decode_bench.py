@@ -48,7 +48,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fr_jax.hf import save_hf  # noqa: E402
-from fr_jax.inference import Decoder, FusedDecoder, SpeculativeDecoder  # noqa: E402
+from fr_jax.inference import (Decoder, FusedDecoder, SpeculativeDecoder,  # noqa: E402
+                              answer_slots)
 from fr_jax.inference.speculative import acceptance  # noqa: E402
 from fr_jax.models import Model, ModelConfig, RopeConfig  # noqa: E402
 from fr_jax.routing.experts import Experts, load_experts  # noqa: E402
@@ -378,6 +379,8 @@ def spec_rows(args, ks, router, r_params, listed, e_list, prompts, gen, b):
             rows.append(_spec_row(f"spec E={listed.n} k={k} {pattern}", dec,
                                   {"router": rp, "experts": ep}, prompts, gen, args.repeats,
                                   b, k))
+            del dec
+            jax.clear_caches()  # a long run's executables would exhaust the JIT's mappings
     return rows
 
 
@@ -399,15 +402,19 @@ def toy_spec_rows(args, ks, per_domain: int = 8, new_tokens: int = 24):
     decoders += [(f"spec k={k}", k, SpeculativeDecoder(Mode.parse("fusionroute"), lineup.router,
                                                        listed, k, **kw)) for k in ks]
     tasks = default_toy_tasks()
+    by_domain = {d: [encode_prompt(lineup.tokenizer, t.prompt, True)
+                     for t in tasks if t.domain == d][:per_domain] for d in W.EVAL_DOMAINS}
+    # one prompt width and cache length for all: each decoder compiles once
+    width = max(len(p) for ps in by_domain.values() for p in ps)
+    cache_len = width + answer_slots(new_tokens, 8, max(ks))
     rows = []
-    for domain in W.EVAL_DOMAINS:
-        prompts = [encode_prompt(lineup.tokenizer, t.prompt, True)
-                   for t in tasks if t.domain == domain][:per_domain]
+    for domain, prompts in by_domain.items():
         for name, k, dec in decoders:
             seconds, tokens, passes, kept = 0.0, 0, 0, 0
             for prompt in prompts:
                 res, _ = time_generate(lambda: dec.generate(
-                    params, [prompt], new_tokens, lineup.eos_ids, lineup.pad_id), args.repeats)
+                    params, [prompt], new_tokens, lineup.eos_ids, lineup.pad_id, width=width,
+                    cache_len=cache_len), args.repeats)
                 seconds += res.seconds_decode
                 tokens += int(res.lengths[0]) - 1  # after the prefill's token
                 if k:
