@@ -122,17 +122,9 @@ class LazyExperts:
         model = self.experts.model(e)
         p = self.experts.params_of(group_params, e)
         n_miss = jnp.where(active, t - synced, 0)
-        cache, synced, n_miss = self._catch_up_long(model, p, hist, cache, synced, n_miss)
-
-        def last_chunk(width):
-            return lambda cache: model.catch_up(p, self._gather(hist, synced, width), n_miss,
-                                                cache)[1]
-
-        branch = jnp.searchsorted(jnp.asarray(self.widths, jnp.int32),
-                                  jnp.max(n_miss)).astype(jnp.int32)
         cache = jax.lax.cond(
             jnp.any(n_miss > 0),
-            lambda c: jax.lax.switch(branch, [last_chunk(w) for w in self.widths], c),
+            lambda c: self._read_missed(model, p, hist, c, synced, n_miss)[0],
             lambda c: c, cache)
         out, cache = model.extend(p, chunk, cache)
         return cache, out.logits[..., :self.vocab]
@@ -169,6 +161,22 @@ class LazyExperts:
 
         return jax.lax.while_loop(lambda c: jnp.any(c[2] > w), body, (cache, synced, n_miss))
 
+    def _read_missed(self, model, p, hist, cache, synced, n_miss):
+        """Each row reads hist[synced : synced + n_miss]: full chunks of `width`, then one
+        last chunk of the smallest of `widths` that holds the rest -> (cache, the model's
+        output at each row's last real token [B, 1, ...])."""
+        cache, synced, n_miss = self._catch_up_long(model, p, hist, cache, synced, n_miss)
+
+        def last_chunk(width):
+            def run(cache):
+                out, cache = model.catch_up(p, self._gather(hist, synced, width), n_miss, cache)
+                return cache, out
+            return run
+
+        widths = jnp.asarray(self.widths, jnp.int32)
+        branch = jnp.searchsorted(widths, jnp.max(n_miss)).astype(jnp.int32)
+        return jax.lax.switch(branch, [last_chunk(w) for w in self.widths], cache)
+
     def _turn(self, e, group_params, hist, active, t, cache, synced):
         """Expert e, selected by some row: every active row reads the tokens it missed and
         the current one (hist[synced : t + 1]) -> (cache, logits [B, V] of the current
@@ -179,15 +187,6 @@ class LazyExperts:
         model = self.experts.model(e)
         p = self.experts.params_of(group_params, e)
         n_miss = jnp.where(active, t + 1 - synced, 0)
-        cache, synced, n_miss = self._catch_up_long(model, p, hist, cache, synced, n_miss)
-
-        def last_chunk(width):
-            def run(cache):
-                out, cache = model.catch_up(p, self._gather(hist, synced, width), n_miss, cache)
-                return cache, out.logits[:, 0, :self.vocab]
-            return run
-
-        widths = jnp.asarray(self.widths, jnp.int32)
-        branch = jnp.searchsorted(widths, jnp.max(n_miss)).astype(jnp.int32)
-        cache, logits = jax.lax.switch(branch, [last_chunk(w) for w in self.widths], cache)
+        cache, out = self._read_missed(model, p, hist, cache, synced, n_miss)
+        logits = out.logits[:, 0, :self.vocab]
         return cache, logits, jnp.where(active, t + 1, synced)
