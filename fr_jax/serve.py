@@ -28,8 +28,8 @@ from fr_jax.inference.sampling import Sampling
 from fr_jax.routing.modes import Mode
 from fr_jax.runtime.errors import ConfigError, FrJaxError
 from fr_jax.serving.api import Service, make_app
-from fr_jax.serving.engine import Engine
 from fr_jax.serving.metrics import Metrics
+from fr_jax.serving.spec_engine import make_engine
 from fr_jax.serving.worker import Worker
 
 COMMAND = cli.Command("serve", "tiny.py", (
@@ -57,8 +57,8 @@ def build_service(config) -> Service:
     if cache_len <= decoder.chunk:
         raise ConfigError(f"serve.cache_len={cache_len} leaves no room for a prompt and a "
                           f"chunk of {decoder.chunk} tokens; raise it")
-    engine = Engine(decoder, params, s.slots, cache_len, lineup.eos_ids, lineup.pad_id,
-                    tuple(s.buckets) or None)
+    engine = make_engine(decoder, params, s.slots, cache_len, lineup.eos_ids, lineup.pad_id,
+                         tuple(s.buckets) or None)
     names = [mode.model] if mode.standalone else list(lineup.expert_names)
     metrics = Metrics()
     tok = lineup.tokenizer
@@ -69,6 +69,12 @@ def build_service(config) -> Service:
         model=s.name or mode.name, expert_names=names, limits=s, defaults=defaults,
         vocab=len(tok), api_key=s.api_key or os.environ.get(API_KEY_ENV, ""),
         metrics=metrics)
+
+
+def speculative_steps(engine) -> str:
+    """'speculative (k=4) ' for an engine whose steps draft (decode.speculate), else ''."""
+    k = getattr(engine, "speculate", 0)
+    return f"speculative (k={k}) " if k else ""
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -99,8 +105,11 @@ def serve(config, fv=None):
     print(f"serving '{service.model}' (experts: {', '.join(service.expert_names)}) on "
           f"{jax.devices()[0].platform}: {engine.slots} slots x {engine.cache_len} cache "
           f"slots; {engine.programs} programs to compile (prefill buckets "
-          f"{', '.join(map(str, engine.buckets))}; insert; a chunk of {engine.chunk} steps)",
-          flush=True)
+          f"{', '.join(map(str, engine.buckets))}; insert; a chunk of {engine.chunk} "
+          f"{speculative_steps(engine)}steps)", flush=True)
+    if config.decode.speculate and not speculative_steps(engine):
+        print(f"speculative decoding is off for mode {config.decode.mode} (decode.speculate "
+              "serves fusionroute, expert_only, sequence, sequence:head)", flush=True)
     if host not in ("127.0.0.1", "::1", "localhost") and not service.api_key:
         print(f"warning: listening on {host} with no API key: anyone who reaches this "
               f"machine can use it (set serve.api_key or {API_KEY_ENV})", file=sys.stderr)

@@ -42,6 +42,19 @@ def pytest_collection_modifyitems(items):
     items[:] = [it for i in range(workers) for it in ordered[i::workers]]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """Drops every compiled program when a test module is done: a worker runs hundreds of
+    modules' programs, and the executables it kept grew until a worker died (CI, a crash
+    in the middle of tests/test_cache.py after the speculative tests' many programs)."""
+    yield
+    if "jax" in sys.modules:
+        import gc
+
+        sys.modules["jax"].clear_caches()
+        gc.collect()
+
+
 @pytest.fixture(scope="module")
 def sft_file(tmp_path_factory):
     """A small SFT file of the toy world's four domains (160 records): what the fault tests

@@ -271,3 +271,26 @@ def test_the_speculative_step_is_planned_per_accepted_token(tmp_path):
     assert spec["fits"] and lazy["fits"]
     assert 0.3 < spec["hbm_bytes"] / lazy["hbm_bytes"] < 0.7, (spec["hbm_bytes"],
                                                                  lazy["hbm_bytes"])
+
+
+def test_the_speculative_servers_chunk_is_planned_per_accepted_token():
+    """decode.speculate=2 with the serve programs: the server's chunk is the speculative
+    engine's (decode.chunk speculative steps of serve.slots rows), its run counting
+    chunk x (1 + plan.acceptance x k) tokens; every program compiles (here for the CPU, with
+    tiny models: what is checked is the program list, not a slice)."""
+    import jax
+    from fixtures import tiny
+    from fr_jax.runtime import sharding as sh
+
+    c = _config(**{"decode.speculate": 2, "plan.acceptance": 0.5, "decode.chunk": 3,
+                   "serve.slots": 2, "serve.cache_len": 64, "serve.buckets": (16,)})
+    mesh = sh.make_mesh({}, jax.devices()[:1])
+    progs = plan.serve_programs(c, tiny("llama"), [tiny("llama")] * 3, mesh)
+    chunk = next(p for p in progs if p.name.startswith("serve chunk"))
+    assert chunk.name == ("serve chunk, fusionroute lazy k=2 (50% of drafts kept), 2 slots, "
+                          "cache 64") and chunk.steps == 3 * (1 + 0.5 * 2), chunk.name
+    assert {p.name for p in progs} - {chunk.name} == {
+        "serve prefill, bucket 16, fusionroute lazy k=2", "serve insert, fusionroute lazy k=2"}
+    for p in progs:
+        compiled, err = plan.compile_program(p)
+        assert compiled is not None, (p.name, err)

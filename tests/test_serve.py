@@ -2,7 +2,8 @@
 raw HTTP: greedy answers equal `python -m fr_jax.decode`'s tokens and experts, streamed and
 not, with 72 concurrent requests through 4 slots (continuous batching changes no token);
 every bad request is an OpenAI error object naming the field, a fuzz of random bodies leaves
-the engine answering; a client that leaves frees its slot; a full queue is a 429; SIGTERM
+the engine answering; a speculative server (decode.speculate) gives the same greedy
+answers; a client that leaves frees its slot; a full queue is a 429; SIGTERM
 drains the requests in flight and exits 0."""
 
 import asyncio
@@ -22,8 +23,8 @@ from serve_client import Server
 pytestmark = pytest.mark.slow
 
 KEY = "sk-fr-jax-test"
-ARGS = ("--slots=4", "--config.serve.cache_len=96", "--config.serve.buckets=(16, 48)",
-        "--config.serve.max_queue=128", "--config.serve.max_tokens=40")
+ARGS = ("--slots=4", "--config.serve.cache_len=128", "--config.serve.buckets=(16, 48)",
+        "--config.serve.max_queue=128", "--config.serve.max_tokens=80")
 MODEL = "fusionroute"
 WORDS = ["kqzt", "mild", "plum", "zebra", "oxide", "quart", "vivid", "fjord"]
 
@@ -170,7 +171,7 @@ def test_models_health_metrics_and_stop_strings(served):
     status, _, body = server.request("GET", "/v1/models",
                                      headers={"Authorization": f"Bearer {KEY}"})
     model = json.loads(body)["data"][0]
-    assert status == 200 and model["id"] == MODEL and model["max_model_len"] == 96
+    assert status == 200 and model["id"] == MODEL and model["max_model_len"] == 128
     # a stop string cuts the text before it and ends the request
     ref = next(r for r in refs["chat"] if len(r["text"]) >= 3)
     stop = ref["text"][1:3]
@@ -223,7 +224,7 @@ BAD = [  # (path, body, status, the field the error names)
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a"}],
                               "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a"}],
-                              "max_tokens": 41}, 400, "max_tokens"),
+                              "max_tokens": 81}, 400, "max_tokens"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a"}],
                               "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a"}],
@@ -306,6 +307,31 @@ def test_fuzzed_bodies_never_stop_the_engine(served):
     _check(answer, ref, MAX_NEW)
 
 
+def test_a_speculative_server_gives_the_decode_clis_answers(served, tmp_path):
+    """--config.decode.speculate=3: 12 greedy chats at once through 3 slots (half streamed)
+    have the tokens and experts plain decoding gives them; the metrics count each answer's
+    tokens after the first as expert passes and the drafts they kept."""
+    _, refs = served
+    server = Server(tmp_path, "--slots=3", "--config.serve.cache_len=96",
+                    "--config.serve.buckets=(48,)", "--config.decode.speculate=3",
+                    env={"FR_JAX_API_KEY": KEY}).wait_ready()
+    try:
+        assert any("a chunk of 8 speculative (k=3) steps" in line for line in server.lines)
+
+        async def go():
+            client = _client(server)
+            return await asyncio.gather(*[_chat(client, refs["chat"][i]["prompt"],
+                                                _max_tokens(i), i % 2 == 0) for i in range(12)])
+        answers = asyncio.run(go())
+        for i, answer in enumerate(answers):
+            _check(answer, refs["chat"][i], _max_tokens(i))
+        passes = server.metric("fr_jax_speculative_passes_total")
+        kept = server.metric("fr_jax_speculative_drafts_kept_total")
+        assert kept > 0 and passes + kept == sum(len(a[1]) - 1 for a in answers)
+    finally:
+        server.stop()
+
+
 def test_a_client_that_leaves_frees_its_slot(served):
     server, _ = served
     import http.client
@@ -313,7 +339,7 @@ def test_a_client_that_leaves_frees_its_slot(served):
     before = server.metric("fr_jax_generated_tokens_total")
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.request("POST", "/v1/completions", json.dumps(
-        {"model": MODEL, "prompt": "rev kqzt", "max_tokens": 40, "ignore_eos": True,
+        {"model": MODEL, "prompt": "rev kqzt", "max_tokens": 80, "ignore_eos": True,
          "stream": True}).encode(), headers={"Authorization": f"Bearer {KEY}"})
     resp = conn.getresponse()
     assert resp.status == 200 and resp.readline().startswith(b"data: ")
@@ -325,29 +351,37 @@ def test_a_client_that_leaves_frees_its_slot(served):
                                  server.request("GET", "/metrics")[2].decode()):
         time.sleep(0.2)
     assert server.metric("fr_jax_active_slots") == 0
-    assert server.metric("fr_jax_generated_tokens_total") - before < 40
+    # (80 tokens are ten chunks: the server hears of the leaving long before the last)
+    assert server.metric("fr_jax_generated_tokens_total") - before < 80
+
+
+N_LONG = 232  # with its 16 prompt slots, nearly the bundled world's 256 positions
 
 
 def test_a_full_queue_is_429_and_sigterm_drains(tmp_path):
     """One slot, one waiting place: a third request is refused with Retry-After; SIGTERM
     while two run stops admission, both finish whole, the server exits 0."""
     server = Server(tmp_path, "--slots=1", "--config.serve.max_queue=1",
-                    "--config.serve.cache_len=96", "--config.serve.buckets=(16,)",
+                    "--config.serve.cache_len=256", "--config.serve.buckets=(16,)",
                     "--config.serve.drain_s=120").wait_ready()
-    body = {"model": MODEL, "prompt": "rev kqzt", "max_tokens": 80, "ignore_eos": True}
+    # long answers (the cache's room), so the first still runs when the second queues
+    body = {"model": MODEL, "prompt": "rev kqzt", "max_tokens": N_LONG, "ignore_eos": True}
     results = []
 
     def call():
         results.append(server.request("POST", "/v1/completions", body))
 
+    def wait_for(gauge):
+        end = time.time() + 30
+        while time.time() < end and server.metric(gauge) < 1:
+            time.sleep(0.02)
+
     try:
         threads = [threading.Thread(target=call) for _ in range(2)]
-        for t in threads:
-            t.start()
-        end = time.time() + 30
-        while time.time() < end and server.metric("fr_jax_active_slots") + server.metric(
-                "fr_jax_queue_depth") < 2:
-            time.sleep(0.05)
+        threads[0].start()
+        wait_for("fr_jax_active_slots")
+        threads[1].start()
+        wait_for("fr_jax_queue_depth")
         status, headers, raw = server.request("POST", "/v1/completions", body)
         assert status == 429 and int(headers["retry-after"]) >= 1, raw
         assert json.loads(raw)["error"]["type"] == "rate_limit_error"
@@ -361,7 +395,8 @@ def test_a_full_queue_is_429_and_sigterm_drains(tmp_path):
     assert [r[0] for r in results] == [200, 200]
     for _, _, raw in results:
         choice = json.loads(raw)["choices"][0]
-        assert choice["finish_reason"] == "length" and len(choice["fr_jax"]["token_ids"]) == 80
+        assert choice["finish_reason"] == "length" and len(
+            choice["fr_jax"]["token_ids"]) == N_LONG
     print(f"requests running at SIGTERM: {running}")
 
 

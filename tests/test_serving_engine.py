@@ -1,7 +1,8 @@
 """The serving engine's continuous batching (fr_jax/serving/engine.py), checked against the
 offline decoder: more requests than slots, of mixed prompt and answer lengths, admitted as
 slots free up, each with the tokens and experts `generate` gives its prompt alone; a
-sampled request draws the same tokens whatever else shares the batch."""
+sampled request draws the same tokens whatever else shares the batch. The same for the
+speculative engine (decode.speculate), against plain decoding."""
 
 import numpy as np
 import pytest
@@ -9,12 +10,13 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fr_jax.inference import FusedDecoder
+from fr_jax.inference import FusedDecoder, SpeculativeDecoder
 from fr_jax.inference.sampling import Sampling, sample, sample_rows
 from fr_jax.routing.modes import Mode
 from fr_jax.runtime import sharding as sh
 from fr_jax.runtime.errors import CacheOverflowError
 from fr_jax.serving.engine import Engine, Request, default_buckets
+from fr_jax.serving.spec_engine import SpeculativeEngine, make_engine
 from fixtures import N_EXPERTS, build_world
 
 CACHE = 64
@@ -126,3 +128,54 @@ def test_per_row_sampling_is_each_rows_own_sample():
     got = sample_rows(logits, keys, t, k, p)
     for b, s in enumerate(settings):
         assert int(got[b]) == int(sample(logits[b:b + 1], keys[b], Sampling(*s))[0])
+
+
+# ------------------------------------------------------------------ speculative decoding
+@pytest.mark.slow
+def test_the_speculative_engine_gives_plain_decodings_greedy_tokens(world):
+    """decode.speculate = 3 behind the engine: more requests than slots, greedy, each with
+    the tokens and experts plain decoding gives its prompt alone (ignore_eos rows run to
+    their budget); every token but the first came from a pass (its kept drafts and one
+    fused token), and a slot stops on the device at its max_tokens."""
+    router, experts, params = world
+    dec = SpeculativeDecoder(Mode.parse("fusionroute", N_EXPERTS), router, experts, 3,
+                             chunk=2, lazy_experts=True, catch_up_width=2)
+    engine = make_engine(dec, params, slots=3, cache_len=CACHE, eos_ids=EOS, pad_id=0,
+                         buckets=BUCKETS)
+    assert isinstance(engine, SpeculativeEngine)
+    assert engine.room(16) == CACHE - 16 - 3
+    ignore = lambda i: i % 4 == 1  # noqa: E731
+    reqs = engine.run([Request(p, n, ignore_eos=ignore(i))
+                       for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS))])
+    assert engine.idle
+    plain = FusedDecoder(Mode.parse("fusionroute", N_EXPERTS), router, experts, chunk=4,
+                         lazy_experts=True, catch_up_width=2)
+    for i, (p, n, r) in enumerate(zip(PROMPTS, MAX_TOKENS, reqs)):
+        ref = plain.generate(params, [p], n, [] if ignore(i) else list(EOS), 0,
+                             width=engine.bucket(len(p)), cache_len=CACHE)
+        assert (r.tokens, r.experts) == ref.row(0), (p, n)
+        assert r.spec_passes + r.spec_accepted == len(r.tokens) - 1, i
+    assert sum(r.spec_accepted for r in reqs) > 0
+    with pytest.raises(CacheOverflowError):
+        engine.submit(Request(PROMPTS[2], engine.room(len(PROMPTS[2])) + 1))  # bucket 16
+
+
+@pytest.mark.slow
+def test_a_sampled_speculative_request_does_not_depend_on_its_neighbours(world):
+    """Per-slot sampling inside the speculative rule: a request's draws depend on its own
+    seed only; top_k = 1 leaves no randomness (greedy tokens)."""
+    router, experts, params = world
+    dec = SpeculativeDecoder(Mode.parse("fusionroute", N_EXPERTS), router, experts, 2,
+                             chunk=2, lazy_experts=True, catch_up_width=2)
+    engine = make_engine(dec, params, slots=4, cache_len=CACHE, eos_ids=(), pad_id=0,
+                         buckets=BUCKETS)
+    mine = lambda seed=5: Request(PROMPTS[3], 10, temperature=0.9, top_k=20,  # noqa: E731
+                                  top_p=0.95, seed=seed)
+    alone = engine.run([mine()])[0]
+    crowd = [Request(p, 10, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS[:4])]
+    greedy = Request(PROMPTS[6], 10)
+    one_hot = Request(PROMPTS[6], 10, temperature=0.8, top_k=1, seed=3)
+    together = engine.run(crowd[:2] + [mine(), greedy, one_hot] + crowd[2:])
+    assert (together[2].tokens, together[2].experts) == (alone.tokens, alone.experts)
+    assert together[4].tokens == together[3].tokens
+    assert engine.run([mine(6)])[0].tokens != alone.tokens

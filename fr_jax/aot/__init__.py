@@ -32,7 +32,7 @@ recipe, to set the model's ceilings against a measured MFU.
 from fr_jax.aot.compile import (Result, _costs, compile_program, evaluate,  # noqa: F401
                                 measure_costs)
 from fr_jax.aot.programs import (Program, all_programs, decode_programs,  # noqa: F401
-                                 train_programs)
+                                 serve_programs, train_programs)
 from fr_jax.aot.shapes import PRESETS, model_config  # noqa: F401
 from fr_jax.aot.tables import plan_slice, table  # noqa: F401
 from fr_jax.runtime.hardware import CHIPS, SLICES, Chip, check_slice, topology_devices  # noqa: F401

@@ -21,7 +21,7 @@ from fr_jax.routing.modes import Mode
 from fr_jax.routing.router import Router
 from fr_jax.runtime import sharding as sh
 from fr_jax.runtime.errors import PlanError
-from fr_jax.serving.engine import Engine
+from fr_jax.serving.spec_engine import make_engine
 from fr_jax.steps import residency, samples
 
 
@@ -212,12 +212,13 @@ def _sample_programs(router, experts, vocab, seq, mesh, sampled) -> List[Program
 
 
 def _fused_lineup(config, rcfg, ecfgs, mesh, mode_name: str, lazy: bool,
-                  single_expert: bool, speculate: int = 0):
+                  single_expert: bool, speculate: int = 0, chunk: int = 0):
     """(decoder, abstract params on `mesh`, the model configs a step runs, n experts) of one
     decode lineup, every model in the frozen dtype; None where the mode has no lazy
     schedule. With `single_expert` (cost of a lazy step: the router and the one selected
     expert), a one-expert lineup decoded eagerly stands in for a lazy one. `speculate` > 0:
-    a SpeculativeDecoder of that many drafts whose runs are one speculative step each."""
+    a SpeculativeDecoder of that many drafts whose runs are `chunk` speculative steps (1 where
+    0)."""
     dt = frozen_dtype(config)
     dc = config.decode
     n = 1 if (single_expert and lazy) else len(ecfgs)
@@ -225,7 +226,7 @@ def _fused_lineup(config, rcfg, ecfgs, mesh, mode_name: str, lazy: bool,
     vocab = min(c.vocab_size for c in [rcfg, *ecfgs])
     experts = Experts([c.replace(param_dtype=dt) for c in ecfgs[:n]], vocab=vocab,
                       stacked=experts_layout(config))
-    kw = dict(vocab=vocab, chunk=1 if speculate else dc.chunk, mesh=mesh,
+    kw = dict(vocab=vocab, chunk=chunk or (1 if speculate else dc.chunk), mesh=mesh,
               lazy_experts=lazy and n > 1, catch_up_width=dc.catch_up_width)
     mode = Mode.parse(mode_name, n)
     dec = (SpeculativeDecoder(mode, router, experts, speculate, **kw) if speculate
@@ -254,6 +255,20 @@ def _chunk_costs(config, rcfg, ecfgs, dec, params, used, lazy, batch, cache_len)
     return sum(forward_flops(c, batch, cache_len) for c in used), weights + kv
 
 
+def _speculative_costs(config, rcfg, ecfgs, dec, params, used, lazy, batch, cache_len):
+    """(FLOPs, bytes read) of one speculative step and the tokens it yields at
+    plan.acceptance: 1 + acceptance x k. The router's weights and cache are read k + 1
+    times, the expert's once."""
+    k = dec.speculate
+    router_pass = [c for c in used[:1] if dec.router]
+    flops = sum(forward_flops(c, batch * (k + 1), cache_len) for c in used)
+    _, read = _chunk_costs(config, rcfg, ecfgs, dec, params, used, lazy, batch, cache_len)
+    _, r_read = _chunk_costs(config, rcfg, ecfgs, dec, {"router": params["router"],
+                                                        "experts": {}}, router_pass, lazy,
+                             batch, cache_len)
+    return flops, read + k * r_read, 1 + config.plan.acceptance * k
+
+
 def _speculative_step(config, rcfg, ecfgs, mesh, mode_name: str, lazy: bool, batch: int,
                       single_expert: bool) -> Program:
     """One speculative step (decode.speculate = k): the router reads k + 1 tokens one at a
@@ -267,15 +282,8 @@ def _speculative_step(config, rcfg, ecfgs, mesh, mode_name: str, lazy: bool, bat
     (_, pre_args), (step, step_args) = dec.compiled_programs(params, batch, pc.prompt_len,
                                                              pc.cache_len)
     caches = _abstract(pre_args[4], dec._cache_shardings(pre_args[4]))
-    tokens = 1 + pc.acceptance * k
-    # the router's weights and cache are read k + 1 times, the expert's once per step
-    router_pass = [c for c in used[:1] if dec.router]
-    flops = sum(forward_flops(c, batch * (k + 1), pc.cache_len) for c in used)
-    _, read = _chunk_costs(config, rcfg, ecfgs, dec, params, used, lazy, batch, pc.cache_len)
-    _, r_read = _chunk_costs(config, rcfg, ecfgs, dec, {"router": params["router"],
-                                                        "experts": {}}, router_pass, lazy,
-                             batch, pc.cache_len)
-    read += k * r_read
+    flops, read, tokens = _speculative_costs(config, rcfg, ecfgs, dec, params, used, lazy,
+                                             batch, pc.cache_len)
     label = "lazy" if lazy else "eager"
     return Program(f"decode speculative step, {mode_name} {label} k={k} ({pc.acceptance:.0%} "
                    f"of drafts kept: {tokens:.2f} tokens), batch {batch}, cache {pc.cache_len}",
@@ -325,19 +333,28 @@ def serve_programs(config, rcfg, ecfgs, mesh, single_expert: bool = False) -> Li
     dc, s = config.decode, config.serve
     cache_len = s.cache_len or config.plan.cache_len
     lazy = bool(dc.lazy_experts)
-    built = _fused_lineup(config, rcfg, ecfgs, mesh, dc.mode, lazy, single_expert)
+    k = dc.speculate if speculates(Mode.parse(dc.mode)) else 0
+    built = _fused_lineup(config, rcfg, ecfgs, mesh, dc.mode, lazy, single_expert, k, dc.chunk)
     if built is None:  # the mode has no lazy schedule
         lazy = False
-        built = _fused_lineup(config, rcfg, ecfgs, mesh, dc.mode, lazy, single_expert)
+        built = _fused_lineup(config, rcfg, ecfgs, mesh, dc.mode, lazy, single_expert, k,
+                              dc.chunk)
     dec, params, used, _ = built
-    engine = Engine(dec, params, s.slots, cache_len, eos_ids=[0], pad_id=0,
-                    buckets=tuple(s.buckets) or None, place=False)
+    engine = make_engine(dec, params, s.slots, cache_len, eos_ids=[0], pad_id=0,
+                         buckets=tuple(s.buckets) or None, place=False)
     state = jax.eval_shape(engine._zero_state)
-    tag = f"{dc.mode} {'lazy' if lazy else 'eager'}"
+    tag = f"{dc.mode} {'lazy' if lazy else 'eager'}" + (f" k={k}" if k else "")
     out = []
     for name, fn, args in engine.lowerable():
         groups = {"params": engine.params} if name != "insert" else {}
-        if name == "chunk":
+        if name == "chunk" and k:  # read per accepted token, as the decode step
+            flops, read, tokens = _speculative_costs(config, rcfg, ecfgs, dec, engine.params,
+                                                     used, lazy, s.slots, cache_len)
+            out.append(Program(f"serve chunk, {tag} ({config.plan.acceptance:.0%} of drafts "
+                               f"kept), {s.slots} slots, cache {cache_len}", "decode", fn,
+                               args, dict(groups, caches=state), flops / tokens,
+                               read / tokens, steps=dc.chunk * tokens))
+        elif name == "chunk":
             flops, read = _chunk_costs(config, rcfg, ecfgs, dec, engine.params, used, lazy,
                                        s.slots, cache_len)
             out.append(Program(f"serve chunk, {tag}, {s.slots} slots, cache {cache_len}",

@@ -31,7 +31,7 @@ import numpy as np
 from fr_jax.inference.core import PADDING, DecodeResult, left_pad
 from fr_jax.inference.fused import FusedDecoder
 from fr_jax.inference.lazy import StepState
-from fr_jax.inference.sampling import filter_logits, sample
+from fr_jax.inference.sampling import filter_logits, filter_rows, sample, sample_rows
 from fr_jax.models.cache import KVCache, rewind
 from fr_jax.routing.fusion import log_softmax, select_expert
 from fr_jax.runtime import distributed
@@ -60,6 +60,57 @@ class SpecRecord(NamedTuple):
     route_probs: jax.Array
     emitted: jax.Array
     accepted: jax.Array
+
+
+class RowSampling(NamedTuple):
+    """A sampling setting per row (the serving engine's slots), in place of the decoder's
+    one: seed, temperature (0 = greedy), top_k (0 = off), top_p (1 = off), [B] each. A
+    row's draws use its own keys, folded from its seed, its count of tokens emitted and
+    what the draw is for, so they do not depend on the other rows."""
+
+    seed: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+
+    def keys(self, count, tag):
+        """[B] keys for draw `tag` (0..k: drafts, k + 1: acceptance, k + 2: the last
+        token) of the step at each row's `count`."""
+        return jax.vmap(lambda s, c: jax.random.fold_in(
+            jax.random.fold_in(jax.random.key(s), c), tag))(self.seed, count)
+
+    def dist(self, scores):
+        """Log-scores [B, W, V] -> the probabilities each row samples from [B, W, V]
+        (a greedy row's are unused)."""
+        b, w, v = scores.shape
+        temp = jnp.where(self.temperature > 0, self.temperature, 1.0)
+        flat = (scores.astype(jnp.float32) / temp[:, None, None]).reshape(b * w, v)
+        flat = filter_rows(flat, jnp.repeat(self.top_k, w), jnp.repeat(self.top_p, w))
+        return jax.nn.softmax(flat, axis=-1).reshape(b, w, v)
+
+
+def _greedy_accept(scores, drafts):
+    """Kept drafts [B] (while each equals the fused argmax) and the fused argmax after
+    them [B]."""
+    y = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    n_acc = jnp.sum(jnp.cumprod(drafts == y[:, :-1], axis=1), axis=1)
+    return n_acc, y[jnp.arange(y.shape[0]), n_acc]
+
+
+def _sampled_accept(p, qd, drafts, u, draw):
+    """The speculative-sampling rule: p, qd [B, W, V] target and draft probabilities, u
+    [B, k] uniforms, draw(log-probs [B, V]) -> [B] -> (kept drafts [B], the token after
+    them [B])."""
+    b, w, _ = p.shape
+    rows = jnp.arange(b)
+    pick = lambda d: jnp.take_along_axis(d[:, :-1], drafts[..., None], axis=-1)[..., 0]
+    n_acc = jnp.sum(jnp.cumprod(u * pick(qd) < pick(p), axis=1), axis=1)
+    p_n, q_n = p[rows, n_acc], qd[rows, n_acc]
+    resid = jnp.maximum(p_n - q_n, 0.0)
+    # after k kept drafts (or where p <= q everywhere, i.e. p == q) draw from p itself
+    plain = (n_acc == w - 1) | (jnp.sum(resid, axis=-1) <= 0.0)
+    target = jnp.where(plain[:, None], p_n, resid)
+    return n_acc, draw(jnp.log(target)).astype(jnp.int32)
 
 
 def speculates(mode) -> bool:
@@ -110,7 +161,8 @@ class SpeculativeDecoder(FusedDecoder):
                              self.sampling.top_p)
         return jax.nn.softmax(flat, axis=-1).reshape(shape)
 
-    def _draft(self, params, state: SpecState, step: StepState, rc, key):
+    def _draft(self, params, state: SpecState, step: StepState, rc, key,
+               rows: Optional[RowSampling] = None):
         """The router reads the last token and its own k drafts, one at a time -> (router
         logits [B, W, V], routing logits [B, W, n], its log-probs [B, W, V], drafts [B, W]
         (the last one unused), router cache), W = k + 1."""
@@ -122,8 +174,12 @@ class SpeculativeDecoder(FusedDecoder):
             r, route = out.logits[:, 0, :self.vocab], out.route_logits[:, 0]
             route = self._forced(route, step.t + 1 + j)
             q = log_softmax(r, cap)
-            key, sub = jax.random.split(key)
-            d = sample(q, sub, self.sampling)
+            if rows is None:
+                key, sub = jax.random.split(key)
+                d = sample(q, sub, self.sampling)
+            else:
+                d = sample_rows(q, rows.keys(state.count, j), rows.temperature, rows.top_k,
+                                rows.top_p)
             return (d, rc, key), (r, route, q, d)
 
         (_, rc, _), outs = jax.lax.scan(body, (state.token, rc, key),
@@ -144,39 +200,46 @@ class SpeculativeDecoder(FusedDecoder):
         selected = select_expert(e_logits.reshape(n, b * w, -1), k.reshape(-1))
         return selected.reshape(b, w, -1), ec, None, None
 
-    def _accept(self, scores, q, drafts, key):
+    def _accept(self, scores, q, drafts, key, count, rows: Optional[RowSampling] = None):
         """scores, q [B, W, V] (fused and router log-probs), drafts [B, k] -> (tokens [B, W]:
-        the kept drafts then the fused rule's own token, kept drafts [B])."""
+        the kept drafts then the fused rule's own token, kept drafts [B]). rows: a setting
+        per row (greedy rows keep the greedy rule), count [B] keying their draws."""
         b, w, _ = scores.shape
-        rows = jnp.arange(b)
-        if self.sampling.greedy:
-            y = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-            n_acc = jnp.sum(jnp.cumprod(drafts == y[:, :-1], axis=1), axis=1)
-            final = y[rows, n_acc]
+        if rows is not None:
+            greedy = _greedy_accept(scores, drafts)
+            hot = rows.temperature > 0
+
+            def sampled(_):
+                u = jax.vmap(lambda k: jax.random.uniform(k, (w - 1,)))(rows.keys(count, w))
+                last = rows.keys(count, w + 1)
+                draw = lambda logp: jax.vmap(jax.random.categorical)(last, logp)  # noqa: E731
+                drawn = _sampled_accept(rows.dist(scores), rows.dist(q), drafts, u, draw)
+                return tuple(jnp.where(hot, x, g) for x, g in zip(drawn, greedy))
+            n_acc, final = jax.lax.cond(jnp.any(hot), sampled, lambda _: greedy, None)
+        elif self.sampling.greedy:
+            n_acc, final = _greedy_accept(scores, drafts)
         else:
             k_acc, k_last = jax.random.split(key)
-            p, qd = self._dist(scores), self._dist(q)
-            pick = lambda d: jnp.take_along_axis(d[:, :-1], drafts[..., None], axis=-1)[..., 0]
             u = jax.random.uniform(k_acc, drafts.shape)
-            n_acc = jnp.sum(jnp.cumprod(u * pick(qd) < pick(p), axis=1), axis=1)
-            p_n, q_n = p[rows, n_acc], qd[rows, n_acc]
-            resid = jnp.maximum(p_n - q_n, 0.0)
-            # after k kept drafts (or where p <= q everywhere, i.e. p == q) draw from p itself
-            plain = (n_acc == w - 1) | (jnp.sum(resid, axis=-1) <= 0.0)
-            target = jnp.where(plain[:, None], p_n, resid)
-            final = jax.random.categorical(k_last, jnp.log(target), axis=-1).astype(jnp.int32)
+            n_acc, final = _sampled_accept(
+                self._dist(scores), self._dist(q), drafts, u,
+                lambda logp: jax.random.categorical(k_last, logp, axis=-1))
         padded = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
         j = jnp.arange(w)[None, :]
         tokens = jnp.where(j < n_acc[:, None], padded, final[:, None])
         return tokens, n_acc.astype(jnp.int32)
 
-    def _spec_step(self, params, state: SpecState, eos_ids, pad_id, limit):
+    def _spec_step(self, params, state: SpecState, eos_ids, pad_id, limit,
+                   rows: Optional[RowSampling] = None, eos_ends=None):
+        """One speculative step of every row -> (state, SpecRecord). limit: the budget of
+        new tokens ([] or per row [B]); rows: per-row sampling (else the decoder's);
+        eos_ends [B]: whether an end id ends the row (None: it does for every row)."""
         rc, ec, seq, step = state.caches
         b, w = state.token.shape[0], self.speculate + 1
         active = jnp.logical_not(state.done)
         key, k_draft, k_acc = jax.random.split(state.key, 3)
 
-        r, route, q, d, rc = self._draft(params, state, step, rc, k_draft)
+        r, route, q, d, rc = self._draft(params, state, step, rc, k_draft, rows)
         drafts = d[:, :-1]
         chunk = jnp.concatenate([state.token[:, None], drafts], axis=1)  # [B, W]
         flat = lambda x: x.reshape((b * w,) + x.shape[2:])
@@ -187,11 +250,13 @@ class SpeculativeDecoder(FusedDecoder):
                                                           k, with_router, seq_f)
         scores, chosen = scores.reshape(b, w, -1), chosen.reshape(b, w)
         probs = probs.reshape(b, w, -1)
-        tokens, n_acc = self._accept(scores, q, drafts, k_acc)
+        tokens, n_acc = self._accept(scores, q, drafts, k_acc, state.count, rows)
 
         # What the row keeps: up to its first end id, within its budget.
         j = jnp.arange(w)[None, :]
         ends = jnp.isin(tokens, eos_ids) & (j <= n_acc[:, None])
+        if eos_ends is not None:
+            ends = ends & eos_ends[:, None]
         first_end = jnp.where(jnp.any(ends, axis=1), jnp.argmax(ends, axis=1), w)
         m = jnp.minimum(jnp.minimum(n_acc + 1, first_end + 1), limit - state.count)
         m = jnp.where(active, jnp.maximum(m, 0), 0).astype(jnp.int32)
@@ -225,10 +290,11 @@ class SpeculativeDecoder(FusedDecoder):
         return SpecState(state.token, state.done | (count >= limit), state.key, state.caches,
                          count), rec
 
-    def _chunk(self, params, state, eos_ids, pad_id, limit):
+    def _chunk(self, params, state, eos_ids, pad_id, limit, **per_row):
         """Up to `chunk` speculative steps, stopping once every row is done (a row can end
         several tokens into a step, so the last steps of a chunk would often be idle)
-        -> (state, SpecRecord with a leading [chunk] axis; steps not run emit nothing)."""
+        -> (state, SpecRecord with a leading [chunk] axis; steps not run emit nothing).
+        per_row: `_spec_step`'s rows and eos_ends (the serving engine's slots)."""
         c, b, w = self.chunk, state.token.shape[0], self.speculate + 1
         i32 = lambda *shape: jnp.zeros((c,) + shape, jnp.int32)
         recs = SpecRecord(i32(b, w), i32(b, w), jnp.zeros((c, b, w, self.n_experts), jnp.float32),
@@ -236,7 +302,7 @@ class SpeculativeDecoder(FusedDecoder):
 
         def body(carry):
             i, state, recs = carry
-            state, rec = self._spec_step(params, state, eos_ids, pad_id, limit)
+            state, rec = self._spec_step(params, state, eos_ids, pad_id, limit, **per_row)
             recs = jax.tree.map(lambda all_, one: all_.at[i].set(one), recs, rec)
             return i + 1, state, recs
 

@@ -50,6 +50,8 @@ class Request:
     tokens: List[int] = dataclasses.field(default_factory=list)
     experts: List[int] = dataclasses.field(default_factory=list)
     finish_reason: Optional[str] = None
+    spec_passes: int = 0  # speculative decoding: expert passes, and drafts kept in them
+    spec_accepted: int = 0
 
     @property
     def finished(self) -> bool:
@@ -69,7 +71,7 @@ class Event(NamedTuple):
 class SlotState(NamedTuple):
     """The engine's carry, one row per slot. token: last emitted [S]; done [S]; count:
     tokens emitted [S] (the index folded into the slot's key); seed, temperature, top_k,
-    top_p: the request's sampling [S]; caches: the decoder's."""
+    top_p: the request's sampling [S]; limit: its max_tokens [S]; caches: the decoder's."""
 
     token: jax.Array
     done: jax.Array
@@ -78,6 +80,7 @@ class SlotState(NamedTuple):
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
+    limit: jax.Array
     caches: tuple
 
 
@@ -108,7 +111,7 @@ class Engine:
     `cache_len` slots each, serving `Request`s: `submit`, then `step` until `idle`.
 
     A request is admitted when a slot is free and its prompt, left-padded to its bucket,
-    leaves room for its answer (`decode_slots(max_tokens, chunk)` more cache slots);
+    leaves room for its answer (`answer_slots(max_tokens)` more cache slots);
     otherwise `submit` refuses it (CacheOverflowError). Not thread-safe: one thread steps
     it (the server's engine thread)."""
 
@@ -123,7 +126,7 @@ class Engine:
         self._eos = set(int(x) for x in eos_ids)
         self.pad = jnp.asarray(pad_id, jnp.int32)
         self.pad_id = pad_id
-        longest = cache_len - decode_slots(1, self.chunk)
+        longest = cache_len - self.answer_slots(1)
         self.buckets = tuple(sorted(set(buckets))) if buckets else default_buckets(longest)
         if self.buckets[-1] > cache_len:
             raise ValueError(f"prompt bucket {self.buckets[-1]} exceeds cache_len {cache_len}")
@@ -146,9 +149,9 @@ class Engine:
         rows = sh.batch_sharding(mesh, (self.slots,))
         caches = lambda b: self.decoder._cache_shardings(  # noqa: E731
             jax.eval_shape(lambda: self.decoder._init_caches(b, self.cache_len)))
-        state = SlotState(*([rows] * 7), caches(self.slots))
+        state = SlotState(*([rows] * 8), caches(self.slots))
         row = Record(rep, rep, rep)
-        chunk = Record(*([sh.NamedSharding(mesh, sh.P(None, *rows.spec))] * 2), rep)
+        chunk = self._record_shardings(mesh, rows, rep)
         self._placement, self._row_placement, self._small = state, caches(1), rep
         self._prefill = jax.jit(sh.traced_on(self._prefill_row, mesh),
                                 out_shardings=(caches(1), row))
@@ -156,6 +159,15 @@ class Engine:
                                out_shardings=state)
         self._chunk = jax.jit(sh.traced_on(self._run_chunk, mesh), donate_argnums=(1,),
                               out_shardings=(state, chunk))
+
+    def _record_shardings(self, mesh, rows, rep):
+        """Where the chunk's Record [chunk, S] lands: steps replicated, slots as the rows."""
+        return Record(*([sh.NamedSharding(mesh, sh.P(None, *rows.spec))] * 2), rep)
+
+    def answer_slots(self, max_tokens: int) -> int:
+        """Cache slots an answer of max_tokens may write past its prompt: the chunk a row
+        is in runs to its end."""
+        return decode_slots(max_tokens, self.chunk)
 
     def reset(self):
         """Every slot free, the queue empty (after a failed step: the caches may be gone)."""
@@ -173,7 +185,7 @@ class Engine:
         return SlotState(jnp.zeros((s,), jnp.int32), jnp.ones((s,), bool),
                          jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.int32),
                          jnp.zeros((s,), jnp.float32), jnp.zeros((s,), jnp.int32),
-                         jnp.ones((s,), jnp.float32),
+                         jnp.ones((s,), jnp.float32), jnp.zeros((s,), jnp.int32),
                          self.decoder._init_caches(s, self.cache_len))
 
     def lowerable(self):
@@ -196,7 +208,8 @@ class Engine:
                 (self.params, sds((1, b), i32), sds((1, b), bool), *one))
                for b in self.buckets]
         out.append(("insert", self._insert, (state, row, sds((1,), i32), sds((), i32),
-                                             sds((), bool), *(sds((), x.dtype) for x in one))))
+                                             sds((), bool), sds((), i32),
+                                             *(sds((), x.dtype) for x in one))))
         out.append(("chunk", self._chunk, (self.params, state, sds((self.slots,), bool),
                                            sds((self.slots,), bool))))
         return out
@@ -213,9 +226,10 @@ class Engine:
         first = self._draw(scores, seed, jnp.zeros((1,), jnp.int32), temperature, top_k, top_p)
         return caches, Record(first, chosen, probs)
 
-    def _insert_row(self, state: SlotState, caches, first, slot, eos_ends, seed, temperature,
-                    top_k, top_p):
-        """state with slot `slot` holding the prefilled row (eos_ends: an end id ends it)."""
+    def _insert_row(self, state: SlotState, caches, first, slot, eos_ends, limit, seed,
+                    temperature, top_k, top_p):
+        """state with slot `slot` holding the prefilled row (eos_ends: an end id ends it;
+        limit: its max_tokens)."""
         def put(big, row, axis):
             if axis is None:
                 return big
@@ -225,7 +239,7 @@ class Engine:
             one(state.token, first), one(state.done, jnp.isin(first, self.eos) & eos_ends),
             one(state.count, jnp.ones((), jnp.int32)), one(state.seed, seed),
             one(state.temperature, temperature), one(state.top_k, top_k),
-            one(state.top_p, top_p),
+            one(state.top_p, top_p), one(state.limit, limit),
             jax.tree.map(put, state.caches, caches, self._axes))
 
     def _run_chunk(self, params, state: SlotState, active, eos_ends):
@@ -267,7 +281,7 @@ class Engine:
             raise ValueError("the prompt has no tokens")
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        need = self.bucket(len(request.prompt)) + decode_slots(request.max_tokens, self.chunk)
+        need = self.bucket(len(request.prompt)) + self.answer_slots(request.max_tokens)
         if need > self.cache_len:
             raise CacheOverflowError(
                 f"a prompt of {len(request.prompt)} tokens (bucket "
@@ -315,6 +329,7 @@ class Engine:
             self.state = self._insert(self.state, caches, first.token,
                                       jnp.asarray(slot, jnp.int32),
                                       jnp.asarray(not req.ignore_eos),
+                                      jnp.asarray(req.max_tokens, jnp.int32),
                                       *(x[0] for x in sampling))
             self.requests[slot] = req
             token, expert = int(first.token[0]), int(first.chosen[0])
@@ -357,7 +372,11 @@ class Engine:
         active = jnp.asarray([r is not None for r in self.requests])
         eos_ends = jnp.asarray([r is None or not r.ignore_eos for r in self.requests])
         self.state, recs = self._chunk(self.params, self.state, active, eos_ends)
-        tokens, chosen = np.asarray(recs.token), np.asarray(recs.chosen)  # [chunk, S]
+        return self._events(recs)
+
+    def _events(self, recs) -> List[Event]:
+        """The chunk's Record [chunk, S] -> each busy slot's event."""
+        tokens, chosen = np.asarray(recs.token), np.asarray(recs.chosen)
         return [self._add(slot, tokens[:, slot].tolist(), chosen[:, slot].tolist())
                 for slot, req in enumerate(self.requests) if req is not None]
 

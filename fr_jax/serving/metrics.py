@@ -1,6 +1,6 @@
 """The server's Prometheus metrics, in a registry of its own (no process-global state):
 queue depth, busy slots, prompt and generated tokens, tokens per expert, time to first token
-and inter-token latency."""
+and inter-token latency; with decode.speculate, expert passes and kept drafts."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ class Metrics:
         self.generated = Counter("fr_jax_generated_tokens", "tokens generated", registry=r)
         self.per_expert = Counter("fr_jax_expert_tokens", "generated tokens by the expert that "
                                   "produced them", ["expert"], registry=r)
+        self.spec_passes = Counter("fr_jax_speculative_passes", "expert passes of finished "
+                                   "requests (decode.speculate)", registry=r)
+        self.spec_kept = Counter("fr_jax_speculative_drafts_kept", "router drafts the fused "
+                                 "rule kept in those passes (tokens per pass: (kept + passes) "
+                                 "/ passes)", registry=r)
         self.ttft = Histogram("fr_jax_time_to_first_token_seconds", "from arrival to the first "
                               "token", buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("fr_jax_inter_token_latency_seconds", "between a request's "

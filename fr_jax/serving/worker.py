@@ -157,6 +157,8 @@ class Worker:
                 m.per_expert.labels(self.names[e] if 0 <= e < len(self.names) else ROUTER).inc()
             if ev.finished:  # its place is free before its client hears it is done
                 m.requests.labels(ev.request.finish_reason).inc()
+                m.spec_passes.inc(ev.request.spec_passes)
+                m.spec_kept.inc(ev.request.spec_accepted)
                 self._forget(job)
             job.put(ev)
         self._gauges()
