@@ -21,7 +21,7 @@ from fr_jax.inference import trace
 from fr_jax.inference import DecodeResult, answer_slots
 from fr_jax.inference.lineup import lineup_from_config
 from fr_jax.inference.sampling import Sampling
-from fr_jax.inference.speculative import acceptance, describe
+from fr_jax.inference.speculative import acceptance, describe, speculation_off
 from fr_jax.routing.modes import Mode
 from fr_jax.runtime import distributed
 from fr_jax.runtime.errors import CacheOverflowError, DataError
@@ -149,8 +149,7 @@ def show(res: DecodeResult, prompts, tok, names, mode: Mode, d):
             r["speculation"] = acceptance(res.spec_passes[row], res.spec_accepted[row],
                                           res.speculate)
     elif d.speculate:
-        print(f"speculative decoding is off for mode {mode.name} (decode.speculate serves "
-              "fusionroute, expert_only, sequence, sequence:head)")
+        print(speculation_off(mode.name))
     if d.output:
         write_atomic(d.output, "".join(json.dumps(r) + "\n" for r in records))
         print(f"wrote {len(records)} records to {d.output}")

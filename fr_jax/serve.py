@@ -25,6 +25,7 @@ from fr_jax import cli
 from fr_jax.corpus import encode_prompt
 from fr_jax.inference.lineup import lineup_from_config
 from fr_jax.inference.sampling import Sampling
+from fr_jax.inference.speculative import speculation_off
 from fr_jax.routing.modes import Mode
 from fr_jax.runtime.errors import ConfigError, FrJaxError
 from fr_jax.serving.api import Service, make_app
@@ -108,8 +109,7 @@ def serve(config, fv=None):
           f"{', '.join(map(str, engine.buckets))}; insert; a chunk of {engine.chunk} "
           f"{speculative_steps(engine)}steps)", flush=True)
     if config.decode.speculate and not speculative_steps(engine):
-        print(f"speculative decoding is off for mode {config.decode.mode} (decode.speculate "
-              "serves fusionroute, expert_only, sequence, sequence:head)", flush=True)
+        print(speculation_off(config.decode.mode), flush=True)
     if host not in ("127.0.0.1", "::1", "localhost") and not service.api_key:
         print(f"warning: listening on {host} with no API key: anyone who reaches this "
               f"machine can use it (set serve.api_key or {API_KEY_ENV})", file=sys.stderr)

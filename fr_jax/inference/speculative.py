@@ -118,6 +118,12 @@ def speculates(mode) -> bool:
     return mode.one_expert_per_token and mode.uses_router
 
 
+def speculation_off(mode_name: str) -> str:
+    """What a command says when decode.speculate is set for a mode it does not serve."""
+    return (f"speculative decoding is off for mode {mode_name} (decode.speculate serves "
+            "fusionroute, expert_only, sequence, sequence:head)")
+
+
 def acceptance(passes, kept, k: int) -> dict:
     """Rows' expert passes and drafts kept ([B] each, or totals) -> {"k", "passes",
     "tokens_per_pass": tokens each pass produced on average (its kept drafts and the fused
