@@ -205,25 +205,43 @@ class ChunkedDecoder:
             return caches
         return jax.device_put(caches, self._cache_shardings(caches))
 
+    def answer_slots(self, max_new_tokens: int) -> int:
+        """Cache slots an answer of max_new_tokens needs past its prompt."""
+        return decode_slots(max_new_tokens, self.chunk)
+
+    def _answer_said(self, max_new_tokens: int) -> Tuple[str, str]:
+        """What an answer's cache slots are made of, and what lowers them (the overflow
+        error's words)."""
+        return (f"{max_new_tokens} new tokens (rounded to chunks of {self.chunk})",
+                "lower max_new_tokens")
+
+    def _begin(self, prompts, max_new_tokens, pad_id, width, cache_len, eos_ids):
+        """What generate() does before the prefill: the prompts left-padded, the cache's
+        length (checked to hold them and the answer), the end ids and the pad as arrays
+        -> (tokens [B, T], mask [B, T], cache_len, eos, pad)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        tokens, mask = left_pad(prompts, pad_id, width)
+        t = tokens.shape[1]
+        need = t + self.answer_slots(max_new_tokens)
+        cache_len = cache_len or need
+        if need > cache_len:
+            answer, lower = self._answer_said(max_new_tokens)
+            raise CacheOverflowError(
+                f"prompt of {t} tokens + {answer} need {need} cache slots but the cache has "
+                f"{cache_len}; raise cache_len, {lower}, or truncate the prompt")
+        eos = jnp.asarray(sorted(set(eos_ids)) or [-1], jnp.int32)
+        return tokens, mask, cache_len, eos, jnp.asarray(pad_id, jnp.int32)
+
     def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  eos_ids: Sequence[int], pad_id: int = 0, seed: int = 0,
                  cache_len: Optional[int] = None, width: int = 0,
                  return_caches: bool = False) -> DecodeResult:
         """Decodes a batch of token-id prompts (ragged; left-padded here to at least
         `width`, so batches of one padded width share one compiled prefill)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        tokens, mask = left_pad(prompts, pad_id, width)
-        b, t = tokens.shape
-        need = t + decode_slots(max_new_tokens, self.chunk)
-        cache_len = cache_len or need
-        if need > cache_len:
-            raise CacheOverflowError(
-                f"prompt of {t} tokens + {max_new_tokens} new tokens (rounded to chunks of "
-                f"{self.chunk}) need {need} cache slots but the cache has {cache_len}; "
-                f"raise cache_len, lower max_new_tokens, or truncate the prompt")
-        eos = jnp.asarray(sorted(set(eos_ids)) or [-1], jnp.int32)
-        pad = jnp.asarray(pad_id, jnp.int32)
+        tokens, mask, cache_len, eos, pad = self._begin(prompts, max_new_tokens, pad_id, width,
+                                                        cache_len, eos_ids)
+        b = tokens.shape[0]
         prefill, chunk = self._compiled(params, b, cache_len)
 
         t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from fr_jax.inference.core import ChunkedDecoder, DecodeResult
 from fr_jax.inference.lazy import LazyExperts, StepState
 from fr_jax.inference.sampling import Sampling
 from fr_jax.routing.experts import Experts
-from fr_jax.routing.fusion import rule_cap
+from fr_jax.routing.fusion import lineup_cfgs, rule_cap
 from fr_jax.routing.modes import Mode
 from fr_jax.routing.router import Router
 from fr_jax.routing.selector import parse_targets
@@ -54,8 +54,8 @@ class FusedDecoder(ChunkedDecoder):
             raise ValueError(f"route_schedule must list expert indices in 0..{self.n_experts - 1}"
                              f", got {route_schedule}")
         self.route_schedule = None if route_schedule is None else tuple(int(k) for k in route_schedule)
-        sizes = ([router.cfg.vocab_size] if router is not None else []) + (
-            [c.vocab_size for c in experts.cfgs] if experts is not None else [])
+        cfgs = lineup_cfgs(router, experts)
+        sizes = [c.vocab_size for c in cfgs]
         self.vocab = vocab or min(sizes)
         if min(sizes) < self.vocab:
             raise ValueError(f"a model has {min(sizes)} logits but the tokenizer has "
@@ -65,8 +65,6 @@ class FusedDecoder(ChunkedDecoder):
                    "targets": parse_targets(self.selector.targets, experts.n)}
                   if self.selector is not None else
                   {"router": router} if mode.routes_per_prompt else {})
-        cfgs = ([router.cfg] if router is not None else []) + (
-            list(experts.cfgs) if experts is not None else [])
         self.policy = mode.policy(self.n_experts, rule_cap(cfgs), **models)
         self.router = router if self.policy.router_per_token else None
         self._prompt_router = mode.routes_per_prompt  # the policy reads the prompt with it

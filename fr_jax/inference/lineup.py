@@ -26,6 +26,7 @@ from fr_jax.inference.sampling import Sampling
 from fr_jax.inference.speculative import SpeculativeDecoder, speculates
 from fr_jax.models import Model
 from fr_jax.routing.experts import Experts, load_experts
+from fr_jax.routing.fusion import lineup_cfgs
 from fr_jax.routing.modes import Mode
 from fr_jax.routing.router import Router, load_router
 from fr_jax.routing.selector import load_selector, read_meta
@@ -59,8 +60,7 @@ class Lineup:
     def max_positions(self) -> Optional[int]:
         """The smallest max_position_embeddings of its models: positions past it were never
         trained."""
-        cfgs = ([self.router.cfg] if self.router is not None else []) + (
-            list(self.experts.cfgs) if self.experts is not None else []) + [
+        cfgs = lineup_cfgs(self.router, self.experts) + [
             m.cfg for m, _ in (self.models or {}).values()]
         return min((c.max_position_embeddings for c in cfgs if c.max_position_embeddings),
                    default=None)
@@ -216,8 +216,7 @@ def leave_cap_to_rule(router: Optional[Router], experts: Optional[Experts]):
     """fusion.softcap=sum: the router and experts rebuilt to return raw logits
     (ModelConfig.raw_logits), their common final soft-cap applied by the fusion rule to
     the sum. Refused where they have no cap, or not one cap."""
-    cfgs = ([router.cfg] if router is not None else []) + (
-        list(experts.cfgs) if experts is not None else [])
+    cfgs = lineup_cfgs(router, experts)
     caps = sorted({c.final_logit_softcap for c in cfgs}, key=str)
     if caps == [None]:
         raise ConfigError("fusion.softcap=sum caps the sum of the router's and the expert's "

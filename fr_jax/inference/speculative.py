@@ -22,13 +22,13 @@ amounts; a row stops at an end id or at its budget of new tokens.
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fr_jax.inference.core import PADDING, DecodeResult, left_pad
+from fr_jax.inference.core import PADDING, DecodeResult, answer_slots
 from fr_jax.inference.fused import FusedDecoder
 from fr_jax.inference.lazy import StepState
 from fr_jax.inference.sampling import filter_logits, filter_rows, sample, sample_rows
@@ -36,7 +36,7 @@ from fr_jax.models.cache import KVCache, rewind
 from fr_jax.routing.fusion import log_softmax, select_expert
 from fr_jax.runtime import distributed
 from fr_jax.runtime import sharding as sh
-from fr_jax.runtime.errors import CacheOverflowError, ModeError
+from fr_jax.runtime.errors import ModeError
 
 
 class SpecState(NamedTuple):
@@ -333,27 +333,23 @@ class SpeculativeDecoder(FusedDecoder):
         return first, SpecRecord(steps((batch, w)), steps((batch, w)), steps((batch, w, n)),
                                  steps((batch,)), steps((batch,)))
 
+    def answer_slots(self, max_new_tokens: int) -> int:
+        return answer_slots(max_new_tokens, 1, self.speculate)
+
+    def _answer_said(self, max_new_tokens: int) -> Tuple[str, str]:
+        return (f"{max_new_tokens} new tokens + {self.speculate} drafted ones "
+                "(decode.speculate)", "lower max_new_tokens or decode.speculate")
+
     def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  eos_ids: Sequence[int], pad_id: int = 0, seed: int = 0,
                  cache_len: Optional[int] = None, width: int = 0,
                  return_caches: bool = False) -> DecodeResult:
         """As FusedDecoder.generate; the result also holds each row's expert passes and
         kept drafts (`spec_passes`, `spec_accepted`)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         params = self.prepare(params)
-        tokens, mask = left_pad(prompts, pad_id, width)
-        b, t = tokens.shape
-        need = t + max_new_tokens + self.speculate
-        cache_len = cache_len or need
-        if need > cache_len:
-            raise CacheOverflowError(
-                f"prompt of {t} tokens + {max_new_tokens} new tokens + {self.speculate} "
-                f"drafted ones (decode.speculate) need {need} cache slots but the cache has "
-                f"{cache_len}; raise cache_len, lower max_new_tokens or decode.speculate, or "
-                "truncate the prompt")
-        eos = jnp.asarray(sorted(set(eos_ids)) or [-1], jnp.int32)
-        pad = jnp.asarray(pad_id, jnp.int32)
+        tokens, mask, cache_len, eos, pad = self._begin(prompts, max_new_tokens, pad_id, width,
+                                                        cache_len, eos_ids)
+        b = tokens.shape[0]
         limit = jnp.asarray(max_new_tokens, jnp.int32)
         prefill, chunk = self._compiled(params, b, cache_len)
 

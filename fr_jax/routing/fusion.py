@@ -40,6 +40,12 @@ def model_cap(cfg):
     return cfg.final_logit_softcap if cfg.raw_logits else None
 
 
+def lineup_cfgs(router, experts) -> list:
+    """The model configs of a lineup, the router's first; either side may be None."""
+    return ([router.cfg] if router is not None else []) + (
+        list(experts.cfgs) if experts is not None else [])
+
+
 def rule_cap(cfgs):
     """The one cap of the fusion rule over a lineup's router and expert configs (model_cap
     of each model whose logits it combines; they must agree)."""

@@ -271,9 +271,14 @@ class Engine:
                                  f"bucket ({self.buckets[-1]} tokens)")
 
     def room(self, n: int) -> int:
-        """The most new tokens a prompt of `n` tokens can ask for (0: none)."""
+        """The most new tokens a prompt of `n` tokens can ask for (0: none): answer_slots
+        inverted, by bisection (it grows with max_tokens, and is at least max_tokens - 1)."""
         free = self.cache_len - self.bucket(n)
-        return free // self.chunk * self.chunk + 1 if free >= 0 else 0
+        lo, hi = 0, max(free + 1, 0)  # answer_slots(lo) fits (or lo = 0); hi is an upper bound
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.answer_slots(mid) <= free else (lo, mid - 1)
+        return lo
 
     def check(self, request: Request):
         """Raises CacheOverflowError when the request can never fit a slot."""

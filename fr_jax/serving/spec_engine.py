@@ -32,10 +32,6 @@ class SpeculativeEngine(Engine):
     def answer_slots(self, max_tokens: int) -> int:
         return answer_slots(max_tokens, 1, self.speculate)
 
-    def room(self, n: int) -> int:
-        free = self.cache_len - self.bucket(n)
-        return max(free - self.speculate, 0)
-
     def _record_shardings(self, mesh, rows, rep):
         return self.decoder._record_shardings(self.slots)[1]
 
