@@ -3,7 +3,9 @@
     python -m fr_jax.ablate                                   # every variant, seeds 0, 1, 2
     python -m fr_jax.ablate --config.variants="('router_lm', 'fused_all')" --config.seeds="(0,)"
     python -m fr_jax.ablate --config=configs/ablation.py:full # on the full world (trains its
-                                                              # experts once, then the routers)
+                                                              # experts once, then the routers;
+    # --config.common="('demo.start_from=fr_jax/toy/assets/world',)" adopts the bundled ones,
+    # which are the full world's seed-0 experts: docs/training.md's full-world rows)
     python -m fr_jax.ablate --config=configs/ablation.py:scale  # the scale sweep: router (and
                                                               # expert) sizes, with baselines
 
