@@ -23,9 +23,9 @@ import ml_collections
 from fr_jax.config import nested
 
 
-# The study ran on the 3 x 64 router (the demo's default then, 3 x 80 since): every variant
-# is written on it, so each reruns as docs/training.md's table reports it; the capacity variants set
-# their own size.
+# The study ran on the 3 x 64 router (the demo's default then, and again with `mix`; 3 x 80
+# in between): every variant is written on it, so each reruns as docs/training.md's table
+# reports it; the capacity variants set their own size.
 def _router(hidden: int, ff: int, layers: int = 3, model: str = "router_model") -> dict:
     return {f"demo.{model}.hidden_size": hidden, f"demo.{model}.intermediate_size": ff,
             f"demo.{model}.num_layers": layers}
@@ -37,7 +37,10 @@ STUDY_ROUTER = _router(64, 192)
 # earlier variants keep their meaning whatever the demo's default.
 STUDY_CDPO = {"train.cdpo.sft_weight": 0.0, "train.cdpo.head": "frozen",
               "train.cdpo.route_kl": 1.0}
-DEMO_ROUTER = _router(80, 224)  # the demo's default router (configs/demo.py)
+# Stage 1's generator term as the study ran it (the router's own LM), pinned for the same
+# reason: the demo's default is `mix` since the whole table was rerun.
+STUDY_SFT = {"train.sft.lm_target": "router"}
+DEMO_ROUTER = _router(80, 224)  # the demo's default router when the guard variants ran
 # The scale sweep's largest step: 4 blocks x 128, larger than an expert (3 x 96).
 LARGE = dict(hidden=128, ff=352, layers=4)
 # The modes of the scale sweep: FusionRoute against each baseline the issue names.
@@ -46,7 +49,7 @@ SCALE_MODES = ("fusionroute", "expert_only", "router_only", "finetuned", "sequen
 
 def _variant(**fields):
     """A variant's changes from dotted keys: _variant(**{"train.sft.lm_target": "fused"})."""
-    return nested({**STUDY_ROUTER, **STUDY_CDPO, **fields})
+    return nested({**STUDY_ROUTER, **STUDY_CDPO, **STUDY_SFT, **fields})
 
 
 def get_config(arg: str = ""):
@@ -72,7 +75,7 @@ def get_config(arg: str = ""):
 
     d = ml_collections.ConfigDict()
     # Stage 1's generator term.
-    d.router_lm = _variant(**{"train.sft.lm_target": "router"})  # the router's own LM (default)
+    d.router_lm = _variant(**{"train.sft.lm_target": "router"})  # the router's own LM
     d.fused_all = _variant(**{"train.sft.lm_target": "fused", "train.sft.lm_positions": "all"})
     d.fused_informative = _variant(**{"train.sft.lm_target": "fused",
                                       "train.sft.lm_positions": "informative"})
@@ -92,8 +95,8 @@ def get_config(arg: str = ""):
                                                 "train.sft.lm_mix": 0.5})
     # The paper's guard in stage 2: stage 1's loss kept on during CDPO (train.cdpo.sft_weight),
     # the routing head trained by it alone (head=sft), without the routing-KL anchor
-    # (sft_mix) or with it (sft_mix_kl), at two weights; on the demo's 3 x 80 router, so
-    # each compares with router_mid (the default) and the rule can pick it as the default.
+    # (sft_mix) or with it (sft_mix_kl), at two weights; on the 3 x 80 router (the demo's
+    # then), so each compares with router_mid (the default then).
     for weight, tag in ((0.3, "0_3"), (1.0, "1")):
         guard = {**DEMO_ROUTER, "train.cdpo.sft_weight": weight, "train.cdpo.head": "sft"}
         d[f"sft_mix_{tag}"] = _variant(**guard, **{"train.cdpo.route_kl": 0.0})
