@@ -88,10 +88,11 @@ def _demo() -> Section:
              "train.batch_size is every other stage's"), lo=1),
         expert_model=_model(96, 3, 256, 4, 2,
                             "the experts and their base: Llama-3 architecture"),
-        # 3 x 80 is the ablation's pick (docs/training.md): the highest FusionRoute average
-        # among the variants within a point of expert_only on every skill domain (3 seeds,
-        # reduced world; on the full world it loses 1.5 +- 1.3 on math, as that page says).
-        router_model=_model(80, 3, 224, 4, 2, "the router and its base"),
+        # 3 x 64 is the router of the ablation's pick, `mix` (docs/training.md): the highest
+        # FusionRoute average among the variants within a point of expert_only on every
+        # skill domain (3 seeds, reduced world). Larger routers solve more of `mixed` but
+        # lose more than a point of math there.
+        router_model=_model(64, 3, 192, 4, 2, "the router and its base"),
         base=_lm_stage(600, 30, "the experts' base: 'pretrained' on world.base_mix (stage lm)"),
         router_base=_lm_stage(600, 30, "the router's base: the same pretraining, its own size"),
         experts=experts,
