@@ -81,8 +81,8 @@ def test_an_unknown_variant_or_field_is_refused_before_any_work(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-# demo.router_base.steps: the study's 3 x 64 router has no bundled base of its size (the
-# bundle's router is the default 3 x 80), so its runs pretrain one.
+# demo.router_base.steps: a 3 x 80 router has no bundled base of its size (the bundle's
+# router is the default 3 x 64), so its runs pretrain one.
 MICRO = ["--config.common=('world.n_test=16', 'train.sft.steps=6', 'train.cdpo.steps=4', "
          "'pairs.sources.toy.limit=24', 'pairs.samples=1', 'demo.router_base.steps=6')"]
 
@@ -95,7 +95,7 @@ def _sha(path):
 def test_micro_ablation_trains_only_routers_writes_the_table_and_resumes(tmp_path):
     work = tmp_path / "abl"
     cmd = [sys.executable, "-m", "fr_jax.ablate", f"--config.workdir={work}",
-           "--config.variants=('fused_informative', 'router_expert_size')",
+           "--config.variants=('mid_mix', 'router_expert_size')",
            "--config.seeds=(1,)", "--config.modes=('fusionroute', 'expert_only')",
            "--config.progress=False", f"--config.results_dir={tmp_path / 'kept'}", *MICRO]
     env = one_device_env(tmp_path / "home")
@@ -103,7 +103,7 @@ def test_micro_ablation_trains_only_routers_writes_the_table_and_resumes(tmp_pat
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("[ablation] ") == 2
     summary = json.load(open(work / "ablation.json"))
-    assert list(summary["variants"]) == ["fused_informative", "router_expert_size"]
+    assert list(summary["variants"]) == ["mid_mix", "router_expert_size"]
     for name, v in summary["variants"].items():
         for mode in ("fusionroute", "expert_only"):
             for d in W.EVAL_DOMAINS:
@@ -119,31 +119,30 @@ def test_micro_ablation_trains_only_routers_writes_the_table_and_resumes(tmp_pat
             # the experts are the bundle's, never retrained; only the router trained
             assert {d: _sha(run / "experts" / d / "model.safetensors")
                     for d in W.DOMAINS} == bundled
-            # ... and, for the study's 3 x 64 router (no bundled base of its size), its base
+            # ... and, for a 3 x 80 router (no bundled base of its size), its base
             trained = ["router"] if name == "router_expert_size" else ["router", "router_base"]
             assert sorted(p.name for p in (run / "train").iterdir()) == trained
             fields = json.load(open(run / "train" / "router" / "sft" / "run.json"))["run"]["fields"]
-            fused = name == "fused_informative"
             assert (fields["train.sft.lm_target"], fields["train.sft.lm_positions"]) == \
-                (("fused", "informative") if fused else ("router", "all"))
+                (("mix", "all") if name == "mid_mix" else ("router", "all"))
     # The expert-sized router starts from the experts' base (same pretraining, same size).
     big = work / "runs" / "router_expert_size" / "seed1"
     assert _sha(big / "router_base" / "model.safetensors") == \
         _sha(f"{BUNDLE}/base/model.safetensors")
     assert json.load(open(big / "train" / "router" / "cdpo" / "router" /
                           "config.json"))["hidden_size"] == 96
-    # The other variants keep the study's 3 x 64 router, whatever the demo's default.
-    small = work / "runs" / "fused_informative" / "seed1"
-    assert json.load(open(small / "train" / "router" / "cdpo" / "router" /
-                          "config.json"))["hidden_size"] == 64
+    # A variant's own router size holds, whatever the demo's default (3 x 64).
+    mid = work / "runs" / "mid_mix" / "seed1"
+    assert json.load(open(mid / "train" / "router" / "cdpo" / "router" /
+                          "config.json"))["hidden_size"] == 80
 
     # Re-run: nothing is trained again; a run whose results.json is gone is finished
     # from its own steps (training and pairs done, answers cached) and the table is equal.
-    (work / "runs" / "fused_informative" / "seed1" / "results.json").unlink()
-    (tmp_path / "kept" / "quick" / "runs" / "fused_informative" / "seed1.json").unlink()
+    (work / "runs" / "mid_mix" / "seed1" / "results.json").unlink()
+    (tmp_path / "kept" / "quick" / "runs" / "mid_mix" / "seed1.json").unlink()
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("[ablation] ") == 1 and "fused_informative, seed 1" in again.stdout
+    assert again.stdout.count("[ablation] ") == 1 and "mid_mix, seed 1" in again.stdout
     redone = json.load(open(work / "ablation.json"))
     for name in summary["variants"]:
         assert redone["variants"][name]["accuracy"] == summary["variants"][name]["accuracy"]
