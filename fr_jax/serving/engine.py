@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fr_jax.inference.core import Record, decode_slots, left_pad, settle
+from fr_jax.inference.core import Record, left_pad, settle
 from fr_jax.inference.sampling import sample_rows
 from fr_jax.runtime import sharding as sh
 from fr_jax.runtime.errors import CacheOverflowError
@@ -165,9 +165,9 @@ class Engine:
         return Record(*([sh.NamedSharding(mesh, sh.P(None, *rows.spec))] * 2), rep)
 
     def answer_slots(self, max_tokens: int) -> int:
-        """Cache slots an answer of max_tokens may write past its prompt: the chunk a row
-        is in runs to its end."""
-        return decode_slots(max_tokens, self.chunk)
+        """Cache slots an answer of max_tokens may write past its prompt: the decoder's own
+        count (a plain chunk runs to its end; a speculative row reads k drafts past it)."""
+        return self.decoder.answer_slots(max_tokens)
 
     def reset(self):
         """Every slot free, the queue empty (after a failed step: the caches may be gone)."""

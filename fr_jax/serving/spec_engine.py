@@ -17,7 +17,6 @@ from typing import List
 import jax
 import numpy as np
 
-from fr_jax.inference.core import answer_slots
 from fr_jax.inference.speculative import RowSampling, SpecState
 from fr_jax.serving.engine import Engine, Event, SlotState
 
@@ -28,9 +27,6 @@ class SpeculativeEngine(Engine):
     def __init__(self, decoder, *args, **kwargs):
         self.speculate = decoder.speculate
         super().__init__(decoder, *args, **kwargs)
-
-    def answer_slots(self, max_tokens: int) -> int:
-        return answer_slots(max_tokens, 1, self.speculate)
 
     def _record_shardings(self, mesh, rows, rep):
         return self.decoder._record_shardings(self.slots)[1]
