@@ -113,8 +113,8 @@ def _shows_the_claim(r):
     reaches (docs/demo.md: seeds 0-2 from the bundled experts, 98 / 100 / 100 on their own
     domains). FusionRoute against token routing (`expert_only`): mixed 28 / 11 / 19 against
     0; on the skill domains at most 2 points below (math 97 / 97 / 96); 50-60 points above
-    the router alone on average. The margins asserted are smaller than measured (another machine's XLA kernels
-    give other numbers); docs/demo.md has the full run."""
+    the router alone on average. The margins asserted are smaller than measured (another
+    machine's XLA kernels give other numbers); docs/demo.md has the full run."""
     acc, avg = r["accuracy"], r["average"]
     for i, d in enumerate(W.DOMAINS):  # each expert: best on its own domain, poor elsewhere
         own = acc[f"expert:{i}"][d]

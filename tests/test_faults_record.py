@@ -218,16 +218,19 @@ def test_the_checksum_catches_every_single_bit_and_ignores_the_sharding(dtype):
 @pytest.mark.slow
 def test_a_run_diverging_while_finite_stops_and_resumes_from_before_the_rise(inputs, tmp_path,
                                                                             caplog):
-    """lr=30: the loss stays near 13 for two steps, then jumps past 1000 at step 3 (finite;
-    NaN would come later from weights of ~1e8). The run stops there, naming step 1 (checkpoint 2's params gave
-    the jump); the resume it prints moves step 2 aside, keeps it, and trains to the end."""
+    """lr=30: the loss stays near 13 for two steps (12.95, 12.97 with the bundled 3 x 64
+    router; 13.8, 14.4 with the earlier 3 x 80), then jumps past 1000 at step 3 (finite; NaN
+    would come later from weights of ~1e8). The run stops there, naming step 1 (checkpoint
+    2's params gave the jump); the resume it prints moves step 2 aside, keeps it, and trains
+    to the end."""
     s = inputs
     run = tmp_path / "run"
     msg = _refused(*_args(s, run, "--config.train.sft.lr=30", "--config.train.sft.warmup=4"))
     assert "[sft] loss jumped to" in msg and "at step 3" in msg, msg
     # The message quotes the losses before the jump and the jump itself, as numbers.
     recent = [float(v) for v in re.search(r"\(recent: ([^)]*)\)", msg).group(1).split(", ")]
-    assert len(recent) == 3 and max(recent[:2]) < 100 and recent[2] > 50 * max(recent[:2]), msg
+    assert len(recent) == 3 and all(12 < v < 15 for v in recent[:2]), msg
+    assert recent[2] > 50 * max(recent[:2]), msg
     assert "--config.train.resume_step=1 --config.train.sft.lr=3 " \
            "--config.train.accept_changes=True" in msg, msg
     assert not (run / "sft" / "router").exists() and _steps(run) == [1, 2]
